@@ -1,0 +1,1 @@
+"""Video Trainer's engine: everything that is not a window. Never imports Qt."""
