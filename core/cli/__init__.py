@@ -1,0 +1,66 @@
+"""The headless command line. main.py adds the 'gui' command and calls run().
+
+Each command is a function taking the parsed arguments and returning an exit code. A UserError
+becomes one line on stderr and exit code 2; anything else is logged with its traceback to the log
+file and reported in one line with exit code 1. Nobody sees a traceback on the terminal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from core.errors import UserError
+from core.log_setup import setup_logging
+
+from . import presets_cmd, tiny_model_cmd
+
+log = logging.getLogger(__name__)
+
+EXIT_USER_ERROR = 2
+EXIT_FAILURE = 1
+EXIT_INTERRUPTED = 130
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its usage errors going through the same one-line path as everything else."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UserError(f"{self.prog}: {message} (see '{self.prog} --help')")
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
+    parser = _Parser(
+        prog="main.py",
+        description="Video Trainer: train video diffusion models on your own clips. "
+        "Without a command, the window opens.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    presets_cmd.register(commands)
+    tiny_model_cmd.register(commands)
+    return parser, commands
+
+
+def run(parser: argparse.ArgumentParser, argv: Sequence[str]) -> int:
+    """Parse argv and run the chosen command behind the one error boundary."""
+    setup_logging()
+    try:
+        args = parser.parse_args(list(argv))
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return EXIT_USER_ERROR
+        return int(args.func(args) or 0)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("stopped.", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as e:  # the boundary: a bug, reported in one line and logged in full
+        log.exception("unexpected failure")
+        from core.log_setup import log_file_path
+
+        print(f"error: unexpected failure ({type(e).__name__}: {e}); details in {log_file_path()}", file=sys.stderr)
+        return EXIT_FAILURE

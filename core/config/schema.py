@@ -1,0 +1,327 @@
+"""The one settings schema. Every setting the app has is declared here, once.
+
+Names, defaults and ranges of the video_config section are the product's own (see
+docs/settings.md); the rest follow OneTrainer's names where it has them.
+"""
+
+from __future__ import annotations
+
+from .fields import (
+    PATH_FOLDER,
+    PATH_MODEL,
+    PATH_OUTPUT,
+    Section,
+    SectionList,
+    boolean,
+    choice,
+    integer,
+    number,
+    path,
+    string_list,
+)
+
+TRAINING_METHODS = ("LORA", "FINE_TUNE", "EMBEDDING")
+MODEL_TYPES = (
+    "AUTO",
+    "WAN_2_1",
+    "WAN_2_2_TI2V_5B",
+    "WAN_2_2_A14B_T2V",
+    "WAN_2_2_A14B_I2V",
+    "HUNYUAN_VIDEO",
+    "COGVIDEOX",
+    "HIDREAM",
+)
+TRAIN_DTYPES = ("FLOAT_32", "FLOAT_16", "BFLOAT_16")
+WEIGHT_DTYPES = ("FLOAT_32", "BFLOAT_16", "FLOAT_16", "FLOAT_8", "INT_8", "INT_4", "NFLOAT_4")
+OPTIMIZERS = ("ADAMW", "ADAMW_8BIT", "ADAFACTOR", "PRODIGY", "SGD")
+LR_SCHEDULERS = ("CONSTANT", "LINEAR", "COSINE", "COSINE_WITH_RESTARTS")
+FRAME_SAMPLE_STRATEGIES = ("uniform", "random", "keyframe")
+
+LORA_ONLY = {"training_method": ("LORA",)}
+EMBEDDING_ONLY = {"training_method": ("EMBEDDING",)}
+NOT_EMBEDDING = {"training_method": ("LORA", "FINE_TUNE")}
+
+
+def _model_part(name: str, label: str, train: bool, weight_dtype: str, what: str) -> Section:
+    return Section(
+        name,
+        f"Settings of the {what}.",
+        (
+            boolean("train", train, f"Train the {what} (LoRA layers for LORA, all weights for FINE_TUNE)."),
+            number(
+                "learning_rate",
+                None,
+                f"Learning rate of the {what}; empty uses the global learning_rate.",
+                lo=0.0,
+                hi=1.0,
+                nullable=True,
+                applies_when=NOT_EMBEDDING,
+            ),
+            choice(
+                "weight_dtype",
+                WEIGHT_DTYPES,
+                weight_dtype,
+                f"Storage type of the {what}'s frozen weights: FLOAT_8, INT_8, INT_4 (optimum-quanto) and "
+                "NFLOAT_4 (bitsandbytes) save memory at some cost in quality.",
+            ),
+        ),
+        label=label,
+    )
+
+
+DATASET = Section(
+    "dataset",
+    "One folder of clips and captions.",
+    (
+        path(
+            "path",
+            "",
+            "Folder with videos and images and their captions: a .txt with the same name beside each "
+            "file, or videos/ beside captions/.",
+            PATH_FOLDER,
+        ),
+        integer("repeats", 1, "How many times this folder's clips count per pass over the data.", lo=1, hi=10_000),
+    ),
+)
+
+VIDEO_CONFIG = Section(
+    "video_config",
+    "Video-specific data and training settings.",
+    (
+        integer(
+            "max_frames",
+            16,
+            "Most frames taken from one clip (after resampling to target_fps): the window in which "
+            "frame_sample_strategy places a sample's frames. Must be at least frames.",
+            lo=1,
+            hi=1024,
+        ),
+        choice(
+            "frame_sample_strategy",
+            FRAME_SAMPLE_STRATEGIES,
+            "uniform",
+            "uniform: evenly spaced frames across the window; random: a different placement each time "
+            "the clip is used; keyframe: start at the codec's keyframes or scene cuts.",
+        ),
+        number("target_fps", 24.0, "Frames per second that clips are resampled to before frames are picked.", lo=1.0, hi=240.0),
+        number("max_duration", 10.0, "Longest stretch of a clip that is used, in seconds.", lo=0.1, hi=3600.0),
+        number(
+            "temporal_consistency_weight",
+            1.0,
+            "Weight of a loss on frame-to-frame differences of the prediction against the target; 0 turns it off.",
+            lo=0.0,
+            hi=2.0,
+        ),
+        boolean(
+            "use_temporal_attention",
+            True,
+            "Attend across frames. Off restricts attention to tokens of the same latent frame, which "
+            "saves memory on long clips at a cost in temporal consistency.",
+        ),
+        choice(
+            "spatial_compression_ratio",
+            (4, 8, 16),
+            8,
+            "Spatial downscaling of the VAE (8 for Wan 2.1, Hunyuan and CogVideoX; 16 for Wan 2.2 "
+            "TI2V-5B); checked against the loaded VAE and used to round frame sizes.",
+        ),
+        choice(
+            "temporal_compression_ratio",
+            (1, 2, 4, 8),
+            4,
+            "Temporal downscaling of the VAE (4 for the video families, 1 for image models); checked "
+            "against the loaded VAE; frame counts are rounded to k * ratio + 1.",
+        ),
+        number(
+            "video_batch_size_multiplier",
+            0.5,
+            "Batch size of video batches as a fraction of batch_size (images keep the full batch); at least 1.",
+            lo=0.05,
+            hi=1.0,
+        ),
+        number(
+            "frame_dropout_probability",
+            0.0,
+            "Chance that each frame of a training sample is dropped and replaced by its neighbour, for regularisation.",
+            lo=0.0,
+            hi=0.3,
+        ),
+        boolean(
+            "temporal_augmentation",
+            False,
+            "Random temporal crops and reversal of training clips, for robustness; costs extra caching.",
+        ),
+    ),
+    label="Video",
+)
+
+SCHEMA = Section(
+    "",
+    "All settings of a training run.",
+    (
+        choice(
+            "training_method",
+            TRAINING_METHODS,
+            "LORA",
+            "LORA trains small adapter layers; FINE_TUNE trains all weights; EMBEDDING trains new tokens (textual inversion).",
+        ),
+        choice(
+            "model_type",
+            MODEL_TYPES,
+            "AUTO",
+            "The model family; AUTO reads it from the model folder's own config.",
+        ),
+        path(
+            "base_model",
+            "Wan-AI/Wan2.2-TI2V-5B-Diffusers",
+            "The model to train: a local diffusers folder, a Hugging Face hub id, or a single-file transformer checkpoint.",
+            PATH_MODEL,
+        ),
+        choice(
+            "train_dtype",
+            TRAIN_DTYPES,
+            "BFLOAT_16",
+            "Precision of the forward and backward pass; master weights and optimizer state stay in FLOAT_32.",
+        ),
+        _model_part("transformer", "Transformer", True, "BFLOAT_16", "transformer"),
+        _model_part("text_encoder", "Text encoder", False, "BFLOAT_16", "text encoder"),
+        _model_part("vae", "VAE", False, "FLOAT_32", "VAE"),
+        number(
+            "layer_offload_fraction",
+            0.0,
+            "Fraction of the transformer blocks' weights kept in CPU memory and streamed to the GPU "
+            "just before use; needs gradient_checkpointing.",
+            lo=0.0,
+            hi=1.0,
+        ),
+        choice(
+            "gradient_checkpointing",
+            ("OFF", "ON", "CPU_OFFLOADED"),
+            "ON",
+            "Recompute activations in the backward pass to save memory; CPU_OFFLOADED also keeps the "
+            "saved activations in CPU memory.",
+        ),
+        integer("batch_size", 1, "Samples per step (video batches are scaled by video_batch_size_multiplier).", lo=1, hi=256),
+        integer("gradient_accumulation_steps", 1, "Steps whose gradients add up before each optimizer step.", lo=1, hi=1024),
+        number("learning_rate", 0.0001, "Learning rate of the trained weights.", lo=0.0, hi=1.0),
+        number(
+            "embedding_learning_rate",
+            0.005,
+            "Learning rate of the new token embeddings.",
+            lo=0.0,
+            hi=1.0,
+            applies_when=EMBEDDING_ONLY,
+        ),
+        choice("stop_after", ("STEPS", "EPOCHS"), "STEPS", "Whether the run length is counted in max_steps or in epochs."),
+        integer("max_steps", 2000, "Optimizer steps to train for.", lo=1, hi=10_000_000, applies_when={"stop_after": ("STEPS",)}),
+        integer("epochs", 10, "Passes over the data to train for.", lo=1, hi=1_000_000, applies_when={"stop_after": ("EPOCHS",)}),
+        number("max_grad_norm", 1.0, "Gradients are clipped to this total norm; 0 turns clipping off.", lo=0.0, hi=1e6),
+        choice(
+            "optimizer",
+            OPTIMIZERS,
+            "ADAMW",
+            "ADAMW_8BIT keeps optimizer state in 8 bits (bitsandbytes); ADAFACTOR factorises it; "
+            "PRODIGY adapts the learning rate itself.",
+        ),
+        choice("lr_scheduler", LR_SCHEDULERS, "CONSTANT", "How the learning rate changes over the run, after warmup."),
+        integer("warmup_steps", 50, "Steps over which the learning rate rises linearly from 0.", lo=0, hi=1_000_000),
+        integer("seed", 42, "Seed of every random choice in the run (noise, timesteps, data order).", lo=0, hi=2**31 - 1),
+        integer(
+            "resolution",
+            512,
+            "Training size: clips are scaled to about resolution x resolution pixels, keeping their aspect ratio.",
+            lo=64,
+            hi=4096,
+        ),
+        integer(
+            "frames",
+            16,
+            "Frames in each video training sample, rounded down to k * temporal_compression_ratio + 1; "
+            "shorter clips go to a shorter frame bucket.",
+            lo=1,
+            hi=1024,
+        ),
+        SectionList("datasets", "Folders of clips and captions to train on.", DATASET),
+        path("workspace_dir", "~/VideoTrainer/workspace", "Folder for this run's metrics, samples and backups.", PATH_FOLDER),
+        path("cache_dir", "~/VideoTrainer/cache", "Folder for cached latents and text embeddings, reused across runs.", PATH_FOLDER),
+        path(
+            "output_path",
+            "~/VideoTrainer/output/video-lora.safetensors",
+            "Where the result is saved: a .safetensors file for LORA and EMBEDDING, a folder for FINE_TUNE.",
+            PATH_OUTPUT,
+        ),
+        choice(
+            "output_format",
+            ("DIFFUSERS", "COMFY"),
+            "DIFFUSERS",
+            "Key names of the saved LoRA: DIFFUSERS for diffusers pipelines, COMFY for ComfyUI's native loader.",
+            applies_when=LORA_ONLY,
+        ),
+        Section(
+            "lora",
+            "LoRA adapter settings.",
+            (
+                integer("rank", 16, "Rank of the LoRA matrices: more capacity, more memory.", lo=1, hi=1024),
+                number("alpha", 16.0, "LoRA alpha; the update is scaled by alpha / rank.", lo=0.0, hi=4096.0),
+                number("dropout", 0.0, "Dropout on the LoRA path.", lo=0.0, hi=0.9),
+                string_list(
+                    "target_layers",
+                    [],
+                    "Names (or name suffixes) of the layers that get LoRA; empty uses the model family's "
+                    "attention and feed-forward projections.",
+                ),
+            ),
+            applies_when=LORA_ONLY,
+            label="LoRA",
+        ),
+        Section(
+            "embedding",
+            "Textual inversion settings.",
+            (
+                string_list(
+                    "placeholder_tokens",
+                    ["<concept>"],
+                    "New tokens to learn; use them in captions and prompts.",
+                ),
+                string_list(
+                    "initializer_words",
+                    ["person"],
+                    "Existing words whose embeddings start each new token (one per token, or one for all).",
+                ),
+            ),
+            applies_when=EMBEDDING_ONLY,
+        ),
+        Section(
+            "sampling",
+            "Sample videos made during training to watch progress.",
+            (
+                integer("every_n_steps", 250, "Make samples every this many steps; 0 turns sampling off.", lo=0, hi=10_000_000),
+                string_list("prompts", [], "Prompts to sample; with none, no samples are made."),
+                integer("width", 512, "Sample width in pixels.", lo=16, hi=4096),
+                integer("height", 512, "Sample height in pixels.", lo=16, hi=4096),
+                integer("frames", 33, "Frames per sample video (rounded to what the model accepts).", lo=1, hi=1024),
+                integer("inference_steps", 30, "Denoising steps per sample.", lo=1, hi=1000),
+                number("guidance_scale", 5.0, "Classifier-free guidance scale of samples.", lo=0.0, hi=50.0),
+                integer("seed", 42, "Seed of the sample noise, fixed so samples are comparable across steps.", lo=0, hi=2**31 - 1),
+            ),
+        ),
+        Section(
+            "backup",
+            "Backups to continue from after an interruption.",
+            (
+                integer("every_n_steps", 500, "Write a backup every this many steps; 0 turns backups off.", lo=0, hi=10_000_000),
+                integer("keep", 3, "How many of the newest backups to keep.", lo=1, hi=1000),
+            ),
+        ),
+        Section(
+            "validation",
+            "Validation loss on clips held out of training.",
+            (
+                integer("every_n_steps", 0, "Compute validation loss every this many steps; 0 turns it off.", lo=0, hi=10_000_000),
+                number("holdout_fraction", 0.0, "Fraction of the clips held out for validation (fixed by seed).", lo=0.0, hi=0.5),
+                path("folder", "", "A separate folder of validation clips; when set, holdout_fraction is not used.", PATH_FOLDER),
+            ),
+        ),
+        VIDEO_CONFIG,
+    ),
+)

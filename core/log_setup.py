@@ -1,0 +1,47 @@
+"""Logging for the CLI and the window: a rotating file in the user's log folder, plus stderr.
+
+The file receives everything from INFO up, with tracebacks, so that a window started without a
+console (pythonw on Windows, a desktop entry on Linux) still leaves a record of what went wrong.
+"""
+
+from __future__ import annotations
+
+import logging
+import logging.handlers
+import sys
+from pathlib import Path
+
+from core.paths import user_log_dir
+
+LOG_FILE_NAME = "video-trainer.log"
+_configured: Path | None = None
+
+
+def log_file_path() -> Path:
+    return user_log_dir() / LOG_FILE_NAME
+
+
+def setup_logging(console_level: int = logging.WARNING) -> Path | None:
+    """Configure the root logger once; return the log file, or None if it cannot be written."""
+    global _configured
+    root = logging.getLogger()
+    if _configured is not None:
+        return _configured
+    root.setLevel(logging.INFO)
+    if sys.stderr is not None:  # pythonw on Windows has no stderr
+        console = logging.StreamHandler(sys.stderr)
+        console.setLevel(console_level)
+        console.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+        root.addHandler(console)
+    path = log_file_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.handlers.RotatingFileHandler(path, maxBytes=5_000_000, backupCount=3, encoding="utf-8")
+    except OSError as e:
+        logging.getLogger(__name__).warning("cannot write the log file %s (%s); logging to the console only", path, e)
+        return None
+    handler.setLevel(logging.INFO)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+    _configured = path
+    return path

@@ -1,0 +1,25 @@
+#!/usr/bin/env python3
+"""Video Trainer. Without arguments the window opens; with a command it runs headless.
+
+    python main.py                      open the window
+    python main.py presets list         list presets
+    python main.py --help               every command
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    from core.cli import build_parser, run
+    from gui.launch import register_gui_command
+
+    parser, commands = build_parser()
+    register_gui_command(commands)
+    return run(parser, argv or ["gui"])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
