@@ -14,7 +14,21 @@ from pathlib import Path
 from core.paths import user_log_dir
 
 LOG_FILE_NAME = "video-trainer.log"
+# Pass as extra= to log a record only to the file (for example a traceback already summarised in one line).
+FILE_ONLY = {"file_only": True}
 _configured: Path | None = None
+
+
+class _ConsoleFormatter(logging.Formatter):
+    """One line per record: tracebacks belong in the log file, not in the user's terminal."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        saved = record.exc_info, record.exc_text, record.stack_info
+        record.exc_info = record.exc_text = record.stack_info = None
+        try:
+            return super().format(record)
+        finally:
+            record.exc_info, record.exc_text, record.stack_info = saved
 
 
 def log_file_path() -> Path:
@@ -31,7 +45,8 @@ def setup_logging(console_level: int = logging.WARNING) -> Path | None:
     if sys.stderr is not None:  # pythonw on Windows has no stderr
         console = logging.StreamHandler(sys.stderr)
         console.setLevel(console_level)
-        console.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+        console.setFormatter(_ConsoleFormatter("%(levelname)s: %(message)s"))
+        console.addFilter(lambda record: not getattr(record, "file_only", False))
         root.addHandler(console)
     path = log_file_path()
     try:

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from core.errors import UserError
-from core.log_setup import setup_logging
+from core.log_setup import FILE_ONLY, log_file_path, setup_logging
 
 from . import presets_cmd, tiny_model_cmd
 
@@ -59,8 +59,6 @@ def run(parser: argparse.ArgumentParser, argv: Sequence[str]) -> int:
         print("stopped.", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as e:  # the boundary: a bug, reported in one line and logged in full
-        log.exception("unexpected failure")
-        from core.log_setup import log_file_path
-
+        log.exception("unexpected failure", extra=FILE_ONLY)
         print(f"error: unexpected failure ({type(e).__name__}: {e}); details in {log_file_path()}", file=sys.stderr)
         return EXIT_FAILURE

@@ -30,8 +30,8 @@ def migrate(data: dict[str, Any], version: Any, source: str | None = None) -> di
         )
     if version > CURRENT_VERSION:
         raise ConfigError(
-            f"written by a newer Video Trainer (format version {version}; this one reads up to "
-            f"{CURRENT_VERSION}); update Video Trainer to use it",
+            f"'{VERSION_KEY}' is {version}: written by a newer Video Trainer (this one reads format "
+            f"versions up to {CURRENT_VERSION}); update Video Trainer to use this file",
             source=source,
             key=VERSION_KEY,
         )
