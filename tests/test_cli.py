@@ -100,7 +100,7 @@ def test_saving_over_a_user_preset_needs_overwrite(user_home: Path) -> None:
 
 @pytest.mark.parametrize(
     "args",
-    [[], ["presets"], ["presets", "list"], ["presets", "show"], ["presets", "save"], ["presets", "delete"], ["tiny-model"], ["gui"]],
+    [[], ["presets"], ["presets", "list"], ["presets", "show"], ["presets", "save"], ["presets", "delete"], ["tiny-model"], ["gui"], ["settings"]],
 )
 def test_help_everywhere(args: list[str]) -> None:
     result = run_main(*args, "--help")
@@ -118,3 +118,11 @@ def test_unexpected_failures_are_logged_not_shown(user_home: Path, tmp_path: Pat
     assert len(lines) == 1 and lines[0].startswith("error: unexpected failure") and "Traceback" not in result.stderr
     log = (user_home / "logs" / "video-trainer.log").read_text(encoding="utf-8")
     assert "Traceback" in log and "unexpected failure" in log
+
+
+def test_settings_reference_in_docs_is_current() -> None:
+    result = run_main("settings", "--markdown")
+    assert result.returncode == 0, result.stderr
+    doc = (Path(__file__).parent.parent / "docs" / "settings.md").read_text(encoding="utf-8")
+    assert result.stdout == doc, "docs/settings.md is stale: run python main.py settings --markdown > docs/settings.md"
+    assert "`video_config.frame_dropout_probability`" in doc

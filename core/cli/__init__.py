@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from core.errors import UserError
 from core.log_setup import FILE_ONLY, log_file_path, setup_logging
 
-from . import presets_cmd, tiny_model_cmd
+from . import presets_cmd, settings_cmd, tiny_model_cmd
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     presets_cmd.register(commands)
+    settings_cmd.register(commands)
     tiny_model_cmd.register(commands)
     return parser, commands
 
