@@ -1,0 +1,1 @@
+"""Model families behind one adapter interface, and the tiny-model builder used by tests and the demo."""

@@ -1,0 +1,232 @@
+"""The tiny-model builder: folders the real diffusers pipelines load and run, built offline."""
+
+from __future__ import annotations
+
+import os
+
+# Everything here must work without the network; set before diffusers/transformers are imported.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+import json
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from core.models import tiny
+from core.models.tiny import TINY_FAMILIES, build_tiny_model, folder_size
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+safetensors_torch = pytest.importorskip("safetensors.torch")
+
+logger = logging.getLogger(__name__)
+
+MAX_FOLDER_BYTES = 5 * 1024 * 1024
+PROMPT = "a red square moving left across a blue background"
+
+PIPELINES = {
+    "wan21": "WanPipeline",
+    "wan22_ti2v_5b": "WanPipeline",
+    "wan22_a14b": "WanPipeline",
+    "hunyuan_video": "HunyuanVideoPipeline",
+    "cogvideox": "CogVideoXPipeline",
+    "hidream": "HiDreamImagePipeline",
+}
+# Smallest sizes that still exercise every level of the VAE and more than one latent patch.
+VIDEO_CALLS = {
+    "wan21": dict(height=32, width=32, num_frames=5),
+    "wan22_ti2v_5b": dict(height=64, width=64, num_frames=5),  # 16x VAE: 4x4 latents
+    "wan22_a14b": dict(height=32, width=32, num_frames=5),
+    "hunyuan_video": dict(height=32, width=32, num_frames=5),
+    "cogvideox": dict(height=32, width=32, num_frames=9),  # CogVideoX 1.0 wants 4k+1 frames
+}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> dict[str, Path]:
+    """Every family built once for the module (with seed 0)."""
+    torch.set_num_threads(2)
+    root = tmp_path_factory.mktemp("tiny")
+    folders = {}
+    for family in TINY_FAMILIES:
+        started = time.perf_counter()
+        folders[family] = build_tiny_model(family, root / family, seed=0)
+        logger.info(
+            "%s: built in %.1f s, %.2f MB", family, time.perf_counter() - started, folder_size(folders[family]) / 1e6
+        )
+    return folders
+
+
+def _weights(folder: Path, component: str) -> dict[str, torch.Tensor]:
+    files = sorted((folder / component).glob("*.safetensors"))
+    assert files, f"no safetensors in {folder / component}"
+    out: dict[str, torch.Tensor] = {}
+    for f in files:
+        out.update(safetensors_torch.load_file(f))
+    return out
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_folder_layout(built, family):
+    folder = built[family]
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["_class_name"] == PIPELINES[family]
+    components = [name for name, value in index.items() if isinstance(value, list) and value[0] is not None]
+    assert components
+    for name in components:
+        assert (folder / name).is_dir(), f"{name}/ missing"
+    for name in components:
+        if name.startswith(("transformer", "vae", "text_encoder")):
+            assert list((folder / name).glob("*.safetensors")), f"{name} has no safetensors weights"
+            assert not list((folder / name).glob("*.bin"))
+    assert folder_size(folder) < MAX_FOLDER_BYTES
+    assert not [p for p in folder.parent.iterdir() if ".tmp-" in p.name], "temporary folder left behind"
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_pipeline_loads_and_runs(built, family):
+    pipe = getattr(diffusers, PIPELINES[family]).from_pretrained(built[family])
+    pipe.set_progress_bar_config(disable=True)
+    generator = torch.Generator().manual_seed(0)
+
+    # Every id a tokenizer can produce has an embedding row in its text encoder.
+    for name, tokenizer in pipe.components.items():
+        if name.startswith("tokenizer"):
+            encoder = pipe.components[name.replace("tokenizer", "text_encoder")]
+            assert encoder.config.vocab_size >= len(tokenizer), name
+
+    if family == "wan22_a14b":
+        assert pipe.transformer_2 is not None
+        assert pipe.config.boundary_ratio == 0.875
+        # Two experts of the same shape with their own weights.
+        a, b = pipe.transformer.state_dict(), pipe.transformer_2.state_dict()
+        assert a.keys() == b.keys()
+        assert any(not torch.equal(a[k], b[k]) for k in a)
+    if family.startswith("wan"):
+        assert pipe.transformer.config.in_channels == pipe.vae.config.z_dim
+        assert pipe.transformer.config.text_dim == pipe.text_encoder.config.d_model
+    if family == "wan22_ti2v_5b":
+        assert pipe.config.expand_timesteps is True
+        assert pipe.vae.config.z_dim == 48
+        assert pipe.vae.config.scale_factor_spatial == 16
+        assert pipe.vae.config.scale_factor_temporal == 4
+        assert len(pipe.vae.config.latents_mean) == len(pipe.vae.config.latents_std) == 48
+
+    if family == "hidream":
+        # HiDreamImagePipeline rescales every request to (default_sample_size * vae_scale_factor)^2 pixels,
+        # i.e. about 1 MP whatever height/width say; this instance attribute is the only way to go smaller.
+        pipe.default_sample_size = 8
+        out = pipe(PROMPT, height=64, width=64, num_inference_steps=2, generator=generator, output_type="np")
+        images = out.images
+        assert images.shape == (1, 64, 64, 3)
+        assert torch.isfinite(torch.from_numpy(images)).all()
+        return
+
+    call = VIDEO_CALLS[family]
+    out = pipe(PROMPT, num_inference_steps=2, generator=generator, output_type="np", **call)
+    frames = out.frames
+    assert frames.shape == (1, call["num_frames"], call["height"], call["width"], 3)
+    assert torch.isfinite(torch.from_numpy(frames)).all()
+
+
+def test_hunyuan_prompt_survives_the_template_crop(built):
+    """The pipeline drops the first 95 text positions (crop_start); they must be exactly the template."""
+    from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(built["hunyuan_video"] / "tokenizer")
+    template = DEFAULT_PROMPT_TEMPLATE["template"]
+    crop = DEFAULT_PROMPT_TEMPLATE["crop_start"]
+    prefix_ids = tokenizer(template.split("{}")[0]).input_ids
+    assert len(prefix_ids) == crop
+    ids = tokenizer(template.format(PROMPT)).input_ids
+    assert ids[:crop] == prefix_ids
+    assert tokenizer.decode(ids[crop:], skip_special_tokens=True) == PROMPT
+    assert tokenizer.unk_token_id not in ids
+
+
+@pytest.mark.parametrize(
+    ("family", "subfolder"),
+    [
+        ("wan21", "tokenizer"),
+        ("hunyuan_video", "tokenizer"),
+        ("hunyuan_video", "tokenizer_2"),
+        ("hidream", "tokenizer_3"),
+        ("hidream", "tokenizer_4"),
+    ],
+)
+def test_tokenizers_load_with_autotokenizer(built, family, subfolder):
+    """Each tokenizer folder loads on its own and round-trips a caption without unknown pieces."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(built[family] / subfolder)
+    ids = tokenizer(PROMPT).input_ids
+    assert len(ids) >= len(PROMPT.split())
+    assert max(ids) < len(tokenizer)
+    assert tokenizer.decode(ids, skip_special_tokens=True).strip() == PROMPT
+
+
+def test_same_seed_same_weights(built, tmp_path):
+    again = build_tiny_model("wan22_a14b", tmp_path / "again", seed=0)
+    other = build_tiny_model("wan22_a14b", tmp_path / "other", seed=1)
+    for component in ("transformer", "transformer_2", "vae", "text_encoder"):
+        first, second = _weights(built["wan22_a14b"], component), _weights(again, component)
+        assert first.keys() == second.keys()
+        assert all(torch.equal(first[k], second[k]) for k in first), component
+        third = _weights(other, component)
+        assert any(not torch.equal(first[k], third[k]) for k in first), f"seed 1 gave seed 0's {component}"
+    tok = (built["wan22_a14b"] / "tokenizer" / "tokenizer.json").read_bytes()
+    assert tok == (again / "tokenizer" / "tokenizer.json").read_bytes()
+
+
+def test_unknown_family(tmp_path):
+    with pytest.raises(ValueError) as err:
+        build_tiny_model("sdxl", tmp_path / "x")
+    for family in TINY_FAMILIES:
+        assert family in str(err.value)
+    assert not (tmp_path / "x").exists()
+
+
+def test_existing_folder_is_never_overwritten(tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not empty"):
+        build_tiny_model("wan21", out)
+    assert (out / "notes.txt").read_text() == "keep me"
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
+
+
+def test_existing_empty_folder_is_used(tmp_path):
+    out = tmp_path / "empty"
+    out.mkdir()
+    assert build_tiny_model("wan21", out) == out.absolute()
+    assert (out / "model_index.json").is_file()
+
+
+def test_failed_build_leaves_nothing(tmp_path, monkeypatch):
+    from core.models.tiny import wan
+
+    def broken(out: Path, seed: int) -> None:
+        (out / "half-written").write_text("x")
+        raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(wan, "build_wan21", broken)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        build_tiny_model("wan21", tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_import_does_not_load_torch():
+    code = "import sys, core.models.tiny as t; assert t.TINY_FAMILIES; sys.exit('torch' in sys.modules)"
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    result = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert tiny.__name__ == "core.models.tiny"
