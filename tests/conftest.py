@@ -38,3 +38,11 @@ def run_main(*args: str, env: dict[str, str] | None = None, timeout: float = 120
         text=True,
         timeout=timeout,
     )
+
+
+@pytest.fixture
+def bin_dir(tmp_path: Path) -> Path:
+    """An empty folder to put on PATH with fake tools (nvidia-smi, rocminfo) in it."""
+    d = tmp_path / "bin"
+    d.mkdir()
+    return d
