@@ -13,8 +13,10 @@ class UserError(Exception):
 class ConfigError(UserError):
     """A setting, preset or config file that cannot be used as it is."""
 
-    def __init__(self, message: str, *, source: str | None = None, key: str | None = None):
+    def __init__(self, message: str, *, source: str | None = None, key: str | None = None, also: tuple[str, ...] = ()):
         self.source = source
         self.key = key
+        # Every setting involved: a rule across settings names them all, so each can be marked.
+        self.keys: tuple[str, ...] = ((key,) if key else ()) + also
         prefix = f"{source}: " if source else ""
         super().__init__(prefix + message)

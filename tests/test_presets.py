@@ -8,8 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from core.config import list_presets, load_preset, read_config_file, resolve, save_user_preset, sparse
-from core.config import migrations
+from core.config import (
+    list_presets,
+    load_preset,
+    migrations,
+    read_config_file,
+    resolve,
+    save_user_preset,
+    sparse,
+)
 from core.config.files import write_config_file
 from core.config.presets import delete_user_preset, find_preset
 from core.errors import ConfigError
@@ -111,6 +118,15 @@ def test_user_preset_saves_atomically_lists_and_reloads_equal() -> None:
     assert not path.exists()
 
 
+def test_saving_over_a_user_preset_needs_overwrite() -> None:
+    save_user_preset("twice", resolve({"batch_size": 3}))
+    with pytest.raises(ConfigError, match="exists"):
+        save_user_preset("twice", resolve({"batch_size": 4}))
+    assert load_preset("twice")["batch_size"] == 3
+    save_user_preset("twice", resolve({"batch_size": 4}), overwrite=True)
+    assert load_preset("twice")["batch_size"] == 4
+
+
 def test_a_failed_save_keeps_the_old_file(monkeypatch: pytest.MonkeyPatch) -> None:
     save_user_preset("keep", resolve({"batch_size": 3}))
     path = user_preset_dir() / "keep.json"
@@ -121,7 +137,7 @@ def test_a_failed_save_keeps_the_old_file(monkeypatch: pytest.MonkeyPatch) -> No
 
     monkeypatch.setattr(os, "replace", broken_replace)
     with pytest.raises(OSError):
-        save_user_preset("keep", resolve({"batch_size": 5}))
+        save_user_preset("keep", resolve({"batch_size": 5}), overwrite=True)
     assert path.read_bytes() == before
     assert [f.name for f in path.parent.iterdir()] == ["keep.json"]
 
@@ -216,6 +232,8 @@ def test_relative_paths_are_read_against_the_files_folder(tmp_path: Path) -> Non
     assert overlay["base_model"] == str(tmp_path / "model")
     assert overlay["datasets"][0]["path"] == str(tmp_path / "clips")
     assert overlay["cache_dir"] == "~/cache"
+    (tmp_path / "missing.json").write_text('{"base_model": "../not-yet/built"}', encoding="utf-8")
+    assert read_config_file(tmp_path / "missing.json")[0]["base_model"] == str(tmp_path.parent / "not-yet" / "built")
     hub = tmp_path / "hub.json"
     hub.write_text('{"base_model": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"}', encoding="utf-8")
     assert read_config_file(hub)[0]["base_model"] == "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"

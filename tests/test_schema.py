@@ -19,7 +19,18 @@ from core.config import (
     sparse,
     validate_overlay,
 )
-from core.config.fields import BOOL, CHOICE, FLOAT, INT, PATH, STR, STR_LIST, Section, SectionList, Setting
+from core.config.fields import (
+    BOOL,
+    CHOICE,
+    FLOAT,
+    INT,
+    PATH,
+    STR,
+    STR_LIST,
+    Section,
+    SectionList,
+    Setting,
+)
 from core.errors import ConfigError
 
 # The video_config section exactly as the product's seed document declares it.
@@ -202,3 +213,26 @@ def test_any_valid_value_round_trips_through_sparse_and_merge(data) -> None:
     stored = sparse(config)
     assert merge(defaults(), validate_overlay(stored)) == config
     assert get_value(config, key) == setting.check(value)
+
+
+def test_applies_key_counts_the_sections_that_hold_a_setting() -> None:
+    from core.config import applies_key
+
+    config = defaults()
+    assert applies_key("lora.rank", config) and not applies_key("embedding.placeholder_tokens", config)
+    assert applies_key("max_steps", config) and not applies_key("epochs", config)
+    set_value(config, "training_method", "EMBEDDING")
+    set_value(config, "stop_after", "EPOCHS")
+    assert not applies_key("lora.rank", config) and applies_key("embedding.placeholder_tokens", config)
+    assert applies_key("epochs", config) and not applies_key("max_steps", config)
+    assert not applies_key("output_format", config)
+
+
+def test_a_rule_across_settings_names_every_setting_it_involves() -> None:
+    from core.config import consistency_problems
+
+    config = defaults()
+    assert consistency_problems(config) == []
+    config["frames"] = 20
+    (problem,) = consistency_problems(config)
+    assert problem.keys == ("frames", "video_config.max_frames")

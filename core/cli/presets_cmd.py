@@ -7,7 +7,11 @@ import json
 
 from core.config import list_presets, save_user_preset
 from core.config.migrations import CURRENT_VERSION, VERSION_KEY
-from core.config.presets import check_user_preset_name, delete_user_preset
+from core.config.presets import (
+    check_user_preset_name,
+    delete_user_preset,
+    user_preset_path,
+)
 from core.errors import ConfigError
 from core.paths import bundled_preset_dir, user_preset_dir
 
@@ -69,11 +73,10 @@ def show_command(args: argparse.Namespace) -> int:
 
 def save_command(args: argparse.Namespace) -> int:
     name = check_user_preset_name(args.name)
-    target = user_preset_dir() / f"{name}.json"
-    if target.exists() and not args.overwrite:
-        raise ConfigError(f"a preset named '{name}' exists ({target}); add --overwrite to replace it or choose another name")
+    if user_preset_path(name).exists() and not args.overwrite:
+        raise ConfigError(f"a preset named '{name}' exists ({user_preset_path(name)}); add --overwrite to replace it or choose another name")
     config = settings_from_args(args)
-    path = save_user_preset(name, config, args.description)
+    path = save_user_preset(name, config, args.description, overwrite=args.overwrite)
     print(f"saved preset '{name}' to {path}")
     return 0
 

@@ -5,7 +5,12 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from core.config import load_preset_overlay, parse_set_arguments, read_config_file, resolve
+from core.config import (
+    load_preset_overlay,
+    parse_set_arguments,
+    read_config_file,
+    resolve,
+)
 
 
 def add_settings_arguments(parser: argparse.ArgumentParser, *, positional_preset: bool = False) -> None:

@@ -6,7 +6,7 @@ import argparse
 import json
 
 from core.config import iter_settings
-from core.config.fields import Setting, SectionList
+from core.config.fields import SectionList, Setting
 
 
 def register(commands: argparse._SubParsersAction) -> None:

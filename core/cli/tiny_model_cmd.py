@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+
 from core.errors import UserError
 
 # Listed here as well as in core.models.tiny so that --help does not import torch.

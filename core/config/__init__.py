@@ -2,10 +2,21 @@
 
 from .fields import Section, SectionList, Setting
 from .files import read_config_file, write_config_file
-from .presets import PresetInfo, list_presets, load_preset, load_preset_overlay, save_user_preset
+from .presets import (
+    LoadedPreset,
+    PresetInfo,
+    list_presets,
+    load_preset,
+    load_preset_overlay,
+    open_preset,
+    save_user_preset,
+    user_preset_path,
+)
 from .schema import SCHEMA
 from .settings import (
     applies,
+    applies_key,
+    consistency_problems,
     defaults,
     get_value,
     iter_settings,
@@ -20,6 +31,11 @@ from .settings import (
 
 __all__ = [
     "SCHEMA",
+    "LoadedPreset",
+    "applies_key",
+    "consistency_problems",
+    "open_preset",
+    "user_preset_path",
     "PresetInfo",
     "Section",
     "SectionList",

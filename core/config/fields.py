@@ -35,6 +35,8 @@ class Setting:
     # {"dotted.key": (allowed values,)}: the setting only means something when all hold.
     applies_when: dict[str, tuple[Any, ...]] = field(default_factory=dict)
     label: str | None = None
+    # What null means for a nullable setting, in a few words (shown in an empty field).
+    null_label: str | None = None
 
     @property
     def title(self) -> str:

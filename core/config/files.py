@@ -59,7 +59,8 @@ def read_config_file(path: str | os.PathLike) -> tuple[dict[str, Any], str]:
 def resolve_relative_paths(overlay: dict[str, Any], base_dir: Path) -> None:
     """Relative paths in a file are relative to the file's own folder, so presets can ship data.
 
-    A model path that does not exist there is left alone: it is a Hugging Face hub id.
+    A model path that does not exist there and does not start with ./ or ../ is left alone: it is
+    a Hugging Face hub id ("Wan-AI/Wan2.1-T2V-1.3B-Diffusers").
     """
     for key, node in iter_settings():
         if isinstance(node, SectionList):
@@ -80,7 +81,8 @@ def _resolved(value: str, base_dir: Path, path_kind: str | None) -> str:
     if os.path.isabs(value) or value.startswith("~"):
         return value
     candidate = (base_dir / value).resolve()
-    if path_kind == PATH_MODEL and not candidate.exists():
+    explicit = value.startswith(("./", "../", ".\\", "..\\"))
+    if path_kind == PATH_MODEL and not explicit and not candidate.exists():
         return value
     return str(candidate)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -79,9 +79,40 @@ def load_preset_overlay(name_or_file: str) -> dict[str, Any]:
 
 def load_preset(name_or_file: str) -> dict[str, Any]:
     """The complete settings of a preset: the defaults with the preset merged on."""
+    return open_preset(name_or_file).config
+
+
+@dataclass(frozen=True)
+class LoadedPreset:
+    """A preset's complete settings and where they came from."""
+
+    config: dict[str, Any] = field(repr=False)
+    name: str  # the preset name, or the file name for a file outside the preset folders
+    path: Path
+    description: str = ""
+    listed: bool = True  # a bundled or user preset (False for any other file)
+
+    @property
+    def bundled(self) -> bool:
+        return self.listed and self.name.startswith(BUNDLED_PREFIX)
+
+    @property
+    def is_user_preset(self) -> bool:
+        """Saving can write back to it; bundled presets and other files are saved under a new name."""
+        return self.listed and not self.bundled
+
+
+def open_preset(name_or_file: str) -> LoadedPreset:
+    """Load a preset by name, or a preset or config file by path; raises ConfigError."""
     path = find_preset(name_or_file)
-    overlay, _ = read_config_file(path)
-    return resolve(overlay, source=str(path))
+    overlay, description = read_config_file(path)
+    config = resolve(overlay, source=str(path))
+    folder = path.resolve().parent
+    bundled_folder, user_folder = bundled_preset_dir().resolve(), user_preset_dir().resolve()
+    listed = (folder == bundled_folder and path.stem.startswith(BUNDLED_PREFIX)) or (
+        folder == user_folder and not path.stem.startswith(BUNDLED_PREFIX)
+    )
+    return LoadedPreset(config, path.stem if listed else path.name, path, description, listed)
 
 
 def check_user_preset_name(name: str) -> str:
@@ -96,18 +127,27 @@ def check_user_preset_name(name: str) -> str:
     return name
 
 
-def save_user_preset(name: str, config: dict[str, Any], description: str = "") -> Path:
-    """Save the settings that differ from the defaults as the user's preset (atomically)."""
+def user_preset_path(name: str) -> Path:
+    """Where the user preset of this name is (or would be) stored."""
+    return user_preset_dir() / f"{check_user_preset_name(name)}.json"
+
+
+def save_user_preset(name: str, config: dict[str, Any], description: str = "", *, overwrite: bool = False) -> Path:
+    """Save the settings that differ from the defaults as the user's preset (atomically).
+
+    An existing preset of the same name is replaced only with overwrite=True.
+    """
     name = check_user_preset_name(name)
-    path = user_preset_dir() / f"{name}.json"
+    path = user_preset_path(name)
+    if path.exists() and not overwrite:
+        raise ConfigError(f"a preset named '{name}' exists ({path}); choose another name or overwrite it", key="preset")
     write_config_file(path, sparse(config), description)
     log.info("saved preset %s to %s", name, path)
     return path
 
 
 def delete_user_preset(name: str) -> None:
-    name = check_user_preset_name(name)
-    path = user_preset_dir() / f"{name}.json"
+    path = user_preset_path(name)
     if not path.exists():
         raise ConfigError(f"no user preset named '{name}'", key="preset")
     path.unlink()

@@ -55,6 +55,7 @@ def _model_part(name: str, label: str, train: bool, weight_dtype: str, what: str
                 lo=0.0,
                 hi=1.0,
                 nullable=True,
+                null_label="uses learning_rate",
                 applies_when=NOT_EMBEDDING,
             ),
             choice(
@@ -95,6 +96,7 @@ VIDEO_CONFIG = Section(
             "frame_sample_strategy places a sample's frames. Must be at least frames.",
             lo=1,
             hi=1024,
+            label="Max frames",
         ),
         choice(
             "frame_sample_strategy",
@@ -103,7 +105,7 @@ VIDEO_CONFIG = Section(
             "uniform: evenly spaced frames across the window; random: a different placement each time "
             "the clip is used; keyframe: start at the codec's keyframes or scene cuts.",
         ),
-        number("target_fps", 24.0, "Frames per second that clips are resampled to before frames are picked.", lo=1.0, hi=240.0),
+        number("target_fps", 24.0, "Frames per second that clips are resampled to before frames are picked.", lo=1.0, hi=240.0, label="Target FPS"),
         number("max_duration", 10.0, "Longest stretch of a clip that is used, in seconds.", lo=0.1, hi=3600.0),
         number(
             "temporal_consistency_weight",
@@ -182,6 +184,7 @@ SCHEMA = Section(
             TRAIN_DTYPES,
             "BFLOAT_16",
             "Precision of the forward and backward pass; master weights and optimizer state stay in FLOAT_32.",
+            label="Training precision",
         ),
         _model_part("transformer", "Transformer", True, "BFLOAT_16", "transformer"),
         _model_part("text_encoder", "Text encoder", False, "BFLOAT_16", "text encoder"),
@@ -193,6 +196,7 @@ SCHEMA = Section(
             "just before use; needs gradient_checkpointing.",
             lo=0.0,
             hi=1.0,
+            label="Layer offload fraction",
         ),
         choice(
             "gradient_checkpointing",
@@ -202,7 +206,7 @@ SCHEMA = Section(
             "saved activations in CPU memory.",
         ),
         integer("batch_size", 1, "Samples per step (video batches are scaled by video_batch_size_multiplier).", lo=1, hi=256),
-        integer("gradient_accumulation_steps", 1, "Steps whose gradients add up before each optimizer step.", lo=1, hi=1024),
+        integer("gradient_accumulation_steps", 1, "Steps whose gradients add up before each optimizer step.", lo=1, hi=1024, label="Gradient accumulation steps"),
         number("learning_rate", 0.0001, "Learning rate of the trained weights.", lo=0.0, hi=1.0),
         number(
             "embedding_learning_rate",
@@ -211,11 +215,12 @@ SCHEMA = Section(
             lo=0.0,
             hi=1.0,
             applies_when=EMBEDDING_ONLY,
+            label="Embedding learning rate",
         ),
         choice("stop_after", ("STEPS", "EPOCHS"), "STEPS", "Whether the run length is counted in max_steps or in epochs."),
-        integer("max_steps", 2000, "Optimizer steps to train for.", lo=1, hi=10_000_000, applies_when={"stop_after": ("STEPS",)}),
+        integer("max_steps", 2000, "Optimizer steps to train for.", lo=1, hi=10_000_000, applies_when={"stop_after": ("STEPS",)}, label="Max steps"),
         integer("epochs", 10, "Passes over the data to train for.", lo=1, hi=1_000_000, applies_when={"stop_after": ("EPOCHS",)}),
-        number("max_grad_norm", 1.0, "Gradients are clipped to this total norm; 0 turns clipping off.", lo=0.0, hi=1e6),
+        number("max_grad_norm", 1.0, "Gradients are clipped to this total norm; 0 turns clipping off.", lo=0.0, hi=1e6, label="Max gradient norm"),
         choice(
             "optimizer",
             OPTIMIZERS,
@@ -223,7 +228,7 @@ SCHEMA = Section(
             "ADAMW_8BIT keeps optimizer state in 8 bits (bitsandbytes); ADAFACTOR factorises it; "
             "PRODIGY adapts the learning rate itself.",
         ),
-        choice("lr_scheduler", LR_SCHEDULERS, "CONSTANT", "How the learning rate changes over the run, after warmup."),
+        choice("lr_scheduler", LR_SCHEDULERS, "CONSTANT", "How the learning rate changes over the run, after warmup.", label="LR scheduler"),
         integer("warmup_steps", 50, "Steps over which the learning rate rises linearly from 0.", lo=0, hi=1_000_000),
         integer("seed", 42, "Seed of every random choice in the run (noise, timesteps, data order).", lo=0, hi=2**31 - 1),
         integer(
@@ -242,8 +247,8 @@ SCHEMA = Section(
             hi=1024,
         ),
         SectionList("datasets", "Folders of clips and captions to train on.", DATASET),
-        path("workspace_dir", "~/VideoTrainer/workspace", "Folder for this run's metrics, samples and backups.", PATH_FOLDER),
-        path("cache_dir", "~/VideoTrainer/cache", "Folder for cached latents and text embeddings, reused across runs.", PATH_FOLDER),
+        path("workspace_dir", "~/VideoTrainer/workspace", "Folder for this run's metrics, samples and backups.", PATH_FOLDER, label="Workspace folder"),
+        path("cache_dir", "~/VideoTrainer/cache", "Folder for cached latents and text embeddings, reused across runs.", PATH_FOLDER, label="Cache folder"),
         path(
             "output_path",
             "~/VideoTrainer/output/video-lora.safetensors",
@@ -256,6 +261,7 @@ SCHEMA = Section(
             "DIFFUSERS",
             "Key names of the saved LoRA: DIFFUSERS for diffusers pipelines, COMFY for ComfyUI's native loader.",
             applies_when=LORA_ONLY,
+            label="Output format",
         ),
         Section(
             "lora",
@@ -295,12 +301,12 @@ SCHEMA = Section(
             "sampling",
             "Sample videos made during training to watch progress.",
             (
-                integer("every_n_steps", 250, "Make samples every this many steps; 0 turns sampling off.", lo=0, hi=10_000_000),
+                integer("every_n_steps", 250, "Make samples every this many steps; 0 turns sampling off.", lo=0, hi=10_000_000, label="Every N steps"),
                 string_list("prompts", [], "Prompts to sample; with none, no samples are made."),
                 integer("width", 512, "Sample width in pixels.", lo=16, hi=4096),
                 integer("height", 512, "Sample height in pixels.", lo=16, hi=4096),
                 integer("frames", 33, "Frames per sample video (rounded to what the model accepts).", lo=1, hi=1024),
-                integer("inference_steps", 30, "Denoising steps per sample.", lo=1, hi=1000),
+                integer("inference_steps", 30, "Denoising steps per sample.", lo=1, hi=1000, label="Inference steps"),
                 number("guidance_scale", 5.0, "Classifier-free guidance scale of samples.", lo=0.0, hi=50.0),
                 integer("seed", 42, "Seed of the sample noise, fixed so samples are comparable across steps.", lo=0, hi=2**31 - 1),
             ),
@@ -309,7 +315,7 @@ SCHEMA = Section(
             "backup",
             "Backups to continue from after an interruption.",
             (
-                integer("every_n_steps", 500, "Write a backup every this many steps; 0 turns backups off.", lo=0, hi=10_000_000),
+                integer("every_n_steps", 500, "Write a backup every this many steps; 0 turns backups off.", lo=0, hi=10_000_000, label="Every N steps"),
                 integer("keep", 3, "How many of the newest backups to keep.", lo=1, hi=1000),
             ),
         ),
@@ -317,8 +323,8 @@ SCHEMA = Section(
             "validation",
             "Validation loss on clips held out of training.",
             (
-                integer("every_n_steps", 0, "Compute validation loss every this many steps; 0 turns it off.", lo=0, hi=10_000_000),
-                number("holdout_fraction", 0.0, "Fraction of the clips held out for validation (fixed by seed).", lo=0.0, hi=0.5),
+                integer("every_n_steps", 0, "Compute validation loss every this many steps; 0 turns it off.", lo=0, hi=10_000_000, label="Every N steps"),
+                number("holdout_fraction", 0.0, "Fraction of the clips held out for validation (fixed by seed).", lo=0.0, hi=0.5, label="Hold-out fraction"),
                 path("folder", "", "A separate folder of validation clips; when set, holdout_fraction is not used.", PATH_FOLDER),
             ),
         ),

@@ -142,16 +142,28 @@ def resolve(*overlays: dict[str, Any], source: str | None = None) -> dict[str, A
     return config
 
 
-def check_consistency(config: dict[str, Any], source: str | None = None) -> None:
-    """Rules that involve more than one setting."""
+def consistency_problems(config: dict[str, Any], source: str | None = None) -> list[ConfigError]:
+    """Every broken rule that involves more than one setting (empty when the config is consistent)."""
+    problems = []
     frames, window = config["frames"], config["video_config"]["max_frames"]
     if frames > window:
-        raise ConfigError(
-            f"'frames' ({frames}) is larger than 'video_config.max_frames' ({window}), the window frames "
-            "are picked from; raise video_config.max_frames or lower frames",
-            source=source,
-            key="frames",
+        problems.append(
+            ConfigError(
+                f"'frames' ({frames}) is larger than 'video_config.max_frames' ({window}), the window frames "
+                "are picked from; raise video_config.max_frames or lower frames",
+                source=source,
+                key="frames",
+                also=("video_config.max_frames",),
+            )
         )
+    return problems
+
+
+def check_consistency(config: dict[str, Any], source: str | None = None) -> None:
+    """Raise the first broken rule across settings, if any."""
+    problems = consistency_problems(config, source)
+    if problems:
+        raise problems[0]
 
 
 def sparse(config: dict[str, Any], base: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -215,5 +227,11 @@ def parse_set_arguments(assignments: list[str]) -> dict[str, Any]:
 
 
 def applies(node: Setting | Section | SectionList, config: dict[str, Any]) -> bool:
-    """Whether a setting means anything under the current config (else the GUI hides it)."""
+    """Whether this one declaration's own condition holds (see applies_key for a whole dotted key)."""
     return all(get_value(config, key) in allowed for key, allowed in node.applies_when.items())
+
+
+def applies_key(key: str, config: dict[str, Any]) -> bool:
+    """Whether a dotted key means anything under config, counting the sections that hold it."""
+    parts = key.split(".")
+    return all(applies(lookup(".".join(parts[: i + 1])), config) for i in range(len(parts)))

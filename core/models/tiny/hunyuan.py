@@ -12,7 +12,11 @@ import logging
 from pathlib import Path
 
 from ._common import save_pipeline, seed_for, vocab_size_for
-from .tokenizers import LLAMA3_SPECIAL_TOKENS, build_clip_tokenizer, build_llama_tokenizer
+from .tokenizers import (
+    LLAMA3_SPECIAL_TOKENS,
+    build_clip_tokenizer,
+    build_llama_tokenizer,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -22,7 +26,9 @@ TEMPLATE_PREFIX_TOKENS = 95  # the pipeline's default crop_start (what Llama 3 g
 
 
 def _template_prefix_length(tokenizer) -> int:
-    from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
+    from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import (
+        DEFAULT_PROMPT_TEMPLATE,
+    )
 
     prefix = DEFAULT_PROMPT_TEMPLATE["template"].split("{}")[0]
     return len(tokenizer(prefix).input_ids)

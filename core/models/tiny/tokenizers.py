@@ -22,7 +22,12 @@ from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from transformers import CLIPTokenizer, LlamaTokenizer, PreTrainedTokenizerFast, T5Tokenizer
+    from transformers import (
+        CLIPTokenizer,
+        LlamaTokenizer,
+        PreTrainedTokenizerFast,
+        T5Tokenizer,
+    )
 
 logger = logging.getLogger(__name__)
 
