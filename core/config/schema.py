@@ -42,10 +42,10 @@ EMBEDDING_ONLY = {"training_method": ("EMBEDDING",)}
 NOT_EMBEDDING = {"training_method": ("LORA", "FINE_TUNE")}
 
 
-def _model_part(name: str, label: str, train: bool, weight_dtype: str, what: str) -> Section:
+def _model_part(name: str, label: str, train: bool, weight_dtype: str, what: str, role: str) -> Section:
     return Section(
         name,
-        f"Settings of the {what}.",
+        role,
         (
             boolean("train", train, f"Train the {what} (LoRA layers for LORA, all weights for FINE_TUNE)."),
             number(
@@ -186,9 +186,18 @@ SCHEMA = Section(
             "Precision of the forward and backward pass; master weights and optimizer state stay in FLOAT_32.",
             label="Training precision",
         ),
-        _model_part("transformer", "Transformer", True, "BFLOAT_16", "transformer"),
-        _model_part("text_encoder", "Text encoder", False, "BFLOAT_16", "text encoder"),
-        _model_part("vae", "VAE", False, "FLOAT_32", "VAE"),
+        _model_part(
+            "transformer", "Transformer", True, "BFLOAT_16", "transformer",
+            "The denoising network: what LoRA and fine-tuning change.",
+        ),
+        _model_part(
+            "text_encoder", "Text encoder", False, "BFLOAT_16", "text encoder",
+            "Turns captions into embeddings; its outputs are cached unless it trains.",
+        ),
+        _model_part(
+            "vae", "VAE", False, "FLOAT_32", "VAE",
+            "Encodes clips into latents (cached) and decodes samples.",
+        ),
         number(
             "layer_offload_fraction",
             0.0,

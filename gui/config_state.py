@@ -1,0 +1,98 @@
+"""The settings being edited in the window, the preset they came from, and what is wrong with them.
+
+Widgets never keep their own copy of a value: every edit goes through ConfigState.edit, which
+validates it against the schema (set_value) and re-runs the cross-field checks, so the window and
+a later Start button see one config and one list of problems.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, NamedTuple
+
+from PySide6.QtCore import QObject, Signal
+
+from core.config.settings import consistency_problems, defaults, set_value
+from core.errors import ConfigError
+
+
+class Problem(NamedTuple):
+    key: str
+    message: str
+
+
+class ConfigState(QObject):
+    """The edited config; `edited(key)` after every change by a widget, `replaced()` after a load."""
+
+    edited = Signal(str)
+    replaced = Signal()
+    problems_changed = Signal()
+
+    def __init__(self, parent: QObject | None = None) -> None:
+        super().__init__(parent)
+        self.config: dict[str, Any] = defaults()
+        self.baseline: dict[str, Any] = copy.deepcopy(self.config)  # what "modified" compares with
+        # Keys whose widget holds text that is not a valid value; the config keeps the last good one.
+        self._input_errors: dict[str, str] = {}
+        self._consistency: list[Problem] = []
+
+    # -- changes -------------------------------------------------------------------------------
+
+    def replace(self, config: dict[str, Any]) -> None:
+        """Start over from a complete config (a loaded preset); it becomes the unmodified state."""
+        self.config = copy.deepcopy(config)
+        self.baseline = copy.deepcopy(config)
+        self._input_errors.clear()
+        self._check_consistency()
+        self.replaced.emit()
+        self.problems_changed.emit()
+
+    def edit(self, key: str, value: Any) -> bool:
+        """Set one setting from a widget; False (and a problem for key) if the value is not allowed."""
+        try:
+            set_value(self.config, key, value)
+        except ConfigError as e:
+            self._input_errors[key] = str(e)
+            ok = False
+        else:
+            self._input_errors.pop(key, None)
+            ok = True
+        self._check_consistency()
+        self.edited.emit(key)
+        self.problems_changed.emit()
+        return ok
+
+    def reject_input(self, key: str, message: str) -> None:
+        """A widget's text that cannot even be converted to a value (e.g. 'abc' in a number)."""
+        self._input_errors[key] = message
+        self.edited.emit(key)
+        self.problems_changed.emit()
+
+    def drop_input_error(self, key: str) -> None:
+        """Forget a widget's bad text, e.g. when its setting stops applying and is hidden."""
+        if self._input_errors.pop(key, None) is not None:
+            self.problems_changed.emit()
+
+    def mark_saved(self) -> None:
+        self.baseline = copy.deepcopy(self.config)
+        self.edited.emit("")
+
+    # -- queries -------------------------------------------------------------------------------
+
+    def is_modified(self) -> bool:
+        return self.config != self.baseline or bool(self._input_errors)
+
+    def problems(self) -> list[Problem]:
+        """Everything that would stop a run: values that are not allowed, then cross-field rules."""
+        out = [Problem(key, message) for key, message in self._input_errors.items()]
+        return out + [p for p in self._consistency if p.key not in self._input_errors]
+
+    def problem_for(self, key: str) -> str | None:
+        for problem in self.problems():
+            if problem.key == key:
+                return problem.message
+        return None
+
+    def _check_consistency(self) -> None:
+        # A rule across settings marks every setting it involves.
+        self._consistency = [Problem(key, str(e)) for e in consistency_problems(self.config) for key in e.keys]
