@@ -16,6 +16,9 @@ from core.paths import user_log_dir
 LOG_FILE_NAME = "video-trainer.log"
 # Pass as extra= to log a record only to the file (for example a traceback already summarised in one line).
 FILE_ONLY = {"file_only": True}
+# Library loggers whose warnings are notes for developers, not for the user: bitsandbytes warns on
+# every import on CPU-only machines that an optional CPU 4-bit kernel (fetched from a hub) is absent.
+FILE_ONLY_LOGGERS = ("bitsandbytes.backends.cpu",)
 _configured: Path | None = None
 
 
@@ -35,6 +38,12 @@ def log_file_path() -> Path:
     return user_log_dir() / LOG_FILE_NAME
 
 
+def _shown_on_console(record: logging.LogRecord) -> bool:
+    if getattr(record, "file_only", False):
+        return False
+    return not record.name.startswith(FILE_ONLY_LOGGERS)
+
+
 def setup_logging(console_level: int = logging.WARNING) -> Path | None:
     """Configure the root logger once; return the log file, or None if it cannot be written."""
     global _configured
@@ -46,7 +55,7 @@ def setup_logging(console_level: int = logging.WARNING) -> Path | None:
         console = logging.StreamHandler(sys.stderr)
         console.setLevel(console_level)
         console.setFormatter(_ConsoleFormatter("%(levelname)s: %(message)s"))
-        console.addFilter(lambda record: not getattr(record, "file_only", False))
+        console.addFilter(_shown_on_console)
         root.addHandler(console)
     path = log_file_path()
     try:

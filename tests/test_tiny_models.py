@@ -136,7 +136,9 @@ def test_pipeline_loads_and_runs(built, family):
 
 def test_hunyuan_prompt_survives_the_template_crop(built):
     """The pipeline drops the first 95 text positions (crop_start); they must be exactly the template."""
-    from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
+    from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import (
+        DEFAULT_PROMPT_TEMPLATE,
+    )
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(built["hunyuan_video"] / "tokenizer")
@@ -230,3 +232,20 @@ def test_import_does_not_load_torch():
     result = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert tiny.__name__ == "core.models.tiny"
+
+
+def test_bundled_demo_model_is_what_the_command_builds(built):
+    """resources/tiny_wan21 (the demo preset's model) is exactly `tiny-model --family wan21`, seed 0,
+    and the demo preset's relative path reaches it through the normal preset loading."""
+    from diffusers import WanPipeline
+
+    from core.config import load_preset
+
+    bundled = Path(load_preset("#demo tiny wan LoRA")["base_model"])
+    assert bundled == Path(__file__).resolve().parent.parent / "resources" / "tiny_wan21"
+    for component in ("transformer", "vae", "text_encoder"):
+        ours, fresh = _weights(bundled, component), _weights(built["wan21"], component)
+        assert ours.keys() == fresh.keys()
+        assert all(torch.equal(ours[k], fresh[k]) for k in ours), component
+    assert (bundled / "tokenizer" / "tokenizer.json").read_bytes() == (built["wan21"] / "tokenizer" / "tokenizer.json").read_bytes()
+    assert WanPipeline.from_pretrained(bundled).transformer is not None
