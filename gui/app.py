@@ -56,6 +56,8 @@ def run_app(preset: str | None = None, tab: str | None = None, screenshot: str |
     app = QApplication.instance() or QApplication(sys.argv[:1])
     assert isinstance(app, QApplication)
     app.setApplicationName(APP_NAME)
+    # Matches installers' video-trainer.desktop, so Wayland docks show the window with its icon.
+    app.setDesktopFileName("video-trainer")
     icon_file = resources_dir() / "icon.png"
     if icon_file.is_file():
         app.setWindowIcon(QIcon(str(icon_file)))
