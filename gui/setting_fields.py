@@ -6,6 +6,7 @@ value again on refresh() with its signals blocked, so a refresh never loops back
 
 from __future__ import annotations
 
+import abc
 import math
 import os
 from decimal import Decimal
@@ -107,7 +108,7 @@ class _NoWheelComboBox(QComboBox):
             event.ignore()
 
 
-class SettingField:
+class SettingField(abc.ABC):
     """The editor of one setting: `widget` goes into the form, `editor` is what gets marked."""
 
     def __init__(self, key: str, setting: Any, state: ConfigState) -> None:
@@ -121,14 +122,16 @@ class SettingField:
         self.editor.setToolTip(self.tooltip)
         self.refresh()
 
+    @abc.abstractmethod
     def _build(self) -> QWidget:
-        raise NotImplementedError
+        """The editing widget of this kind of setting."""
 
     def _container(self) -> QWidget:
         return self.editor
 
+    @abc.abstractmethod
     def _show(self, value: Any) -> None:
-        raise NotImplementedError
+        """Put value into the widget (signals are blocked by the caller)."""
 
     def refresh(self) -> None:
         """Show the config's value, without emitting edits."""

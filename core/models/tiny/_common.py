@@ -58,3 +58,27 @@ def vocab_size_for(tokenizer: Any) -> int:
     """Embedding rows for a tokenizer: every id it can produce, rounded up to a multiple of 8."""
     n = len(tokenizer)
     return (n + 7) // 8 * 8
+
+
+def tiny_t5_encoder(seed: int, component: str, tokenizer: Any, d_model: int) -> Any:
+    """A tiny T5 v1.1 encoder (gated-GELU, as t5-v1_1-xxl) sized for the tokenizer, seeded for component."""
+    from transformers import T5Config, T5EncoderModel
+
+    seed_for(seed, component)
+    return T5EncoderModel(
+        T5Config(
+            vocab_size=vocab_size_for(tokenizer),
+            d_model=d_model,
+            d_kv=8,
+            d_ff=64,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=32,
+            relative_attention_max_distance=128,
+            feed_forward_proj="gated-gelu",
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            decoder_start_token_id=tokenizer.pad_token_id,
+            tie_word_embeddings=False,
+        )
+    ).eval()

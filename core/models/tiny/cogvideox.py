@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from ._common import save_pipeline, seed_for, vocab_size_for
+from ._common import save_pipeline, seed_for, tiny_t5_encoder
 from .tokenizers import build_t5_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -26,28 +26,10 @@ def build_cogvideox(out: Path, seed: int) -> None:
         CogVideoXPipeline,
         CogVideoXTransformer3DModel,
     )
-    from transformers import T5Config, T5EncoderModel
 
     tokenizer = build_t5_tokenizer(model_max_length=MAX_TEXT_SEQ_LENGTH)
 
-    seed_for(seed, "text_encoder")
-    text_encoder = T5EncoderModel(
-        T5Config(
-            vocab_size=vocab_size_for(tokenizer),
-            d_model=TEXT_DIM,
-            d_kv=8,
-            d_ff=64,
-            num_layers=2,
-            num_heads=4,
-            relative_attention_num_buckets=32,
-            relative_attention_max_distance=128,
-            feed_forward_proj="gated-gelu",  # T5 v1.1, as t5-v1_1-xxl
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            decoder_start_token_id=tokenizer.pad_token_id,
-            tie_word_embeddings=False,
-        )
-    ).eval()
+    text_encoder = tiny_t5_encoder(seed, "text_encoder", tokenizer, d_model=TEXT_DIM)
 
     seed_for(seed, "transformer")
     transformer = CogVideoXTransformer3DModel(

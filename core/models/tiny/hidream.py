@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from ._common import save_pipeline, seed_for, vocab_size_for
+from ._common import save_pipeline, seed_for, tiny_t5_encoder, vocab_size_for
 from .tokenizers import build_clip_tokenizer, build_llama3_tokenizer, build_t5_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ def build_hidream(out: Path, seed: int) -> None:
         HiDreamImagePipeline,
         HiDreamImageTransformer2DModel,
     )
-    from transformers import LlamaConfig, LlamaForCausalLM, T5Config, T5EncoderModel
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = build_clip_tokenizer(model_max_length=CLIP_POSITIONS)
     tokenizer_2 = build_clip_tokenizer(model_max_length=CLIP_POSITIONS)
@@ -64,24 +64,7 @@ def build_hidream(out: Path, seed: int) -> None:
     text_encoder = _clip(seed, "text_encoder", tokenizer, hidden=32, projection=CLIP_L_PROJECTION)
     text_encoder_2 = _clip(seed, "text_encoder_2", tokenizer_2, hidden=48, projection=CLIP_G_PROJECTION)
 
-    seed_for(seed, "text_encoder_3")
-    text_encoder_3 = T5EncoderModel(
-        T5Config(
-            vocab_size=vocab_size_for(tokenizer_3),
-            d_model=T5_DIM,
-            d_kv=8,
-            d_ff=64,
-            num_layers=2,
-            num_heads=4,
-            relative_attention_num_buckets=32,
-            relative_attention_max_distance=128,
-            feed_forward_proj="gated-gelu",
-            pad_token_id=tokenizer_3.pad_token_id,
-            eos_token_id=tokenizer_3.eos_token_id,
-            decoder_start_token_id=tokenizer_3.pad_token_id,
-            tie_word_embeddings=False,
-        )
-    ).eval()
+    text_encoder_3 = tiny_t5_encoder(seed, "text_encoder_3", tokenizer_3, d_model=T5_DIM)
 
     seed_for(seed, "text_encoder_4")
     text_encoder_4 = LlamaForCausalLM(
