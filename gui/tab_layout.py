@@ -37,7 +37,11 @@ TABS: tuple[TabSpec, ...] = (
         ),
     ),
     TabSpec("model", "Model", ("transformer", "text_encoder", "vae", "layer_offload_fraction", "gradient_checkpointing")),
-    TabSpec("data", "Data", ("datasets", "resolution", "frames", "validation")),
+    TabSpec(
+        "data",
+        "Data",
+        ("datasets", "resolution", "frames", "strict_data", "cache_variants", "dataloader_threads", "validation"),
+    ),
     TabSpec("video", "Video", ("video_config",)),
     TabSpec(
         "training",

@@ -256,6 +256,26 @@ SCHEMA = Section(
             hi=1024,
         ),
         SectionList("datasets", "Folders of clips and captions to train on.", DATASET),
+        boolean(
+            "strict_data",
+            False,
+            "Refuse to start when any file is unusable or has no caption, instead of skipping it with a warning.",
+        ),
+        integer(
+            "cache_variants",
+            4,
+            "Cached versions of each video clip, used when frame_sample_strategy is random or "
+            "temporal_augmentation is on (otherwise one is cached); each use of a clip takes the next version.",
+            lo=1,
+            hi=64,
+        ),
+        integer(
+            "dataloader_threads",
+            2,
+            "Background workers that load batches (and decode clips while caching) so the GPU never waits.",
+            lo=0,
+            hi=64,
+        ),
         path("workspace_dir", "~/VideoTrainer/workspace", "Folder for this run's metrics, samples and backups.", PATH_FOLDER, label="Workspace folder"),
         path("cache_dir", "~/VideoTrainer/cache", "Folder for cached latents and text embeddings, reused across runs.", PATH_FOLDER, label="Cache folder"),
         path(
