@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from core.errors import UserError
 from core.log_setup import FILE_ONLY, log_file_path, setup_logging
 
-from . import presets_cmd, settings_cmd, tiny_model_cmd
+from . import doctor_cmd, presets_cmd, settings_cmd, tiny_model_cmd
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     presets_cmd.register(commands)
     settings_cmd.register(commands)
     tiny_model_cmd.register(commands)
+    doctor_cmd.register(commands)
     return parser, commands
 
 

@@ -1,0 +1,395 @@
+"""The dataset doctor: discovery, probing, the bucket plan, the hold-out split and an overfitting
+estimate, as plain data for the CLI (doctor_text.render_report) and the window. Never imports torch.
+
+See docs/data-pipeline.md, "The dataset doctor".
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import statistics
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from .buckets import (
+    Bucket,
+    SampleRecord,
+    assign_bucket,
+    steps_per_epoch,
+    total_batches,
+    video_batch_size,
+)
+from .discovery import (
+    CAPTION_NOT_UTF8,
+    CAPTION_UNREADABLE,
+    DATASET_MISSING,
+    EMPTY_CAPTION,
+    NO_CAPTION,
+    Item,
+    discover_datasets,
+)
+from .frames import sample_length
+from .holdout import discover_validation, split_holdout
+from .media import Issue, MediaInfo, UnusableMedia
+from .probe import probe
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_UNUSABLE = 3  # nothing left to train on
+EXIT_STRICT = 4  # strict_data is on and some file is unusable
+
+PROBE_WORKERS = 4  # PyAV releases the GIL while demuxing and decoding, so a few threads overlap well
+
+# Times each clip is seen over the run (docs/data-pipeline.md, "The dataset doctor"). The notes name
+# <10 conservative, 10-50 moderate and >100 risky; 50-100 is called "high" here, and 100 itself risky.
+CONSERVATIVE, MODERATE, HIGH, RISKY = "conservative", "moderate", "high", "risky"
+
+
+def size_divisor(config: dict[str, Any]) -> int:
+    """What bucket heights and widths are multiples of: the VAE's spatial compression times the
+    transformer's patch size. Patch size 2 holds for the Wan family (and Hunyuan, CogVideoX); the
+    model adapter knows the loaded model's exact value and takes over from this estimate."""
+    return int(config["video_config"]["spatial_compression_ratio"]) * 2
+
+
+def exposure_rating(times_seen: float) -> str:
+    if times_seen < 10:
+        return CONSERVATIVE
+    if times_seen <= 50:
+        return MODERATE
+    if times_seen < 100:
+        return HIGH
+    return RISKY
+
+
+@dataclass
+class Stat:
+    minimum: float
+    median: float
+    maximum: float
+
+
+@dataclass
+class SizeStat:
+    """Frame sizes (width, height), ordered by area."""
+
+    minimum: tuple[int, int]
+    median: tuple[int, int]
+    maximum: tuple[int, int]
+
+
+@dataclass
+class FilePlan:
+    """One usable media file and what training makes of it."""
+
+    path: Path
+    kind: str
+    dataset_index: int
+    split: str  # "train" or "validation"
+    width: int
+    height: int
+    fps: float
+    duration: float
+    frames_kept: int  # frames of one training sample (1 for images)
+    bucket: Bucket
+
+
+@dataclass
+class BucketPlan:
+    bucket: Bucket
+    kind: str  # "video" or "image": they never share a batch
+    items: int  # training files in this bucket
+    samples_per_pass: int  # items counted with their dataset's repeats
+    batch_size: int
+    batches_per_pass: int
+
+
+@dataclass
+class DatasetSummary:
+    index: int
+    path: str
+    repeats: int
+    clips: int  # usable training clips
+    images: int  # usable training images
+    times_seen: float  # how often each item is drawn over the whole run
+    rating: str  # conservative / moderate / high / risky ("" when it has nothing to train)
+    hint: str
+
+
+@dataclass
+class DatasetReport:
+    datasets: list[DatasetSummary]
+    clips: int  # usable clips, training and validation
+    images: int
+    total_duration: float  # seconds of usable clips
+    media_found: int  # media files found, usable or not
+    durations: Stat | None
+    fps: Stat | None
+    sizes: SizeStat | None
+    buckets: list[BucketPlan]
+    files: list[FilePlan]
+    issues: list[Issue]  # every problem, fatal or warning, sorted by path
+    captions: dict[str, int]  # "missing", "empty", "not_utf8", "unreadable" -> count
+    unusable_files: int  # media files that probing refused
+    train_items: int
+    validation_items: int
+    batches_per_pass: int
+    total_batches: int  # batches drawn over the run
+    optimizer_steps: int
+    strict_data: bool
+    usable: bool
+    why_unusable: str = ""
+    settings: dict[str, Any] = field(default_factory=dict)  # the numbers the plan used
+
+    @property
+    def fatal_issues(self) -> list[Issue]:
+        return [i for i in self.issues if i.fatal]
+
+    @property
+    def strict_refused(self) -> bool:
+        return self.strict_data and bool(self.fatal_issues)
+
+    @property
+    def exit_code(self) -> int:
+        """0: can train; 3: nothing usable; 4: strict_data refuses some unusable file."""
+        if not self.usable:
+            return EXIT_UNUSABLE
+        if self.strict_refused:
+            return EXIT_STRICT
+        return EXIT_OK
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: paths as strings, buckets as [frames, height, width]."""
+        out = {f.name: _jsonable(getattr(self, f.name)) for f in fields(self)}
+        out.update(strict_refused=self.strict_refused, exit_code=self.exit_code)
+        return out
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Issue):
+        return {"path": str(value.path), "reason": value.reason, "fatal": value.fatal}
+    if is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _jsonable(getattr(value, f.name)) for f in fields(value)}
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def frames_kept(info: MediaInfo, config: dict[str, Any]) -> int:
+    """Frames of one training sample from this file (docs/data-pipeline.md, "Frame selection")."""
+    if not info.is_video:
+        return 1
+    vc = config["video_config"]
+    span = min(info.duration, float(vc["max_duration"]))
+    # Candidates are the times k / target_fps with 0 <= t < span, counted as frames.py counts them
+    # (so a 1.01 s clip at 16 fps has 17); the epsilon keeps 2.5 s x 16 fps at exactly 40.
+    candidates = max(1, math.ceil(span * float(vc["target_fps"]) - 1e-6))
+    window = min(candidates, int(vc["max_frames"]))
+    return sample_length(int(config["frames"]), window, int(vc["temporal_compression_ratio"]))
+
+
+def probe_all(paths: Sequence[Path], workers: int = PROBE_WORKERS) -> dict[Path, MediaInfo | UnusableMedia]:
+    """Probe each file once, a few at a time; a failure is the UnusableMedia itself."""
+    unique = list(dict.fromkeys(paths))
+
+    def one(path: Path) -> MediaInfo | UnusableMedia:
+        try:
+            return probe(path)
+        except UnusableMedia as e:
+            return e
+        except Exception as e:  # a probe bug must not hide the rest of the report
+            log.exception("probing %s failed unexpectedly", path)
+            return UnusableMedia(f"cannot be probed ({type(e).__name__}: {e})")
+
+    if not unique:
+        return {}
+    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(unique), (os.cpu_count() or 2) * 2))) as pool:
+        return dict(zip(unique, pool.map(one, unique)))
+
+
+def diagnose_folder(folder: Path | str, config: dict[str, Any], progress: Callable[[int, int], None] | None = None) -> DatasetReport:
+    """The report for one folder, with the other settings from config."""
+    return diagnose({**config, "datasets": [{"path": str(folder), "repeats": 1}]}, progress)
+
+
+def diagnose(config: dict[str, Any], progress: Callable[[int, int], None] | None = None) -> DatasetReport:
+    """Check every configured dataset (and the validation folder) as training would use them."""
+    items, issues = discover_datasets(config)
+    if not config.get("datasets"):
+        issues.append(Issue(Path("datasets"), "no dataset folders are configured; add a folder of clips"))
+    validation, validation_issues = discover_validation(config)
+    issues.extend(validation_issues)
+
+    infos = _probe_with_progress([i.path for i in items + validation], progress)
+    usable: list[tuple[Item, MediaInfo]] = []
+    usable_validation: list[tuple[Item, MediaInfo]] = []
+    reported: set[Path] = set()
+    for source, target in ((items, usable), (validation, usable_validation)):
+        for item in source:
+            info = infos[item.path]
+            if isinstance(info, UnusableMedia):
+                if item.path not in reported:
+                    issues.append(Issue(item.path, str(info)))
+                    reported.add(item.path)
+            else:
+                target.append((item, info))
+    unusable_count = len(reported)
+
+    info_of = {item: info for item, info in usable + usable_validation}
+    train, held = split_holdout([i for i, _ in usable], config, validation=[i for i, _ in usable_validation])
+
+    divisor = size_divisor(config)
+    resolution = int(config["resolution"])
+    plans: list[FilePlan] = []
+    records: list[SampleRecord] = []
+    for split, group in (("train", train), ("validation", held)):
+        for item in group:
+            info = info_of[item]
+            bucket = assign_bucket(info.width, info.height, frames_kept(info, config), resolution, divisor)
+            plans.append(FilePlan(item.path, info.kind, item.dataset_index, split, info.width, info.height, info.fps, info.duration, bucket.frames, bucket))
+            if split == "train":
+                records.append(SampleRecord(len(records), bucket, item.repeats, info.is_video))
+
+    batch_size = int(config["batch_size"])
+    multiplier = float(config["video_config"]["video_batch_size_multiplier"])
+    per_pass = steps_per_epoch(records, batch_size, multiplier) if records else 0
+    batches = total_batches(config, records) if records else 0
+    accumulation = int(config.get("gradient_accumulation_steps", 1))
+    all_infos = [info for _, info in usable + usable_validation]
+    videos = [i for i in all_infos if i.is_video]
+    report = DatasetReport(
+        datasets=_dataset_summaries(config, train, info_of, batches / per_pass if per_pass else 0.0),
+        clips=len(videos),
+        images=len(all_infos) - len(videos),
+        total_duration=sum(i.duration for i in videos),
+        media_found=len(set(infos)) + sum(1 for i in issues if i.reason.startswith(NO_CAPTION)) + _caption_content_issues(issues),
+        durations=_stat([i.duration for i in videos]),
+        fps=_stat([i.fps for i in videos]),
+        sizes=_size_stat([(i.width, i.height) for i in all_infos]),
+        buckets=_bucket_plans(records, batch_size, multiplier),
+        files=plans,
+        issues=sorted(issues, key=lambda i: (str(i.path), i.reason)),
+        captions=_caption_counts(issues),
+        unusable_files=unusable_count,
+        train_items=len(train),
+        validation_items=len(held),
+        batches_per_pass=per_pass,
+        total_batches=batches,
+        optimizer_steps=batches // accumulation,
+        strict_data=bool(config.get("strict_data")),
+        usable=bool(train),
+        settings=_plan_settings(config, divisor),
+    )
+    if not train:
+        report.why_unusable = _why_unusable(report, items, usable)
+    log.info("dataset doctor: %d training items, %d issues", len(train), len(report.issues))
+    return report
+
+
+def _probe_with_progress(paths: list[Path], progress: Callable[[int, int], None] | None) -> dict[Path, MediaInfo | UnusableMedia]:
+    if progress is None:
+        return probe_all(paths)
+    # In slices, so the window can move its progress bar while large folders are probed.
+    out: dict[Path, MediaInfo | UnusableMedia] = {}
+    unique = list(dict.fromkeys(paths))
+    progress(0, len(unique))
+    for start in range(0, len(unique), 16):
+        out.update(probe_all(unique[start : start + 16]))
+        progress(len(out), len(unique))
+    return out
+
+
+def _caption_content_issues(issues: list[Issue]) -> int:
+    # Media whose caption is empty, not UTF-8 or unreadable: the issue names the caption file.
+    return sum(1 for i in issues if i.reason.startswith((EMPTY_CAPTION, CAPTION_NOT_UTF8, CAPTION_UNREADABLE)))
+
+
+def _caption_counts(issues: list[Issue]) -> dict[str, int]:
+    prefixes = {"missing": NO_CAPTION, "empty": EMPTY_CAPTION, "not_utf8": CAPTION_NOT_UTF8, "unreadable": CAPTION_UNREADABLE}
+    return {name: sum(1 for i in issues if i.reason.startswith(prefix)) for name, prefix in prefixes.items()}
+
+
+def _stat(values: list[float]) -> Stat | None:
+    if not values:
+        return None
+    return Stat(min(values), float(statistics.median(values)), max(values))
+
+
+def _size_stat(sizes: list[tuple[int, int]]) -> SizeStat | None:
+    if not sizes:
+        return None
+    ordered = sorted(sizes, key=lambda wh: (wh[0] * wh[1], wh))
+    return SizeStat(ordered[0], ordered[(len(ordered) - 1) // 2], ordered[-1])
+
+
+def _bucket_plans(records: list[SampleRecord], batch_size: int, multiplier: float) -> list[BucketPlan]:
+    video_bs = video_batch_size(batch_size, multiplier)
+    groups: dict[tuple[Bucket, bool], list[SampleRecord]] = {}
+    for record in records:
+        groups.setdefault((record.bucket, record.is_video), []).append(record)
+    out = []
+    for (bucket, is_video), group in sorted(groups.items(), key=lambda kv: (not kv[0][1], kv[0][0])):
+        size = video_bs if is_video else batch_size
+        samples = sum(r.repeats for r in group)
+        out.append(BucketPlan(bucket, "video" if is_video else "image", len(group), samples, size, math.ceil(samples / size)))
+    return out
+
+
+def _dataset_summaries(config: dict[str, Any], train: list[Item], info_of: dict[Item, MediaInfo], passes: float) -> list[DatasetSummary]:
+    by_epochs = config.get("stop_after") == "EPOCHS"
+    out = []
+    for index, dataset in enumerate(config.get("datasets") or []):
+        mine = [i for i in train if i.dataset_index == index]
+        clips = sum(1 for i in mine if info_of[i].is_video)
+        repeats = int(dataset.get("repeats", 1))
+        # Each pass draws every (item, repeat) once, so an item is seen passes x repeats times.
+        times = passes * repeats if mine else 0.0
+        rating = exposure_rating(times) if mine else ""
+        out.append(DatasetSummary(index, str(dataset.get("path", "")), repeats, clips, len(mine) - clips, times, rating, _hint(rating, by_epochs)))
+    return out
+
+
+def _hint(rating: str, by_epochs: bool) -> str:
+    if rating not in (HIGH, RISKY):
+        return ""
+    length = "epochs" if by_epochs else "max_steps"
+    return f"likely to overfit: add clips, or lower {length} or repeats" if rating == RISKY else f"add clips, or lower {length} or repeats"
+
+
+def _plan_settings(config: dict[str, Any], divisor: int) -> dict[str, Any]:
+    vc, validation = config["video_config"], config.get("validation") or {}
+    plain = ("resolution", "frames", "batch_size", "gradient_accumulation_steps", "stop_after", "max_steps", "epochs", "seed")
+    return {
+        **{name: config.get(name) for name in plain},
+        "size_divisor": divisor,
+        **{name: vc[name] for name in ("max_frames", "target_fps", "max_duration")},
+        "video_batch_size": video_batch_size(int(config["batch_size"]), float(vc["video_batch_size_multiplier"])),
+        "holdout_fraction": validation.get("holdout_fraction", 0.0),
+        "validation_folder": validation.get("folder", ""),
+    }
+
+
+def _why_unusable(report: DatasetReport, items: list[Item], usable: list[tuple[Item, MediaInfo]]) -> str:
+    if not report.datasets:
+        return "no dataset folders are configured"
+    if report.media_found == 0:
+        if any(i.reason.startswith(DATASET_MISSING) for i in report.issues):
+            return "no dataset folder could be scanned"
+        return "no videos or images were found in the dataset folders"
+    if not items:
+        return "no media file has a usable caption"
+    if not usable:
+        return "every captioned media file is unusable"
+    return "every usable item is set aside for validation"
