@@ -1,0 +1,158 @@
+"""The model adapter interface: everything the trainer needs from a model family, behind one class.
+
+The trainer never branches on the model type; it asks the adapter. This first part covers what
+caching needs: loading the VAE and the text encoder alone (never the transformer), encoding clips
+and captions into what the transformer consumes, the sizes that buckets are rounded to, and stable
+identities of the encoders so cache keys change when, and only when, an encoder changes.
+
+torch is imported lazily (only for type hints here), so computing an identity stays light.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import threading
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+logger = logging.getLogger(__name__)
+
+# Files at or below this size are hashed in full. Above it, only (size, first MiB, last MiB): a
+# text encoder's weights are 10+ GB and hashing them in full at every start would cost minutes of
+# disk reads. A safetensors file starts with a header naming every tensor with its dtype, shape
+# and offsets, so any re-export, re-quantisation, truncation or different checkpoint changes the
+# head, the tail or the size; only a same-size edit of the middle bytes would go unnoticed.
+FULL_HASH_LIMIT = 64 * 1024 * 1024
+PARTIAL_HASH_SPAN = 1024 * 1024
+
+# Per process: (absolute path, size, mtime_ns) -> digest. Identities are asked for many times.
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+_DIGESTS_LOCK = threading.Lock()
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """sha256 hex of a file's bytes (a partial hash above FULL_HASH_LIMIT), memoised per process."""
+    p = Path(path).absolute()
+    st = p.stat()
+    memo_key = (str(p), st.st_size, st.st_mtime_ns)
+    with _DIGESTS_LOCK:
+        cached = _DIGESTS.get(memo_key)
+    if cached is not None:
+        return cached
+    h = hashlib.sha256()
+    with open(p, "rb") as handle:
+        if st.st_size <= FULL_HASH_LIMIT:
+            for chunk in iter(lambda: handle.read(1024 * 1024), b""):
+                h.update(chunk)
+        else:
+            h.update(f"partial:{st.st_size}:".encode())
+            h.update(handle.read(PARTIAL_HASH_SPAN))
+            handle.seek(st.st_size - PARTIAL_HASH_SPAN)
+            h.update(handle.read(PARTIAL_HASH_SPAN))
+    digest = h.hexdigest()
+    with _DIGESTS_LOCK:
+        _DIGESTS[memo_key] = digest
+    return digest
+
+
+def folder_identity(label: str, *folders: Path, extra: dict[str, Any] | None = None) -> str:
+    """A stable string for the files of some component folders: their names, sizes and digests.
+
+    config.json is hashed by its parsed content (so key order and whitespace do not count); every
+    other non-hidden file (weights, shard index, tokenizer files) by its bytes.
+    """
+    h = hashlib.sha256()
+    for folder in folders:
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{folder} is missing")
+        h.update(f"folder:{folder.name}\n".encode())
+        for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+            rel = file.relative_to(folder).as_posix()
+            if any(part.startswith(".") for part in rel.split("/")):
+                continue  # editor, OS and download-lock files say nothing about the model
+            if rel == "config.json":
+                config = json.loads(file.read_text(encoding="utf-8"))
+                config.pop("_diffusers_version", None)  # the saving library's version changes no weight
+                config.pop("transformers_version", None)
+                h.update(b"config:" + json.dumps(config, sort_keys=True).encode() + b"\n")
+            else:
+                h.update(f"file:{rel}:{file.stat().st_size}:{file_digest(file)}\n".encode())
+    if extra:
+        h.update(b"extra:" + json.dumps(extra, sort_keys=True).encode())
+    return f"{label}:{h.hexdigest()}"
+
+
+class ModelAdapter(ABC):
+    """One model family. Subclasses are constructed from a local diffusers model folder.
+
+    Attributes a subclass sets: family (e.g. "wan21"), max_text_length (text tokens per caption).
+    """
+
+    family: str
+    max_text_length: int
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.folder = Path(folder).expanduser().absolute()
+
+    # -- sizes --------------------------------------------------------------------------------
+    @property
+    @abstractmethod
+    def spatial_ratio(self) -> int:
+        """Pixels per latent cell along height and width (the VAE's spatial compression)."""
+
+    @property
+    @abstractmethod
+    def temporal_ratio(self) -> int:
+        """Pixel frames per latent frame after the first (the VAE's temporal compression)."""
+
+    @property
+    @abstractmethod
+    def latent_channels(self) -> int:
+        """Channels of the latents encode_video returns."""
+
+    @property
+    @abstractmethod
+    def size_divisor(self) -> int:
+        """What bucket heights and widths are multiples of: VAE compression x transformer patch size."""
+
+    def latent_frames(self, frames: int) -> int:
+        """Latent frames for a clip of `frames` pixel frames (k * temporal_ratio + 1 -> k + 1)."""
+        return (frames - 1) // self.temporal_ratio + 1
+
+    # -- encoders -----------------------------------------------------------------------------
+    @abstractmethod
+    def load_vae(self, device: torch.device | str, dtype: torch.dtype) -> Any:
+        """Load the VAE alone (once; moved if asked again with another device or dtype)."""
+
+    @abstractmethod
+    def load_text_encoder(self, device: torch.device | str, dtype: torch.dtype) -> Any:
+        """Load the tokenizer and text encoder alone (once; moved if asked again)."""
+
+    @abstractmethod
+    def unload_encoders(self) -> None:
+        """Drop the VAE and text encoder, so that training with warm caches holds neither."""
+
+    @abstractmethod
+    def vae_identity(self) -> str:
+        """A stable string that changes when the VAE's config or weights change."""
+
+    @abstractmethod
+    def text_identity(self) -> str:
+        """A stable string that changes when the text encoder's or tokenizer's files change."""
+
+    @abstractmethod
+    def encode_video(
+        self, frames: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None = None
+    ) -> torch.Tensor:
+        """(B, 3, F, H, W) floats in [-1, 1] -> the normalised latents the transformer trains on."""
+
+    @abstractmethod
+    def encode_text(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        """Captions -> {"prompt_embeds": (B, L, D), "prompt_mask": (B, L) bool}, padding zeroed."""
