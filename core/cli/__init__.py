@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from core.errors import UserError
 from core.log_setup import FILE_ONLY, log_file_path, setup_logging
 
-from . import doctor_cmd, presets_cmd, settings_cmd, tiny_model_cmd
+from . import cache_cmd, doctor_cmd, presets_cmd, settings_cmd, tiny_model_cmd
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     settings_cmd.register(commands)
     tiny_model_cmd.register(commands)
     doctor_cmd.register(commands)
+    cache_cmd.register(commands)
     return parser, commands
 
 

@@ -1,0 +1,170 @@
+"""The data plan of a run: every usable sample with its bucket, its frames per cached variant and
+the cache keys of its latents and caption. Planning probes files and hashes their content, but
+decodes nothing and loads no model weights, so it is cheap enough to run before every training run.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from core.errors import UserError
+from core.models.base import ModelAdapter
+from core.models.dtypes import compute_dtype
+
+from .augment import variant_count
+from .buckets import Bucket, SampleRecord, assign_bucket
+from .cache import ContentHasher, latent_key, text_key
+from .dataset import CachedSample
+from .discovery import Item, discover_datasets
+from .doctor import probe_all
+from .frames import FramePlan, plan_frames
+from .holdout import discover_validation, split_holdout
+from .media import Issue, MediaInfo, UnusableMedia
+from .probe import keyframe_times, scene_cut_times
+
+log = logging.getLogger(__name__)
+
+# Part of every latent key: bump when decoding, resizing or frame placement changes what is cached.
+PIPELINE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class PlannedSample:
+    item: Item
+    info: MediaInfo
+    content_hash: str
+    bucket: Bucket
+    plans: tuple[FramePlan, ...]  # one per cached variant
+    latent_keys: tuple[str, ...]  # one per variant, in the same order
+    text_key: str
+
+    @property
+    def cached(self) -> CachedSample:
+        return CachedSample(self.latent_keys, self.text_key)
+
+
+@dataclass
+class DataPlan:
+    train: list[PlannedSample]
+    validation: list[PlannedSample]
+    issues: list[Issue] = field(default_factory=list)
+    # The dtypes the VAE and text encoder compute in while caching (part of the latent keys).
+    vae_dtype: Any = None
+    text_dtype: Any = None
+
+    def sampler_records(self) -> list[SampleRecord]:
+        """For BucketBatchSampler: the sample id is the index into `train`."""
+        return [SampleRecord(i, s.bucket, s.item.repeats, s.info.is_video) for i, s in enumerate(self.train)]
+
+    def cached_samples(self) -> list[CachedSample]:
+        return [s.cached for s in self.train]
+
+    def drop(self, failed: set[Path], issues: list[Issue]) -> None:
+        """Leave out samples whose files failed later (at decoding), reporting why."""
+        self.train = [s for s in self.train if s.item.path not in failed]
+        self.validation = [s for s in self.validation if s.item.path not in failed]
+        self.issues.extend(issues)
+
+
+def _frame_starts(info: MediaInfo, config: dict[str, Any]) -> list[float] | None:
+    """Keyframes and scene cuts, read from the file, where the keyframe strategy needs them."""
+    if not info.is_video or config["video_config"]["frame_sample_strategy"] != "keyframe":
+        return None
+    until = min(info.duration, config["video_config"]["max_duration"])
+    return sorted(set(keyframe_times(info.path, until=until)) | set(scene_cut_times(info.path, until=until)))
+
+
+def plan_samples(
+    items: list[Item],
+    infos: dict[Path, MediaInfo],
+    config: dict[str, Any],
+    adapter: ModelAdapter,
+    hasher: ContentHasher,
+    vae_dtype: str,
+) -> list[PlannedSample]:
+    vae_identity, text_identity = adapter.vae_identity(), adapter.text_identity()
+    video_config = {**config["video_config"], "temporal_compression_ratio": adapter.temporal_ratio}
+    planned = []
+    for item in items:
+        info = infos[item.path]
+        content = hasher.hash(item.path)
+        starts = _frame_starts(info, config)
+        plans = tuple(
+            plan_frames(
+                info,
+                frames=config["frames"],
+                video_config=video_config,
+                variant=v,
+                seed=config["seed"],
+                content_key=content,
+                starts=starts,
+            )
+            for v in range(variant_count(config, info.is_video))
+        )
+        bucket = assign_bucket(info.width, info.height, len(plans[0].times), config["resolution"], adapter.size_divisor)
+        keys = tuple(
+            latent_key(
+                content,
+                vae_identity,
+                bucket,
+                plan.times,
+                plan.reversed,
+                info.rotation,
+                vae_dtype=vae_dtype,
+                pipeline=PIPELINE_VERSION,
+            )
+            for plan in plans
+        )
+        planned.append(
+            PlannedSample(item, info, content, bucket, plans, keys, text_key(item.caption, text_identity, adapter.max_text_length))
+        )
+    hasher.save()
+    return planned
+
+
+def plan_data(
+    config: dict[str, Any],
+    adapter: ModelAdapter,
+    hasher: ContentHasher,
+    *,
+    progress: Callable[[str], None] | None = None,
+) -> DataPlan:
+    """Discover, probe, split off validation and plan every sample; raise UserError when nothing
+    can train, or (with strict_data) when anything is unusable."""
+    say = progress or (lambda message: None)
+    items, issues = discover_datasets(config)
+    validation_items, validation_issues = discover_validation(config)
+    issues += validation_issues
+    say(f"probing {len(items) + len(validation_items)} files")
+    infos = probe_all([i.path for i in items + validation_items])
+    usable: dict[Path, MediaInfo] = {}
+    for path, result in infos.items():
+        if isinstance(result, UnusableMedia):
+            issues.append(Issue(path, str(result)))
+        else:
+            usable[path] = result
+    items = [i for i in items if i.path in usable]
+    validation_items = [i for i in validation_items if i.path in usable]
+    fatal = [issue for issue in issues if issue.fatal]
+    if fatal and config["strict_data"]:
+        raise UserError(f"strict_data: {len(fatal)} file(s) cannot be used, first {fatal[0]}; fix them or turn strict_data off")
+    for issue in issues:
+        log.warning("%s", issue)
+    train_items, held_out = split_holdout(items, config, validation=validation_items or None)
+    if not train_items:
+        why = f"; first problem: {fatal[0]}" if fatal else ""
+        raise UserError(f"no usable clips or images with captions in the configured datasets{why} (run 'main.py doctor' for a report)")
+    say(f"planning {len(train_items)} training and {len(held_out)} validation samples")
+    vae_dtype = compute_dtype(config["vae"]["weight_dtype"])
+    dtype_name = str(vae_dtype).removeprefix("torch.")
+    return DataPlan(
+        plan_samples(train_items, usable, config, adapter, hasher, dtype_name),
+        plan_samples(held_out, usable, config, adapter, hasher, dtype_name),
+        issues,
+        vae_dtype=vae_dtype,
+        text_dtype=compute_dtype(config["text_encoder"]["weight_dtype"]),
+    )
