@@ -165,20 +165,3 @@ def plan_frames(
     rng = _rng(seed, content_key, variant, "augment")
     indices = _augmented_indices(grid, rng)
     return FramePlan(_times(indices, grid.fps), rng.random() < 0.5)
-
-
-def temporal_augmentation_times(
-    info: MediaInfo,
-    *,
-    frames: int,
-    video_config: Mapping[str, Any] | None,
-    variant: int = 0,
-    seed: int = 0,
-    content_key: str = "",
-    starts: Sequence[float] | None = None,
-) -> FramePlan:
-    """The same as plan_frames (the name the docs' "Augmentation" section suggests)."""
-    return plan_frames(
-        info, frames=frames, video_config=video_config, variant=variant, seed=seed,
-        content_key=content_key, starts=starts,
-    )
