@@ -57,6 +57,7 @@ TABS: tuple[TabSpec, ...] = (
             "optimizer",
             "lr_scheduler",
             "warmup_steps",
+            "objective",
         ),
     ),
     TabSpec("lora", "LoRA", ("lora",)),

@@ -156,6 +156,17 @@ def consistency_problems(config: dict[str, Any], source: str | None = None) -> l
                 also=("video_config.max_frames",),
             )
         )
+    objective = config["objective"]
+    if objective["min_timestep"] >= objective["max_timestep"]:
+        problems.append(
+            ConfigError(
+                f"'objective.min_timestep' ({objective['min_timestep']}) must be below 'objective.max_timestep' "
+                f"({objective['max_timestep']})",
+                source=source,
+                key="objective.min_timestep",
+                also=("objective.max_timestep",),
+            )
+        )
     return problems
 
 
