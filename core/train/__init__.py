@@ -1,0 +1,1 @@
+"""Training: the objective, the loop and what it reports."""
