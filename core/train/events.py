@@ -1,0 +1,100 @@
+"""What the training engine tells its client, and what the client asks of it: no Qt here.
+
+The engine takes a `TrainerCallbacks` (the client overrides the methods it cares about) and a
+`TrainerCommands` (flags the client sets from any thread; the engine polls them between optimizer
+steps). The CLI implements the callbacks by printing and logging; the window will implement them in a
+QThread worker that re-emits each call as a Qt signal.
+
+Threading contract:
+- Every callback runs on the training thread, synchronously, between optimizer steps. A GUI must
+  marshal to its own thread (emit a queued signal) and must not touch widgets from a callback.
+- Callbacks should return quickly: the engine waits for them, and time spent in them counts into
+  seconds_per_step. Arguments passed to a callback are not reused by the engine afterwards (the
+  client may keep them).
+- `TrainerCommands` methods are safe to call from any thread. A request is seen at the engine's
+  next poll (after the current optimizer step), never in the middle of a step.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+
+class TrainerCallbacks:
+    """Notifications from the engine. Every method is a no-op; override the ones you need.
+
+    All methods are called on the training thread (see the module docstring).
+    """
+
+    def on_progress(self, step: int, total_steps: int, epoch: int, eta_seconds: float | None) -> None:
+        """After each optimizer step: steps done so far (1-based), the planned total, the current
+        epoch (0-based), and the estimated seconds left (None while there is no estimate yet)."""
+
+    def on_metrics(self, record: dict[str, Any]) -> None:
+        """After each optimizer step: the record also written to metrics.jsonl (see core.train.telemetry)."""
+
+    def on_log(self, level: int, message: str) -> None:
+        """A line for the user: `level` is a `logging` level (logging.INFO, logging.WARNING, ...)."""
+
+    def on_sample(self, path: Path) -> None:
+        """A sample (video or image) was written to `path`."""
+
+    def on_done(self, output_paths: Sequence[Path]) -> None:
+        """Training finished (or stopped on request) and wrote these outputs (LoRA, checkpoint, ...)."""
+
+    def on_error(self, message: str) -> None:
+        """Training failed; `message` is one line for the user (details are in the log file)."""
+
+
+class TrainerCommands:
+    """Requests from the client to the engine: thread-safe flags the engine polls between steps.
+
+    `request_stop()` is sticky: once set, `stop_requested` stays True. Sample and backup requests are
+    one-shot: `take_sample_request()` / `take_backup_request()` return True once per request (several
+    requests before a poll count as one) and reset the flag.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._sample = False
+        self._backup = False
+
+    # Client side (any thread).
+    def request_stop(self) -> None:
+        """Ask the engine to stop after the current step, save what it has, and call on_done."""
+        self._stop.set()
+
+    def request_sample(self) -> None:
+        """Ask for a sample at the next poll."""
+        with self._lock:
+            self._sample = True
+
+    def request_backup(self) -> None:
+        """Ask for a backup (a resumable checkpoint) at the next poll."""
+        with self._lock:
+            self._backup = True
+
+    # Engine side (the training thread).
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop.is_set()
+
+    def wait_for_stop(self, timeout: float | None = None) -> bool:
+        """Block up to `timeout` seconds for a stop request (for waits outside the step loop)."""
+        return self._stop.wait(timeout)
+
+    def take_sample_request(self) -> bool:
+        """True once if a sample was requested since the last call; resets the request."""
+        with self._lock:
+            requested, self._sample = self._sample, False
+        return requested
+
+    def take_backup_request(self) -> bool:
+        """True once if a backup was requested since the last call; resets the request."""
+        with self._lock:
+            requested, self._backup = self._backup, False
+        return requested

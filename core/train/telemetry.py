@@ -1,0 +1,508 @@
+"""Per-step training metrics: one JSON line per optimizer step in metrics.jsonl, plus TensorBoard.
+
+The engine builds a record with `step_record(...)` after each optimizer step, writes it with
+`MetricsWriter.write(record)` and hands the same dict to `TrainerCallbacks.on_metrics`. The fields and
+their units are listed in docs/training.md ("Telemetry").
+
+metrics.jsonl is opened line-buffered and flushed after every line, so a crash loses at most the line
+being written. Readers use `read_metrics` (whole file) or `tail_metrics` (new complete lines since an
+offset, for a window that polls a running job); both ignore a torn last line.
+
+torch and tensorboard are imported only when needed, so reading metrics does not load torch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from core.atomic import write_bytes_atomic
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE_NAME = "metrics.jsonl"
+TENSORBOARD_DIR_NAME = "tensorboard"
+LOSS_SMOOTHING = 0.98  # EMA factor of loss_smoothed: about the last 50 steps weigh in
+TENSORBOARD_FLUSH_SECONDS = 10
+# Fields that are the record's coordinates rather than curves: not written as TensorBoard scalars.
+_NOT_SCALARS = frozenset({"step"})
+# The memory fields `memory_snapshot` fills; extra fields may not overwrite the record's own fields.
+MEMORY_FIELDS = ("cuda_allocated_bytes", "cuda_reserved_bytes", "cuda_peak_bytes", "process_rss_bytes")
+CORE_FIELDS = (
+    "step",
+    "epoch",
+    "loss",
+    "loss_smoothed",
+    "lr",
+    "timestep",
+    "samples_per_s",
+    "seconds_per_step",
+    *MEMORY_FIELDS,
+)
+
+
+# --------------------------------------------------------------------------------------------------
+# Smoothing
+
+
+class SmoothedLoss:
+    """Exponential moving average of the loss, bias-corrected (as Adam corrects its moments).
+
+    ema_n = beta * ema_{n-1} + (1 - beta) * loss_n, ema_0 = 0; value = ema_n / (1 - beta ** n).
+    The correction makes the value exact from the first step (value_1 = loss_1) and a constant loss
+    gives that constant. Non-finite losses (NaN, inf) are not folded in, so one bad step does not
+    poison the curve; `value` stays where it was.
+    """
+
+    def __init__(self, beta: float = LOSS_SMOOTHING) -> None:
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"beta must be in [0, 1), got {beta}")
+        self.beta = beta
+        self.count = 0
+        self._ema = 0.0
+
+    def update(self, loss: float) -> float | None:
+        """Fold in one loss; return the smoothed value (None while no finite loss was seen)."""
+        loss = float(loss)
+        if math.isfinite(loss):
+            self.count += 1
+            self._ema = self.beta * self._ema + (1.0 - self.beta) * loss
+        return self.value
+
+    @property
+    def value(self) -> float | None:
+        if self.count == 0:
+            return None
+        return self._ema / (1.0 - self.beta**self.count)
+
+    def state_dict(self) -> dict[str, float]:
+        """For resumable checkpoints, so the curve continues smoothly after a resume."""
+        return {"beta": self.beta, "count": self.count, "ema": self._ema}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.beta = float(state["beta"])
+        self.count = int(state["count"])
+        self._ema = float(state["ema"])
+
+
+# --------------------------------------------------------------------------------------------------
+# Memory
+
+
+def process_rss_bytes() -> int | None:
+    """Resident set size of this process in bytes (psutil if installed, else the OS directly)."""
+    try:
+        import psutil
+    except ImportError:
+        psutil = None
+    if psutil is not None:
+        try:
+            return int(psutil.Process().memory_info().rss)
+        except Exception:  # noqa: BLE001 - fall through to the OS readers
+            log.debug("psutil cannot read this process's memory", exc_info=True)
+    if sys.platform.startswith("linux"):
+        return _rss_from_statm()
+    if sys.platform == "win32":
+        return _rss_windows()
+    return None
+
+
+def _rss_from_statm() -> int | None:
+    try:
+        with open("/proc/self/statm", encoding="ascii") as handle:
+            resident_pages = int(handle.read().split()[1])
+        return resident_pages * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _rss_windows() -> int | None:
+    try:
+        import ctypes
+        from ctypes import wintypes
+
+        class PROCESS_MEMORY_COUNTERS(ctypes.Structure):  # the Win32 name
+            _fields_ = [
+                ("cb", wintypes.DWORD),
+                ("PageFaultCount", wintypes.DWORD),
+                ("PeakWorkingSetSize", ctypes.c_size_t),
+                ("WorkingSetSize", ctypes.c_size_t),
+                ("QuotaPeakPagedPoolUsage", ctypes.c_size_t),
+                ("QuotaPagedPoolUsage", ctypes.c_size_t),
+                ("QuotaPeakNonPagedPoolUsage", ctypes.c_size_t),
+                ("QuotaNonPagedPoolUsage", ctypes.c_size_t),
+                ("PagefileUsage", ctypes.c_size_t),
+                ("PeakPagefileUsage", ctypes.c_size_t),
+            ]
+
+        counters = PROCESS_MEMORY_COUNTERS()
+        counters.cb = ctypes.sizeof(counters)
+        kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
+        kernel32.GetCurrentProcess.restype = wintypes.HANDLE
+        get_info = kernel32.K32GetProcessMemoryInfo  # kernel32 exports it since Windows 7
+        get_info.argtypes = [wintypes.HANDLE, ctypes.POINTER(PROCESS_MEMORY_COUNTERS), wintypes.DWORD]
+        get_info.restype = wintypes.BOOL
+        if not get_info(kernel32.GetCurrentProcess(), ctypes.byref(counters), counters.cb):
+            return None
+        return int(counters.WorkingSetSize)
+    except (OSError, AttributeError, ValueError):
+        return None
+
+
+def memory_snapshot(device: Any = None, *, reset_cuda_peak: bool = False) -> dict[str, int | None]:
+    """The memory fields of a step record, in bytes.
+
+    cuda_allocated_bytes / cuda_reserved_bytes / cuda_peak_bytes are torch.cuda.memory_allocated,
+    memory_reserved and max_memory_allocated for `device` (default: the current CUDA device); all
+    three are None when CUDA is unavailable. The peak is since the process started or since the last
+    torch.cuda.reset_peak_memory_stats; `reset_cuda_peak=True` resets it after reading, which makes
+    the next snapshot's peak the peak of the interval in between.
+    process_rss_bytes is the process's current resident set (None if the OS could not tell).
+    """
+    snapshot: dict[str, int | None] = dict.fromkeys(MEMORY_FIELDS)
+    torch = sys.modules.get("torch")  # without torch loaded there is no CUDA memory to report
+    if torch is not None and torch.cuda.is_available():
+        if device is not None and torch.device(device).type != "cuda":
+            device = None
+        snapshot["cuda_allocated_bytes"] = int(torch.cuda.memory_allocated(device))
+        snapshot["cuda_reserved_bytes"] = int(torch.cuda.memory_reserved(device))
+        snapshot["cuda_peak_bytes"] = int(torch.cuda.max_memory_allocated(device))
+        if reset_cuda_peak:
+            torch.cuda.reset_peak_memory_stats(device)
+    snapshot["process_rss_bytes"] = process_rss_bytes()
+    return snapshot
+
+
+# --------------------------------------------------------------------------------------------------
+# Records
+
+
+def _to_number(value: Any) -> Any:
+    """A one-element tensor or a numpy scalar -> a Python number; other values unchanged."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if callable(getattr(value, "item", None)):
+        count = value.numel() if callable(getattr(value, "numel", None)) else getattr(value, "size", None)
+        if count == 1:
+            return value.item()
+    return value
+
+
+def _mean(values: Any) -> float:
+    """Mean of a tensor, numpy array, sequence or number, as a Python float."""
+    if hasattr(values, "detach"):  # a torch tensor
+        return float(values.detach().float().mean().item())
+    if hasattr(values, "mean") and hasattr(values, "shape"):  # numpy
+        return float(values.mean())
+    if isinstance(values, Iterable) and not isinstance(values, (str, bytes)):
+        items = [float(v) for v in values]
+        return sum(items) / len(items) if items else float("nan")
+    return float(values)
+
+
+def _first_lr(lr: Any) -> tuple[float | None, list[float] | None]:
+    if lr is None:
+        return None, None
+    if isinstance(lr, (list, tuple)):
+        values = [float(v) for v in lr]
+        if not values:
+            return None, None
+        return values[0], (values if len(set(values)) > 1 else None)
+    return float(_to_number(lr)), None
+
+
+def step_record(
+    step: int,
+    epoch: int,
+    loss: Any,
+    lr: Any,
+    *,
+    smoother: SmoothedLoss | None = None,
+    loss_smoothed: float | None = None,
+    timestep: Any = None,
+    sigmas: Any = None,
+    batch_samples: int | None = None,
+    seconds_per_step: float | None = None,
+    samples_per_s: float | None = None,
+    memory: Mapping[str, int | None] | None = None,
+    device: Any = None,
+    reset_cuda_peak: bool = False,
+    **extra: Any,
+) -> dict[str, Any]:
+    """The metrics record of one optimizer step (see docs/training.md "Telemetry" for every field).
+
+    - loss: float or tensor (a tensor is read with .item(), which waits for the GPU).
+    - lr: float, or the learning rates of the optimizer's param groups (a list): `lr` is the first
+      group's; when the groups differ, the list is kept as `lr_groups`.
+    - loss_smoothed: taken as given, else `smoother.update(loss)`, else None.
+    - timestep: mean of `sigmas * 1000` when `sigmas` (tensor/sequence of the batch's sigmas in
+      [0, 1]) is given; else the mean of `timestep` (a number or the batch's timesteps); else None.
+    - seconds_per_step: wall seconds of this optimizer step (all its accumulation micro-batches).
+      samples_per_s: as given, else batch_samples / seconds_per_step, where batch_samples is the
+      number of samples the optimizer step consumed (batch size x gradient accumulation).
+    - memory: a `memory_snapshot()` taken by the caller; else one is taken now (for `device`).
+    - extra: more fields (val_loss, offload_bytes_per_step, per-part losses as a dict, ...). 0-d
+      tensors become numbers. They may not reuse the names of the fields above.
+    """
+    clash = sorted(set(extra) & (set(CORE_FIELDS) | {"lr_groups"}))
+    if clash:
+        raise ValueError(f"extra metrics fields reuse record field names: {clash}")
+    loss_value = float(_to_number(loss)) if loss is not None else None
+    if loss_smoothed is None and smoother is not None and loss_value is not None:
+        loss_smoothed = smoother.update(loss_value)
+    lr_value, lr_groups = _first_lr(lr)
+    if sigmas is not None:
+        timestep_value: float | None = _mean(sigmas) * 1000.0
+    elif timestep is not None:
+        timestep_value = _mean(timestep)
+    else:
+        timestep_value = None
+    if samples_per_s is None and batch_samples and seconds_per_step:
+        samples_per_s = batch_samples / seconds_per_step
+    if memory is None:
+        memory = memory_snapshot(device, reset_cuda_peak=reset_cuda_peak)
+
+    record: dict[str, Any] = {
+        "step": int(step),
+        "epoch": int(epoch),
+        "loss": loss_value,
+        "loss_smoothed": None if loss_smoothed is None else float(loss_smoothed),
+        "lr": lr_value,
+        "timestep": timestep_value,
+        "samples_per_s": None if samples_per_s is None else float(samples_per_s),
+        "seconds_per_step": None if seconds_per_step is None else float(seconds_per_step),
+    }
+    for name in MEMORY_FIELDS:
+        value = memory.get(name)
+        record[name] = None if value is None else int(value)
+    if lr_groups is not None:
+        record["lr_groups"] = lr_groups
+    for name, value in extra.items():
+        if isinstance(value, Mapping):
+            record[name] = {str(k): _to_number(v) for k, v in value.items()}
+        else:
+            record[name] = _to_number(value)
+    return record
+
+
+def _json_safe(value: Any) -> Any:
+    """Strict JSON: NaN and infinities become null (the loss of a diverged step reads as null)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, (str, int, bool)) or value is None:
+        return value
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    value = _to_number(value)
+    if isinstance(value, (int, float)):
+        return _json_safe(value)
+    return str(value)
+
+
+def _scalars(record: Mapping[str, Any]) -> Iterable[tuple[str, float]]:
+    """(tag, value) for every numeric field; dicts become 'name/key', lists 'name/index'."""
+    for name, value in record.items():
+        if name in _NOT_SCALARS:
+            continue
+        if isinstance(value, Mapping):
+            items: Iterable[tuple[str, Any]] = ((f"{name}/{k}", v) for k, v in value.items())
+        elif isinstance(value, (list, tuple)):
+            items = ((f"{name}/{i}", v) for i, v in enumerate(value))
+        else:
+            items = ((name, value),)
+        for tag, item in items:
+            item = _to_number(item)
+            if isinstance(item, (int, float)) and not isinstance(item, bool):
+                yield tag, float(item)
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing
+
+
+class MetricsWriter:
+    """Appends step records to workspace_dir/metrics.jsonl and scalars to workspace_dir/tensorboard/.
+
+    - enabled=False: write() does nothing (no files are created).
+    - tensorboard=False, or tensorboard not installed: only metrics.jsonl.
+    - resume_step: when resuming from a checkpoint saved at that step, records after it (steps the
+      crashed or stopped run did but did not save) are dropped from metrics.jsonl, and TensorBoard
+      is told to purge them too, so curves do not double back.
+    An existing metrics.jsonl is appended to; a torn last line left by a crash is cut off first.
+    A failed write (disk full) is logged once as a warning and does not stop training.
+    Use from one thread (the training thread); `close()` (or a with-block) at the end.
+    """
+
+    def __init__(
+        self,
+        workspace_dir: str | os.PathLike,
+        *,
+        enabled: bool = True,
+        tensorboard: bool = True,
+        resume_step: int | None = None,
+    ) -> None:
+        self.workspace_dir = Path(workspace_dir)
+        self.path = self.workspace_dir / METRICS_FILE_NAME
+        self.tensorboard_dir = self.workspace_dir / TENSORBOARD_DIR_NAME
+        self.enabled = enabled
+        self._file = None
+        self._tb = None
+        self._warned = False
+        if not enabled:
+            return
+        self.workspace_dir.mkdir(parents=True, exist_ok=True)
+        _prepare_for_append(self.path, resume_step)
+        # newline="\n": the same bytes on Windows; buffering=1: line-buffered text.
+        self._file = open(self.path, "a", encoding="utf-8", newline="\n", buffering=1)  # noqa: SIM115
+        if tensorboard:
+            self._tb = _open_summary_writer(self.tensorboard_dir, resume_step)
+
+    def write(self, record: Mapping[str, Any]) -> None:
+        """Append one record (a line of metrics.jsonl) and its numeric fields to TensorBoard."""
+        if self._file is None:
+            return
+        line = json.dumps(_json_safe(dict(record)), ensure_ascii=False, allow_nan=False)
+        try:
+            self._file.write(line + "\n")
+            self._file.flush()
+        except OSError as exc:
+            self._warn_once(f"could not append to {self.path}: {exc}")
+        if self._tb is not None:
+            step = int(record.get("step", 0))
+            try:
+                for tag, value in _scalars(record):
+                    self._tb.add_scalar(tag, value, step)
+            except Exception as exc:  # noqa: BLE001 - TensorBoard is a convenience, never fatal
+                self._warn_once(f"could not write TensorBoard scalars to {self.tensorboard_dir}: {exc}")
+
+    def flush(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+        if self._tb is not None:
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+    def __enter__(self) -> MetricsWriter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _warn_once(self, message: str) -> None:
+        if not self._warned:
+            self._warned = True
+            log.warning("%s (further metrics errors are not reported)", message)
+
+
+def _prepare_for_append(path: Path, resume_step: int | None) -> None:
+    """Cut a torn last line, and when resuming drop records after resume_step (atomic rewrite)."""
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    keep = data
+    if keep and not keep.endswith(b"\n"):
+        keep = keep[: keep.rfind(b"\n") + 1]
+    if resume_step is not None:
+        lines = []
+        for raw in keep.splitlines(keepends=True):
+            try:
+                step = json.loads(raw).get("step")
+            except (ValueError, AttributeError):
+                continue
+            if isinstance(step, int) and step <= resume_step:
+                lines.append(raw)
+        keep = b"".join(lines)
+    if keep != data:
+        write_bytes_atomic(path, keep)
+
+
+def _open_summary_writer(directory: Path, resume_step: int | None) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as exc:
+        log.warning("TensorBoard logging is off: %s", exc)
+        return None
+    kwargs: dict[str, Any] = {"flush_secs": TENSORBOARD_FLUSH_SECONDS}
+    if resume_step is not None:
+        kwargs["purge_step"] = resume_step + 1
+    return SummaryWriter(log_dir=str(directory), **kwargs)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading
+
+
+def _parse_lines(data: bytes, path: Path, *, final_is_complete: bool) -> list[dict[str, Any]]:
+    records = []
+    lines = data.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    for index, raw in enumerate(lines):
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw)
+        except ValueError:
+            last = index == len(lines) - 1
+            if not (last and not final_is_complete):
+                log.warning("Skipping an unreadable line %d of %s", index + 1, path)
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Every record of a metrics.jsonl (or the workspace folder holding it); [] if there is none.
+
+    A torn final line (a crash mid-write, or the writer caught mid-line) is skipped silently; an
+    unreadable line elsewhere is skipped with a warning.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / METRICS_FILE_NAME
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return []
+    return _parse_lines(data, path, final_is_complete=data.endswith(b"\n"))
+
+
+def tail_metrics(path: str | os.PathLike, offset: int = 0) -> tuple[list[dict[str, Any]], int]:
+    """Records from complete lines after byte `offset`, and the offset to pass next time.
+
+    For a reader polling a running job: a line still being written is left for the next call. If the
+    file shrank (a resume dropped records), reading restarts from 0.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / METRICS_FILE_NAME
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            size = handle.tell()
+            if size < offset:
+                offset = 0
+            handle.seek(offset)
+            data = handle.read(size - offset)
+    except FileNotFoundError:
+        return [], 0
+    end = data.rfind(b"\n") + 1
+    return _parse_lines(data[:end], path, final_is_complete=True), offset + end
