@@ -12,12 +12,30 @@ from pathlib import Path
 from typing import Any
 
 
+def _current_umask() -> int:
+    # os.umask can only be read by setting it; done once, at import, before any threads write files.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
+
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
     """Write data to path through a temporary file in the same folder, fsync it, then rename."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
+        if os.name == "posix":
+            # mkstemp makes the file private (0600); give it the mode a plain open() would, or keep
+            # the mode of the file it replaces, so outputs stay readable by the user's other tools.
+            try:
+                mode = target.stat().st_mode & 0o7777
+            except FileNotFoundError:
+                mode = 0o666 & ~_UMASK
+            os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
