@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from core.errors import UserError
 from core.log_setup import FILE_ONLY, log_file_path, setup_logging
 
-from . import cache_cmd, doctor_cmd, presets_cmd, settings_cmd, tiny_model_cmd
+from . import cache_cmd, doctor_cmd, presets_cmd, settings_cmd, tiny_model_cmd, train_cmd
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     tiny_model_cmd.register(commands)
     doctor_cmd.register(commands)
     cache_cmd.register(commands)
+    train_cmd.register(commands)
     return parser, commands
 
 

@@ -156,3 +156,22 @@ class ModelAdapter(ABC):
     @abstractmethod
     def encode_text(self, captions: list[str]) -> dict[str, torch.Tensor]:
         """Captions -> {"prompt_embeds": (B, L, D), "prompt_mask": (B, L) bool}, padding zeroed."""
+
+    # -- training ---------------------------------------------------------------------------------
+    @abstractmethod
+    def transformer_names(self) -> tuple[str, ...]:
+        """The trainable denoisers of this model, by component name ("transformer", and
+        "transformer_2" for Wan 2.2 A14B's low-noise expert)."""
+
+    @abstractmethod
+    def load_transformer(self, name: str, device: torch.device | str, dtype: torch.dtype) -> Any:
+        """Load one denoiser (frozen, eval mode) in dtype on device."""
+
+    @abstractmethod
+    def default_lora_targets(self) -> list[str]:
+        """Module names (suffixes) that get LoRA when lora.target_layers is empty."""
+
+    @abstractmethod
+    def predict(self, transformer: Any, noisy: torch.Tensor, sigmas: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+        """The denoiser's prediction for noisy latents at noise levels sigmas (B,), conditioned on
+        the batch's cached text embeddings."""

@@ -229,3 +229,39 @@ class WanAdapter(ModelAdapter):
         keep = torch.arange(length, device=device)[None, :] < seq_lens[:, None]
         embeds = torch.where(keep[:, :, None], hidden, torch.zeros((), dtype=hidden.dtype, device=device))
         return {"prompt_embeds": embeds, "prompt_mask": keep}
+
+    # -- training ----------------------------------------------------------------------------------
+    def transformer_names(self) -> tuple[str, ...]:
+        return ("transformer", "transformer_2") if self.family == "wan22_a14b" else ("transformer",)
+
+    def load_transformer(self, name: str, device: torch.device | str, dtype: torch.dtype) -> Any:
+        from diffusers import WanTransformer3DModel
+
+        self._component(name)
+        logger.info("loading the %s of %s", name, self.folder)
+        transformer = WanTransformer3DModel.from_pretrained(self.folder, subfolder=name, torch_dtype=dtype)
+        transformer.requires_grad_(False).eval()
+        _place(transformer, device, dtype)
+        return transformer
+
+    def default_lora_targets(self) -> list[str]:
+        # Self- and cross-attention projections and the feed-forward layers of every block: what
+        # diffusers' and musubi-tuner's Wan LoRAs train, and what ComfyUI's Wan LoRA loader maps.
+        return ["attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
+                "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0",
+                "ffn.net.0.proj", "ffn.net.2"]
+
+    def predict(self, transformer: Any, noisy: torch.Tensor, sigmas: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+        from core.train.objective import expanded_timesteps, model_timesteps
+
+        if getattr(transformer.config, "patch_size", None) and self.family == "wan22_ti2v_5b":
+            # TI2V-5B takes one timestep per latent token (WanPipeline's expand_timesteps).
+            timestep = expanded_timesteps(sigmas, tuple(noisy.shape), tuple(transformer.config.patch_size))
+        else:
+            timestep = model_timesteps(sigmas)
+        return transformer(
+            hidden_states=noisy,
+            timestep=timestep,
+            encoder_hidden_states=batch["prompt_embeds"].to(noisy.dtype),
+            return_dict=False,
+        )[0]

@@ -1,0 +1,55 @@
+"""What this version of the engine can do with a config, said before any work starts.
+
+No declared setting may be silently ignored: a value the engine cannot honour yet is refused with
+a message naming the key (so a run never trains something other than what was asked), and a
+feature that changes nothing about the trained weights but is not available yet is announced.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from core.errors import ConfigError
+
+SUPPORTED_WEIGHT_DTYPES = ("FLOAT_32", "BFLOAT_16", "FLOAT_16")
+
+
+def refusals(config: dict[str, Any], family: str) -> list[ConfigError]:
+    """Settings whose value this engine cannot honour yet; training must not start with any."""
+    out = []
+
+    def refuse(key: str, message: str) -> None:
+        out.append(ConfigError(message, key=key))
+
+    if config["training_method"] != "LORA":
+        refuse("training_method", f"training_method {config['training_method']} is not available yet; this version trains LORA")
+    if family == "wan22_a14b":
+        refuse("model_type", "Wan 2.2 A14B's two-expert training is not available yet; train Wan 2.1 or Wan 2.2 TI2V-5B")
+    for part in ("transformer", "text_encoder", "vae"):
+        dtype = config[part]["weight_dtype"]
+        if dtype not in SUPPORTED_WEIGHT_DTYPES:
+            refuse(f"{part}.weight_dtype", f"{part}.weight_dtype {dtype} (quantized) is not available yet; use BFLOAT_16 or FLOAT_32")
+    for part in ("text_encoder", "vae"):
+        if config[part]["train"]:
+            refuse(f"{part}.train", f"{part}.train: this version trains LoRA on the transformer only; turn it off")
+    if not config["transformer"]["train"]:
+        refuse("transformer.train", "transformer.train is off, so a LoRA run would train nothing; turn it on")
+    if config["layer_offload_fraction"] > 0:
+        refuse("layer_offload_fraction", "layer offloading is not available yet; set layer_offload_fraction to 0")
+    if config["gradient_checkpointing"] == "CPU_OFFLOADED":
+        refuse("gradient_checkpointing", "CPU_OFFLOADED checkpointing is not available yet; use ON")
+    if not config["video_config"]["use_temporal_attention"]:
+        refuse("video_config.use_temporal_attention", "frame-local attention is not available yet; set use_temporal_attention to true")
+    return out
+
+
+def announcements(config: dict[str, Any]) -> list[str]:
+    """Features the config asks for that this version does not provide yet (training is unaffected)."""
+    notes = []
+    if config["sampling"]["every_n_steps"] and config["sampling"]["prompts"]:
+        notes.append("sampling during training is not available yet: no sample videos will be made")
+    if config["backup"]["every_n_steps"]:
+        notes.append("backups are not available yet: an interrupted run starts again from the beginning")
+    if config["validation"]["every_n_steps"]:
+        notes.append("validation loss is not available yet: validation clips are held out but not evaluated")
+    return notes
