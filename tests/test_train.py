@@ -133,3 +133,17 @@ def test_a_compression_ratio_that_contradicts_the_vae_is_refused(tiny_wan: Path,
 
     with pytest.raises(UserError, match="spatial_compression_ratio"):
         Trainer(_config(tiny_wan, one_clip, tmp_path, video_config={"spatial_compression_ratio": 16})).run()
+
+
+def test_wan22_ti2v_5b_trains_with_per_token_timesteps(one_clip: Path, tmp_path: Path) -> None:
+    # The 48-channel VAE, 16x compression and expand_timesteps path of Wan 2.2 TI2V-5B.
+    from diffusers import WanPipeline
+
+    model = build_tiny_model("wan22_ti2v_5b", tmp_path / "ti2v")
+    config = _config(model, one_clip, tmp_path, max_steps=3, model_type="AUTO", video_config={"spatial_compression_ratio": 16})
+    result = Trainer(config).run()
+    assert result.steps == 3 and result.final_loss is not None
+    pipe = WanPipeline.from_pretrained(model)
+    assert pipe.config.expand_timesteps
+    pipe.load_lora_weights(str(result.output_paths[0]))
+    assert any("lora" in name for name, _ in pipe.transformer.named_parameters())
