@@ -111,20 +111,27 @@ def _group_sizes(records: Sequence[SampleRecord]) -> dict[tuple[Bucket, bool], i
     return counts
 
 
-def steps_per_epoch(records: Sequence[Any], batch_size: int, multiplier: float) -> int:
-    """Batches in one pass over every (item, repeat); the same for every pass."""
-    video_bs = video_batch_size(batch_size, multiplier)
+def steps_per_epoch(records: Sequence[Any], batch_size: int, multiplier: float, world_size: int = 1) -> int:
+    """Batches in one pass over every (item, repeat); the same for every pass.
+
+    batch_size is per process: with world_size processes a (global) batch holds world_size times
+    the per-process image and video batch sizes."""
+    video_bs = video_batch_size(batch_size, multiplier) * world_size
+    image_bs = batch_size * world_size
     return sum(
-        math.ceil(n / (video_bs if is_video else batch_size)) for (_, is_video), n in _group_sizes(_as_records(records)).items()
+        math.ceil(n / (video_bs if is_video else image_bs)) for (_, is_video), n in _group_sizes(_as_records(records)).items()
     )
 
 
-def total_batches(config: dict[str, Any], records: Sequence[Any]) -> int:
+def total_batches(config: dict[str, Any], records: Sequence[Any], world_size: int = 1) -> int:
     """Batches the run draws: max_steps optimizer steps, or epochs passes, each optimizer step taking
-    gradient_accumulation_steps batches. This is the sampler's `steps`."""
+    gradient_accumulation_steps batches. This is the sampler's `steps` (global batches when
+    world_size processes share each one)."""
     accumulation = int(config.get("gradient_accumulation_steps", 1))
     if config.get("stop_after") == "EPOCHS":
-        per_epoch = steps_per_epoch(records, config["batch_size"], config["video_config"]["video_batch_size_multiplier"])
+        per_epoch = steps_per_epoch(
+            records, config["batch_size"], config["video_config"]["video_batch_size_multiplier"], world_size
+        )
         # Whole optimizer steps: the last one may reach a little into the next pass.
         return math.ceil(int(config["epochs"]) * per_epoch / accumulation) * accumulation
     return int(config["max_steps"]) * accumulation
@@ -137,6 +144,10 @@ class BucketBatchSampler:
     share into batches and shuffles the batch order. Every pass has the same number of batches, so
     starting at start_step jumps straight to its pass: the sequence from there is the same as an
     uninterrupted run's.
+
+    batch_size is per process. With world_size > 1 the sampler yields global batches of world_size
+    times the per-process sizes (images: batch_size, videos: video_batch_size(batch_size,
+    multiplier)); every process builds the same sampler and takes its share with ShardedBatchSampler.
     """
 
     def __init__(
@@ -147,10 +158,15 @@ class BucketBatchSampler:
         seed: int,
         steps: int,
         start_step: int = 0,
+        world_size: int = 1,
     ):
         self.records = _as_records(records)
-        self.batch_size = int(batch_size)
-        self.video_batch_size = video_batch_size(batch_size, video_batch_size_multiplier)
+        if int(world_size) < 1:
+            raise ValueError(f"world_size must be at least 1, got {world_size}")
+        self.world_size = int(world_size)
+        # Global sizes: what all processes together take per batch.
+        self.batch_size = int(batch_size) * self.world_size
+        self.video_batch_size = video_batch_size(batch_size, video_batch_size_multiplier) * self.world_size
         self.seed = int(seed)
         self.steps = int(steps)
         self.start_step = int(start_step)
@@ -158,7 +174,7 @@ class BucketBatchSampler:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         if not 0 <= self.start_step <= self.steps:
             raise ValueError(f"start_step {start_step} is outside 0..{steps}")
-        self.per_pass = steps_per_epoch(self.records, self.batch_size, video_batch_size_multiplier)
+        self.per_pass = steps_per_epoch(self.records, int(batch_size), video_batch_size_multiplier, self.world_size)
         if self.per_pass == 0 and self.steps > 0:
             raise ValueError("no samples to draw batches from")
 
@@ -192,3 +208,52 @@ class BucketBatchSampler:
                 batches.append(Batch(-1, pass_index, bucket, is_video, tuple(samples[i : i + size])))
         rng.shuffle(batches)
         return batches
+
+
+def shard_batch(batch: Batch, rank: int, world_size: int) -> Batch:
+    """One process's share of a global batch when world_size processes train together (DDP).
+
+    The batch is first padded to a multiple of world_size by repeating its own samples from the
+    start (same bucket, so the shapes agree), then process `rank` takes samples rank, rank +
+    world_size, rank + 2 * world_size, ... Every process gets the same number of samples, so the
+    mean of the per-process mean losses that DDP's gradient averaging computes is the mean over the
+    global batch. Local sample j is sample `rank + j * world_size` of the padded global batch (see
+    `shard_positions`). With world_size 1 the batch is returned as it is.
+    """
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
+    if world_size == 1:
+        return batch
+    samples = batch.samples
+    if not samples:
+        raise ValueError(f"batch {batch.step} has no samples to share")
+    padded = -(-len(samples) // world_size) * world_size
+    full = tuple(samples[i % len(samples)] for i in range(padded))
+    return batch._replace(samples=full[rank::world_size])
+
+
+def shard_positions(count: int, rank: int, world_size: int) -> list[int]:
+    """The positions in the (padded) global batch of a process's `count` samples from shard_batch."""
+    return [rank + j * world_size for j in range(count)]
+
+
+class ShardedBatchSampler:
+    """A batch sampler's batches, each cut down to this process's share (see shard_batch).
+
+    Every process builds the same sampler (same records, seed and global batch size) and wraps it
+    with its own rank: together the processes see exactly the samples of each global batch.
+    """
+
+    def __init__(self, sampler: Any, rank: int, world_size: int) -> None:
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
+        self.sampler = sampler
+        self.rank = int(rank)
+        self.world_size = int(world_size)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[Batch]:
+        for batch in self.sampler:
+            yield shard_batch(batch, self.rank, self.world_size)

@@ -3,6 +3,14 @@
 The trainer never branches on the model family: everything family-specific is behind the adapter.
 It talks to its client (CLI or window) only through TrainerCallbacks and polls TrainerCommands
 between steps.
+
+Several processes (`accelerate launch --multi_gpu --num_processes N main.py train ...`) train with
+DDP: every process builds the same sampler over the GLOBAL batch size (batch_size x N) and takes its
+share of each batch (core.data.buckets.shard_batch); noise and noise levels are drawn per sample,
+seeded by (seed, step, position in the global batch), so N processes with batch_size B see the
+same samples and the same noise as one process with batch_size N x B. Only the main process fills
+the caches (the others wait, then read them), calls the client's callbacks and writes files
+(metrics, run_info.json, the LoRA). See docs/training.md, "Several GPUs".
 """
 
 from __future__ import annotations
@@ -11,12 +19,18 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from core.data.buckets import BucketBatchSampler, total_batches
+from core.data.buckets import (
+    BucketBatchSampler,
+    ShardedBatchSampler,
+    shard_positions,
+    total_batches,
+)
 from core.data.cache import ContentHasher
-from core.data.dataset import CachedSampleDataset, make_loader
+from core.data.dataset import CachedSampleDataset, make_loader, step_seed
 from core.data.plan import plan_data
 from core.data.precompute import fill_caches
 from core.errors import UserError
@@ -31,6 +45,11 @@ from .support import announcements, refusals
 log = logging.getLogger(__name__)
 
 MAX_BAD_STEPS = 5  # non-finite losses in a row before the run stops
+# How long a process waits at a collective (DDP) before giving up. The other processes wait at a
+# barrier while the main process fills the caches, which can take hours on a large dataset; the
+# default (10 to 30 minutes) would end the run there. A process that fails does not leave the others
+# waiting: the launcher (torch elastic) ends them all; one that hangs is noticed late.
+PROCESS_GROUP_TIMEOUT = timedelta(hours=12)
 
 
 @dataclass
@@ -45,6 +64,35 @@ class TrainResult:
 
 def _precision(train_dtype: str) -> str:
     return {"FLOAT_32": "no", "FLOAT_16": "fp16", "BFLOAT_16": "bf16"}[train_dtype]
+
+
+class _ModelView:
+    """The model as adapter.predict sees it under DDP: calls go through the wrapper (whose forward
+    prepares the gradient all-reduce), attribute reads (config, dtype, ...) go to the model inside,
+    which the wrapper does not expose."""
+
+    def __init__(self, wrapper: Any, model: Any) -> None:
+        self._wrapper, self._model = wrapper, model
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._wrapper(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
+
+
+def sample_noise(shape: Any, positions: list[int], seed: int, step: int, objective: dict[str, Any]) -> tuple[Any, Any]:
+    """Noise levels (B,) and noise (B, *shape[1:]) for a batch step's samples at these positions in
+    the global batch, each sample from its own generator seeded by (seed, step, position): a sample
+    gets the same draws whichever process holds it and however many processes share the batch."""
+    import torch
+
+    sigmas, noise = [], []
+    for position in positions:
+        generator = torch.Generator(device="cpu").manual_seed(step_seed(seed, step, f"noise:{position}"))
+        sigmas.append(sample_sigmas(1, objective, generator))
+        noise.append(torch.randn(tuple(shape[1:]), generator=generator))
+    return torch.cat(sigmas), torch.stack(noise)
 
 
 class Trainer:
@@ -69,20 +117,67 @@ class Trainer:
                 f"{adapter.spatial_ratio} and {adapter.temporal_ratio}"
             )
 
-    def _prepare_data(self, adapter: Any, device: str) -> Any:
+    def _plan(self, adapter: Any) -> Any:
+        cache_dir = Path(self.config["cache_dir"]).expanduser()
+        return plan_data(self.config, adapter, ContentHasher(cache_dir), progress=lambda m: self.callbacks.on_log(logging.INFO, m))
+
+    def _prepare_data(self, adapter: Any, accelerator: Any) -> Any:
+        """The data plan with every cache entry filled; None if a stop was requested meanwhile.
+
+        Only the main process fills the caches; the others wait at a barrier, then plan (cheap: no
+        decoding) and leave out the files the main process could not decode, so every process ends
+        with the same plan and reads the same entries.
+        """
         config = self.config
         cache_dir = Path(config["cache_dir"]).expanduser()
-        plan = plan_data(config, adapter, ContentHasher(cache_dir), progress=lambda m: self.callbacks.on_log(logging.INFO, m))
-        report = fill_caches(
-            plan, adapter, cache_dir, device=device, workers=max(1, config["dataloader_threads"]),
-            should_stop=lambda: self.commands.stop_requested,
-        )
-        self.callbacks.on_log(logging.INFO, report.summary())
-        for issue in report.failed:
-            self.callbacks.on_log(logging.WARNING, f"left out: {issue}")
+        several = accelerator.num_processes > 1
+        outcome: dict[str, Any] = {"failed": [], "stopped": False, "error": None}
+        plan, error = None, None
+        if accelerator.is_main_process:
+            try:
+                plan = self._plan(adapter)
+                report = fill_caches(
+                    plan, adapter, cache_dir, device=str(accelerator.device), workers=max(1, config["dataloader_threads"]),
+                    should_stop=lambda: self.commands.stop_requested,
+                )
+                self.callbacks.on_log(logging.INFO, report.summary())
+                for issue in report.failed:
+                    self.callbacks.on_log(logging.WARNING, f"left out: {issue}")
+                outcome.update(failed=list(report.failed), stopped=self.commands.stop_requested)
+            except Exception as e:
+                if not several:
+                    raise
+                error = e  # tell the waiting processes before raising, so they do not wait forever
+                outcome["error"] = str(e) or type(e).__name__
+        if several:
+            from accelerate.utils import broadcast_object_list
+
+            accelerator.wait_for_everyone()
+            box = [outcome]
+            broadcast_object_list(box, from_process=0)
+            outcome = box[0]
+            if error is not None:
+                raise error
+            if outcome["error"] is not None:
+                raise UserError(f"the main process failed while preparing the data: {outcome['error']}")
+            if not accelerator.is_main_process:
+                plan = self._plan(adapter)
+                plan.drop({issue.path for issue in outcome["failed"]}, outcome["failed"])
+        if outcome["stopped"]:
+            return None
         if not plan.train:
             raise UserError("no clips are left to train on after caching (see the warnings above)")
         return plan
+
+    def _stop_requested(self, accelerator: Any) -> bool:
+        """Whether any process was asked to stop: all of them stop after the same step (a process
+        leaving alone would leave the others waiting in the gradient all-reduce)."""
+        if accelerator.num_processes == 1:
+            return self.commands.stop_requested
+        import torch
+
+        flag = torch.tensor([1.0 if self.commands.stop_requested else 0.0], device=accelerator.device)
+        return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
 
     def _add_lora(self, transformer: Any, adapter: Any) -> list[Any]:
         from diffusers.training_utils import cast_training_params
@@ -105,7 +200,7 @@ class Trainer:
     def run(self) -> TrainResult:
         import torch
         from accelerate import Accelerator
-        from accelerate.utils import set_seed
+        from accelerate.utils import InitProcessGroupKwargs, set_seed
 
         from core.export.lora import save_lora
 
@@ -114,16 +209,20 @@ class Trainer:
 
         config = self.config
         adapter = adapter_for(config)
-        self._check(adapter)
         accelerator = Accelerator(
             mixed_precision=_precision(config["train_dtype"]),
             gradient_accumulation_steps=config["gradient_accumulation_steps"],
             cpu=not torch.cuda.is_available(),
+            kwargs_handlers=[InitProcessGroupKwargs(timeout=PROCESS_GROUP_TIMEOUT)],
         )
-        device = str(accelerator.device)
+        if not accelerator.is_main_process:
+            # One voice towards the client: progress bars, logs and the window follow the main process.
+            self.callbacks = TrainerCallbacks()
+        self._check(adapter)
+        world_size, rank = accelerator.num_processes, accelerator.process_index
         set_seed(config["seed"])
-        plan = self._prepare_data(adapter, device)
-        if self.commands.stop_requested:
+        plan = self._prepare_data(adapter, accelerator)
+        if plan is None:
             return TrainResult(0, 0, True)
 
         transformer = adapter.load_transformer("transformer", accelerator.device, compute_dtype(config["transformer"]["weight_dtype"]))
@@ -135,28 +234,36 @@ class Trainer:
         optimizer = build_optimizer(config["optimizer"], [{"params": params, "lr": lr}], lr)
 
         records = plan.sampler_records()
-        batches = total_batches(config, records)
+        # batch_size is per process (per GPU): every process draws the same global batches (world_size
+        # times the per-process image and video batch sizes) and takes its share of each.
+        global_batch = config["batch_size"] * world_size
+        batches = total_batches(config, records, world_size)
         accumulation = config["gradient_accumulation_steps"]
         total_steps = batches // accumulation
         scheduler = build_scheduler(config["lr_scheduler"], optimizer, config["warmup_steps"], total_steps)
         sampler = BucketBatchSampler(
-            records, config["batch_size"], config["video_config"]["video_batch_size_multiplier"], config["seed"], steps=batches
+            records, config["batch_size"], config["video_config"]["video_batch_size_multiplier"], config["seed"], steps=batches,
+            world_size=world_size,
         )
         loader = make_loader(
             CachedSampleDataset(plan.cached_samples(), Path(config["cache_dir"]).expanduser()),
-            sampler,
+            ShardedBatchSampler(sampler, rank, world_size),
             num_workers=config["dataloader_threads"],
             pin_memory=torch.cuda.is_available(),
             seed=config["seed"],
             frame_dropout_probability=config["video_config"]["frame_dropout_probability"],
         )
-        transformer, optimizer, scheduler = accelerator.prepare(transformer, optimizer, scheduler)
+        # The scheduler is not prepared: accelerate's wrapper steps it once per process at every
+        # optimizer step (made for loaders that shrink with the process count), but total_steps
+        # already counts global steps; the loop steps it itself, once per optimizer step.
+        transformer, optimizer = accelerator.prepare(transformer, optimizer)
 
         workspace = Path(config["workspace_dir"]).expanduser()
         metrics = MetricsWriter(workspace, enabled=accelerator.is_main_process)
         if accelerator.is_main_process:
             write_run_info(workspace, config, {"transformer": accelerator.unwrap_model(transformer)},
-                           {"total_steps": total_steps, "samples": len(plan.train), "family": adapter.family})
+                           {"total_steps": total_steps, "samples": len(plan.train), "family": adapter.family,
+                            "world_size": world_size, "global_batch_size": global_batch})
         self._batches_per_pass = max(1, len(sampler.pass_batches(0)))
         result = self._loop(accelerator, adapter, transformer, optimizer, scheduler, loader, metrics, step_record, total_steps)
         metrics.close()
@@ -185,21 +292,28 @@ class Trainer:
         bad_in_a_row, window_loss, window_count = 0, 0.0, 0
         started = last = time.perf_counter()
         samples_since = 0
+        model = accelerator.unwrap_model(transformer)
+        view = transformer if model is transformer else _ModelView(transformer, model)
+        rank, world_size = accelerator.process_index, accelerator.num_processes
         for batch in loader:
             latents = batch["latents"].to(accelerator.device)
-            # Noise and timesteps come from a generator seeded by (seed, batch step): the same batch
-            # gets the same noise in every run, and a resumed run continues the same sequence.
-            generator = torch.Generator(device="cpu").manual_seed(config["seed"] * 1_000_003 + int(batch["step"]))
-            sigmas = sample_sigmas(latents.shape[0], objective, generator).to(accelerator.device)
-            noise = torch.randn(latents.shape, generator=generator).to(accelerator.device, latents.dtype)
+            # Noise and noise levels per sample, seeded by (seed, batch step, position in the global
+            # batch): the same in every run with any number of processes, and a resumed run
+            # continues the same sequence.
+            positions = shard_positions(latents.shape[0], rank, world_size)
+            sigmas, noise = sample_noise(latents.shape, positions, config["seed"], int(batch["step"]), objective)
+            sigmas = sigmas.to(accelerator.device)
+            noise = noise.to(accelerator.device, latents.dtype)
             with accelerator.accumulate(transformer):
                 with accelerator.autocast():
-                    prediction = adapter.predict(transformer, noisy_inputs(latents, noise, sigmas), sigmas, batch)
+                    prediction = adapter.predict(view, noisy_inputs(latents, noise, sigmas), sigmas, batch)
                 loss, parts = flow_matching_loss(prediction.float(), flow_target(latents, noise).float(), sigmas, objective, weight)
-                if not torch.isfinite(loss):
+                # Every process decides on the same losses, so all skip a step or none does.
+                losses = accelerator.gather(loss.detach())
+                if not torch.isfinite(losses).all():
                     bad_in_a_row += 1
                     result.skipped_steps += 1
-                    self.callbacks.on_log(logging.WARNING, f"loss is {loss.item()} at step {result.steps + 1}; step skipped")
+                    self.callbacks.on_log(logging.WARNING, f"loss is {losses.mean().item()} at step {result.steps + 1}; step skipped")
                     optimizer.zero_grad(set_to_none=True)
                     if bad_in_a_row >= MAX_BAD_STEPS:
                         raise UserError(
@@ -212,9 +326,10 @@ class Trainer:
                 if accelerator.sync_gradients and config["max_grad_norm"] > 0:
                     accelerator.clip_grad_norm_(transformer.parameters(), config["max_grad_norm"])
                 optimizer.step()
-                scheduler.step()
+                if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
+                    scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-            window_loss += accelerator.gather(loss.detach()).mean().item()
+            window_loss += losses.mean().item()
             window_count += 1
             samples_since += latents.shape[0] * accelerator.num_processes
             if not accelerator.sync_gradients:
@@ -223,7 +338,7 @@ class Trainer:
             now = time.perf_counter()
             record = step_record(
                 result.steps, int(batch["step"]) // self._batches_per_pass, window_loss / window_count,
-                scheduler.get_last_lr()[0], smoother=smoother, timestep=float(sigmas.mean()) * 1000,
+                scheduler.get_last_lr()[0], smoother=smoother, timestep=float(accelerator.gather(sigmas).mean()) * 1000,
                 samples_per_s=samples_since / max(now - last, 1e-9), seconds_per_step=now - last,
                 device=accelerator.device, loss_temporal=parts.get("temporal"),
             )
@@ -233,7 +348,7 @@ class Trainer:
             eta = (now - started) / result.steps * (total_steps - result.steps)
             self.callbacks.on_progress(result.steps, total_steps, record["epoch"], eta)
             window_loss, window_count, samples_since, last = 0.0, 0, 0, now
-            if self.commands.stop_requested:
+            if self._stop_requested(accelerator):
                 result.stopped_early = True
                 break
             if result.steps >= total_steps:
