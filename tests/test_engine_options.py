@@ -866,17 +866,12 @@ def test_the_same_seed_gives_the_same_run(runs: Runs, base: Outcome) -> None:
 # Known gaps in core/: each is a strict xfail, so the fix makes it pass and the marker must go.
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="text cache keys leave out the text encoder's precision "
-                   "(core/data/plan.py plan_samples -> core/data/cache.py text_key): a warm cache serves "
-                   "FLOAT_32 embeddings to a BFLOAT_16 run")
 def test_text_encoder_precision_counts_with_a_warm_cache(runs: Runs, base: Outcome) -> None:
     changed = runs.run({"text_encoder.weight_dtype": "BFLOAT_16"})
     _trained(changed)
     assert changed.cache_report.texts_computed == 1 and changed.losses != base.losses
 
 
-@pytest.mark.xfail(strict=not torch.cuda.is_available(), raises=AssertionError, reason="without CUDA, accelerate runs FLOAT_16 "
-                   "as FLOAT_32 without a word: the engine neither refuses nor announces it")
 def test_float16_changes_the_run_or_is_refused(runs: Runs, base: Outcome) -> None:
     changed = runs.run({"train_dtype": "FLOAT_16"})
     if changed.error is not None:
@@ -896,17 +891,12 @@ def test_half_weights_with_float32_training_train_or_are_refused(runs: Runs) -> 
         _trained(changed)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="transformer.learning_rate 0 is read as 'empty' "
-                   "(core/train/trainer.py run: `config['transformer']['learning_rate'] or config['learning_rate']`), "
-                   "so the global learning_rate trains instead")
 def test_a_part_learning_rate_of_zero_is_zero(runs: Runs) -> None:
     changed = runs.run({"transformer.learning_rate": 0.0, "max_steps": 2})
     _trained(changed, 2)
     assert set(changed.lrs) == {0.0}, changed.lrs
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="the output path is checked only when the LoRA is saved, after "
-                   "the whole run (core/train/trainer.py run -> core/export/lora.py save_lora)")
 def test_a_bad_output_path_is_refused_before_training(runs: Runs) -> None:
     changed = runs.run({"output_path": _new_folder("out", "lora.txt")})
     assert isinstance(changed.error, UserError)

@@ -77,9 +77,9 @@ def latent_key(
     )
 
 
-def text_key(caption: str, text_identity: str, max_length: int) -> str:
-    """The key of one caption's embeddings."""
-    return _digest({"kind": "text", "caption": caption, "text": text_identity, "max_length": int(max_length)})
+def text_key(caption: str, text_identity: str, max_length: int, dtype: str = "float32") -> str:
+    """The key of one caption's embeddings; dtype is the precision the text encoder computed in."""
+    return _digest({"kind": "text", "caption": caption, "text": text_identity, "max_length": int(max_length), "dtype": dtype})
 
 
 def seed_from_key(key: str) -> int:

@@ -85,6 +85,7 @@ def plan_samples(
     adapter: ModelAdapter,
     hasher: ContentHasher,
     vae_dtype: str,
+    text_dtype: str,
 ) -> list[PlannedSample]:
     vae_identity, text_identity = adapter.vae_identity(), adapter.text_identity()
     video_config = {**config["video_config"], "temporal_compression_ratio": adapter.temporal_ratio}
@@ -120,7 +121,7 @@ def plan_samples(
             for plan in plans
         )
         planned.append(
-            PlannedSample(item, info, content, bucket, plans, keys, text_key(item.caption, text_identity, adapter.max_text_length))
+            PlannedSample(item, info, content, bucket, plans, keys, text_key(item.caption, text_identity, adapter.max_text_length, text_dtype))
         )
     hasher.save()
     return planned
@@ -160,11 +161,12 @@ def plan_data(
         raise UserError(f"no usable clips or images with captions in the configured datasets{why} (run 'main.py doctor' for a report)")
     say(f"planning {len(train_items)} training and {len(held_out)} validation samples")
     vae_dtype = compute_dtype(config["vae"]["weight_dtype"])
-    dtype_name = str(vae_dtype).removeprefix("torch.")
+    text_dtype = compute_dtype(config["text_encoder"]["weight_dtype"])
+    names = (str(vae_dtype).removeprefix("torch."), str(text_dtype).removeprefix("torch."))
     return DataPlan(
-        plan_samples(train_items, usable, config, adapter, hasher, dtype_name),
-        plan_samples(held_out, usable, config, adapter, hasher, dtype_name),
+        plan_samples(train_items, usable, config, adapter, hasher, *names),
+        plan_samples(held_out, usable, config, adapter, hasher, *names),
         issues,
         vae_dtype=vae_dtype,
-        text_dtype=compute_dtype(config["text_encoder"]["weight_dtype"]),
+        text_dtype=text_dtype,
     )

@@ -38,6 +38,8 @@ def refusals(config: dict[str, Any], family: str) -> list[ConfigError]:
         refuse("layer_offload_fraction", "layer offloading is not available yet; set layer_offload_fraction to 0")
     if config["gradient_checkpointing"] == "CPU_OFFLOADED":
         refuse("gradient_checkpointing", "CPU_OFFLOADED checkpointing is not available yet; use ON")
+    if not str(config["output_path"]).lower().endswith(".safetensors"):
+        refuse("output_path", f"output_path {config['output_path']} must be a .safetensors file for a LoRA")
     if not config["video_config"]["use_temporal_attention"]:
         refuse("video_config.use_temporal_attention", "frame-local attention is not available yet; set use_temporal_attention to true")
     return out

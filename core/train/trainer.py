@@ -33,7 +33,7 @@ from core.data.cache import ContentHasher
 from core.data.dataset import CachedSampleDataset, make_loader, step_seed
 from core.data.plan import plan_data
 from core.data.precompute import fill_caches
-from core.errors import UserError
+from core.errors import ConfigError, UserError
 from core.models.dtypes import compute_dtype
 from core.models.registry import adapter_for
 
@@ -103,7 +103,12 @@ class Trainer:
 
     # -- preparation ---------------------------------------------------------------------------
     def _check(self, adapter: Any) -> None:
+        import torch
+
         problems = refusals(self.config, adapter.family)
+        if self.config["train_dtype"] == "FLOAT_16" and not torch.cuda.is_available():
+            # accelerate would silently compute in float32 on a CPU.
+            problems.append(ConfigError("train_dtype FLOAT_16 needs a CUDA GPU; on a CPU use FLOAT_32 or BFLOAT_16", key="train_dtype"))
         if problems:
             raise problems[0]
         for note in announcements(self.config):
@@ -227,10 +232,12 @@ class Trainer:
 
         transformer = adapter.load_transformer("transformer", accelerator.device, compute_dtype(config["transformer"]["weight_dtype"]))
         params = self._add_lora(transformer, adapter)
+        self._trainable = params  # clipping walks only these, not every frozen weight
         if config["gradient_checkpointing"] == "ON":
             transformer.enable_gradient_checkpointing()
         transformer.train()
-        lr = config["transformer"]["learning_rate"] or config["learning_rate"]
+        part_lr = config["transformer"]["learning_rate"]
+        lr = config["learning_rate"] if part_lr is None else part_lr  # 0.0 means frozen, not "unset"
         optimizer = build_optimizer(config["optimizer"], [{"params": params, "lr": lr}], lr)
 
         records = plan.sampler_records()
@@ -324,7 +331,7 @@ class Trainer:
                 bad_in_a_row = 0
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and config["max_grad_norm"] > 0:
-                    accelerator.clip_grad_norm_(transformer.parameters(), config["max_grad_norm"])
+                    accelerator.clip_grad_norm_(self._trainable, config["max_grad_norm"])
                 optimizer.step()
                 if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
                     scheduler.step()
