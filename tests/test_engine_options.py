@@ -880,9 +880,6 @@ def test_float16_changes_the_run_or_is_refused(runs: Runs, base: Outcome) -> Non
         assert changed.losses != base.losses
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason="FLOAT_32 training over BFLOAT_16 weights feeds float32 inputs to "
-                   "bfloat16 layers (core/models/wan.py WanAdapter.predict does not cast): a RuntimeError, "
-                   "not a refusal or a run")
 def test_half_weights_with_float32_training_train_or_are_refused(runs: Runs) -> None:
     changed = runs.run({"transformer.weight_dtype": "BFLOAT_16"})
     if changed.error is not None:

@@ -259,9 +259,13 @@ class WanAdapter(ModelAdapter):
             timestep = expanded_timesteps(sigmas, tuple(noisy.shape), tuple(transformer.config.patch_size))
         else:
             timestep = model_timesteps(sigmas)
+        # Inputs in the weights' storage dtype: without autocast (FLOAT_32 training over BFLOAT_16
+        # weights) the first convolution would get float32 input for bfloat16 weights.
+        # patch_embedding, not the first parameter: diffusers keeps scale_shift_table in float32.
+        dtype = transformer.patch_embedding.weight.dtype
         return transformer(
-            hidden_states=noisy,
+            hidden_states=noisy.to(dtype),
             timestep=timestep,
-            encoder_hidden_states=batch["prompt_embeds"].to(noisy.dtype),
+            encoder_hidden_states=batch["prompt_embeds"].to(dtype),
             return_dict=False,
         )[0]
