@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -14,6 +16,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+
+if TYPE_CHECKING:
+    from engine_runs import Outcome, Runs
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -46,3 +51,27 @@ def bin_dir(tmp_path: Path) -> Path:
     d = tmp_path / "bin"
     d.mkdir()
     return d
+
+
+# The engine-settings harness (tests/engine_runs.py): one tiny model, clips and cache per test module.
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator["Runs"]:
+    import torch
+    from engine_runs import Runs, _reset_accelerate
+
+    # One intra-op thread: the tiny model's operations are far too small to share, and on a busy
+    # two-core machine spinning worker threads made runs up to ten times slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield Runs(tmp_path_factory.mktemp("engine-options"))
+    finally:
+        torch.set_num_threads(threads)
+        _reset_accelerate()  # the next module's runs start from a clean accelerate state
+
+
+@pytest.fixture(scope="module")
+def base(runs: "Runs") -> "Outcome":
+    outcome = runs.run()
+    assert outcome.error is None and outcome.steps == 3, outcome.error
+    return outcome
