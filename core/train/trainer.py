@@ -95,6 +95,17 @@ def sample_noise(shape: Any, positions: list[int], seed: int, step: int, objecti
     return torch.cat(sigmas), torch.stack(noise)
 
 
+def _release_accelerate_state() -> None:
+    """Forget this run's precision and accumulation settings, which accelerate keeps process-wide
+    (AcceleratorState and GradientState are singletons): without this, a second run in the same
+    process (the window's next Start) with another train_dtype fails in Accelerator(). The process
+    group (PartialState) stays: a launched multi-process job still needs it."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+
+
 class Trainer:
     def __init__(self, config: dict[str, Any], callbacks: TrainerCallbacks | None = None, commands: TrainerCommands | None = None):
         self.config = config
@@ -114,12 +125,17 @@ class Trainer:
         for note in announcements(self.config):
             self.callbacks.on_log(logging.WARNING, note)
         ratios = self.config["video_config"]
-        if ratios["spatial_compression_ratio"] != adapter.spatial_ratio or ratios["temporal_compression_ratio"] != adapter.temporal_ratio:
-            raise UserError(
+        wrong = [key for key, actual in (("spatial_compression_ratio", adapter.spatial_ratio),
+                                         ("temporal_compression_ratio", adapter.temporal_ratio))
+                 if ratios[key] != actual]
+        if wrong:
+            keys = tuple(f"video_config.{key}" for key in wrong)
+            raise ConfigError(
                 f"video_config.spatial_compression_ratio/temporal_compression_ratio are "
                 f"{ratios['spatial_compression_ratio']}/{ratios['temporal_compression_ratio']} but the model's VAE "
                 f"compresses {adapter.spatial_ratio}x/{adapter.temporal_ratio}x; set them to "
-                f"{adapter.spatial_ratio} and {adapter.temporal_ratio}"
+                f"{adapter.spatial_ratio} and {adapter.temporal_ratio}",
+                key=keys[0], also=keys[1:],
             )
 
     def _plan(self, adapter: Any) -> Any:
@@ -203,6 +219,12 @@ class Trainer:
 
     # -- the run -------------------------------------------------------------------------------
     def run(self) -> TrainResult:
+        try:
+            return self._run()
+        finally:
+            _release_accelerate_state()
+
+    def _run(self) -> TrainResult:
         import torch
         from accelerate import Accelerator
         from accelerate.utils import InitProcessGroupKwargs, set_seed
