@@ -36,7 +36,9 @@ TABS: tuple[TabSpec, ...] = (
             "seed",
         ),
     ),
-    TabSpec("model", "Model", ("transformer", "text_encoder", "vae", "layer_offload_fraction", "gradient_checkpointing")),
+    TabSpec(
+        "model", "Model", ("transformer", "text_encoder", "vae", "experts", "layer_offload_fraction", "gradient_checkpointing")
+    ),
     TabSpec(
         "data",
         "Data",

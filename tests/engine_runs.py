@@ -231,16 +231,16 @@ class _spies:
         real_loader = trainer_module.make_loader
         real_fill = trainer_module.fill_caches
 
-        def loss(prediction, target, sigmas, objective, weight=0.0):
-            value, parts = real_loss(prediction, target, sigmas, objective, weight)
+        def loss(prediction, target, sigmas, objective, weight=0.0, **kwargs):
+            value, parts = real_loss(prediction, target, sigmas, objective, weight, **kwargs)
             outcome.batch_losses.append(float(value.detach()))
             outcome.batch_sigmas.append([float(s) for s in sigmas])
             return value, parts
 
-        def predict(self, transformer, noisy, sigmas, batch):
+        def predict(self, transformer, noisy, sigmas, batch, **kwargs):
             outcome.batch_shapes.append(tuple(noisy.shape))
             outcome.checkpointing.append(bool(getattr(transformer, "is_gradient_checkpointing", False)))
-            return real_predict(self, transformer, noisy, sigmas, batch)
+            return real_predict(self, transformer, noisy, sigmas, batch, **kwargs)
 
         def loader(*args, **kwargs):
             outcome.loader_workers.append(int(kwargs.get("num_workers", 0)))

@@ -30,7 +30,7 @@ from core.data.buckets import (
 )
 from core.models.tiny import build_tiny_model
 from core.train.telemetry import read_metrics
-from core.train.trainer import sample_noise
+from core.train.draws import sample_noise
 
 ROOT = Path(__file__).resolve().parent.parent
 PRESET = ROOT / "presets" / "#demo tiny wan LoRA.json"

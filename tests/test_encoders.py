@@ -186,10 +186,12 @@ def test_registry_explains_missing_or_invalid_folders(tmp_path: Path) -> None:
         adapter_for({"model_type": "AUTO", "base_model": str(tmp_path)})
     single = tmp_path / "model.safetensors"
     single.write_bytes(b"x")
-    with pytest.raises(UserError, match="single file"):
+    with pytest.raises(UserError, match="single file.*transformer.model_path"):
         adapter_for({"model_type": "AUTO", "base_model": str(single)})
-    with pytest.raises(UserError, match="does not exist"):
+    with pytest.raises(UserError, match="not in the local Hugging Face cache"):  # tests run with HF_HUB_OFFLINE=1
         adapter_for({"model_type": "AUTO", "base_model": "nobody/not-a-cached-model"})
+    with pytest.raises(UserError, match="does not exist"):
+        adapter_for({"model_type": "AUTO", "base_model": str(tmp_path / "nobody" / "nothing")})
 
 
 def test_other_families_are_not_supported_yet(tmp_path: Path) -> None:

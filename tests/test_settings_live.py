@@ -377,6 +377,7 @@ CASES = [
     Case("video_config.temporal_consistency_weight", {"video_config.temporal_consistency_weight": 0.0}, _check_temporal_weight),
     Case("video_config.video_batch_size_multiplier", {"video_config.video_batch_size_multiplier": 1.0}, _check_video_batch,
          base_changes={"batch_size": 2}),
+    Case("video_config.use_temporal_attention", {"video_config.use_temporal_attention": False}, different_loss),
     Case("video_config.frame_dropout_probability", {"video_config.frame_dropout_probability": 0.3}, different_loss),
     Case("video_config.temporal_augmentation", {"video_config.temporal_augmentation": True}, _check_augmentation,
          base_changes={"cache_variants": 3}),

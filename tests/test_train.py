@@ -119,7 +119,6 @@ def test_stop_between_steps_still_saves(tiny_wan: Path, one_clip: Path, tmp_path
         ({"training_method": "FINE_TUNE"}, "training_method"),
         ({"transformer": {"weight_dtype": "NFLOAT_4"}}, "transformer.weight_dtype"),
         ({"layer_offload_fraction": 0.5}, "layer_offload_fraction"),
-        ({"video_config": {"use_temporal_attention": False}}, "video_config.use_temporal_attention"),
     ],
 )
 def test_what_this_version_cannot_do_is_refused_by_name(tiny_wan: Path, one_clip: Path, tmp_path: Path, override: dict, key: str) -> None:

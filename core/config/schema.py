@@ -7,6 +7,7 @@ docs/settings.md); the rest follow OneTrainer's names where it has them.
 from __future__ import annotations
 
 from .fields import (
+    PATH_FILE,
     PATH_FOLDER,
     PATH_MODEL,
     PATH_OUTPUT,
@@ -37,16 +38,21 @@ OPTIMIZERS = ("ADAMW", "ADAMW_8BIT", "ADAFACTOR", "PRODIGY", "SGD")
 LR_SCHEDULERS = ("CONSTANT", "LINEAR", "COSINE", "COSINE_WITH_RESTARTS")
 FRAME_SAMPLE_STRATEGIES = ("uniform", "random", "keyframe")
 
+EXPERT_CHOICES = ("BOTH", "HIGH_NOISE", "LOW_NOISE")
+
 LORA_ONLY = {"training_method": ("LORA",)}
+# AUTO included: the folder decides, and the engine refuses these settings on a one-transformer model.
+A14B_ONLY = {"model_type": ("AUTO", "WAN_2_2_A14B_T2V", "WAN_2_2_A14B_I2V")}
 EMBEDDING_ONLY = {"training_method": ("EMBEDDING",)}
 NOT_EMBEDDING = {"training_method": ("LORA", "FINE_TUNE")}
 
 
-def _model_part(name: str, label: str, train: bool, weight_dtype: str, what: str, role: str) -> Section:
+def _model_part(name: str, label: str, train: bool, weight_dtype: str, what: str, role: str, extra: tuple = ()) -> Section:
     return Section(
         name,
         role,
         (
+            *extra,
             boolean("train", train, f"Train the {what} (LoRA layers for LORA, all weights for FINE_TUNE)."),
             number(
                 "learning_rate",
@@ -176,7 +182,8 @@ SCHEMA = Section(
         path(
             "base_model",
             "Wan-AI/Wan2.2-TI2V-5B-Diffusers",
-            "The model to train: a local diffusers folder, a Hugging Face hub id, or a single-file transformer checkpoint.",
+            "The model to train: a local diffusers folder or a Hugging Face hub id (a single-file transformer "
+            "checkpoint goes in transformer.model_path).",
             PATH_MODEL,
         ),
         choice(
@@ -189,6 +196,17 @@ SCHEMA = Section(
         _model_part(
             "transformer", "Transformer", True, "BFLOAT_16", "transformer",
             "The denoising network: what LoRA and fine-tuning change.",
+            extra=(
+                path(
+                    "model_path",
+                    "",
+                    "A single-file transformer checkpoint (.safetensors, with the original release's, ComfyUI's or "
+                    "diffusers' key names) to train instead of base_model's transformer; base_model still gives "
+                    "its config, VAE and text encoder. Empty uses base_model's own.",
+                    PATH_FILE,
+                    label="Single-file checkpoint",
+                ),
+            ),
         ),
         _model_part(
             "text_encoder", "Text encoder", False, "BFLOAT_16", "text encoder",
@@ -197,6 +215,31 @@ SCHEMA = Section(
         _model_part(
             "vae", "VAE", False, "FLOAT_32", "VAE",
             "Encodes clips into latents (cached) and decodes samples.",
+        ),
+        Section(
+            "experts",
+            "Wan 2.2 A14B's two denoisers: transformer (the high-noise expert) and transformer_2 (the low-noise one).",
+            (
+                choice(
+                    "train",
+                    EXPERT_CHOICES,
+                    "BOTH",
+                    "Which experts train: each step's noise levels fall on one side of the boundary and train "
+                    "that side's expert; each trained expert gets its own LoRA file (_high_noise, _low_noise).",
+                ),
+                number(
+                    "boundary",
+                    None,
+                    "Noise level (0 to 1 of the timestep range) where the low-noise expert takes over; empty "
+                    "uses the model's own (0.875 for T2V, 0.9 for I2V).",
+                    lo=0.01,
+                    hi=0.99,
+                    nullable=True,
+                    null_label="the model's own",
+                ),
+            ),
+            applies_when=A14B_ONLY,
+            label="Experts (Wan 2.2 A14B)",
         ),
         number(
             "layer_offload_fraction",
@@ -256,6 +299,16 @@ SCHEMA = Section(
                     "NONE",
                     "Per-timestep loss weight: NONE, SIGMA_SQRT (1 / sigma^2) or COSMAP, as in diffusers' SD3 training.",
                     label="Loss weighting",
+                ),
+                number(
+                    "image_to_video_share",
+                    0.0,
+                    "Share of training samples taught image-to-video (Wan 2.2 TI2V-5B): the clip's first "
+                    "frame is given clean as the conditioning image and only the frames after it are "
+                    "learned; 0 teaches text-to-video only.",
+                    lo=0.0,
+                    hi=1.0,
+                    label="Image-to-video share",
                 ),
             ),
             applies_when=NOT_EMBEDDING,

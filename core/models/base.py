@@ -16,6 +16,7 @@ import logging
 import os
 import threading
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -87,6 +88,17 @@ def folder_identity(label: str, *folders: Path, extra: dict[str, Any] | None = N
     if extra:
         h.update(b"extra:" + json.dumps(extra, sort_keys=True).encode())
     return f"{label}:{h.hexdigest()}"
+
+
+@dataclass(frozen=True)
+class Denoiser:
+    """One trainable denoiser and the noise levels it serves: sigma in [low, high] (flow matching's
+    sigma, the timestep / 1000). A one-transformer model has one over [0, 1]."""
+
+    name: str  # the pipeline component: "transformer", "transformer_2"
+    role: str  # what users call it: "transformer", "high-noise expert", "low-noise expert"
+    low: float
+    high: float
 
 
 class ModelAdapter(ABC):
@@ -163,15 +175,43 @@ class ModelAdapter(ABC):
         """The trainable denoisers of this model, by component name ("transformer", and
         "transformer_2" for Wan 2.2 A14B's low-noise expert)."""
 
+    def denoisers(self, boundary: float | None = None) -> list[Denoiser]:
+        """The denoisers with the noise levels each serves, highest noise first. `boundary` overrides
+        a two-expert model's own split; a one-transformer model has no boundary."""
+        if boundary is not None:
+            raise ValueError("this model has one denoiser, so no boundary")
+        return [Denoiser(name, "transformer", 0.0, 1.0) for name in self.transformer_names()]
+
     @abstractmethod
-    def load_transformer(self, name: str, device: torch.device | str, dtype: torch.dtype) -> Any:
-        """Load one denoiser (frozen, eval mode) in dtype on device."""
+    def load_transformer(self, name: str, device: torch.device | str, dtype: torch.dtype, checkpoint: str | None = None) -> Any:
+        """Load one denoiser (frozen, eval mode) in dtype on device; `checkpoint`, a single-file
+        checkpoint to take its weights from instead of the model folder."""
+
+    @abstractmethod
+    def sample(self, denoisers: dict[str, Any], prompt: str, *, width: int, height: int, frames: int, steps: int,
+               guidance_scale: float, seed: int, device: torch.device | str, dtype: torch.dtype,
+               negative_prompt: str = "") -> Any:
+        """A video for `prompt` from the given denoisers as they are now (LoRA active), with the
+        family's pipeline: a (frames, height, width, 3) uint8 numpy array."""
+
+    @abstractmethod
+    def set_frame_local_attention(self, transformer: Any) -> None:
+        """Restrict the denoiser's self-attention to tokens of the same latent frame
+        (video_config.use_temporal_attention false)."""
 
     @abstractmethod
     def default_lora_targets(self) -> list[str]:
         """Module names (suffixes) that get LoRA when lora.target_layers is empty."""
 
     @abstractmethod
-    def predict(self, transformer: Any, noisy: torch.Tensor, sigmas: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+    def predict(
+        self, transformer: Any, noisy: torch.Tensor, sigmas: torch.Tensor, batch: dict[str, Any],
+        first_frame_fixed: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """The denoiser's prediction for noisy latents at noise levels sigmas (B,), conditioned on
-        the batch's cached text embeddings."""
+        the batch's cached text embeddings. `first_frame_fixed` (B,) bool marks the samples whose
+        first latent frame is the clean conditioning image (only where image_to_video is True)."""
+
+    # Whether the model learns image-to-video from the clip's own first frame, with no extra input
+    # (Wan 2.2 TI2V-5B: per-token timesteps let the first frame's tokens be clean).
+    image_to_video: bool = False

@@ -48,8 +48,20 @@ def _has_component(index: dict[str, Any], name: str) -> bool:
     return isinstance(value, list) and len(value) == 2 and value[0] is not None and value[1] is not None
 
 
-def resolve_model_folder(base_model: str) -> Path:
-    """base_model as a local folder: a path, or a hub id already in the local Hugging Face cache."""
+# What a diffusers model repository holds that training and sampling need; other files (the original
+# release's checkpoints, which some repositories carry beside the diffusers folders, images) are not fetched.
+HUB_PATTERNS = ("model_index.json", "*/config.json", "*/*.safetensors", "*/*.safetensors.index.json",
+                "tokenizer/*", "*/*.txt", "*/*.model", "*/*.json")
+
+
+def _looks_like_hub_id(text: str, path: Path) -> bool:
+    return text.count("/") == 1 and not path.is_absolute() and not text.startswith((".", "~"))
+
+
+def resolve_model_folder(base_model: str, *, download: bool = True) -> Path:
+    """base_model as a local folder: a path, or a Hugging Face hub id: taken from the local Hugging
+    Face cache, and downloaded into it first when missing (unless `download` is False or the hub is
+    switched off with HF_HUB_OFFLINE=1)."""
     text = str(base_model).strip()
     if not text:
         raise ConfigError(f"base_model is empty; {_WHAT_TO_DO}", key="base_model")
@@ -58,17 +70,41 @@ def resolve_model_folder(base_model: str) -> Path:
         return path.absolute()
     if path.is_file():
         raise ConfigError(
-            f"base_model {text} is a single file; training needs a diffusers model folder: {_WHAT_TO_DO}",
+            f"base_model {text} is a single file; put a single-file transformer checkpoint in transformer.model_path "
+            f"and set base_model to the diffusers model it belongs to ({_WHAT_TO_DO})",
             key="base_model",
         )
-    if text.count("/") == 1 and not path.is_absolute() and not text.startswith("."):
-        try:  # a hub id: only what is already downloaded (training never downloads on its own)
-            from huggingface_hub import snapshot_download
+    if not _looks_like_hub_id(text, path):
+        raise ConfigError(f"base_model folder {path.absolute()} does not exist; {_WHAT_TO_DO}", key="base_model")
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+    except ImportError as exc:  # pragma: no cover - a dependency of diffusers
+        raise ConfigError(f"base_model {text} is a hub id, but huggingface_hub cannot be imported ({exc})", key="base_model") from exc
+    try:
+        return Path(snapshot_download(text, local_files_only=True, allow_patterns=list(HUB_PATTERNS)))
+    except LocalEntryNotFoundError:
+        logger.debug("hub id %s is not in the local cache", text)
+    except Exception as exc:  # a damaged cache entry: say so rather than download over it blindly
+        logger.debug("hub id %s: local cache unusable: %s", text, exc)
+    from huggingface_hub import constants
 
-            return Path(snapshot_download(text, local_files_only=True))
-        except Exception as exc:  # not cached, or the hub library is missing: both mean "not here"
-            logger.debug("hub id %s not in the local cache: %s", text, exc)
-    raise ConfigError(f"base_model folder {path.absolute()} does not exist; {_WHAT_TO_DO}", key="base_model")
+    if not download or constants.HF_HUB_OFFLINE:
+        raise ConfigError(
+            f"base_model {text} is not in the local Hugging Face cache and downloading is off "
+            f"(HF_HUB_OFFLINE); download it once with an internet connection, or {_WHAT_TO_DO}",
+            key="base_model",
+        )
+    logger.info("downloading %s from the Hugging Face hub into %s (once; later runs use the copy)", text, constants.HF_HUB_CACHE)
+    try:
+        return Path(snapshot_download(text, allow_patterns=list(HUB_PATTERNS)))
+    except Exception as exc:  # no network, unknown repository, gated model, full disk: one line each
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(
+            f"base_model {text} could not be downloaded ({reason}); check the id and the internet connection "
+            f"(gated models need `huggingface-cli login`), or {_WHAT_TO_DO}",
+            key="base_model",
+        ) from exc
 
 
 def detect_family(folder: str | os.PathLike) -> str:

@@ -26,7 +26,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .base import ModelAdapter, folder_identity
+from .base import Denoiser, ModelAdapter, folder_identity
 
 if TYPE_CHECKING:
     import torch
@@ -62,6 +62,53 @@ def _quiet_transformers() -> Iterator[None]:
     finally:
         if bars_were_on:
             hf_logging.enable_progress_bar()
+
+
+class FrameLocalAttention:
+    """Wan self-attention restricted to the tokens of the same latent frame
+    (video_config.use_temporal_attention false).
+
+    Wan orders a sample's tokens frame by frame (frame, row, column), so folding the frames into the
+    batch, (B, F*HW, D) -> (B*F, HW, D), and running diffusers' own processor on that gives exactly
+    a block-diagonal attention mask, without ever building the mask: the attention matrix shrinks
+    from (F*HW)^2 to F*(HW)^2 entries, which is where long clips spend their memory. The rotary
+    embedding is folded the same way. Cross-attention (to the caption) is left alone.
+
+    The number of latent frames comes from the transformer's input, recorded by a forward pre-hook
+    (install()), because the processor only sees flattened tokens.
+    """
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.frames = 1
+
+    def __call__(self, attn: Any, hidden_states: Any, encoder_hidden_states: Any = None,
+                 attention_mask: Any = None, rotary_emb: Any = None) -> Any:
+        frames = self.frames
+        if encoder_hidden_states is not None or frames == 1:
+            return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+        batch, tokens, dim = hidden_states.shape
+        per_frame = tokens // frames
+        folded = hidden_states.reshape(batch * frames, per_frame, dim)
+        if rotary_emb is not None:
+            rotary_emb = tuple(r.reshape(frames, per_frame, *r.shape[2:]).repeat(batch, 1, 1, 1) for r in rotary_emb)
+        out = self.inner(attn, folded, None, attention_mask, rotary_emb)
+        return out.reshape(batch, tokens, out.shape[-1])
+
+    @staticmethod
+    def install(transformer: Any) -> None:
+        """Give every block's self-attention a FrameLocalAttention sharing one frame count."""
+        processors = [FrameLocalAttention(block.attn1.processor) for block in transformer.blocks]
+        for block, processor in zip(transformer.blocks, processors):
+            block.attn1.set_processor(processor)
+        patch_frames = int(transformer.config.patch_size[0])
+
+        def record_frames(_module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            for processor in processors:
+                processor.frames = hidden.shape[2] // patch_frames
+
+        transformer.register_forward_pre_hook(record_frames, with_kwargs=True)
 
 
 class WanAdapter(ModelAdapter):
@@ -234,15 +281,61 @@ class WanAdapter(ModelAdapter):
     def transformer_names(self) -> tuple[str, ...]:
         return ("transformer", "transformer_2") if self.family == "wan22_a14b" else ("transformer",)
 
-    def load_transformer(self, name: str, device: torch.device | str, dtype: torch.dtype) -> Any:
+    @cached_property
+    def boundary_ratio(self) -> float | None:
+        """Wan 2.2 A14B's own expert boundary, from model_index.json (0.875 T2V, 0.9 I2V)."""
+        value = _read_json(self.folder / "model_index.json").get("boundary_ratio")
+        return None if value is None else float(value)
+
+    def denoisers(self, boundary: float | None = None) -> list[Denoiser]:
+        if self.family != "wan22_a14b":
+            return super().denoisers(boundary)
+        split = self.boundary_ratio if boundary is None else boundary
+        if split is None:
+            from core.errors import UserError
+
+            raise UserError(f"{self.folder / 'model_index.json'} has no boundary_ratio; set experts.boundary (0.875 for T2V, 0.9 for I2V)")
+        # WanPipeline runs `transformer` while t >= boundary_ratio * 1000, `transformer_2` below.
+        return [Denoiser("transformer", "high-noise expert", split, 1.0), Denoiser("transformer_2", "low-noise expert", 0.0, split)]
+
+    def load_transformer(self, name: str, device: torch.device | str, dtype: torch.dtype, checkpoint: str | None = None) -> Any:
         from diffusers import WanTransformer3DModel
 
         self._component(name)
-        logger.info("loading the %s of %s", name, self.folder)
-        transformer = WanTransformer3DModel.from_pretrained(self.folder, subfolder=name, torch_dtype=dtype)
+        if checkpoint:
+            transformer = self._load_single_file(name, Path(checkpoint).expanduser(), dtype)
+        else:
+            logger.info("loading the %s of %s", name, self.folder)
+            transformer = WanTransformer3DModel.from_pretrained(self.folder, subfolder=name, torch_dtype=dtype)
         transformer.requires_grad_(False).eval()
         _place(transformer, device, dtype)
         return transformer
+
+    def _load_single_file(self, name: str, checkpoint: Path, dtype: torch.dtype) -> Any:
+        """A transformer from one .safetensors file (the original release's, ComfyUI's or diffusers' key
+        names: diffusers converts), shaped by this folder's transformer config, so nothing is downloaded."""
+        from diffusers import WanTransformer3DModel
+
+        from core.errors import ConfigError
+
+        if not checkpoint.is_file():
+            raise ConfigError(f"transformer.model_path {checkpoint} does not exist; choose the checkpoint file, or leave it empty", key="transformer.model_path")
+        if checkpoint.suffix.lower() != ".safetensors":
+            raise ConfigError(f"transformer.model_path {checkpoint} is not a .safetensors file; convert it or choose a .safetensors checkpoint", key="transformer.model_path")
+        logger.info("loading the %s from %s (config from %s)", name, checkpoint, self.folder)
+        try:
+            return WanTransformer3DModel.from_single_file(str(checkpoint), config=str(self.folder), subfolder=name, torch_dtype=dtype)
+        except Exception as exc:  # wrong family or size, damaged file: diffusers' reason, on one line
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ConfigError(
+                f"transformer.model_path {checkpoint} cannot be loaded as the {name} of {self.folder} ({reason[:300]}); "
+                "check that the checkpoint and base_model are the same model and size",
+                key="transformer.model_path",
+                also=("base_model",),
+            ) from exc
+
+    def set_frame_local_attention(self, transformer: Any) -> None:
+        FrameLocalAttention.install(transformer)
 
     def default_lora_targets(self) -> list[str]:
         # Self- and cross-attention projections and the feed-forward layers of every block: what
@@ -251,12 +344,85 @@ class WanAdapter(ModelAdapter):
                 "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0",
                 "ffn.net.0.proj", "ffn.net.2"]
 
-    def predict(self, transformer: Any, noisy: torch.Tensor, sigmas: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+    # -- sampling ----------------------------------------------------------------------------------
+    def sample(
+        self,
+        denoisers: dict[str, Any],
+        prompt: str,
+        *,
+        width: int,
+        height: int,
+        frames: int,
+        steps: int,
+        guidance_scale: float,
+        seed: int,
+        device: torch.device | str,
+        dtype: torch.dtype,
+        negative_prompt: str = "",
+    ) -> Any:
+        """A video for `prompt` from the model as it is now: (frames, height, width, 3) uint8.
+
+        Runs the family's own pipeline (WanPipeline with the folder's scheduler, boundary and
+        timestep form) around the given denoisers, trained LoRA layers active; a denoiser not given
+        (the untrained expert of a one-expert A14B run) is loaded frozen from the folder. Sizes are
+        rounded down to what the model takes (multiples of size_divisor, 4k+1 frames).
+        """
+        import diffusers
+        import numpy as np
+        import torch
+        from diffusers import UniPCMultistepScheduler, WanPipeline
+
+        parts = dict(denoisers)
+        for name in self.transformer_names():
+            if name not in parts:
+                parts[name] = self.load_transformer(name, device, dtype)
+        index = _read_json(self.folder / "model_index.json")
+        # The folder's own scheduler class (UniPC for the Wan releases), as from_pretrained would pick.
+        scheduler_type = getattr(diffusers, str(index.get("scheduler", [None, ""])[1]), None) or UniPCMultistepScheduler
+        self.load_text_encoder(device, dtype)
+        vae = self.load_vae(device, torch.float32)  # decoding in float32, as WanPipeline's examples do
+        pipe = WanPipeline(
+            tokenizer=self._tokenizer, text_encoder=self._text_encoder, vae=vae,
+            scheduler=scheduler_type.from_pretrained(self.folder, subfolder="scheduler"),
+            transformer=parts["transformer"], transformer_2=parts.get("transformer_2"),
+            boundary_ratio=index.get("boundary_ratio"), expand_timesteps=bool(index.get("expand_timesteps", False)),
+        )
+        pipe.set_progress_bar_config(disable=True)
+        divisor = self.size_divisor
+        width, height = max(divisor, width // divisor * divisor), max(divisor, height // divisor * divisor)
+        frames = max(1, (frames - 1) // self.temporal_ratio * self.temporal_ratio + 1)
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        was_training = {name: module.training for name, module in parts.items()}
+        try:
+            for module in parts.values():
+                module.eval()  # no LoRA dropout while sampling
+            with torch.no_grad():
+                video = pipe(
+                    prompt=prompt, negative_prompt=negative_prompt, width=width, height=height, num_frames=frames,
+                    num_inference_steps=steps, guidance_scale=guidance_scale, generator=generator, output_type="np",
+                ).frames[0]
+        finally:
+            for name, module in parts.items():
+                module.train(was_training[name])
+        return (np.clip(video, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+
+    @property
+    def image_to_video(self) -> bool:  # type: ignore[override]
+        return self.family == "wan22_ti2v_5b"
+
+    def predict(
+        self, transformer: Any, noisy: torch.Tensor, sigmas: torch.Tensor, batch: dict[str, Any],
+        first_frame_fixed: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         from core.train.objective import expanded_timesteps, model_timesteps
 
-        if getattr(transformer.config, "patch_size", None) and self.family == "wan22_ti2v_5b":
-            # TI2V-5B takes one timestep per latent token (WanPipeline's expand_timesteps).
-            timestep = expanded_timesteps(sigmas, tuple(noisy.shape), tuple(transformer.config.patch_size))
+        if self.family == "wan22_ti2v_5b":
+            # TI2V-5B takes one timestep per latent token (WanPipeline's expand_timesteps); the
+            # tokens of a conditioning first frame get timestep 0.
+            fixed = False if first_frame_fixed is None else first_frame_fixed
+            timestep = expanded_timesteps(sigmas, tuple(noisy.shape), tuple(transformer.config.patch_size), fixed)
+        elif first_frame_fixed is not None and bool(first_frame_fixed.any()):
+            raise ValueError(f"{self.family} has no first-frame conditioning")
         else:
             timestep = model_timesteps(sigmas)
         # Inputs in the weights' storage dtype: without autocast (FLOAT_32 training over BFLOAT_16

@@ -214,7 +214,7 @@ def expanded_timesteps(
     sigmas: torch.Tensor,
     latent_shape: Sequence[int],
     patch_size: Sequence[int],
-    first_frame_fixed: bool = False,
+    first_frame_fixed: bool | torch.Tensor = False,
     num_train_timesteps: int = NUM_TRAIN_TIMESTEPS,
 ) -> torch.Tensor:
     """One timestep per latent token, (B, seq_len) float32, for ``expand_timesteps`` models (Wan 2.2 TI2V-5B).
@@ -233,6 +233,7 @@ def expanded_timesteps(
     sigma_b * num_train_timesteps.
 
     ``latent_shape`` is the latents' shape (B, C, F, H, W) (or any shape ending in F, H, W).
+    ``first_frame_fixed`` may also be a (B,) bool tensor: per sample, as training mixes both tasks.
     """
     if len(latent_shape) < 3:
         raise ValueError(f"latent_shape must end in (frames, height, width), got {tuple(latent_shape)}")
@@ -246,11 +247,31 @@ def expanded_timesteps(
         raise ValueError(f"latent size (F, H, W) = {(frames, height, width)} is not a multiple of the patch {(pt, ph, pw)}")
     if sigmas.ndim != 1 or (len(latent_shape) == 5 and sigmas.shape[0] != int(latent_shape[0])):
         raise ValueError(f"sigmas must have shape (batch,) for latents {tuple(latent_shape)}, got {tuple(sigmas.shape)}")
+    if isinstance(first_frame_fixed, torch.Tensor):
+        fixed = first_frame_fixed.to(device=sigmas.device, dtype=torch.bool).reshape(-1, 1, 1, 1)
+    else:
+        fixed = torch.full((1, 1, 1, 1), bool(first_frame_fixed), device=sigmas.device)
     mask = torch.ones(frames, height, width, dtype=torch.float32, device=sigmas.device)
-    if first_frame_fixed:
-        mask[0] = 0  # the first latent frame is the conditioning image, which is not noised
-    tokens = mask[::pt, ::ph, ::pw].flatten()  # (seq_len,), in the transformer's token order (f, h, w)
-    return model_timesteps(sigmas, num_train_timesteps)[:, None] * tokens[None, :]
+    # The first latent frame of a conditioned sample is the conditioning image, which is not noised.
+    first = torch.arange(frames, device=sigmas.device).reshape(1, frames, 1, 1) == 0
+    mask = torch.where(first & fixed, 0.0, mask)  # (1 or B, F, H, W)
+    tokens = mask[:, ::pt, ::ph, ::pw].flatten(1)  # (1 or B, seq_len), in the transformer's token order (f, h, w)
+    return model_timesteps(sigmas, num_train_timesteps)[:, None] * tokens
+
+
+def condition_first_frame(noisy: torch.Tensor, latents: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+    """Image-to-video training input: for the samples where ``fixed`` (B,) is True the first latent
+    frame is the clean latent (the conditioning image), as WanImageToVideoPipeline feeds Wan 2.2
+    TI2V-5B (``latents = (1 - first_frame_mask) * condition + first_frame_mask * latents``)."""
+    keep = fixed.to(device=noisy.device, dtype=torch.bool).reshape(-1, 1, 1, 1, 1)
+    first = torch.arange(noisy.shape[2], device=noisy.device).reshape(1, 1, -1, 1, 1) == 0
+    return torch.where(keep & first, latents.to(noisy.dtype), noisy)
+
+
+def _frame_mean(values: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+    """Per-sample mean of (B, C, F, H, W) values over the frames weighted 1 in ``frames`` (B, F)."""
+    per_frame = values.mean(dim=(1, 3, 4))  # (B, F)
+    return (per_frame * frames).sum(dim=1) / frames.sum(dim=1).clamp_min(1.0)
 
 
 def _weighted_mean(per_sample: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -263,6 +284,7 @@ def flow_matching_loss(
     sigmas: torch.Tensor,
     objective: dict[str, Any],
     temporal_consistency_weight: float = 0.0,
+    first_frame_fixed: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The training loss (a scalar float32 tensor) and its parts for logging.
 
@@ -274,6 +296,9 @@ def flow_matching_loss(
     weight 0, one latent frame or no frame axis, it is exactly 0 and not computed.
 
     loss = mse + temporal; parts = {"mse": float, "temporal": float} (temporal includes its weight).
+
+    ``first_frame_fixed`` (B,) bool: the samples trained as image-to-video, whose first latent frame
+    was given clean; their first frame is left out of both terms (there is nothing to learn there).
     """
     if prediction.shape != target.shape:
         raise ValueError(f"prediction {tuple(prediction.shape)} and target {tuple(target.shape)} differ in shape")
@@ -282,14 +307,24 @@ def flow_matching_loss(
     weights = loss_weights(sigmas, objective)
     reduce_dims = tuple(range(1, pred.ndim))
 
-    mse = _weighted_mean((pred - tgt).pow(2).mean(dim=reduce_dims), weights)
+    if first_frame_fixed is None or pred.ndim != 5:
+        mse = _weighted_mean((pred - tgt).pow(2).mean(dim=reduce_dims), weights)
+    else:
+        frames = torch.ones(pred.shape[0], pred.shape[2], device=pred.device)
+        frames[:, 0] = torch.where(first_frame_fixed.to(pred.device, torch.bool), 0.0, 1.0)
+        mse = _weighted_mean(_frame_mean((pred - tgt).pow(2), frames), weights)
     loss = mse
     temporal = torch.zeros((), dtype=torch.float32, device=pred.device)
     weight = float(temporal_consistency_weight)
     if weight != 0.0 and pred.ndim == 5 and pred.shape[2] > 1:
         # Differences of the error along time: (d pred - d target) = d (pred - target).
-        d_err = (pred[:, :, 1:] - pred[:, :, :-1]) - (tgt[:, :, 1:] - tgt[:, :, :-1])
-        temporal = weight * _weighted_mean(d_err.pow(2).mean(dim=reduce_dims), weights)
+        d_err = ((pred[:, :, 1:] - pred[:, :, :-1]) - (tgt[:, :, 1:] - tgt[:, :, :-1])).pow(2)
+        if first_frame_fixed is None:
+            per_sample = d_err.mean(dim=reduce_dims)
+        else:
+            pairs = frames[:, 1:] * frames[:, :-1]  # a pair with a given first frame is not learned
+            per_sample = _frame_mean(d_err, pairs)
+        temporal = weight * _weighted_mean(per_sample, weights)
         loss = loss + temporal
     parts = {"mse": float(mse.detach()), "temporal": float(temporal.detach())}
     return loss, parts
@@ -300,6 +335,7 @@ __all__ = [
     "NUM_TRAIN_TIMESTEPS",
     "WEIGHTINGS",
     "WEIGHTING_SIGMA_FLOOR",
+    "condition_first_frame",
     "expanded_timesteps",
     "flow_matching_loss",
     "flow_target",

@@ -23,8 +23,6 @@ def refusals(config: dict[str, Any], family: str) -> list[ConfigError]:
 
     if config["training_method"] != "LORA":
         refuse("training_method", f"training_method {config['training_method']} is not available yet; this version trains LORA")
-    if family == "wan22_a14b":
-        refuse("model_type", "Wan 2.2 A14B's two-expert training is not available yet; train Wan 2.1 or Wan 2.2 TI2V-5B")
     for part in ("transformer", "text_encoder", "vae"):
         dtype = config[part]["weight_dtype"]
         if dtype not in SUPPORTED_WEIGHT_DTYPES:
@@ -40,8 +38,6 @@ def refusals(config: dict[str, Any], family: str) -> list[ConfigError]:
         refuse("gradient_checkpointing", "CPU_OFFLOADED checkpointing is not available yet; use ON")
     if not str(config["output_path"]).lower().endswith(".safetensors"):
         refuse("output_path", f"output_path {config['output_path']} must be a .safetensors file for a LoRA")
-    if not config["video_config"]["use_temporal_attention"]:
-        refuse("video_config.use_temporal_attention", "frame-local attention is not available yet; set use_temporal_attention to true")
     return out
 
 

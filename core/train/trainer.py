@@ -30,15 +30,22 @@ from core.data.buckets import (
     total_batches,
 )
 from core.data.cache import ContentHasher
-from core.data.dataset import CachedSampleDataset, make_loader, step_seed
+from core.data.dataset import CachedSampleDataset, make_loader
 from core.data.plan import plan_data
 from core.data.precompute import fill_caches
 from core.errors import ConfigError, UserError
 from core.models.dtypes import compute_dtype
 from core.models.registry import adapter_for
 
+from .draws import sample_first_frame_fixed, sample_noise
 from .events import TrainerCallbacks, TrainerCommands
-from .objective import flow_matching_loss, flow_target, noisy_inputs, sample_sigmas
+from .experts import chosen_denoisers, denoiser_objective, route
+from .objective import (
+    condition_first_frame,
+    flow_matching_loss,
+    flow_target,
+    noisy_inputs,
+)
 from .optim import build_optimizer, build_scheduler
 from .support import announcements, refusals
 
@@ -81,20 +88,6 @@ class _ModelView:
         return getattr(self._model, name)
 
 
-def sample_noise(shape: Any, positions: list[int], seed: int, step: int, objective: dict[str, Any]) -> tuple[Any, Any]:
-    """Noise levels (B,) and noise (B, *shape[1:]) for a batch step's samples at these positions in
-    the global batch, each sample from its own generator seeded by (seed, step, position): a sample
-    gets the same draws whichever process holds it and however many processes share the batch."""
-    import torch
-
-    sigmas, noise = [], []
-    for position in positions:
-        generator = torch.Generator(device="cpu").manual_seed(step_seed(seed, step, f"noise:{position}"))
-        sigmas.append(sample_sigmas(1, objective, generator))
-        noise.append(torch.randn(tuple(shape[1:]), generator=generator))
-    return torch.cat(sigmas), torch.stack(noise)
-
-
 def _release_accelerate_state() -> None:
     """Forget this run's precision and accumulation settings, which accelerate keeps process-wide
     (AcceleratorState and GradientState are singletons): without this, a second run in the same
@@ -104,6 +97,26 @@ def _release_accelerate_state() -> None:
 
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
+
+
+class _Routes:
+    """The trained denoisers, and which one (with its narrowed objective) an optimizer step uses."""
+
+    def __init__(self, denoisers: list[Any], wrappers: list[Any], models: list[Any], config: dict[str, Any], *, several_in_model: bool) -> None:
+        self.denoisers, self.wrappers, self.models = denoisers, wrappers, models
+        # What adapter.predict calls: under DDP the wrapper, with attribute reads going to the model.
+        self.views = [w if m is w else _ModelView(w, m) for w, m in zip(wrappers, models)]
+        self.objectives = [denoiser_objective(config["objective"], d) for d in denoisers]
+        self.objective, self.seed = config["objective"], config["seed"]
+        self.several_in_model = several_in_model
+
+    def pick(self, optimizer_step: int) -> tuple[Any, Any, dict[str, Any], dict[str, str]]:
+        """(wrapper, view, objective, extra metrics fields) of the denoiser training this step."""
+        index = route(self.denoisers, self.objective, self.seed, optimizer_step)
+        extra = {"expert": self.denoisers[index].name} if self.several_in_model else {}
+        for i, model in enumerate(self.models):
+            model.train(i == index)  # the resting expert keeps eval mode (no LoRA dropout draws)
+        return self.wrappers[index], self.views[index], self.objectives[index], extra
 
 
 class Trainer:
@@ -120,6 +133,14 @@ class Trainer:
         if self.config["train_dtype"] == "FLOAT_16" and not torch.cuda.is_available():
             # accelerate would silently compute in float32 on a CPU.
             problems.append(ConfigError("train_dtype FLOAT_16 needs a CUDA GPU; on a CPU use FLOAT_32 or BFLOAT_16", key="train_dtype"))
+        if self.config["objective"]["image_to_video_share"] > 0 and not adapter.image_to_video:
+            problems.append(ConfigError(
+                f"objective.image_to_video_share: {adapter.family} cannot learn image-to-video from a clip's first "
+                "frame (Wan 2.2 TI2V-5B can); set it to 0", key="objective.image_to_video_share"))
+        if self.config["transformer"]["model_path"] and len(adapter.transformer_names()) > 1:
+            problems.append(ConfigError(
+                "transformer.model_path replaces the transformer of a one-transformer model; Wan 2.2 A14B has two "
+                "experts: point base_model at a diffusers folder holding both, or leave it empty", key="transformer.model_path"))
         if problems:
             raise problems[0]
         for note in announcements(self.config):
@@ -229,8 +250,6 @@ class Trainer:
         from accelerate import Accelerator
         from accelerate.utils import InitProcessGroupKwargs, set_seed
 
-        from core.export.lora import save_lora
-
         from .run_info import write_run_info
         from .telemetry import MetricsWriter, step_record
 
@@ -252,15 +271,15 @@ class Trainer:
         if plan is None:
             return TrainResult(0, 0, True)
 
-        transformer = adapter.load_transformer("transformer", accelerator.device, compute_dtype(config["transformer"]["weight_dtype"]))
-        params = self._add_lora(transformer, adapter)
-        self._trainable = params  # clipping walks only these, not every frozen weight
-        if config["gradient_checkpointing"] == "ON":
-            transformer.enable_gradient_checkpointing()
-        transformer.train()
+        denoisers = chosen_denoisers(config, adapter)
+        transformers = [self._load_denoiser(adapter, denoiser.name, accelerator) for denoiser in denoisers]
+        lora_params = [self._add_lora(transformer, adapter) for transformer in transformers]
+        self._trainable = [p for params in lora_params for p in params]  # clipping walks only these
         part_lr = config["transformer"]["learning_rate"]
         lr = config["learning_rate"] if part_lr is None else part_lr  # 0.0 means frozen, not "unset"
-        optimizer = build_optimizer(config["optimizer"], [{"params": params, "lr": lr}], lr)
+        # One optimizer over every expert's LoRA: a step trains one expert, and the others, without
+        # gradients, are left exactly as they are (see core/train/experts.py).
+        optimizer = build_optimizer(config["optimizer"], [{"params": params, "lr": lr} for params in lora_params], lr)
 
         records = plan.sampler_records()
         # batch_size is per process (per GPU): every process draws the same global batches (world_size
@@ -285,35 +304,60 @@ class Trainer:
         # The scheduler is not prepared: accelerate's wrapper steps it once per process at every
         # optimizer step (made for loaders that shrink with the process count), but total_steps
         # already counts global steps; the loop steps it itself, once per optimizer step.
-        transformer, optimizer = accelerator.prepare(transformer, optimizer)
+        *transformers, optimizer = accelerator.prepare(*transformers, optimizer)
+        models = [accelerator.unwrap_model(t) for t in transformers]
 
         workspace = Path(config["workspace_dir"]).expanduser()
         metrics = MetricsWriter(workspace, enabled=accelerator.is_main_process)
         if accelerator.is_main_process:
-            write_run_info(workspace, config, {"transformer": accelerator.unwrap_model(transformer)},
+            write_run_info(workspace, config, dict(zip((d.name for d in denoisers), models)),
                            {"total_steps": total_steps, "samples": len(plan.train), "family": adapter.family,
-                            "world_size": world_size, "global_batch_size": global_batch})
+                            "world_size": world_size, "global_batch_size": global_batch,
+                            "denoisers": [vars(d) for d in denoisers]})
         self._batches_per_pass = max(1, len(sampler.pass_batches(0)))
-        result = self._loop(accelerator, adapter, transformer, optimizer, scheduler, loader, metrics, step_record, total_steps)
+        routes = _Routes(denoisers, transformers, models, config, several_in_model=len(adapter.transformer_names()) > 1)
+        result = self._loop(accelerator, adapter, routes, optimizer, scheduler, loader, metrics, step_record, total_steps)
         metrics.close()
 
         if accelerator.is_main_process and result.steps > 0:
-            lora = config["lora"]
-            path = save_lora(
-                Path(config["output_path"]).expanduser(), accelerator.unwrap_model(transformer), rank=lora["rank"],
-                alpha=lora["alpha"], output_format=config["output_format"],
-                metadata={"video_trainer.steps": str(result.steps), "video_trainer.base_model": str(config["base_model"])},
-            )
-            result.output_paths.append(path)
+            result.output_paths.extend(self._save(adapter, denoisers, models, result.steps))
         accelerator.wait_for_everyone()
         self.callbacks.on_done(result.output_paths)
         return result
 
-    def _loop(self, accelerator, adapter, transformer, optimizer, scheduler, loader, metrics, step_record, total_steps) -> TrainResult:
+    def _load_denoiser(self, adapter: Any, name: str, accelerator: Any) -> Any:
+        config = self.config
+        checkpoint = config["transformer"]["model_path"] or None
+        transformer = adapter.load_transformer(name, accelerator.device, compute_dtype(config["transformer"]["weight_dtype"]), checkpoint)
+        if not config["video_config"]["use_temporal_attention"]:
+            adapter.set_frame_local_attention(transformer)
+        if config["gradient_checkpointing"] == "ON":
+            transformer.enable_gradient_checkpointing()
+        return transformer
+
+    def _save(self, adapter: Any, denoisers: list[Any], models: list[Any], steps: int) -> list[Path]:
+        """One LoRA file, or one per trained expert of a two-expert model (_high_noise, _low_noise)."""
+        from core.export.lora import expert_output_paths, save_lora
+
+        config, lora = self.config, self.config["lora"]
+        output = Path(config["output_path"]).expanduser()
+        names = [d.name for d in denoisers]
+        paths = expert_output_paths(output, names) if len(adapter.transformer_names()) > 1 else {names[0]: output}
+        saved = []
+        for name, model in zip(names, models):
+            metadata = {"video_trainer.steps": str(steps), "video_trainer.base_model": str(config["base_model"])}
+            if len(paths) > 1 or name != "transformer":
+                metadata["video_trainer.component"] = name
+            saved.append(save_lora(paths[name], model, rank=lora["rank"], alpha=lora["alpha"],
+                                   output_format=config["output_format"], metadata=metadata))
+        return saved
+
+    def _loop(self, accelerator, adapter, routes, optimizer, scheduler, loader, metrics, step_record, total_steps) -> TrainResult:
         import torch
 
         config = self.config
         objective, weight = config["objective"], config["video_config"]["temporal_consistency_weight"]
+        i2v_share = objective["image_to_video_share"]
         from .telemetry import SmoothedLoss
 
         smoother = SmoothedLoss()
@@ -321,22 +365,28 @@ class Trainer:
         bad_in_a_row, window_loss, window_count = 0, 0.0, 0
         started = last = time.perf_counter()
         samples_since = 0
-        model = accelerator.unwrap_model(transformer)
-        view = transformer if model is transformer else _ModelView(transformer, model)
         rank, world_size = accelerator.process_index, accelerator.num_processes
+        accumulation = config["gradient_accumulation_steps"]
         for batch in loader:
             latents = batch["latents"].to(accelerator.device)
+            # One denoiser per optimizer step (two-expert models), the same in every process.
+            transformer, view, step_objective, expert = routes.pick(int(batch["step"]) // accumulation)
             # Noise and noise levels per sample, seeded by (seed, batch step, position in the global
             # batch): the same in every run with any number of processes, and a resumed run
             # continues the same sequence.
             positions = shard_positions(latents.shape[0], rank, world_size)
-            sigmas, noise = sample_noise(latents.shape, positions, config["seed"], int(batch["step"]), objective)
+            sigmas, noise = sample_noise(latents.shape, positions, config["seed"], int(batch["step"]), step_objective)
             sigmas = sigmas.to(accelerator.device)
             noise = noise.to(accelerator.device, latents.dtype)
+            noisy, fixed = noisy_inputs(latents, noise, sigmas), None
+            if i2v_share > 0:
+                fixed = sample_first_frame_fixed(positions, config["seed"], int(batch["step"]), i2v_share).to(accelerator.device)
+                noisy = condition_first_frame(noisy, latents, fixed)
             with accelerator.accumulate(transformer):
                 with accelerator.autocast():
-                    prediction = adapter.predict(view, noisy_inputs(latents, noise, sigmas), sigmas, batch)
-                loss, parts = flow_matching_loss(prediction.float(), flow_target(latents, noise).float(), sigmas, objective, weight)
+                    prediction = adapter.predict(view, noisy, sigmas, batch, first_frame_fixed=fixed)
+                loss, parts = flow_matching_loss(prediction.float(), flow_target(latents, noise).float(), sigmas, objective, weight,
+                                                 first_frame_fixed=fixed)
                 # Every process decides on the same losses, so all skip a step or none does.
                 losses = accelerator.gather(loss.detach())
                 if not torch.isfinite(losses).all():
@@ -369,7 +419,7 @@ class Trainer:
                 result.steps, int(batch["step"]) // self._batches_per_pass, window_loss / window_count,
                 scheduler.get_last_lr()[0], smoother=smoother, timestep=float(accelerator.gather(sigmas).mean()) * 1000,
                 samples_per_s=samples_since / max(now - last, 1e-9), seconds_per_step=now - last,
-                device=accelerator.device, loss_temporal=parts.get("temporal"),
+                device=accelerator.device, loss_temporal=parts.get("temporal"), **expert,
             )
             result.final_loss = record["loss"]
             metrics.write(record)

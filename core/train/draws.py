@@ -1,0 +1,39 @@
+"""The random draws of a training step, per sample: noise level, noise, image-to-video or not.
+
+Each sample draws from its own generator, seeded by (seed, batch step, position in the global
+batch): a sample gets the same draws whichever process holds it and however many processes share
+the batch, so N processes with batch_size B see what one process with batch_size N x B sees, and a
+resumed run continues the same sequence.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from core.data.dataset import step_seed
+
+from .objective import sample_sigmas
+
+
+def sample_noise(shape: Any, positions: list[int], seed: int, step: int, objective: dict[str, Any]) -> tuple[Any, Any]:
+    """Noise levels (B,) and noise (B, *shape[1:]) for a batch step's samples at these positions in
+    the global batch, each sample from its own generator seeded by (seed, step, position): a sample
+    gets the same draws whichever process holds it and however many processes share the batch."""
+    import torch
+
+    sigmas, noise = [], []
+    for position in positions:
+        generator = torch.Generator(device="cpu").manual_seed(step_seed(seed, step, f"noise:{position}"))
+        sigmas.append(sample_sigmas(1, objective, generator))
+        noise.append(torch.randn(tuple(shape[1:]), generator=generator))
+    return torch.cat(sigmas), torch.stack(noise)
+
+
+def sample_first_frame_fixed(positions: list[int], seed: int, step: int, share: float) -> Any:
+    """(B,) bool: which samples of a batch step learn image-to-video, each drawn with probability
+    `share` from its own generator, seeded like its noise (the same with any number of processes)."""
+    import torch
+
+    draws = [torch.rand(1, generator=torch.Generator(device="cpu").manual_seed(step_seed(seed, step, f"i2v:{p}")))
+             for p in positions]
+    return torch.cat(draws) < share
