@@ -189,3 +189,69 @@ def test_a_single_file_checkpoint_is_refused_for_two_experts(a14b: Path, clip: P
     with pytest.raises(ConfigError) as info:
         Trainer(config).run()
     assert info.value.key == "transformer.model_path"
+
+
+@pytest.fixture(scope="module")
+def a14b_i2v(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model("wan22_a14b_i2v", tmp_path_factory.mktemp("models") / "a14b_i2v")
+
+
+def test_image_to_video_experts_learn_from_the_first_frame(a14b_i2v: Path, clip: Path, tmp_path: Path,
+                                                           watched: _Watch, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Wan 2.2 A14B I2V: the same routing at its own boundary (0.9), and every prediction sees the
+    clip's first-frame latents as WanImageToVideoPipeline passes them (mask + image latents)."""
+    from core.models.wan import WanAdapter
+
+    conditions: list[tuple[int, ...]] = []
+    predict = WanAdapter.predict
+
+    def spy(self: WanAdapter, transformer: Any, noisy: Any, sigmas: Any, batch: Any, **kwargs: Any) -> Any:
+        conditions.append(tuple(kwargs["condition"].shape))
+        return predict(self, transformer, noisy, sigmas, batch, **kwargs)
+
+    monkeypatch.setattr(WanAdapter, "predict", spy)
+    result = Trainer(_config(a14b_i2v, clip, tmp_path, max_steps=10)).run()
+    assert result.steps == 10
+    assert len(set(conditions)) == 1 and conditions[0][1] == 16, conditions  # the image latents, 16 channels
+    for step, (expert, moved) in enumerate(watched.changed):
+        assert moved == {expert}, f"step {step + 1} trained {expert} but changed {moved}"
+        sigmas = watched.sigmas[step]
+        assert (min(sigmas) >= 0.9) if expert == "transformer" else (max(sigmas) < 0.9), (step, expert, sigmas)
+
+    from diffusers import WanImageToVideoPipeline
+
+    pipe = WanImageToVideoPipeline.from_pretrained(a14b_i2v)
+    for path in result.output_paths:
+        pipe.load_lora_weights(str(path), load_into_transformer_2=path.name.endswith("_low_noise.safetensors"))
+    assert lora_state_dict(pipe.transformer) and lora_state_dict(pipe.transformer_2)
+
+
+def test_the_image_condition_reaches_the_model(a14b_i2v: Path) -> None:
+    from core.models.wan import WanAdapter
+
+    adapter = WanAdapter(a14b_i2v)
+    adapter.load_vae("cpu", torch.float32)
+    frames = torch.rand(1, 3, 5, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    cached = adapter.encode_video(frames)
+    latents, condition = adapter.split_latents(cached)
+    assert latents.shape == condition.shape == (1, 16, 2, 4, 4)
+    # The condition is the first picture's latents: another first picture, another condition; the
+    # frames after it do not count.
+    later = frames.clone()
+    later[:, :, 1:] = 0
+    assert torch.allclose(adapter.split_latents(adapter.encode_video(later))[1], condition, atol=1e-5)
+
+    transformer = adapter.load_transformer("transformer", "cpu", torch.float32)
+    batch = {"prompt_embeds": torch.randn(1, 8, transformer.config.text_dim, generator=torch.Generator().manual_seed(1))}
+    with torch.no_grad():
+        one = adapter.predict(transformer, latents, torch.tensor([0.95]), batch, condition=condition)
+        other = adapter.predict(transformer, latents, torch.tensor([0.95]), batch, condition=condition + 1)
+    assert one.shape == latents.shape and not torch.allclose(one, other)
+
+    args = {"width": 32, "height": 32, "frames": 5, "steps": 2, "guidance_scale": 1.0, "seed": 0, "device": "cpu", "dtype": torch.float32}
+    from core.errors import UserError
+
+    with pytest.raises(UserError, match="needs an image"):
+        adapter.sample({"transformer": transformer}, "a red square", **args)
+    video = adapter.sample({"transformer": transformer}, "a red square", image=torch.zeros(32, 32, 3, dtype=torch.uint8).numpy(), **args)
+    assert video.shape == (5, 32, 32, 3)

@@ -90,9 +90,9 @@ def test_ti2v_trains_image_to_video_and_other_models_refuse(clip: Path, tmp_path
 
     predict = WanAdapter.predict
 
-    def spy(self: WanAdapter, transformer: Any, noisy: Any, sigmas: Any, batch: Any, first_frame_fixed: Any = None) -> Any:
-        seen.append(first_frame_fixed)
-        return predict(self, transformer, noisy, sigmas, batch, first_frame_fixed)
+    def spy(self: WanAdapter, transformer: Any, noisy: Any, sigmas: Any, batch: Any, **kwargs: Any) -> Any:
+        seen.append(kwargs.get("first_frame_fixed"))
+        return predict(self, transformer, noisy, sigmas, batch, **kwargs)
 
     monkeypatch.setattr(WanAdapter, "predict", spy)
     assert Trainer(_config(ti2v, clip, tmp_path, 1.0)).run().steps == 2

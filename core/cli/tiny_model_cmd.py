@@ -7,7 +7,7 @@ import argparse
 from core.errors import UserError
 
 # Listed here as well as in core.models.tiny so that --help does not import torch.
-FAMILIES = ("wan21", "wan22_ti2v_5b", "wan22_a14b", "hunyuan_video", "cogvideox", "hidream")
+FAMILIES = ("wan21", "wan22_ti2v_5b", "wan22_a14b", "wan22_a14b_i2v", "hunyuan_video", "cogvideox", "hidream")
 
 
 def register(commands: argparse._SubParsersAction) -> None:

@@ -110,9 +110,12 @@ def step_seed(seed: int, step: int, stream: str = "frame-dropout") -> int:
 class BatchCollator:
     """Stacks one bucket's samples and applies frame dropout seeded by (seed, step). Picklable."""
 
-    def __init__(self, seed: int = 0, frame_dropout_probability: float = 0.0) -> None:
+    def __init__(self, seed: int = 0, frame_dropout_probability: float = 0.0, frame_channels: int | None = None) -> None:
         self.seed = int(seed)
         self.frame_dropout_probability = float(frame_dropout_probability)
+        # Cached entries may carry conditioning channels after the video's own (an image-to-video
+        # model's first-frame latents); frame dropout stutters the video, never the condition.
+        self.frame_channels = frame_channels
 
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         shapes = {tuple(s["latents"].shape) for s in samples}
@@ -122,7 +125,11 @@ class BatchCollator:
         latents = torch.stack([s["latents"] for s in samples])
         if self.frame_dropout_probability > 0:
             generator = torch.Generator().manual_seed(step_seed(self.seed, step))
-            latents = drop_frames(latents, self.frame_dropout_probability, generator)
+            if self.frame_channels is None or self.frame_channels >= latents.shape[1]:
+                latents = drop_frames(latents, self.frame_dropout_probability, generator)
+            else:
+                video = drop_frames(latents[:, : self.frame_channels], self.frame_dropout_probability, generator)
+                latents = torch.cat([video, latents[:, self.frame_channels :]], dim=1)
         mask = torch.stack([s["prompt_mask"] for s in samples])
         in_worker = get_worker_info() is not None
         # In a worker, pad only to the batch's longest caption: the zeros up to the full length
@@ -246,6 +253,7 @@ def make_loader(
     *,
     seed: int = 0,
     frame_dropout_probability: float = 0.0,
+    frame_channels: int | None = None,
     start_step: int = 0,
     prefetch_factor: int = 4,
     multiprocessing_context: str | None = None,
@@ -266,7 +274,7 @@ def make_loader(
         dataset,
         batch_sampler=StepBatches(batch_sampler, start_step),
         num_workers=workers,
-        collate_fn=BatchCollator(seed, frame_dropout_probability),
+        collate_fn=BatchCollator(seed, frame_dropout_probability, frame_channels),
         pin_memory=bool(pin_memory) and torch.cuda.is_available(),
         **options,
     ))

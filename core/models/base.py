@@ -190,9 +190,10 @@ class ModelAdapter(ABC):
     @abstractmethod
     def sample(self, denoisers: dict[str, Any], prompt: str, *, width: int, height: int, frames: int, steps: int,
                guidance_scale: float, seed: int, device: torch.device | str, dtype: torch.dtype,
-               negative_prompt: str = "") -> Any:
+               negative_prompt: str = "", image: Any = None) -> Any:
         """A video for `prompt` from the given denoisers as they are now (LoRA active), with the
-        family's pipeline: a (frames, height, width, 3) uint8 numpy array."""
+        family's pipeline: a (frames, height, width, 3) uint8 numpy array. `image` is the first
+        frame for an image_conditioned model."""
 
     @abstractmethod
     def set_frame_local_attention(self, transformer: Any) -> None:
@@ -206,11 +207,20 @@ class ModelAdapter(ABC):
     @abstractmethod
     def predict(
         self, transformer: Any, noisy: torch.Tensor, sigmas: torch.Tensor, batch: dict[str, Any],
-        first_frame_fixed: torch.Tensor | None = None,
+        first_frame_fixed: torch.Tensor | None = None, condition: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The denoiser's prediction for noisy latents at noise levels sigmas (B,), conditioned on
         the batch's cached text embeddings. `first_frame_fixed` (B,) bool marks the samples whose
-        first latent frame is the clean conditioning image (only where image_to_video is True)."""
+        first latent frame is the clean conditioning image (only where image_to_video is True);
+        `condition` is the image condition of an image_conditioned model (from split_latents)."""
+
+    # Whether each cached entry carries an image condition after the video latents (an image-to-video
+    # model); split_latents separates them and predict takes the condition.
+    image_conditioned: bool = False
+
+    def split_latents(self, cached: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(video latents, image condition or None) of a batch of cached entries."""
+        return cached, None
 
     # Whether the model learns image-to-video from the clip's own first frame, with no extra input
     # (Wan 2.2 TI2V-5B: per-token timesteps let the first frame's tokens be clean).

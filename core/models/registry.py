@@ -29,7 +29,7 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "cogvideox": ("COGVIDEOX", "CogVideoX"),
     "hidream": ("HIDREAM", "HiDream"),
 }
-TRAINABLE = ("wan21", "wan22_ti2v_5b", "wan22_a14b")
+TRAINABLE = ("wan21", "wan22_ti2v_5b", "wan22_a14b", "wan22_a14b_i2v")
 
 _PIPELINE_FAMILIES = {
     "HunyuanVideoPipeline": "hunyuan_video",

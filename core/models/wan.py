@@ -33,7 +33,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-WAN_FAMILIES = ("wan21", "wan22_ti2v_5b", "wan22_a14b")
+WAN_FAMILIES = ("wan21", "wan22_ti2v_5b", "wan22_a14b", "wan22_a14b_i2v")
+TWO_EXPERTS = ("wan22_a14b", "wan22_a14b_i2v")
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -167,7 +168,9 @@ class WanAdapter(ModelAdapter):
     # -- identities ------------------------------------------------------------------------------
     def vae_identity(self) -> str:
         if "vae" not in self._identities:
-            self._identities["vae"] = folder_identity("wan-vae", self.folder / "vae")
+            # An image-to-video model's entries also hold the first frame's latents (encode_video).
+            label = "wan-vae-i2v" if self.image_conditioned else "wan-vae"
+            self._identities["vae"] = folder_identity(label, self.folder / "vae")
         return self._identities["vae"]
 
     def text_identity(self) -> str:
@@ -246,7 +249,16 @@ class WanAdapter(ModelAdapter):
         mean = torch.tensor(vae.config.latents_mean, dtype=torch.float32, device=latents.device).view(shape)
         std = torch.tensor(vae.config.latents_std, dtype=torch.float32, device=latents.device).view(shape)
         # WanPipeline decodes with latents * std + mean; training targets are the inverse.
-        return (latents - mean) / std
+        latents = (latents - mean) / std
+        if not self.image_conditioned:
+            return latents
+        # What WanImageToVideoPipeline conditions on: the VAE's mode for the first picture followed by
+        # black frames, normalised the same way. Cached beside the clip's latents (split_latents).
+        first = frames[:, :, :1]
+        condition_input = torch.cat([first, torch.zeros_like(frames[:, :, 1:])], dim=2)
+        with torch.no_grad():
+            condition = vae.encode(condition_input.to(device=param.device, dtype=param.dtype)).latent_dist.mode().float()
+        return torch.cat([latents, (condition - mean) / std], dim=1)
 
     def encode_text(self, captions: list[str]) -> dict[str, torch.Tensor]:
         """As WanPipeline._get_t5_prompt_embeds: clean, tokenize to 512, encode, zero past each length."""
@@ -279,7 +291,7 @@ class WanAdapter(ModelAdapter):
 
     # -- training ----------------------------------------------------------------------------------
     def transformer_names(self) -> tuple[str, ...]:
-        return ("transformer", "transformer_2") if self.family == "wan22_a14b" else ("transformer",)
+        return ("transformer", "transformer_2") if self.family in TWO_EXPERTS else ("transformer",)
 
     @cached_property
     def boundary_ratio(self) -> float | None:
@@ -288,7 +300,7 @@ class WanAdapter(ModelAdapter):
         return None if value is None else float(value)
 
     def denoisers(self, boundary: float | None = None) -> list[Denoiser]:
-        if self.family != "wan22_a14b":
+        if self.family not in TWO_EXPERTS:
             return super().denoisers(boundary)
         split = self.boundary_ratio if boundary is None else boundary
         if split is None:
@@ -359,8 +371,11 @@ class WanAdapter(ModelAdapter):
         device: torch.device | str,
         dtype: torch.dtype,
         negative_prompt: str = "",
+        image: Any = None,
     ) -> Any:
         """A video for `prompt` from the model as it is now: (frames, height, width, 3) uint8.
+        An image-to-video model (image_conditioned) also needs `image`, a PIL image or an (H, W, 3)
+        uint8 array, for its first frame.
 
         Runs the family's own pipeline (WanPipeline with the folder's scheduler, boundary and
         timestep form) around the given denoisers, trained LoRA layers active; a denoiser not given
@@ -381,7 +396,19 @@ class WanAdapter(ModelAdapter):
         scheduler_type = getattr(diffusers, str(index.get("scheduler", [None, ""])[1]), None) or UniPCMultistepScheduler
         self.load_text_encoder(device, dtype)
         vae = self.load_vae(device, torch.float32)  # decoding in float32, as WanPipeline's examples do
-        pipe = WanPipeline(
+        extra: dict[str, Any] = {}
+        pipeline_type: Any = WanPipeline
+        if self.image_conditioned:
+            if image is None:
+                from core.errors import UserError
+
+                raise UserError(f"sampling this image-to-video model ({self.folder}) needs an image for the first frame")
+            from diffusers import WanImageToVideoPipeline
+            from PIL import Image
+
+            pipeline_type = WanImageToVideoPipeline
+            extra["image"] = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, dtype=np.uint8))
+        pipe = pipeline_type(
             tokenizer=self._tokenizer, text_encoder=self._text_encoder, vae=vae,
             scheduler=scheduler_type.from_pretrained(self.folder, subfolder="scheduler"),
             transformer=parts["transformer"], transformer_2=parts.get("transformer_2"),
@@ -397,9 +424,14 @@ class WanAdapter(ModelAdapter):
             for module in parts.values():
                 module.eval()  # no LoRA dropout while sampling
             with torch.no_grad():
+                # The captions' embeddings as training made them (encode_text follows WanPipeline's
+                # own text path); it also avoids diffusers 0.42's image-to-video pipeline, whose
+                # caption cleaning needs ftfy installed.
+                texts = self.encode_text([prompt, negative_prompt])["prompt_embeds"]
                 video = pipe(
-                    prompt=prompt, negative_prompt=negative_prompt, width=width, height=height, num_frames=frames,
+                    prompt_embeds=texts[:1], negative_prompt_embeds=texts[1:], width=width, height=height, num_frames=frames,
                     num_inference_steps=steps, guidance_scale=guidance_scale, generator=generator, output_type="np",
+                    **extra,
                 ).frames[0]
         finally:
             for name, module in parts.items():
@@ -407,14 +439,42 @@ class WanAdapter(ModelAdapter):
         return (np.clip(video, 0.0, 1.0) * 255.0).round().astype(np.uint8)
 
     @property
+    def image_conditioned(self) -> bool:  # type: ignore[override]
+        return self.family == "wan22_a14b_i2v"
+
+    def split_latents(self, cached: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if not self.image_conditioned:
+            return cached, None
+        channels = self.latent_channels
+        return cached[:, :channels], cached[:, channels:]
+
+    def _image_condition(self, condition: torch.Tensor) -> torch.Tensor:
+        """(B, 4 + z, F, H, W): WanImageToVideoPipeline's first-frame mask (one channel per pixel frame
+        of a latent frame: the first latent frame holds the one given picture) before the image latents."""
+        import torch
+
+        batch, _, frames, height, width = condition.shape
+        mask = torch.zeros(batch, self.temporal_ratio, frames, height, width, dtype=condition.dtype, device=condition.device)
+        mask[:, :, 0] = 1.0
+        return torch.cat([mask, condition], dim=1)
+
+    @property
     def image_to_video(self) -> bool:  # type: ignore[override]
         return self.family == "wan22_ti2v_5b"
 
     def predict(
         self, transformer: Any, noisy: torch.Tensor, sigmas: torch.Tensor, batch: dict[str, Any],
-        first_frame_fixed: torch.Tensor | None = None,
+        first_frame_fixed: torch.Tensor | None = None, condition: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        import torch
+
         from core.train.objective import expanded_timesteps, model_timesteps
+
+        if self.image_conditioned:
+            if condition is None:
+                raise ValueError(f"{self.family} needs the image condition (split_latents) to predict")
+            # As WanImageToVideoPipeline: noisy latents, then the mask and the image's latents.
+            noisy = torch.cat([noisy, self._image_condition(condition).to(noisy.dtype)], dim=1)
 
         if self.family == "wan22_ti2v_5b":
             # TI2V-5B takes one timestep per latent token (WanPipeline's expand_timesteps); the

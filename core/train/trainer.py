@@ -300,6 +300,7 @@ class Trainer:
             pin_memory=torch.cuda.is_available(),
             seed=config["seed"],
             frame_dropout_probability=config["video_config"]["frame_dropout_probability"],
+            frame_channels=adapter.latent_channels,
         )
         # The scheduler is not prepared: accelerate's wrapper steps it once per process at every
         # optimizer step (made for loaders that shrink with the process count), but total_steps
@@ -368,7 +369,8 @@ class Trainer:
         rank, world_size = accelerator.process_index, accelerator.num_processes
         accumulation = config["gradient_accumulation_steps"]
         for batch in loader:
-            latents = batch["latents"].to(accelerator.device)
+            # An image-to-video model's entries carry the first frame's latents after the video's.
+            latents, condition = adapter.split_latents(batch["latents"].to(accelerator.device))
             # One denoiser per optimizer step (two-expert models), the same in every process.
             transformer, view, step_objective, expert = routes.pick(int(batch["step"]) // accumulation)
             # Noise and noise levels per sample, seeded by (seed, batch step, position in the global
@@ -384,7 +386,7 @@ class Trainer:
                 noisy = condition_first_frame(noisy, latents, fixed)
             with accelerator.accumulate(transformer):
                 with accelerator.autocast():
-                    prediction = adapter.predict(view, noisy, sigmas, batch, first_frame_fixed=fixed)
+                    prediction = adapter.predict(view, noisy, sigmas, batch, first_frame_fixed=fixed, condition=condition)
                 loss, parts = flow_matching_loss(prediction.float(), flow_target(latents, noise).float(), sigmas, objective, weight,
                                                  first_frame_fixed=fixed)
                 # Every process decides on the same losses, so all skip a step or none does.

@@ -21,13 +21,14 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-TINY_FAMILIES: tuple[str, ...] = ("wan21", "wan22_ti2v_5b", "wan22_a14b", "hunyuan_video", "cogvideox", "hidream")
+TINY_FAMILIES: tuple[str, ...] = ("wan21", "wan22_ti2v_5b", "wan22_a14b", "wan22_a14b_i2v", "hunyuan_video", "cogvideox", "hidream")
 
 # family -> (module under core.models.tiny, builder function name)
 _BUILDERS: dict[str, tuple[str, str]] = {
     "wan21": ("wan", "build_wan21"),
     "wan22_ti2v_5b": ("wan", "build_wan22_ti2v_5b"),
     "wan22_a14b": ("wan", "build_wan22_a14b"),
+    "wan22_a14b_i2v": ("wan", "build_wan22_a14b_i2v"),
     "hunyuan_video": ("hunyuan", "build_hunyuan_video"),
     "cogvideox": ("cogvideox", "build_cogvideox"),
     "hidream": ("hidream", "build_hidream"),

@@ -59,7 +59,7 @@ def _text_encoder_and_tokenizer(seed: int):
     return UMT5EncoderModel(config).eval(), tokenizer
 
 
-def _transformer(seed: int, name: str, channels: int):
+def _transformer(seed: int, name: str, channels: int, in_channels: int | None = None):
     from diffusers import WanTransformer3DModel
 
     seed_for(seed, name)
@@ -67,7 +67,7 @@ def _transformer(seed: int, name: str, channels: int):
         patch_size=(1, 2, 2),
         num_attention_heads=2,
         attention_head_dim=12,  # RoPE splits it over (t, h, w): 4 + 4 + 4
-        in_channels=channels,
+        in_channels=in_channels or channels,
         out_channels=channels,
         text_dim=TEXT_DIM,
         freq_dim=256,
@@ -163,5 +163,23 @@ def build_wan22_a14b(out: Path, seed: int) -> None:
         transformer=_transformer(seed, "transformer", 16),  # high-noise expert
         transformer_2=_transformer(seed, "transformer_2", 16),  # low-noise expert: same shape, own weights
         boundary_ratio=0.875,
+    )
+    save_pipeline(pipe, out)
+
+
+def build_wan22_a14b_i2v(out: Path, seed: int) -> None:
+    from diffusers import WanImageToVideoPipeline
+
+    text_encoder, tokenizer = _text_encoder_and_tokenizer(seed)
+    # As Wan2.2-I2V-A14B-Diffusers: no CLIP image encoder; each expert takes the noisy latents (16)
+    # beside the first-frame mask (4, one per frame of a latent frame) and the image's latents (16).
+    pipe = WanImageToVideoPipeline(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=_vae_wan21(seed),
+        scheduler=_scheduler(flow_shift=5.0),  # Wan 2.2 I2V-A14B's sample_shift
+        transformer=_transformer(seed, "transformer", 16, in_channels=36),  # high-noise expert
+        transformer_2=_transformer(seed, "transformer_2", 16, in_channels=36),  # low-noise expert
+        boundary_ratio=0.9,
     )
     save_pipeline(pipe, out)
