@@ -24,9 +24,8 @@ the step record with its memory snapshot, the metrics.jsonl and TensorBoard writ
 it leaves out reading batches from the cache, which benchmarks/cache_load.py measures (about 1.4 ms
 per batch here) and which the hand loop has no counterpart of.
 
-With --what-if, each round also runs the engine twice more, patched from outside in this process
-only (core/ is unchanged), to show what two of its costs are: accelerate's clip_grad_norm_ given only
-the trainable (LoRA) parameters instead of transformer.parameters(), and that plus TensorBoard off.
+With --what-if, each round also runs the engine once more with TensorBoard off (patched from outside
+in this process only; core/ is unchanged), to show what TensorBoard's events cost.
 
 --parts times the pieces of each side's step separately (each function the engine's loop calls is
 wrapped with a timer; the hand loop times its own lines), to say where a difference comes from.
@@ -212,13 +211,6 @@ def reset_accelerate() -> None:
     GradientState._reset_state()
 
 
-def _clip_trainable(self: Any, parameters: Any, max_norm: float, norm_type: float = 2) -> Any:
-    """What-if: Accelerator.clip_grad_norm_ over the optimizer's (trainable) parameters only."""
-    params = [p for opt in self._optimizers for group in opt.optimizer.param_groups for p in group["params"]]
-    self.unscale_gradients()
-    return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type=norm_type)
-
-
 def engine_round(work: Path, model: Path, clip: Path, steps: int, name: str, hand: HandLoop | None,
                  what_if: tuple[str, ...] = ()) -> dict[str, list[float]]:
     """One Trainer run with the hand loop interleaved: per-step times of both, warm-up included.
@@ -226,15 +218,12 @@ def engine_round(work: Path, model: Path, clip: Path, steps: int, name: str, han
     Engine step k (k >= 1) contains hand step k - 1 (run while the engine waited for batch k), which
     is subtracted; engine step 0 has none.
     """
-    import accelerate
 
     from core.train import telemetry
 
     loader, times = InterleavedLoader(hand), StepTimes()
-    real_clip, real_tensorboard = accelerate.Accelerator.clip_grad_norm_, telemetry._open_summary_writer
+    real_tensorboard = telemetry._open_summary_writer
     trainer_module.make_loader = loader
-    if "clip" in what_if:
-        accelerate.Accelerator.clip_grad_norm_ = _clip_trainable
     if "tensorboard" in what_if:
         telemetry._open_summary_writer = lambda *args: None
     else:
@@ -250,7 +239,6 @@ def engine_round(work: Path, model: Path, clip: Path, steps: int, name: str, han
         result = trainer_module.Trainer(engine_config(work, model, clip, steps, name), times).run()
     finally:
         trainer_module.make_loader = loader.real
-        accelerate.Accelerator.clip_grad_norm_ = real_clip
         telemetry._open_summary_writer = real_tensorboard
     assert result.steps == steps and result.skipped_steps == 0, result
     if hand is None:
@@ -362,7 +350,7 @@ def profile(label: str, call: Any, lines: int = 25) -> None:
     call()
     profiler.disable()
     out = io.StringIO()
-    pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(lines)
+    pstats.Stats(profiler, stream=out).sort_stats(os.environ.get("PROFILE_SORT", "tottime")).print_stats(os.environ.get("PROFILE_FILTER", ""), lines)
     print(f"\n--- cProfile, {label} (sorted by own time) ---")
     print("\n".join(line for line in out.getvalue().splitlines() if line.strip()))
 
@@ -397,7 +385,7 @@ def main() -> None:
 
         sides: dict[str, tuple[str, ...]] = {"engine": ()}
         if args.what_if:
-            sides.update({"engine, clip trainable": ("clip",), "engine, clip trainable, no TensorBoard": ("clip", "tensorboard")})
+            sides.update({"engine, no TensorBoard": ("tensorboard",)})
         names = list(sides)
         rounds: dict[str, list[dict[str, list[float]]]] = {name: [] for name in names}
         for r in range(args.rounds):

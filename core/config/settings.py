@@ -57,14 +57,28 @@ def _unknown_key(key: str, section: Section | None, parent: str, source: str | N
 
 
 def section_defaults(section: Section) -> dict[str, Any]:
+    """The defaults of a section, as a new dict (callers may change it)."""
+    return copy.deepcopy(_section_defaults(section))
+
+
+# id(section) -> (section, defaults). The schema never changes while the app runs, and the training
+# loop asks for these every step. (Sections hold dicts, so they cannot be keys themselves.)
+_DEFAULTS: dict[int, tuple[Section, dict[str, Any]]] = {}
+
+
+def _section_defaults(section: Section) -> dict[str, Any]:
+    known = _DEFAULTS.get(id(section))
+    if known is not None and known[0] is section:
+        return known[1]
     out: dict[str, Any] = {}
     for child in section.children:
         if isinstance(child, Section):
-            out[child.name] = section_defaults(child)
+            out[child.name] = _section_defaults(child)
         elif isinstance(child, SectionList):
             out[child.name] = [fill_item(child, item) for item in child.default]
         else:
             out[child.name] = list(child.default) if isinstance(child.default, tuple) else child.default
+    _DEFAULTS[id(section)] = (section, out)
     return out
 
 

@@ -21,12 +21,12 @@ def sample_noise(shape: Any, positions: list[int], seed: int, step: int, objecti
     gets the same draws whichever process holds it and however many processes share the batch."""
     import torch
 
-    sigmas, noise = [], []
-    for position in positions:
-        generator = torch.Generator(device="cpu").manual_seed(step_seed(seed, step, f"noise:{position}"))
-        sigmas.append(sample_sigmas(1, objective, generator))
-        noise.append(torch.randn(tuple(shape[1:]), generator=generator))
-    return torch.cat(sigmas), torch.stack(noise)
+    generators = [torch.Generator(device="cpu").manual_seed(step_seed(seed, step, f"noise:{position}")) for position in positions]
+    # Each generator draws its sample's noise level, then its noise (the order matters for the
+    # numbers); the noise-level mapping runs once for the batch.
+    sigmas = sample_sigmas(len(generators), objective, generators)
+    noise = torch.stack([torch.randn(tuple(shape[1:]), generator=g) for g in generators])
+    return sigmas, noise
 
 
 def sample_first_frame_fixed(positions: list[int], seed: int, step: int, share: float) -> Any:

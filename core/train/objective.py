@@ -93,7 +93,7 @@ def _float32_bounds(lo: float, hi: float) -> tuple[float, float]:
 def sample_sigmas(
     batch_size: int,
     objective: dict[str, Any],
-    generator: torch.Generator,
+    generator: torch.Generator | list[torch.Generator],
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """Draw one noise level per sample, (batch_size,) float32 in [min_timestep, max_timestep].
@@ -102,35 +102,30 @@ def sample_sigmas(
     sigmoid(sigmoid_scale * N(0, 1)). SHIFTED: the SIGMOID draw, then the flow shift by
     timestep_shift. Then u is mapped linearly into [min_timestep, max_timestep].
 
+    ``generator`` may be a list of batch_size generators, one per sample (each draws its sample's
+    value, as a call with batch_size 1 would; the mapping then runs once for the batch).
+
     The draw happens on the generator's device and is then moved to ``device`` (default: the
     generator's), so a seed gives the same sigmas whichever device the batch lives on.
     """
     settings = _settings(objective)
     density = _training_utils().compute_density_for_timestep_sampling
     kind = settings["timestep_distribution"]
-    draw_device = generator.device
+    generators = generator if isinstance(generator, list) else [generator]
+    if isinstance(generator, list) and len(generator) != batch_size:
+        raise ValueError(f"{len(generator)} generators for a batch of {batch_size}")
+    per_call = 1 if isinstance(generator, list) else batch_size
+    draw_device = generators[0].device
     if kind == "UNIFORM":
-        u = density("uniform", batch_size, device=draw_device, generator=generator)
+        options: dict[str, Any] = {"weighting_scheme": "uniform"}
     elif kind == "LOGIT_NORMAL":
-        u = density(
-            "logit_normal",
-            batch_size,
-            logit_mean=float(settings["logit_mean"]),
-            logit_std=float(settings["logit_std"]),
-            device=draw_device,
-            generator=generator,
-        )
+        options = {"weighting_scheme": "logit_normal", "logit_mean": float(settings["logit_mean"]),
+                   "logit_std": float(settings["logit_std"])}
     else:  # SIGMOID and SHIFTED: sigmoid(scale * N(0, 1)) is logit-normal with mean 0 and std = scale.
-        u = density(
-            "logit_normal",
-            batch_size,
-            logit_mean=0.0,
-            logit_std=float(settings["sigmoid_scale"]),
-            device=draw_device,
-            generator=generator,
-        )
-        if kind == "SHIFTED":
-            u = _shift(u, float(settings["timestep_shift"]))
+        options = {"weighting_scheme": "logit_normal", "logit_mean": 0.0, "logit_std": float(settings["sigmoid_scale"])}
+    u = torch.cat([density(batch_size=per_call, device=draw_device, generator=g, **options) for g in generators])
+    if kind == "SHIFTED":
+        u = _shift(u, float(settings["timestep_shift"]))
     sigmas = _to_range(u.float(), settings)
     return sigmas.to(device if device is not None else draw_device)
 
