@@ -15,7 +15,15 @@ from collections.abc import Sequence
 from core.errors import UserError
 from core.log_setup import FILE_ONLY, log_file_path, setup_logging
 
-from . import cache_cmd, doctor_cmd, presets_cmd, settings_cmd, tiny_model_cmd, train_cmd
+from . import (
+    cache_cmd,
+    doctor_cmd,
+    estimate_cmd,
+    presets_cmd,
+    settings_cmd,
+    tiny_model_cmd,
+    train_cmd,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +52,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     doctor_cmd.register(commands)
     cache_cmd.register(commands)
     train_cmd.register(commands)
+    estimate_cmd.register(commands)
     return parser, commands
 
 

@@ -1,0 +1,305 @@
+"""The VRAM estimator: peak GPU memory of a training step, from the model's real sizes and the settings.
+
+It predicts torch.cuda.max_memory_allocated() of a training step, split into four parts:
+
+- weights: the frozen weights resident on the GPU (model_sizes.py gives their exact bytes per
+  weight_dtype): every transformer block not offloaded, the parts outside the blocks, `slots`
+  offloaded blocks in flight, and the text encoder when it is in the graph (EMBEDDING, or trained);
+- trainable_state: trained parameters in float32, their float32 gradients and the optimizer state;
+- activations: what autograd holds at the peak of the backward pass (activation_bytes below);
+- workspace: the transient dequantized weight of the largest quantized layer, the autocast copies
+  of fully trained weights, the optimizer step's temporaries and the latent-sized loss tensors.
+
+needed_bytes adds what max_memory_allocated does not see: the CUDA context and library handles
+(CUDA_CONTEXT_BYTES) and the caching allocator's reserve beyond allocated (ALLOCATOR_OVERHEAD).
+These two and BACKWARD_EXTRA are the calibration constants; docs/memory.md says where each comes
+from and which GPU measurement would replace it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from .known_models import ModelConfigs, model_configs
+from .model_sizes import (
+    DTYPE_BYTES,
+    QUANTIZED,
+    TransformerSizes,
+    compute_bytes,
+    text_encoder_sizes,
+    wan_transformer_sizes,
+)
+
+GIB = 2**30
+DEFAULT_SLOTS = 2  # offload.DEFAULT_SLOTS, without importing torch
+TEXT_TOKENS = 512  # Wan's text length: the cached embeddings are padded to it
+# Measured on a CPU (tests/test_estimate.py, TensorMemoryProbe): the backward pass of one block
+# holds, on top of its recomputed activations, gradients and temporaries of 0.33-0.38 times their size.
+BACKWARD_EXTRA = 0.4
+# Not measured here (no GPU): typical CUDA context + cuBLAS/cuDNN handles, and the caching
+# allocator's reserved-over-allocated margin. To be replaced by benchmarks/offload_gpu.py's figures.
+CUDA_CONTEXT_BYTES = 512 * 2**20
+ALLOCATOR_OVERHEAD = 0.10
+# Optimizer state bytes per trained parameter (fp32 states): AdamW exp_avg + exp_avg_sq; 8-bit
+# AdamW one byte each; SGD momentum; Prodigy exp_avg, exp_avg_sq, s and p0. Adafactor is factored.
+OPTIMIZER_STATE_BYTES = {"ADAMW": 8, "ADAMW_8BIT": 2, "SGD": 4, "PRODIGY": 16}
+# foreach optimizers build a temporary the size of the parameters (fp32) during step(); bitsandbytes' does not.
+STEP_TEMPORARY_BYTES = {"ADAMW": 4, "ADAMW_8BIT": 0, "SGD": 4, "PRODIGY": 4, "ADAFACTOR": 4}
+
+
+@dataclass
+class Estimate:
+    peak_bytes: int
+    parts: dict[str, int]
+    needed_bytes: int
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def fits(self, vram_bytes: int) -> bool:
+        return self.needed_bytes <= vram_bytes
+
+    def as_json(self) -> dict[str, Any]:
+        return {"peak_bytes": self.peak_bytes, "needed_bytes": self.needed_bytes, "parts": dict(self.parts), "details": self.details}
+
+
+# --------------------------------------------------------------------------------------------------
+# Activations
+
+
+def block_activation_bytes(t: TransformerSizes, tokens: int, text_tokens: int, b: int, *, lora_rank: int = 0,
+                           per_token_timesteps: bool = False) -> int:
+    """Bytes autograd saves in one Wan block's forward for one sample (compute dtype of b bytes).
+
+    Counted from the tensors diffusers' WanTransformerBlock saves (torch 2.13, with a LoRA on the
+    family's default targets, flash-style attention that saves q, k, v, out and the logsumexp):
+    per token x width 6 float32 tensors and 13 in the compute dtype (9 in float32 training, where
+    some .float() copies are the tensor itself); 2 per token x ffn_dim; 4-5 per text token x width;
+    norm statistics per token; the LoRA's rank-r intermediates; the per-token timestep projection
+    of Wan 2.2 TI2V-5B adds 8 float32 tensors per token x width.
+    """
+    L, T, D, F = tokens, text_tokens, t.dim, t.ffn_dim
+    per_token_width = 24 + (13 * b if b < 4 else 36)
+    total = L * D * per_token_width + L * F * 2 * b + T * D * (4 + 4 * b if b < 4 else 16)
+    total += L * t.heads * 8 + L * 36 + T * 4 + D * 12
+    if per_token_timesteps:
+        total += L * D * 32
+    if lora_rank:
+        total += lora_rank * b * (8 * L + 2 * T)
+    return total
+
+
+def lora_weight_cast_bytes(t: TransformerSizes, targets: list[tuple[int, int]], rank: int, b: int) -> int:
+    """Autocast's compute-dtype copies of one block's LoRA matrices (only when computing below float32)."""
+    return 0 if b >= 4 else sum(rank * (i + o) * b for i, o in targets)
+
+
+def text_encoder_activation_bytes(config: dict[str, Any], tokens: int, b: int) -> int:
+    """Bytes a T5-family encoder saves for one caption (all layers; it is not checkpointed):
+    per layer 4 q/k/v/out, 6 gated feed-forward, ~15 bytes per token x width, and one position bias
+    of heads x tokens^2 (from the tensors UMT5EncoderModel saves, torch 2.13)."""
+    te = text_encoder_sizes(config)
+    per_layer = tokens * (4 * te.heads * te.d_kv * b + 6 * te.d_ff * b + 15 * te.d_model) + te.heads * tokens**2 * b
+    return te.layers * (per_layer + 4 * te.heads * tokens + 10 * tokens)
+
+
+# --------------------------------------------------------------------------------------------------
+# The estimate
+
+
+def tokens_per_sample(config: dict[str, Any], t: TransformerSizes, spatial: int, temporal: int) -> dict[str, int]:
+    """Latent frames, latent height/width in patches, and tokens of the largest training sample."""
+    frames = max(1, config["frames"])
+    frames = (frames - 1) // temporal * temporal + 1  # rounded down to k * ratio + 1
+    latent_frames = (frames - 1) // temporal + 1
+    side = max(1, config["resolution"] // (spatial * t.patch[1]))
+    return {"frames": frames, "latent_frames": latent_frames, "side": side,
+            "tokens": math.ceil(latent_frames / t.patch[0]) * side * side}
+
+
+def estimate_memory(config: dict[str, Any], configs: ModelConfigs | None = None) -> Estimate:
+    """The estimate for a complete, resolved settings dict (core.config.resolve)."""
+    from .offload import offloaded_block_count  # torch-free at import
+
+    configs = configs or model_configs(config["base_model"])
+    transformers = [wan_transformer_sizes(c) for c in configs.transformers]
+    t = transformers[0]
+    spatial = int(configs.vae.get("scale_factor_spatial", config["video_config"]["spatial_compression_ratio"]))
+    temporal = int(configs.vae.get("scale_factor_temporal", config["video_config"]["temporal_compression_ratio"]))
+    shape = tokens_per_sample(config, t, spatial, temporal)
+    # Videos come video_batch_size_multiplier times batch_size at a time, images (one frame) batch_size
+    # at a time: the larger of the two (tokens x samples) sets the activations.
+    video_batch = max(1, round(config["batch_size"] * config["video_config"]["video_batch_size_multiplier"]))
+    image_tokens = shape["side"] * shape["side"]
+    if shape["frames"] > 1 and video_batch * shape["tokens"] >= config["batch_size"] * image_tokens:
+        L, batch = shape["tokens"], video_batch
+    else:
+        shape.update(frames=1, latent_frames=1, tokens=image_tokens)
+        L, batch = image_tokens, config["batch_size"]
+    method = config["training_method"]
+    train_b = {"FLOAT_32": 4}.get(config["train_dtype"], 2)
+    wdtype = config["transformer"]["weight_dtype"]
+    full_transformer = method == "FINE_TUNE" and config["transformer"]["train"]
+    lora = method == "LORA"
+    rank = config["lora"]["rank"] if lora else 0
+    checkpointing = config["gradient_checkpointing"]
+    fraction = config["layer_offload_fraction"] if checkpointing != "OFF" and not full_transformer else 0.0
+    details: dict[str, Any] = {"model": configs.name, "configs_from": configs.source, **shape, "batch": batch,
+                               "transformers": len(transformers), "blocks": t.n_blocks}
+
+    # weights
+    weights = 0
+    offloaded = offloaded_block_count(fraction, t.n_blocks)
+    if not full_transformer:
+        for sizes in transformers:
+            block = sizes.block_bytes(wdtype)
+            in_flight = min(DEFAULT_SLOTS, offloaded)
+            weights += (sizes.n_blocks - offloaded + in_flight) * block + sizes.outside_bytes(wdtype)
+    details.update(offloaded_blocks=offloaded, weight_dtype=wdtype)
+    text_in_graph = method == "EMBEDDING" or config["text_encoder"]["train"]
+    text_full = config["text_encoder"]["train"] and method == "FINE_TUNE"
+    te = text_encoder_sizes(configs.text_encoder)
+    if text_in_graph and not text_full:
+        weights += te.weight_bytes(config["text_encoder"]["weight_dtype"])
+
+    # trainable parameters
+    targets = _lora_targets(config, t) if lora else []
+    trained = 0
+    factored_state = 0
+    if lora and config["transformer"]["train"]:
+        trained += len(transformers) * t.n_blocks * sum(rank * (i + o) for i, o in targets)
+        factored_state = len(transformers) * t.n_blocks * sum(4 * (rank + i) + 4 * (o + rank) for i, o in targets)
+    if full_transformer:
+        trained += sum(s.parameters() for s in transformers)
+        factored_state += sum(4 * (i + o) * s.n_blocks for s in transformers for _, i, o in s.block_linears)
+    if text_full:
+        trained += te.parameters()
+        factored_state += 4 * te.layers * (4 * (te.d_model + te.heads * te.d_kv) + 3 * (te.d_model + te.d_ff))
+    if method == "EMBEDDING":
+        trained += len(config["embedding"]["placeholder_tokens"]) * te.d_model
+    optimizer = config["optimizer"]
+    state = factored_state if optimizer == "ADAFACTOR" else trained * OPTIMIZER_STATE_BYTES[optimizer]
+    trainable_state = trained * 8 + state
+    details.update(trained_parameters=trained, optimizer=optimizer)
+
+    # activations (per sample, times the batch; shared per-step tensors once)
+    per_token_ts = configs.expand_timesteps
+    act_block = block_activation_bytes(t, L, TEXT_TOKENS, train_b, lora_rank=rank, per_token_timesteps=per_token_ts)
+    casts = lora_weight_cast_bytes(t, targets, rank, train_b)
+    block_inputs = L * t.dim * train_b
+    shared = TEXT_TOKENS * t.dim * train_b + (L if per_token_ts else 1) * 6 * t.dim * train_b
+    outside = L * t.dim * 4
+    if checkpointing == "OFF":
+        stored = t.n_blocks * act_block * batch + t.n_blocks * casts
+    elif checkpointing == "ON":
+        stored = t.n_blocks * block_inputs * batch + act_block * batch + casts
+    else:  # CPU_OFFLOADED: the saved inputs wait in CPU memory; one block's come back at a time
+        stored = block_inputs * batch + act_block * batch + casts
+    activations = stored + shared * batch + outside * batch + 8 * L * t.head_dim + int(BACKWARD_EXTRA * act_block * batch)
+    if text_in_graph:
+        activations += text_encoder_activation_bytes(configs.text_encoder, TEXT_TOKENS, train_b) * batch
+    details["checkpointing"] = checkpointing
+
+    # workspace
+    channels = t.out_channels
+    latent_elements = batch * channels * shape["latent_frames"] * (shape["side"] * t.patch[1]) ** 2
+    workspace = latent_elements * 4 * 6  # latents, noise, noisy input, target, prediction, its gradient (float32)
+    if wdtype in QUANTIZED and not full_transformer:
+        workspace += t.max_linear_elements() * compute_bytes(wdtype)  # one layer dequantized at a time
+    if full_transformer:
+        workspace += sum(s.parameters() for s in transformers) * train_b  # autocast's copies of the trained weights
+    step_peak = trained * STEP_TEMPORARY_BYTES[optimizer]
+
+    parts = {"weights": weights, "trainable_state": trainable_state, "activations": activations,
+             "workspace": max(workspace, step_peak)}
+    peak = sum(parts.values())
+    needed = int(peak * (1 + ALLOCATOR_OVERHEAD)) + CUDA_CONTEXT_BYTES
+    return Estimate(peak, parts, needed, details)
+
+
+def _lora_targets(config: dict[str, Any], t: TransformerSizes) -> list[tuple[int, int]]:
+    """(in, out) of each LoRA'd Linear in one block: lora.target_layers (name suffixes), else the
+    Wan adapter's defaults (attention projections and the feed-forward pair)."""
+    shapes = t.linear_shapes()
+    wanted = config["lora"]["target_layers"] or [name for name in shapes if not name.startswith("attn2.add_")]
+    return [shape for name, shape in shapes.items() if any(name == w or name.endswith("." + w) or w.endswith(name) for w in wanted)]
+
+
+# --------------------------------------------------------------------------------------------------
+# Fitting a budget
+
+
+def _set(config: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:
+    import copy
+
+    out = copy.deepcopy(config)
+    node = out
+    *path, last = dotted.split(".")
+    for key in path:
+        node = node[key]
+    node[last] = value
+    return out
+
+
+def _lighter(current: str, options: tuple[str, ...]) -> list[str]:
+    """current, then the options that store the weights in fewer bytes."""
+    size = {"FLOAT_32": 4, "BFLOAT_16": 2, "FLOAT_16": 2, "FLOAT_8": 1, "INT_8": 1, "INT_4": 0.5, "NFLOAT_4": 0.5}
+    return [current] + [o for o in options if size[o] < size.get(current, 2)]
+
+
+def propose_fit(config: dict[str, Any], vram_bytes: int, configs: ModelConfigs | None = None) -> tuple[dict[str, Any], Estimate] | None:
+    """The least slow changes that make the estimate fit vram_bytes, as {dotted key: value}, with
+    the estimate they give; {} if it fits as it is; None if nothing tried fits.
+
+    Tried in this order (slowest last): the weight storage as it is, then FLOAT_8, then NFLOAT_4;
+    within each, checkpointing as it is, then ON, then CPU_OFFLOADED; within each, the lowest
+    layer_offload_fraction of 0, 0.25, 0.5, 0.75, 1 (at least the current one).
+    """
+    configs = configs or model_configs(config["base_model"])
+    base = estimate_memory(config, configs)
+    if base.fits(vram_bytes):
+        return {}, base
+    order = ("OFF", "ON", "CPU_OFFLOADED")
+    current_ckpt = config["gradient_checkpointing"]
+    fractions = sorted({config["layer_offload_fraction"], *[f for f in (0.0, 0.25, 0.5, 0.75, 1.0) if f >= config["layer_offload_fraction"]]})
+    fine_tune = config["training_method"] == "FINE_TUNE"
+    for dtype in _lighter(config["transformer"]["weight_dtype"], ("FLOAT_8", "NFLOAT_4")) if not fine_tune else [config["transformer"]["weight_dtype"]]:
+        for ckpt in order[order.index(current_ckpt):]:
+            for fraction in fractions if ckpt != "OFF" else [0.0]:
+                changes = {"transformer.weight_dtype": dtype, "gradient_checkpointing": ckpt, "layer_offload_fraction": fraction}
+                trial = config
+                for key, value in changes.items():
+                    trial = _set(trial, key, value)
+                result = estimate_memory(trial, configs)
+                if result.fits(vram_bytes):
+                    original = {"transformer.weight_dtype": config["transformer"]["weight_dtype"],
+                                "gradient_checkpointing": current_ckpt, "layer_offload_fraction": config["layer_offload_fraction"]}
+                    return {k: v for k, v in changes.items() if original[k] != v}, result
+    return None
+
+
+def detect_vram() -> tuple[int, str] | None:
+    """(total bytes, name) of CUDA device 0, or None without one (imports torch)."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    props = torch.cuda.get_device_properties(0)
+    return int(props.total_memory), str(props.name)
+
+
+__all__ = [
+    "ALLOCATOR_OVERHEAD",
+    "BACKWARD_EXTRA",
+    "CUDA_CONTEXT_BYTES",
+    "DTYPE_BYTES",
+    "GIB",
+    "Estimate",
+    "block_activation_bytes",
+    "detect_vram",
+    "estimate_memory",
+    "propose_fit",
+    "tokens_per_sample",
+]

@@ -1,0 +1,106 @@
+"""Built-in configs of the models the estimator knows without their files, and how to find a model's configs.
+
+When base_model is a local diffusers folder (or a hub id already in the local Hugging Face cache)
+the estimator reads its own config.json files. Otherwise it uses these, keyed by hub id.
+
+Sources of the numbers:
+- transformers: diffusers' scripts/convert_wan_to_diffusers.py, get_transformer_config
+  (huggingface/diffusers at 7d5682739a1ee5b25bb9f5a81c573ea7e38d8e22): "Wan-T2V-1.3B",
+  "Wan-T2V-14B", "Wan2.2-TI2V-5B", "Wan2.2-T2V-A14B", "Wan2.2-I2V-14B-720p"; they match the Wan
+  repositories' own wan/configs (dim 1536/5120/3072, ffn 8960/13824/14336, 30/40/30 layers).
+- text encoder: google/umt5-xxl's config.json, the encoder every Wan model ships
+  (d_model 4096, d_ff 10240, 24 layers, 64 heads of 64, vocabulary 256384, gated-gelu).
+- VAE compression: Wan 2.1's VAE 8x spatial / 4x temporal, 16 latent channels; Wan 2.2's (TI2V-5B)
+  16x spatial (8x plus a 2x2 patchify) / 4x temporal, 48 channels (wan/configs vae_stride).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from core.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+_WAN_COMMON = {"attention_head_dim": 128, "cross_attn_norm": True, "eps": 1e-06, "freq_dim": 256,
+               "patch_size": [1, 2, 2], "qk_norm": "rms_norm_across_heads", "text_dim": 4096, "rope_max_seq_len": 1024}
+WAN21_1_3B = {**_WAN_COMMON, "ffn_dim": 8960, "in_channels": 16, "out_channels": 16, "num_attention_heads": 12, "num_layers": 30}
+WAN21_14B = {**_WAN_COMMON, "ffn_dim": 13824, "in_channels": 16, "out_channels": 16, "num_attention_heads": 40, "num_layers": 40}
+WAN22_TI2V_5B = {**_WAN_COMMON, "ffn_dim": 14336, "in_channels": 48, "out_channels": 48, "num_attention_heads": 24, "num_layers": 30}
+WAN22_A14B_T2V = dict(WAN21_14B)
+WAN22_A14B_I2V = {**WAN21_14B, "in_channels": 36}
+UMT5_XXL = {"d_model": 4096, "d_ff": 10240, "d_kv": 64, "num_heads": 64, "num_layers": 24, "vocab_size": 256384,
+            "relative_attention_num_buckets": 32, "feed_forward_proj": "gated-gelu"}
+WAN21_VAE = {"z_dim": 16, "scale_factor_spatial": 8, "scale_factor_temporal": 4}
+WAN22_VAE = {"z_dim": 48, "scale_factor_spatial": 16, "scale_factor_temporal": 4}
+
+
+@dataclass
+class ModelConfigs:
+    """What the estimator needs of a model: its transformers' configs, the text encoder's, the VAE's ratios."""
+
+    name: str
+    source: str  # where the configs came from: a folder, or "built-in (hub id)"
+    transformers: list[dict[str, Any]]
+    text_encoder: dict[str, Any]
+    vae: dict[str, Any] = field(default_factory=dict)
+    expand_timesteps: bool = False  # Wan 2.2 TI2V-5B: one timestep per latent token
+
+
+KNOWN_MODELS: dict[str, ModelConfigs] = {
+    "Wan-AI/Wan2.1-T2V-1.3B-Diffusers": ModelConfigs("Wan 2.1 T2V 1.3B", "", [WAN21_1_3B], UMT5_XXL, WAN21_VAE),
+    "Wan-AI/Wan2.1-T2V-14B-Diffusers": ModelConfigs("Wan 2.1 T2V 14B", "", [WAN21_14B], UMT5_XXL, WAN21_VAE),
+    "Wan-AI/Wan2.2-TI2V-5B-Diffusers": ModelConfigs("Wan 2.2 TI2V-5B", "", [WAN22_TI2V_5B], UMT5_XXL, WAN22_VAE, True),
+    "Wan-AI/Wan2.2-T2V-A14B-Diffusers": ModelConfigs("Wan 2.2 T2V A14B", "", [WAN22_A14B_T2V, WAN22_A14B_T2V], UMT5_XXL, WAN21_VAE),
+    "Wan-AI/Wan2.2-I2V-A14B-Diffusers": ModelConfigs("Wan 2.2 I2V A14B", "", [WAN22_A14B_I2V, WAN22_A14B_I2V], UMT5_XXL, WAN21_VAE),
+}
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path} cannot be read ({e}); the model folder looks incomplete", key="base_model") from None
+
+
+def configs_from_folder(folder: Path) -> ModelConfigs:
+    """The configs of a local diffusers model folder (model_index.json, transformer/, ...)."""
+    index = _read(folder / "model_index.json") if (folder / "model_index.json").is_file() else {}
+    transformers = [_read(folder / name / "config.json") for name in ("transformer", "transformer_2")
+                    if (folder / name / "config.json").is_file()]
+    if not transformers:
+        raise ConfigError(f"{folder} has no transformer/config.json; point base_model at a diffusers model folder", key="base_model")
+    text = folder / "text_encoder" / "config.json"
+    vae = folder / "vae" / "config.json"
+    return ModelConfigs(
+        name=folder.name, source=str(folder), transformers=transformers,
+        text_encoder=_read(text) if text.is_file() else dict(UMT5_XXL),
+        vae=_read(vae) if vae.is_file() else {},
+        expand_timesteps=bool(index.get("expand_timesteps", False)),
+    )
+
+
+def model_configs(base_model: str) -> ModelConfigs:
+    """The configs for base_model: its local folder's (or local hub cache's), else the built-in ones."""
+    from core.models.registry import resolve_model_folder
+
+    text = str(base_model).strip()
+    try:
+        folder = resolve_model_folder(text)
+    except ConfigError:
+        folder = None
+    if folder is not None:
+        return configs_from_folder(folder)
+    for hub_id, known in KNOWN_MODELS.items():
+        if hub_id.lower() == text.lower():
+            return ModelConfigs(known.name, f"built-in config of {hub_id}", [dict(t) for t in known.transformers],
+                                dict(known.text_encoder), dict(known.vae), known.expand_timesteps)
+    raise ConfigError(
+        f"base_model {text} is neither a local model folder nor a model the estimator knows "
+        f"({', '.join(KNOWN_MODELS)}); download it or point base_model at its folder",
+        key="base_model",
+    )

@@ -1,0 +1,210 @@
+"""The real sizes of a model's parts, from their config files alone (no torch, no weights).
+
+A Wan transformer's tensors are listed the way diffusers' WanTransformer3DModel builds them
+(diffusers 0.42, models/transformers/transformer_wan.py): per block the attention projections,
+the feed-forward pair, the q/k RMSNorms, norm2 (cross_attn_norm) and the block's scale_shift_table;
+outside the blocks the patch embedding (Conv3d), the condition embedder, proj_out, the output
+scale_shift_table and the rotary tables (buffers). Loaded with torch_dtype=bfloat16, diffusers
+keeps `_keep_in_fp32_modules` (rope, time_embedder, scale_shift_table, norm1/2/3) in float32;
+this is reproduced. tests/test_estimate.py checks the byte counts against part_summary of the real
+classes, for every weight_dtype, on the tiny models.
+
+Bytes of one Linear layer per weight_dtype (quantized types keep the bias and the quanto scalar
+buffers in the compute dtype):
+- FLOAT_32 / BFLOAT_16 / FLOAT_16: in*out + out (bias) elements of 4 / 2 / 2 bytes;
+- FLOAT_8, INT_8 (quanto): in*out bytes + one scale per output row + bias + 2 scalars;
+- INT_4 (quanto qint4): in*out/2 bytes + a scale and a shift per group of g inputs per row
+  (g: 128, lowered by 32 until it divides in, at least 32; else one group per row) + bias + 2 scalars;
+- NFLOAT_4 (bitsandbytes nf4, blocks of 64, double quantization): in*out/2 bytes + one uint8
+  absmax per block + one float32 absmax per 256 blocks + offset + 16-entry and 256-entry float32
+  code tables + bias.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+DTYPE_BYTES = {"FLOAT_32": 4, "BFLOAT_16": 2, "FLOAT_16": 2}
+QUANTIZED = ("FLOAT_8", "INT_8", "INT_4", "NFLOAT_4")
+NF4_BLOCK = 64
+NF4_NESTED_BLOCK = 256
+
+
+def compute_bytes(weight_dtype: str) -> int:
+    """Bytes per element of the compute dtype a weight_dtype loads in (quantized types: bfloat16)."""
+    return DTYPE_BYTES.get(weight_dtype, 2)
+
+
+def quanto_int4_group(in_features: int) -> int | None:
+    """optimum-quanto's qint4 group size for a layer (QModuleMixin.__init__), None for one per row."""
+    group = 128
+    if in_features <= group:
+        return None
+    while in_features % group != 0 and group > 32:
+        group -= 32
+    return group if in_features % group == 0 else None
+
+
+def linear_bytes(in_features: int, out_features: int, bias: bool, weight_dtype: str) -> int:
+    """Bytes of an nn.Linear's weight and bias stored as weight_dtype (see the module docstring)."""
+    base = compute_bytes(weight_dtype)
+    n = in_features * out_features
+    bias_bytes = out_features * base if bias else 0
+    if weight_dtype in DTYPE_BYTES:
+        return n * base + bias_bytes
+    if weight_dtype in ("FLOAT_8", "INT_8"):
+        return n + out_features * base + bias_bytes + 2 * base
+    if weight_dtype == "INT_4":
+        group = quanto_int4_group(in_features)
+        groups = out_features * (in_features // group) if group else out_features
+        return n // 2 + 2 * groups * base + bias_bytes + 2 * base
+    if weight_dtype == "NFLOAT_4":
+        blocks = math.ceil(n / NF4_BLOCK)
+        nested = math.ceil(blocks / NF4_NESTED_BLOCK)
+        return math.ceil(n / 2) + blocks + 4 * nested + 4 + 16 * 4 + 256 * 4 + bias_bytes
+    raise ValueError(f"unknown weight_dtype {weight_dtype!r}")
+
+
+@dataclass
+class TransformerSizes:
+    """One Wan transformer's shape and tensors, from its config.json."""
+
+    config: dict[str, Any]
+    n_blocks: int
+    dim: int
+    heads: int
+    head_dim: int
+    ffn_dim: int
+    text_dim: int
+    patch: tuple[int, int, int]
+    in_channels: int
+    out_channels: int
+    block_linears: list[tuple[str, int, int]] = field(default_factory=list)  # (name, in, out), all with bias
+    block_other: list[tuple[str, int, bool]] = field(default_factory=list)  # (name, elements, kept in float32)
+    outside_linears: list[tuple[str, int, int, bool]] = field(default_factory=list)  # (name, in, out, float32)
+    outside_other: list[tuple[str, int, bool]] = field(default_factory=list)
+    buffer_bytes: int = 0  # rotary tables, float32
+
+    def block_bytes(self, weight_dtype: str, quantize_blocks: bool = True) -> int:
+        """Bytes of one block with its Linear layers in weight_dtype (others in the compute dtype)."""
+        base = compute_bytes(weight_dtype)
+        linear_dtype = weight_dtype if quantize_blocks else {4: "FLOAT_32", 2: "BFLOAT_16"}[base]
+        total = sum(linear_bytes(i, o, True, linear_dtype) for _, i, o in self.block_linears)
+        total += sum(n * (4 if fp32 else base) for _, n, fp32 in self.block_other)
+        return total
+
+    def outside_bytes(self, weight_dtype: str) -> int:
+        """Bytes of everything outside the blocks (never quantized by default), buffers included."""
+        base = compute_bytes(weight_dtype)
+        total = sum((i * o + o) * (4 if fp32 else base) for _, i, o, fp32 in self.outside_linears)
+        total += sum(n * (4 if fp32 else base) for _, n, fp32 in self.outside_other)
+        return total + self.buffer_bytes
+
+    def total_bytes(self, weight_dtype: str) -> int:
+        return self.n_blocks * self.block_bytes(weight_dtype) + self.outside_bytes(weight_dtype)
+
+    def parameters(self) -> int:
+        """Parameter elements (PyTorch's count), as part_summary's `parameters`."""
+        block = sum(i * o + o for _, i, o in self.block_linears) + sum(n for _, n, _ in self.block_other)
+        outside = sum(i * o + o for _, i, o, _ in self.outside_linears) + sum(n for _, n, _ in self.outside_other)
+        return self.n_blocks * block + outside
+
+    def max_linear_elements(self) -> int:
+        return max(i * o for _, i, o in self.block_linears)
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """Suffix name -> (in, out) of the Linear layers in a block, for LoRA targets."""
+        return {name: (i, o) for name, i, o in self.block_linears}
+
+
+def wan_transformer_sizes(config: dict[str, Any]) -> TransformerSizes:
+    """The tensors of diffusers' WanTransformer3DModel for a config.json (defaults as its __init__)."""
+    heads = int(config.get("num_attention_heads", 40))
+    head_dim = int(config.get("attention_head_dim", 128))
+    dim = heads * head_dim
+    ffn = int(config.get("ffn_dim", 13824))
+    text_dim = int(config.get("text_dim", 4096))
+    freq_dim = int(config.get("freq_dim", 256))
+    patch = tuple(int(v) for v in config.get("patch_size", (1, 2, 2)))
+    in_channels = int(config.get("in_channels", 16))
+    out_channels = int(config.get("out_channels") or in_channels)
+    added_kv = config.get("added_kv_proj_dim")
+    image_dim = config.get("image_dim")
+    pos_len = config.get("pos_embed_seq_len")
+    sizes = TransformerSizes(dict(config), int(config.get("num_layers", 40)), dim, heads, head_dim, ffn, text_dim,
+                             patch, in_channels, out_channels)  # type: ignore[arg-type]
+    for attn in ("attn1", "attn2"):
+        for proj in ("to_q", "to_k", "to_v", "to_out.0"):
+            sizes.block_linears.append((f"{attn}.{proj}", dim, dim))
+        sizes.block_other += [(f"{attn}.norm_q.weight", dim, False), (f"{attn}.norm_k.weight", dim, False)]
+    if added_kv:
+        sizes.block_linears += [("attn2.add_k_proj", int(added_kv), dim), ("attn2.add_v_proj", int(added_kv), dim)]
+        sizes.block_other.append(("attn2.norm_added_k.weight", dim, False))
+    sizes.block_linears += [("ffn.net.0.proj", dim, ffn), ("ffn.net.2", ffn, dim)]
+    if config.get("cross_attn_norm", True):
+        sizes.block_other += [("norm2.weight", dim, True), ("norm2.bias", dim, True)]
+    sizes.block_other.append(("scale_shift_table", 6 * dim, True))
+
+    kernel = math.prod(patch)
+    sizes.outside_other += [("patch_embedding.weight", in_channels * dim * kernel, False), ("patch_embedding.bias", dim, False),
+                            ("scale_shift_table", 2 * dim, True)]
+    sizes.outside_linears += [
+        ("condition_embedder.time_embedder.linear_1", freq_dim, dim, True),
+        ("condition_embedder.time_embedder.linear_2", dim, dim, True),
+        ("condition_embedder.time_proj", dim, 6 * dim, False),
+        ("condition_embedder.text_embedder.linear_1", text_dim, dim, False),
+        ("condition_embedder.text_embedder.linear_2", dim, dim, False),
+        ("proj_out", dim, out_channels * kernel, False),
+    ]
+    if image_dim:
+        image_dim = int(image_dim)
+        sizes.outside_other += [("condition_embedder.image_embedder.norm1", 2 * image_dim, True),
+                                ("condition_embedder.image_embedder.norm2", 2 * dim, True)]
+        sizes.outside_linears += [("condition_embedder.image_embedder.ff.net.0.proj", image_dim, image_dim, False),
+                                  ("condition_embedder.image_embedder.ff.net.2", image_dim, dim, False)]
+        if pos_len:
+            sizes.outside_other.append(("condition_embedder.image_embedder.pos_embed", int(pos_len) * image_dim, False))
+    sizes.buffer_bytes = 2 * int(config.get("rope_max_seq_len", 1024)) * head_dim * 4  # freqs_cos, freqs_sin
+    return sizes
+
+
+@dataclass
+class TextEncoderSizes:
+    """A T5-family encoder (UMT5EncoderModel) from its config.json."""
+
+    d_model: int
+    d_ff: int
+    d_kv: int
+    heads: int
+    layers: int
+    vocab: int
+    buckets: int
+    gated: bool
+
+    def parameters(self) -> int:
+        inner = self.heads * self.d_kv
+        per_layer = 4 * self.d_model * inner + self.buckets * self.heads + 2 * self.d_model
+        per_layer += (3 if self.gated else 2) * self.d_model * self.d_ff
+        return self.vocab * self.d_model + self.layers * per_layer + self.d_model
+
+    def weight_bytes(self, weight_dtype: str) -> int:
+        # Linear layers without bias; quantized types keep the embedding and norms in bfloat16.
+        if weight_dtype in DTYPE_BYTES:
+            return self.parameters() * DTYPE_BYTES[weight_dtype]
+        inner = self.heads * self.d_kv
+        linears = [(self.d_model, inner)] * 4 + [(self.d_model, self.d_ff)] * (2 if self.gated else 1) + [(self.d_ff, self.d_model)]
+        per_layer = sum(linear_bytes(i, o, False, weight_dtype) for i, o in linears)
+        other = (self.buckets * self.heads + 2 * self.d_model) * 2
+        return self.layers * (per_layer + other) + (self.vocab * self.d_model + self.d_model) * 2
+
+
+def text_encoder_sizes(config: dict[str, Any]) -> TextEncoderSizes:
+    feed_forward = str(config.get("feed_forward_proj", "gated-gelu"))
+    return TextEncoderSizes(
+        d_model=int(config.get("d_model", 4096)), d_ff=int(config.get("d_ff", 10240)), d_kv=int(config.get("d_kv", 64)),
+        heads=int(config.get("num_heads", 64)), layers=int(config.get("num_layers", 24)),
+        vocab=int(config.get("vocab_size", 256384)), buckets=int(config.get("relative_attention_num_buckets", 32)),
+        gated=feed_forward.startswith("gated") or bool(config.get("is_gated_act", False)),
+    )
