@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 APP_NAME = "Video Trainer"
 EXIT_USER_ERROR = 2
 EXIT_FAILURE = 1
+WARM_UP_DELAY_MS = 1000
 
 
 def run_app(preset: str | None = None, tab: str | None = None, screenshot: str | None = None) -> int:
@@ -46,7 +47,7 @@ def run_app(preset: str | None = None, tab: str | None = None, screenshot: str |
             return EXIT_USER_ERROR
         os.environ["QT_QPA_PLATFORM"] = "offscreen"  # a screenshot needs no screen
 
-    from PySide6.QtCore import qInstallMessageHandler
+    from PySide6.QtCore import QTimer, qInstallMessageHandler
     from PySide6.QtGui import QIcon
     from PySide6.QtWidgets import QApplication
 
@@ -81,6 +82,9 @@ def run_app(preset: str | None = None, tab: str | None = None, screenshot: str |
         window.close()
         return EXIT_FAILURE if failures else 0
 
+    # Load torch and the engine while the user reads the settings, so Start does not wait for them;
+    # after a moment, so the window is drawn first.
+    QTimer.singleShot(WARM_UP_DELAY_MS, window.run_panel.warm_up)
     # Ctrl+C in the terminal closes the window instead of being swallowed by Qt's event loop.
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     return int(app.exec())

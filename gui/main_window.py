@@ -1,5 +1,8 @@
-"""The main window: the preset bar, one tab of settings per entry of gui.tab_layout.TABS, and a
-status line naming what is wrong with the settings.
+"""The main window: the preset bar, one tab of settings per entry of gui.tab_layout.TABS, a status
+line naming what is wrong with the settings, and below the tabs the run panel and the live plots.
+
+Shortcuts: Ctrl+Return starts a run, Ctrl+. stops it (Esc is not used: it is pressed too easily,
+and closes popups), Ctrl+S saves the preset, Ctrl+Shift+S saves it under a new name.
 """
 
 from __future__ import annotations
@@ -8,8 +11,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from PySide6.QtCore import QByteArray, QSettings
-from PySide6.QtGui import QCloseEvent, QIcon
+from PySide6.QtCore import QByteArray, QSettings, Qt
+from PySide6.QtGui import QAction, QCloseEvent, QIcon, QKeySequence
 from PySide6.QtWidgets import (
     QFrame,
     QInputDialog,
@@ -17,6 +20,7 @@ from PySide6.QtWidgets import (
     QMainWindow,
     QMessageBox,
     QScrollArea,
+    QSplitter,
     QStyle,
     QTabWidget,
     QVBoxLayout,
@@ -36,8 +40,10 @@ from core.paths import user_state_dir
 
 from .config_state import ConfigState, Problem
 from .preset_bar import PresetBar
+from .run_area import RunArea
 from .settings_form import SettingsForm
 from .tab_layout import TABS
+from .train_worker import RunOutcome
 
 log = logging.getLogger(__name__)
 
@@ -86,13 +92,25 @@ class MainWindow(QMainWindow):
             self.tabs.addTab(scroll, spec.title)
             self.forms[spec.name] = form
 
+        self._close_when_stopped = False  # the user closed the window during a run and said stop
+        # Settings above, the run below: the run panel beside the plots, all resizable.
+        self.run_area = RunArea(lambda: self.config, self.invalid_settings)
+        self.run_panel, self.plots = self.run_area.panel, self.run_area.plots
+        self.run_panel.run_finished.connect(self._run_finished)
+        self.splitter = QSplitter(Qt.Orientation.Vertical)
+        self.splitter.addWidget(self.tabs)
+        self.splitter.addWidget(self.run_area)
+        self.splitter.setChildrenCollapsible(False)
+        self.splitter.setSizes([430, 320])
+
         central = QWidget()
         column = QVBoxLayout(central)
         column.setContentsMargins(0, 0, 0, 0)
         column.setSpacing(0)
         column.addWidget(self.preset_bar)
-        column.addWidget(self.tabs, 1)
+        column.addWidget(self.splitter, 1)
         self.setCentralWidget(central)
+        self._add_shortcuts()
 
         self.problems_label = QLabel()
         self.problems_label.setObjectName("problems")
@@ -108,6 +126,10 @@ class MainWindow(QMainWindow):
             geometry = window_settings().value("geometry")
             if not (isinstance(geometry, QByteArray) and self.restoreGeometry(geometry)):
                 fit_and_center(self)
+            for key, splitter in (("splitter", self.splitter), ("run_area", self.run_area)):
+                state = window_settings().value(key)
+                if isinstance(state, QByteArray):
+                    splitter.restoreState(state)
 
     # -- what other parts use ------------------------------------------------------------------
 
@@ -268,6 +290,7 @@ class MainWindow(QMainWindow):
 
     def _show_problems(self) -> None:
         problems = self.invalid_settings()
+        self.run_panel.set_problems(problems)
         keys = {p.key for p in problems}
         warning = self.style().standardIcon(QStyle.StandardPixmap.SP_MessageBoxWarning)
         for index, spec in enumerate(TABS):
@@ -281,14 +304,74 @@ class MainWindow(QMainWindow):
         self.problems_label.setText(problems[0].message + more)
         self.problems_label.setToolTip("\n".join(p.message for p in problems))
 
+    # -- the run -------------------------------------------------------------------------------
+
+    def _run_finished(self, outcome: RunOutcome) -> None:
+        if self._close_when_stopped:
+            self.close()
+            return
+        if outcome.error is not None and outcome.error.keys:
+            self.show_setting(outcome.error.keys[0])
+
+    def show_setting(self, key: str) -> bool:
+        """Bring the tab holding this setting forward and focus its field; False if none shows it."""
+        for index, spec in enumerate(TABS):
+            field = self.forms[spec.name].fields.get(key)
+            if field is not None and self.tabs.isTabVisible(index):
+                self.tabs.setCurrentIndex(index)
+                field.editor.setFocus()
+                return True
+        return False
+
     # -- desktop manners -----------------------------------------------------------------------
 
+    def _add_shortcuts(self) -> None:
+        shortcuts = (
+            ("Start training", ("Ctrl+Return", "Ctrl+Enter"), self.run_panel.start),
+            ("Stop training", ("Ctrl+.",), self.run_panel.stop),
+            ("Save preset", (QKeySequence.StandardKey.Save,), self.save),
+            ("Save preset as", ("Ctrl+Shift+S",), self.save_as),
+        )
+        for text, keys, slot in shortcuts:
+            action = QAction(text, self)
+            action.setShortcuts([QKeySequence(key) for key in keys])
+            action.setShortcutContext(Qt.ShortcutContext.WindowShortcut)
+            action.triggered.connect(lambda _checked=False, slot=slot: slot())
+            self.addAction(action)
+
     def closeEvent(self, event: QCloseEvent) -> None:  # noqa: N802 (Qt's name)
-        if not self._confirm_discard():
+        if self.run_panel.is_running():
+            event.ignore()
+            if self._close_when_stopped:  # already stopping: the window closes when the run ends
+                self.statusBar().showMessage("Still stopping: the window closes as soon as the result is saved.", 10000)
+                return
+            if not self._confirm_discard():
+                return
+            answer = QMessageBox.question(
+                self,
+                APP_TITLE,
+                "Training is running. Stop it after the current step, save what was trained, and close?",
+                QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No,
+                QMessageBox.StandardButton.No,
+            )
+            if answer != QMessageBox.StandardButton.Yes:
+                return
+            self._close_when_stopped = True
+            self.run_panel.stop()
+            self.statusBar().showMessage("Stopping training: the window closes when the result is saved.")
+            return
+        # After a stop the user chose to close for, the questions were asked already.
+        if not self._close_when_stopped and not self._confirm_discard():
             event.ignore()
             return
         if self.remember:
-            window_settings().setValue("geometry", self.saveGeometry())
+            settings = window_settings()
+            settings.setValue("geometry", self.saveGeometry())
+            settings.setValue("splitter", self.splitter.saveState())
+            settings.setValue("run_area", self.run_area.saveState())
+        if self.run_panel.is_busy():
+            self.hide()  # the background import cannot be interrupted: wait for it out of sight
+        self.run_panel.shutdown()
         event.accept()
 
 

@@ -95,6 +95,18 @@ class SmoothedLoss:
 # Memory
 
 
+_PROCESS: dict[int, Any] = {}
+
+
+def _this_process(psutil: Any) -> Any:
+    # psutil.Process() reads /proc/<pid>/stat to identify the process every time it is made: the
+    # largest part of a step record's cost. One per pid (a forked child gets its own).
+    pid = os.getpid()
+    if pid not in _PROCESS:
+        _PROCESS[pid] = psutil.Process(pid)
+    return _PROCESS[pid]
+
+
 def process_rss_bytes() -> int | None:
     """Resident set size of this process in bytes (psutil if installed, else the OS directly)."""
     try:
@@ -103,7 +115,7 @@ def process_rss_bytes() -> int | None:
         psutil = None
     if psutil is not None:
         try:
-            return int(psutil.Process().memory_info().rss)
+            return int(_this_process(psutil).memory_info().rss)
         except Exception:  # noqa: BLE001 - fall through to the OS readers
             log.debug("psutil cannot read this process's memory", exc_info=True)
     if sys.platform.startswith("linux"):
