@@ -10,6 +10,7 @@ import logging
 import logging.handlers
 import sys
 from pathlib import Path
+from typing import Any
 
 from core.paths import user_log_dir
 
@@ -44,6 +45,27 @@ def _shown_on_console(record: logging.LogRecord) -> bool:
     return not record.name.startswith(FILE_ONLY_LOGGERS)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a record is emitted, not the stream it was when
+    logging was set up: a replaced stderr (a test's capture, a redirecting host) may be closed by
+    then, and every later record would end in a "--- Logging error ---" traceback."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: Any) -> None:
+        pass  # StreamHandler.__init__ and setStream assign it; the current sys.stderr always wins
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if sys.stderr is not None:
+            super().emit(record)
+
+
 def setup_logging(console_level: int = logging.WARNING) -> Path | None:
     """Configure the root logger once; return the log file, or None if it cannot be written."""
     global _configured
@@ -52,7 +74,7 @@ def setup_logging(console_level: int = logging.WARNING) -> Path | None:
         return _configured
     root.setLevel(logging.INFO)
     if sys.stderr is not None:  # pythonw on Windows has no stderr
-        console = logging.StreamHandler(sys.stderr)
+        console = _StderrHandler()
         console.setLevel(console_level)
         console.setFormatter(_ConsoleFormatter("%(levelname)s: %(message)s"))
         console.addFilter(_shown_on_console)
