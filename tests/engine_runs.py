@@ -73,6 +73,7 @@ class Outcome:
     batch_sigmas: list[list[float]] = field(default_factory=list)
     batch_shapes: list[tuple[int, ...]] = field(default_factory=list)  # the model input (B, C, F, H, W)
     checkpointing: list[bool] = field(default_factory=list)  # the model's state at every forward
+    activation_contexts: list[str] = field(default_factory=list)  # the context class around every forward
     loader_workers: list[int] = field(default_factory=list)
     latent_keys: list[str] = field(default_factory=list)  # every cached variant the plan trains on
     cache_report: Any = None
@@ -97,6 +98,14 @@ class Outcome:
     @property
     def workspace(self) -> Path:
         return Path(self.config["workspace_dir"])
+
+    @property
+    def run_info(self) -> dict[str, Any]:
+        return json.loads((self.workspace / "run_info.json").read_text(encoding="utf-8"))
+
+    @property
+    def offload_bytes(self) -> list[int]:
+        return [r["offload_bytes_per_step"] for r in self.records]
 
     def warnings(self) -> str:
         return "\n".join(message for level, message in self.logs if level >= logging.WARNING)
@@ -230,6 +239,7 @@ class _spies:
         real_predict = WanAdapter.predict
         real_loader = trainer_module.make_loader
         real_fill = trainer_module.fill_caches
+        real_activation_offload = trainer_module.activation_offload
 
         def loss(prediction, target, sigmas, objective, weight=0.0, **kwargs):
             value, parts = real_loss(prediction, target, sigmas, objective, weight, **kwargs)
@@ -252,7 +262,13 @@ class _spies:
             outcome.cache_report = report
             return report
 
+        def activation_offload(gradient_checkpointing):
+            context = real_activation_offload(gradient_checkpointing)
+            outcome.activation_contexts.append(type(context).__name__)
+            return context
+
         patches.setattr(trainer_module, "flow_matching_loss", loss)
+        patches.setattr(trainer_module, "activation_offload", activation_offload)
         patches.setattr(WanAdapter, "predict", predict)
         patches.setattr(trainer_module, "make_loader", loader)
         patches.setattr(trainer_module, "fill_caches", fill)

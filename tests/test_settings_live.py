@@ -126,6 +126,37 @@ def _check_checkpointing(a: Outcome, b: Outcome) -> None:
         torch.testing.assert_close(a.lora[k].float(), b.lora[k].float(), rtol=0.02, atol=1e-4)
 
 
+def _check_quantized(fmt: str) -> Callable[[Outcome, Outcome], None]:
+    def check(a: Outcome, b: Outcome) -> None:
+        different_loss(a, b)
+        before, after = a.run_info["parts"]["transformer"], b.run_info["parts"]["transformer"]
+        # Only the format: on the tiny model scales outweigh the savings (test_train_memory.py measures those).
+        assert before["quantized_bytes_by_format"] == {} and set(after["quantized_bytes_by_format"]) == {fmt}
+
+    return check
+
+
+def _check_offload(a: Outcome, b: Outcome) -> None:
+    # Offloading moves weights, not numbers: the same LoRA, and the bytes it moved in the metrics.
+    _trained(a), _trained(b)
+    assert a.offload_bytes == [0, 0, 0] and b.offload_bytes[0] > 0, b.offload_bytes
+    assert all(b.checkpointing) and lora_equal(a, b)
+
+
+def _check_activation_offload(a: Outcome, b: Outcome) -> None:
+    # On a CPU the saved activations are in CPU memory already: the context runs and moves nothing.
+    _trained(a), _trained(b)
+    assert set(a.activation_contexts) == {"nullcontext"} and set(b.activation_contexts) == {"ActivationOffload"}
+    assert all(b.checkpointing) and lora_equal(a, b)
+
+
+def _check_quantized_text_encoder(a: Outcome, b: Outcome) -> None:
+    # The quantized encoder's embeddings are cached under their own key, never reused from another precision.
+    _trained(a), _trained(b)
+    assert b.latent_keys == a.latent_keys and b.cache_report.latents_computed == 0
+    assert b.cache_report.texts_computed == 1 and a.losses != b.losses
+
+
 def _check_batch_size(a: Outcome, b: Outcome) -> None:
     _trained(a, 3), _trained(b, 3)
     assert {s[0] for s in a.batch_shapes} == {1} and {s[0] for s in b.batch_shapes} == {2}
@@ -329,10 +360,18 @@ CASES = [
     Case("transformer.learning_rate", {"transformer.learning_rate": 0.003}, _check_part_learning_rate),
     Case("transformer.weight_dtype", {"transformer.weight_dtype": "BFLOAT_16"}, different_loss,
          base_changes={"train_dtype": "BFLOAT_16"}),
+    Case("transformer.weight_dtype", {"transformer.weight_dtype": "FLOAT_8"}, _check_quantized("qfloat8_e4m3fn"),
+         base_changes={"train_dtype": "BFLOAT_16", "transformer.weight_dtype": "BFLOAT_16"}, label="FLOAT_8"),
+    Case("transformer.weight_dtype", {"transformer.weight_dtype": "NFLOAT_4"}, _check_quantized("nf4"),
+         base_changes={"train_dtype": "BFLOAT_16", "transformer.weight_dtype": "BFLOAT_16"}, label="NFLOAT_4"),
+    Case("text_encoder.weight_dtype", {"text_encoder.weight_dtype": "FLOAT_8"}, _check_quantized_text_encoder, label="FLOAT_8"),
     Case("text_encoder.weight_dtype", {"text_encoder.weight_dtype": "BFLOAT_16", "cache_dir": _new_folder("text-bf16")},
          _check_text_dtype, base_changes={"cache_dir": _new_folder("text-fp32")}),
     Case("vae.weight_dtype", {"vae.weight_dtype": "BFLOAT_16"}, _check_vae_dtype),
     Case("gradient_checkpointing", {"gradient_checkpointing": "ON"}, _check_checkpointing),
+    Case("gradient_checkpointing", {"gradient_checkpointing": "CPU_OFFLOADED"}, _check_activation_offload,
+         base_changes={"gradient_checkpointing": "ON"}, label="CPU_OFFLOADED"),
+    Case("layer_offload_fraction", {"layer_offload_fraction": 0.5}, _check_offload, base_changes={"gradient_checkpointing": "ON"}),
     Case("batch_size", {"batch_size": 2}, _check_batch_size, base_changes={"video_config.video_batch_size_multiplier": 1.0}),
     Case("gradient_accumulation_steps", {"gradient_accumulation_steps": 2}, _check_accumulation),
     Case("learning_rate", {"learning_rate": 0.002}, _check_learning_rate),

@@ -117,8 +117,8 @@ def test_stop_between_steps_still_saves(tiny_wan: Path, one_clip: Path, tmp_path
     ("override", "key"),
     [
         ({"training_method": "FINE_TUNE"}, "training_method"),
-        ({"transformer": {"weight_dtype": "NFLOAT_4"}}, "transformer.weight_dtype"),
-        ({"layer_offload_fraction": 0.5}, "layer_offload_fraction"),
+        ({"vae": {"weight_dtype": "NFLOAT_4"}}, "vae.weight_dtype"),
+        ({"layer_offload_fraction": 0.5, "gradient_checkpointing": "OFF"}, "gradient_checkpointing"),  # offloading needs it
     ],
 )
 def test_what_this_version_cannot_do_is_refused_by_name(tiny_wan: Path, one_clip: Path, tmp_path: Path, override: dict, key: str) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import UserError
+from core.memory.quantize import is_quantized_dtype
 from core.models.base import ModelAdapter
 from core.models.dtypes import compute_dtype
 
@@ -55,6 +56,7 @@ class DataPlan:
     # The dtypes the VAE and text encoder compute in while caching (part of the latent keys).
     vae_dtype: Any = None
     text_dtype: Any = None
+    text_weight_dtype: str | None = None  # the text encoder's quantized storage (FLOAT_8, ...), or None
 
     def sampler_records(self) -> list[SampleRecord]:
         """For BucketBatchSampler: the sample id is the index into `train`."""
@@ -161,12 +163,18 @@ def plan_data(
         raise UserError(f"no usable clips or images with captions in the configured datasets{why} (run 'main.py doctor' for a report)")
     say(f"planning {len(train_items)} training and {len(held_out)} validation samples")
     vae_dtype = compute_dtype(config["vae"]["weight_dtype"])
-    text_dtype = compute_dtype(config["text_encoder"]["weight_dtype"])
-    names = (str(vae_dtype).removeprefix("torch."), str(text_dtype).removeprefix("torch."))
+    text_weight = config["text_encoder"]["weight_dtype"]
+    text_dtype = compute_dtype(text_weight)
+    text_name = str(text_dtype).removeprefix("torch.")
+    quantized = text_weight if is_quantized_dtype(text_weight) else None
+    if quantized:
+        text_name += f"-{quantized.lower()}"  # a quantized encoder's embeddings are its own, never a bfloat16 one's
+    names = (str(vae_dtype).removeprefix("torch."), text_name)
     return DataPlan(
         plan_samples(train_items, usable, config, adapter, hasher, *names),
         plan_samples(held_out, usable, config, adapter, hasher, *names),
         issues,
         vae_dtype=vae_dtype,
         text_dtype=text_dtype,
+        text_weight_dtype=quantized,
     )

@@ -144,7 +144,7 @@ def fill_caches(
             captions[sample.text_key] = sample.item.caption
     missing = [(k, c) for k, c in captions.items() if c]
     if missing and not stop():
-        adapter.load_text_encoder(device, plan.text_dtype or torch.float32)
+        adapter.load_text_encoder(device, plan.text_dtype or torch.float32, plan.text_weight_dtype)
         for start in range(0, len(missing), TEXT_BATCH):
             chunk = missing[start : start + TEXT_BATCH]
             encoded = adapter.encode_text([caption for _, caption in chunk])

@@ -144,8 +144,9 @@ class ModelAdapter(ABC):
         """Load the VAE alone (once; moved if asked again with another device or dtype)."""
 
     @abstractmethod
-    def load_text_encoder(self, device: torch.device | str, dtype: torch.dtype) -> Any:
-        """Load the tokenizer and text encoder alone (once; moved if asked again)."""
+    def load_text_encoder(self, device: torch.device | str, dtype: torch.dtype, weight_dtype: str | None = None) -> Any:
+        """Load the tokenizer and text encoder alone (once; moved if asked again). A quantized
+        `weight_dtype` (FLOAT_8, INT_8, INT_4, NFLOAT_4) stores its Linear layers quantized; it computes in dtype."""
 
     @abstractmethod
     def unload_encoders(self) -> None:
@@ -186,6 +187,32 @@ class ModelAdapter(ABC):
     def load_transformer(self, name: str, device: torch.device | str, dtype: torch.dtype, checkpoint: str | None = None) -> Any:
         """Load one denoiser (frozen, eval mode) in dtype on device; `checkpoint`, a single-file
         checkpoint to take its weights from instead of the model folder."""
+
+    def load_quantized_transformer(self, name: str, weight_dtype: str, *, cache_dir: str | os.PathLike | None,
+                                   work_device: Any = None, checkpoint: str | None = None) -> Any:
+        """One denoiser with its blocks' Linear layers quantized to weight_dtype, frozen, on the CPU.
+
+        From the model folder through the quantization cache under cache_dir (core.memory.quantize_cache:
+        a later run reads only the quantized weights). A single-file `checkpoint` is loaded and quantized
+        every time: the cache's key is the model folder's identity, which says nothing about the
+        checkpoint's weights. work_device: where NFLOAT_4 quantizes (a GPU is much faster than a CPU).
+        """
+        from core.memory.quantize import quantize_model
+        from core.memory.quantize_cache import load_quantized_part
+
+        from .dtypes import compute_dtype
+
+        if checkpoint:
+            transformer = self.load_transformer(name, "cpu", compute_dtype(weight_dtype), checkpoint)
+            quantize_model(transformer, weight_dtype, work_device=work_device)
+            return transformer
+        transformer, _ = load_quantized_part(self.folder, name, weight_dtype, cache_dir=cache_dir,
+                                             compute_dtype=compute_dtype(weight_dtype), work_device=work_device)
+        return transformer
+
+    @abstractmethod
+    def transformer_blocks(self, transformer: Any) -> Any:
+        """The denoiser's stack of blocks (an nn.ModuleList), which layer offloading streams block by block."""
 
     @abstractmethod
     def sample(self, denoisers: dict[str, Any], prompt: str, *, width: int, height: int, frames: int, steps: int,

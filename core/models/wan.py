@@ -129,6 +129,7 @@ class WanAdapter(ModelAdapter):
         self._vae: Any = None
         self._text_encoder: Any = None
         self._tokenizer: Any = None
+        self._text_quantized: str | None = None
         self._identities: dict[str, str] = {}
 
     # -- configs (read without loading any weights) ---------------------------------------------
@@ -206,7 +207,12 @@ class WanAdapter(ModelAdapter):
         _place(self._vae, device, dtype)
         return self._vae
 
-    def load_text_encoder(self, device: torch.device | str, dtype: torch.dtype) -> Any:
+    def load_text_encoder(self, device: torch.device | str, dtype: torch.dtype, weight_dtype: str | None = None) -> Any:
+        from core.memory.quantize import is_quantized_dtype
+
+        quantized = weight_dtype if weight_dtype is not None and is_quantized_dtype(weight_dtype) else None
+        if self._text_encoder is not None and quantized != self._text_quantized:
+            self._text_encoder = None  # asked for another storage: load again
         if self._text_encoder is None:
             from transformers import AutoTokenizer, UMT5EncoderModel
 
@@ -217,8 +223,28 @@ class WanAdapter(ModelAdapter):
             with _quiet_transformers():
                 self._text_encoder = UMT5EncoderModel.from_pretrained(self.folder, subfolder="text_encoder", dtype=dtype)
             self._text_encoder.requires_grad_(False).eval()
-        _place(self._text_encoder, device, dtype)
+            self._text_quantized = quantized
+            if quantized:
+                self._quantize_text_encoder(quantized, device)
+        if quantized:
+            self._text_encoder.to(device)  # the quantized storage moves as it is; no dtype cast
+        else:
+            _place(self._text_encoder, device, dtype)
         return self._text_encoder
+
+    def _quantize_text_encoder(self, weight_dtype: str, device: torch.device | str) -> None:
+        import torch
+
+        from core.memory.quantize import quantize_model
+
+        def include(name: str, module: Any) -> bool:
+            # Every Linear of the encoder; for NFLOAT_4 not the feed-forward's `wo`: UMT5 casts its
+            # input to wo.weight.dtype, which is uint8 for bitsandbytes' packed weights (transformers'
+            # own bitsandbytes loading keeps wo unquantized for the same reason).
+            return isinstance(module, torch.nn.Linear) and not (weight_dtype == "NFLOAT_4" and name.endswith(".wo"))
+
+        work = device if torch.device(device).type == "cuda" else None
+        quantize_model(self._text_encoder, weight_dtype, include=include, work_device=work)
 
     def unload_encoders(self) -> None:
         self._vae = self._text_encoder = self._tokenizer = None
@@ -348,6 +374,9 @@ class WanAdapter(ModelAdapter):
 
     def set_frame_local_attention(self, transformer: Any) -> None:
         FrameLocalAttention.install(transformer)
+
+    def transformer_blocks(self, transformer: Any) -> Any:
+        return transformer.blocks
 
     def default_lora_targets(self) -> list[str]:
         # Self- and cross-attention projections and the feed-forward layers of every block: what

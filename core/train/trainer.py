@@ -11,6 +11,9 @@ seeded by (seed, step, position in the global batch), so N processes with batch_
 same samples and the same noise as one process with batch_size N x B. Only the main process fills
 the caches (the others wait, then read them), calls the client's callbacks and writes files
 (metrics, run_info.json, the LoRA). See docs/training.md, "Several GPUs".
+
+Where the weights live (quantized storage, layer and activation offloading, the estimate beside the
+run, out-of-memory advice) is placement.py's; see docs/memory.md, "In a training run".
 """
 
 from __future__ import annotations
@@ -48,6 +51,16 @@ from .objective import (
     noisy_inputs,
 )
 from .optim import build_optimizer, build_scheduler
+from .placement import (
+    Offloaders,
+    activation_offload,
+    estimated_peak_bytes,
+    ignore_frozen_for_ddp,
+    is_out_of_memory,
+    load_denoiser,
+    out_of_memory_error,
+    place_denoiser,
+)
 from .support import announcements, refusals
 
 log = logging.getLogger(__name__)
@@ -240,7 +253,7 @@ class Trainer:
         flag = torch.tensor([1.0 if self.commands.stop_requested else 0.0], device=accelerator.device)
         return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
 
-    def _add_lora(self, transformer: Any, adapter: Any) -> list[Any]:
+    def _add_lora(self, transformer: Any, adapter: Any) -> None:
         from diffusers.training_utils import cast_training_params
         from peft import LoraConfig
 
@@ -255,14 +268,20 @@ class Trainer:
             raise UserError(f"lora.target_layers {targets} match no layer of the model ({e}); leave it empty for the defaults") from None
         # LoRA weights train in float32 whatever the base's storage (fp32 master weights).
         cast_training_params(transformer, dtype=compute_dtype("FLOAT_32"))
-        return [p for p in transformer.parameters() if p.requires_grad]
 
     # -- the run -------------------------------------------------------------------------------
     def run(self) -> TrainResult:
         try:
             return self._run()
+        except Exception as e:
+            if not is_out_of_memory(e):
+                raise
+            log.debug("out of GPU memory", exc_info=True)
+            error = out_of_memory_error(self.config, getattr(self, "_model_folder", None))
         finally:
             _release_accelerate_state()
+        # Raised outside the handler, so the error's traceback (holding the step's tensors) is gone.
+        raise error
 
     def _run(self) -> TrainResult:
         import torch
@@ -274,6 +293,7 @@ class Trainer:
 
         config = self.config
         adapter = adapter_for(config)
+        self._model_folder = adapter.folder  # for the out-of-memory advice
         _cache_package_checks()
         accelerator = Accelerator(
             mixed_precision=_precision(config["train_dtype"]),
@@ -293,7 +313,12 @@ class Trainer:
 
         denoisers = chosen_denoisers(config, adapter)
         transformers = [self._load_denoiser(adapter, denoiser.name, accelerator) for denoiser in denoisers]
-        lora_params = [self._add_lora(transformer, adapter) for transformer in transformers]
+        for transformer in transformers:
+            self._add_lora(transformer, adapter)  # after quantizing: peft wraps the quantized layers
+        # Layer offloading keeps some blocks' frozen weights in CPU memory; the rest goes to the device.
+        placed = [place_denoiser(transformer, adapter, config, accelerator.device) for transformer in transformers]
+        offloaders = Offloaders(placed)
+        lora_params = [[p for p in transformer.parameters() if p.requires_grad] for transformer in transformers]
         self._trainable = [p for params in lora_params for p in params]  # clipping walks only these
         part_lr = config["transformer"]["learning_rate"]
         lr = config["learning_rate"] if part_lr is None else part_lr  # 0.0 means frozen, not "unset"
@@ -325,7 +350,12 @@ class Trainer:
         # The scheduler is not prepared: accelerate's wrapper steps it once per process at every
         # optimizer step (made for loaders that shrink with the process count), but total_steps
         # already counts global steps; the loop steps it itself, once per optimizer step.
-        *transformers, optimizer = accelerator.prepare(*transformers, optimizer)
+        if world_size > 1:
+            for transformer in transformers:
+                ignore_frozen_for_ddp(transformer)
+        # An offloaded model must stay where the offloader put it (prepare would move all of it).
+        placement = [False if offloader is not None else None for offloader in placed]
+        *transformers, optimizer = accelerator.prepare(*transformers, optimizer, device_placement=[*placement, None])
         models = [accelerator.unwrap_model(t) for t in transformers]
 
         workspace = Path(config["workspace_dir"]).expanduser()
@@ -334,11 +364,13 @@ class Trainer:
             write_run_info(workspace, config, dict(zip((d.name for d in denoisers), models)),
                            {"total_steps": total_steps, "samples": len(plan.train), "family": adapter.family,
                             "world_size": world_size, "global_batch_size": global_batch,
-                            "denoisers": [vars(d) for d in denoisers]})
+                            "denoisers": [vars(d) for d in denoisers],
+                            "estimated_peak_bytes": estimated_peak_bytes(config, adapter.folder)})
         self._batches_per_pass = max(1, len(sampler.pass_batches(0)))
         routes = _Routes(denoisers, transformers, models, config, several_in_model=len(adapter.transformer_names()) > 1)
-        result = self._loop(accelerator, adapter, routes, optimizer, scheduler, loader, metrics, step_record, total_steps)
+        result = self._loop(accelerator, adapter, routes, optimizer, scheduler, loader, metrics, step_record, total_steps, offloaders)
         metrics.close()
+        offloaders.detach()
 
         if accelerator.is_main_process and result.steps > 0:
             result.output_paths.extend(self._save(adapter, denoisers, models, result.steps))
@@ -347,14 +379,7 @@ class Trainer:
         return result
 
     def _load_denoiser(self, adapter: Any, name: str, accelerator: Any) -> Any:
-        config = self.config
-        checkpoint = config["transformer"]["model_path"] or None
-        transformer = adapter.load_transformer(name, accelerator.device, compute_dtype(config["transformer"]["weight_dtype"]), checkpoint)
-        if not config["video_config"]["use_temporal_attention"]:
-            adapter.set_frame_local_attention(transformer)
-        if config["gradient_checkpointing"] == "ON":
-            transformer.enable_gradient_checkpointing()
-        return transformer
+        return load_denoiser(adapter, name, self.config, accelerator)
 
     def _save(self, adapter: Any, denoisers: list[Any], models: list[Any], steps: int) -> list[Path]:
         """One LoRA file, or one per trained expert of a two-expert model (_high_noise, _low_noise)."""
@@ -373,7 +398,7 @@ class Trainer:
                                    output_format=config["output_format"], metadata=metadata))
         return saved
 
-    def _loop(self, accelerator, adapter, routes, optimizer, scheduler, loader, metrics, step_record, total_steps) -> TrainResult:
+    def _loop(self, accelerator, adapter, routes, optimizer, scheduler, loader, metrics, step_record, total_steps, offloaders) -> TrainResult:
         import torch
 
         config = self.config
@@ -407,7 +432,7 @@ class Trainer:
                 fixed = sample_first_frame_fixed(positions, config["seed"], int(batch["step"]), i2v_share).to(accelerator.device)
                 noisy = condition_first_frame(noisy, latents, fixed)
             with accelerator.accumulate(transformer):
-                with accelerator.autocast():
+                with accelerator.autocast(), activation_offload(config["gradient_checkpointing"]):
                     prediction = adapter.predict(view, noisy, sigmas, batch, first_frame_fixed=fixed, condition=condition)
                 loss, parts = flow_matching_loss(prediction.float(), flow_target(latents, noise).float(), sigmas, objective, weight,
                                                  first_frame_fixed=fixed)
@@ -443,7 +468,8 @@ class Trainer:
                 result.steps, int(batch["step"]) // self._batches_per_pass, window_loss / window_count,
                 scheduler.get_last_lr()[0], smoother=smoother, timestep=float(gather(sigmas).mean()) * 1000,
                 samples_per_s=samples_since / max(now - last, 1e-9), seconds_per_step=now - last,
-                device=accelerator.device, loss_temporal=parts.get("temporal"), **expert,
+                device=accelerator.device, loss_temporal=parts.get("temporal"),
+                offload_bytes_per_step=offloaders.take_bytes_moved(), **expert,
             )
             result.final_loss = record["loss"]
             metrics.write(record)
