@@ -35,7 +35,7 @@ from core.errors import UserError
 from core.models.tiny import build_tiny_model
 from core.models.wan import WanAdapter
 from core.train.events import TrainerCallbacks
-from core.train.telemetry import read_metrics
+from core.train.metrics_reader import read_metrics
 from core.train.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parent.parent

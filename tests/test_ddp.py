@@ -29,7 +29,7 @@ from core.data.buckets import (
     total_batches,
 )
 from core.models.tiny import build_tiny_model
-from core.train.telemetry import read_metrics
+from core.train.metrics_reader import read_metrics
 from core.train.draws import sample_noise
 
 ROOT = Path(__file__).resolve().parent.parent

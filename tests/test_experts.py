@@ -18,7 +18,7 @@ from core.models.tiny import build_tiny_model
 from core.train import trainer as trainer_module
 from core.train.events import TrainerCallbacks
 from core.train.experts import denoiser_objective, route
-from core.train.telemetry import read_metrics
+from core.train.metrics_reader import read_metrics
 from core.train.trainer import Trainer
 
 BOUNDARY = 0.875  # the tiny A14B's model_index.json, as the real T2V model's

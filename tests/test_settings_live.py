@@ -25,7 +25,7 @@ from engine_runs import (
 )
 
 from core.errors import UserError
-from core.train.telemetry import read_metrics
+from core.train.metrics_reader import read_metrics
 
 # --------------------------------------------------------------------------------------------------
 # (a) Settings whose change must change the run

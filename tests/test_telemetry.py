@@ -13,15 +13,10 @@ import torch
 
 from core.train import telemetry
 from core.train.events import TrainerCallbacks, TrainerCommands
+from core.train.memory_readings import memory_snapshot
+from core.train.metrics_reader import read_metrics, tail_metrics
 from core.train.run_info import LIBRARIES, part_summary, write_run_info
-from core.train.telemetry import (
-    MetricsWriter,
-    SmoothedLoss,
-    memory_snapshot,
-    read_metrics,
-    step_record,
-    tail_metrics,
-)
+from core.train.telemetry import MetricsWriter, SmoothedLoss, step_record
 
 # --------------------------------------------------------------------------------------------------
 # Records

@@ -15,7 +15,7 @@ from core.config import load_preset, resolve
 from core.errors import ConfigError
 from core.models.tiny import build_tiny_model
 from core.train.events import TrainerCallbacks, TrainerCommands
-from core.train.telemetry import read_metrics
+from core.train.metrics_reader import read_metrics
 from core.train.trainer import Trainer
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .base import Denoiser, ModelAdapter, folder_identity
+from .wan_attention import FrameLocalAttention
 
 if TYPE_CHECKING:
     import torch
@@ -63,53 +64,6 @@ def _quiet_transformers() -> Iterator[None]:
     finally:
         if bars_were_on:
             hf_logging.enable_progress_bar()
-
-
-class FrameLocalAttention:
-    """Wan self-attention restricted to the tokens of the same latent frame
-    (video_config.use_temporal_attention false).
-
-    Wan orders a sample's tokens frame by frame (frame, row, column), so folding the frames into the
-    batch, (B, F*HW, D) -> (B*F, HW, D), and running diffusers' own processor on that gives exactly
-    a block-diagonal attention mask, without ever building the mask: the attention matrix shrinks
-    from (F*HW)^2 to F*(HW)^2 entries, which is where long clips spend their memory. The rotary
-    embedding is folded the same way. Cross-attention (to the caption) is left alone.
-
-    The number of latent frames comes from the transformer's input, recorded by a forward pre-hook
-    (install()), because the processor only sees flattened tokens.
-    """
-
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-        self.frames = 1
-
-    def __call__(self, attn: Any, hidden_states: Any, encoder_hidden_states: Any = None,
-                 attention_mask: Any = None, rotary_emb: Any = None) -> Any:
-        frames = self.frames
-        if encoder_hidden_states is not None or frames == 1:
-            return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
-        batch, tokens, dim = hidden_states.shape
-        per_frame = tokens // frames
-        folded = hidden_states.reshape(batch * frames, per_frame, dim)
-        if rotary_emb is not None:
-            rotary_emb = tuple(r.reshape(frames, per_frame, *r.shape[2:]).repeat(batch, 1, 1, 1) for r in rotary_emb)
-        out = self.inner(attn, folded, None, attention_mask, rotary_emb)
-        return out.reshape(batch, tokens, out.shape[-1])
-
-    @staticmethod
-    def install(transformer: Any) -> None:
-        """Give every block's self-attention a FrameLocalAttention sharing one frame count."""
-        processors = [FrameLocalAttention(block.attn1.processor) for block in transformer.blocks]
-        for block, processor in zip(transformer.blocks, processors):
-            block.attn1.set_processor(processor)
-        patch_frames = int(transformer.config.patch_size[0])
-
-        def record_frames(_module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-            for processor in processors:
-                processor.frames = hidden.shape[2] // patch_frames
-
-        transformer.register_forward_pre_hook(record_frames, with_kwargs=True)
 
 
 class WanAdapter(ModelAdapter):
@@ -411,61 +365,13 @@ class WanAdapter(ModelAdapter):
         (the untrained expert of a one-expert A14B run) is loaded frozen from the folder. Sizes are
         rounded down to what the model takes (multiples of size_divisor, 4k+1 frames).
         """
-        import diffusers
-        import numpy as np
-        import torch
-        from diffusers import UniPCMultistepScheduler, WanPipeline
+        from .wan_sampling import sample_video
 
-        parts = dict(denoisers)
-        for name in self.transformer_names():
-            if name not in parts:
-                parts[name] = self.load_transformer(name, device, dtype)
-        index = _read_json(self.folder / "model_index.json")
-        # The folder's own scheduler class (UniPC for the Wan releases), as from_pretrained would pick.
-        scheduler_type = getattr(diffusers, str(index.get("scheduler", [None, ""])[1]), None) or UniPCMultistepScheduler
-        self.load_text_encoder(device, dtype)
-        vae = self.load_vae(device, torch.float32)  # decoding in float32, as WanPipeline's examples do
-        extra: dict[str, Any] = {}
-        pipeline_type: Any = WanPipeline
-        if self.image_conditioned:
-            if image is None:
-                from core.errors import UserError
-
-                raise UserError(f"sampling this image-to-video model ({self.folder}) needs an image for the first frame")
-            from diffusers import WanImageToVideoPipeline
-            from PIL import Image
-
-            pipeline_type = WanImageToVideoPipeline
-            extra["image"] = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, dtype=np.uint8))
-        pipe = pipeline_type(
-            tokenizer=self._tokenizer, text_encoder=self._text_encoder, vae=vae,
-            scheduler=scheduler_type.from_pretrained(self.folder, subfolder="scheduler"),
-            transformer=parts["transformer"], transformer_2=parts.get("transformer_2"),
-            boundary_ratio=index.get("boundary_ratio"), expand_timesteps=bool(index.get("expand_timesteps", False)),
+        return sample_video(
+            self, denoisers, prompt, width=width, height=height, frames=frames, steps=steps,
+            guidance_scale=guidance_scale, seed=seed, device=device, dtype=dtype,
+            negative_prompt=negative_prompt, image=image,
         )
-        pipe.set_progress_bar_config(disable=True)
-        divisor = self.size_divisor
-        width, height = max(divisor, width // divisor * divisor), max(divisor, height // divisor * divisor)
-        frames = max(1, (frames - 1) // self.temporal_ratio * self.temporal_ratio + 1)
-        generator = torch.Generator(device="cpu").manual_seed(seed)
-        was_training = {name: module.training for name, module in parts.items()}
-        try:
-            for module in parts.values():
-                module.eval()  # no LoRA dropout while sampling
-            with torch.no_grad():
-                # The captions' embeddings as training made them (encode_text follows WanPipeline's
-                # own text path); it also avoids diffusers 0.42's image-to-video pipeline, whose
-                # caption cleaning needs ftfy installed.
-                texts = self.encode_text([prompt, negative_prompt])["prompt_embeds"]
-                video = pipe(
-                    prompt_embeds=texts[:1], negative_prompt_embeds=texts[1:], width=width, height=height, num_frames=frames,
-                    num_inference_steps=steps, guidance_scale=guidance_scale, generator=generator, output_type="np",
-                    **extra,
-                ).frames[0]
-        finally:
-            for name, module in parts.items():
-                module.train(was_training[name])
-        return (np.clip(video, 0.0, 1.0) * 255.0).round().astype(np.uint8)
 
     @property
     def image_conditioned(self) -> bool:  # type: ignore[override]

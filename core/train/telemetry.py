@@ -5,8 +5,8 @@ The engine builds a record with `step_record(...)` after each optimizer step, wr
 their units are listed in docs/training.md ("Telemetry").
 
 metrics.jsonl is opened line-buffered and flushed after every line, so a crash loses at most the line
-being written. Readers use `read_metrics` (whole file) or `tail_metrics` (new complete lines since an
-offset, for a window that polls a running job); both ignore a torn last line.
+being written. Reading it back: core/train/metrics_reader.py; the memory fields:
+core/train/memory_readings.py.
 
 torch and tensorboard are imported only when needed, so reading metrics does not load torch.
 """
@@ -17,12 +17,13 @@ import json
 import logging
 import math
 import os
-import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from core.atomic import write_bytes_atomic
+
+from .memory_readings import MEMORY_FIELDS, memory_snapshot
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,6 @@ TENSORBOARD_FLUSH_SECONDS = 10
 # Fields that are the record's coordinates rather than curves: not written as TensorBoard scalars.
 _NOT_SCALARS = frozenset({"step"})
 # The memory fields `memory_snapshot` fills; extra fields may not overwrite the record's own fields.
-MEMORY_FIELDS = ("cuda_allocated_bytes", "cuda_reserved_bytes", "cuda_peak_bytes", "process_rss_bytes")
 CORE_FIELDS = (
     "step",
     "epoch",
@@ -89,106 +89,6 @@ class SmoothedLoss:
         self.beta = float(state["beta"])
         self.count = int(state["count"])
         self._ema = float(state["ema"])
-
-
-# --------------------------------------------------------------------------------------------------
-# Memory
-
-
-_PROCESS: dict[int, Any] = {}
-
-
-def _this_process(psutil: Any) -> Any:
-    # psutil.Process() reads /proc/<pid>/stat to identify the process every time it is made: the
-    # largest part of a step record's cost. One per pid (a forked child gets its own).
-    pid = os.getpid()
-    if pid not in _PROCESS:
-        _PROCESS[pid] = psutil.Process(pid)
-    return _PROCESS[pid]
-
-
-def process_rss_bytes() -> int | None:
-    """Resident set size of this process in bytes (psutil if installed, else the OS directly)."""
-    try:
-        import psutil
-    except ImportError:
-        psutil = None
-    if psutil is not None:
-        try:
-            return int(_this_process(psutil).memory_info().rss)
-        except Exception:  # noqa: BLE001 - fall through to the OS readers
-            log.debug("psutil cannot read this process's memory", exc_info=True)
-    if sys.platform.startswith("linux"):
-        return _rss_from_statm()
-    if sys.platform == "win32":
-        return _rss_windows()
-    return None
-
-
-def _rss_from_statm() -> int | None:
-    try:
-        with open("/proc/self/statm", encoding="ascii") as handle:
-            resident_pages = int(handle.read().split()[1])
-        return resident_pages * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _rss_windows() -> int | None:
-    try:
-        import ctypes
-        from ctypes import wintypes
-
-        class PROCESS_MEMORY_COUNTERS(ctypes.Structure):  # the Win32 name
-            _fields_ = [
-                ("cb", wintypes.DWORD),
-                ("PageFaultCount", wintypes.DWORD),
-                ("PeakWorkingSetSize", ctypes.c_size_t),
-                ("WorkingSetSize", ctypes.c_size_t),
-                ("QuotaPeakPagedPoolUsage", ctypes.c_size_t),
-                ("QuotaPagedPoolUsage", ctypes.c_size_t),
-                ("QuotaPeakNonPagedPoolUsage", ctypes.c_size_t),
-                ("QuotaNonPagedPoolUsage", ctypes.c_size_t),
-                ("PagefileUsage", ctypes.c_size_t),
-                ("PeakPagefileUsage", ctypes.c_size_t),
-            ]
-
-        counters = PROCESS_MEMORY_COUNTERS()
-        counters.cb = ctypes.sizeof(counters)
-        kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
-        kernel32.GetCurrentProcess.restype = wintypes.HANDLE
-        get_info = kernel32.K32GetProcessMemoryInfo  # kernel32 exports it since Windows 7
-        get_info.argtypes = [wintypes.HANDLE, ctypes.POINTER(PROCESS_MEMORY_COUNTERS), wintypes.DWORD]
-        get_info.restype = wintypes.BOOL
-        if not get_info(kernel32.GetCurrentProcess(), ctypes.byref(counters), counters.cb):
-            return None
-        return int(counters.WorkingSetSize)
-    except (OSError, AttributeError, ValueError):
-        return None
-
-
-def memory_snapshot(device: Any = None, *, reset_cuda_peak: bool = False) -> dict[str, int | None]:
-    """The memory fields of a step record, in bytes.
-
-    cuda_allocated_bytes / cuda_reserved_bytes / cuda_peak_bytes are torch.cuda.memory_allocated,
-    memory_reserved and max_memory_allocated for `device` (default: the current CUDA device); all
-    three are None when CUDA is unavailable. The peak is since the process started or since the last
-    torch.cuda.reset_peak_memory_stats; `reset_cuda_peak=True` resets it after reading, which makes
-    the next snapshot's peak the peak of the interval in between.
-    process_rss_bytes is the process's current resident set (None if the OS could not tell).
-    """
-    snapshot: dict[str, int | None] = dict.fromkeys(MEMORY_FIELDS)
-    torch = sys.modules.get("torch")  # without torch loaded there is no CUDA memory to report
-    if torch is not None and torch.cuda.is_available():
-        if device is not None and torch.device(device).type != "cuda":
-            device = None
-        snapshot["cuda_allocated_bytes"] = int(torch.cuda.memory_allocated(device))
-        snapshot["cuda_reserved_bytes"] = int(torch.cuda.memory_reserved(device))
-        snapshot["cuda_peak_bytes"] = int(torch.cuda.max_memory_allocated(device))
-        if reset_cuda_peak:
-            torch.cuda.reset_peak_memory_stats(device)
-    snapshot["process_rss_bytes"] = process_rss_bytes()
-    return snapshot
 
 
 # --------------------------------------------------------------------------------------------------
@@ -471,66 +371,3 @@ def _open_summary_writer(directory: Path, resume_step: int | None) -> Any:
     if resume_step is not None:
         kwargs["purge_step"] = resume_step + 1
     return SummaryWriter(log_dir=str(directory), **kwargs)
-
-
-# --------------------------------------------------------------------------------------------------
-# Reading
-
-
-def _parse_lines(data: bytes, path: Path, *, final_is_complete: bool) -> list[dict[str, Any]]:
-    records = []
-    lines = data.split(b"\n")
-    if lines and lines[-1] == b"":
-        lines.pop()
-    for index, raw in enumerate(lines):
-        if not raw.strip():
-            continue
-        try:
-            record = json.loads(raw)
-        except ValueError:
-            last = index == len(lines) - 1
-            if not (last and not final_is_complete):
-                log.warning("Skipping an unreadable line %d of %s", index + 1, path)
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
-
-
-def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Every record of a metrics.jsonl (or the workspace folder holding it); [] if there is none.
-
-    A torn final line (a crash mid-write, or the writer caught mid-line) is skipped silently; an
-    unreadable line elsewhere is skipped with a warning.
-    """
-    path = Path(path)
-    if path.is_dir():
-        path = path / METRICS_FILE_NAME
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return []
-    return _parse_lines(data, path, final_is_complete=data.endswith(b"\n"))
-
-
-def tail_metrics(path: str | os.PathLike, offset: int = 0) -> tuple[list[dict[str, Any]], int]:
-    """Records from complete lines after byte `offset`, and the offset to pass next time.
-
-    For a reader polling a running job: a line still being written is left for the next call. If the
-    file shrank (a resume dropped records), reading restarts from 0.
-    """
-    path = Path(path)
-    if path.is_dir():
-        path = path / METRICS_FILE_NAME
-    try:
-        with open(path, "rb") as handle:
-            handle.seek(0, os.SEEK_END)
-            size = handle.tell()
-            if size < offset:
-                offset = 0
-            handle.seek(offset)
-            data = handle.read(size - offset)
-    except FileNotFoundError:
-        return [], 0
-    end = data.rfind(b"\n") + 1
-    return _parse_lines(data[:end], path, final_is_complete=True), offset + end
