@@ -45,6 +45,7 @@ LORA_ONLY = {"training_method": ("LORA",)}
 A14B_ONLY = {"model_type": ("AUTO", "WAN_2_2_A14B_T2V", "WAN_2_2_A14B_I2V")}
 EMBEDDING_ONLY = {"training_method": ("EMBEDDING",)}
 NOT_EMBEDDING = {"training_method": ("LORA", "FINE_TUNE")}
+FINE_TUNE_ONLY = {"training_method": ("FINE_TUNE",)}
 
 
 def _model_part(name: str, label: str, train: bool, weight_dtype: str, what: str, role: str, extra: tuple = ()) -> Section:
@@ -324,6 +325,15 @@ SCHEMA = Section(
             "ADAMW_8BIT keeps optimizer state in 8 bits (bitsandbytes); ADAFACTOR factorises it; "
             "PRODIGY adapts the learning rate itself.",
         ),
+        boolean(
+            "fused_backward",
+            False,
+            "Update each weight as soon as its gradient is ready, inside the backward pass, so the full set of "
+            "gradients never sits in memory at once (FINE_TUNE). Needs gradient_accumulation_steps 1 and "
+            "max_grad_norm 0 (a total norm needs every gradient at once); ADAFACTOR clips each update itself.",
+            applies_when=FINE_TUNE_ONLY,
+            label="Fused backward pass",
+        ),
         choice("lr_scheduler", LR_SCHEDULERS, "CONSTANT", "How the learning rate changes over the run, after warmup.", label="LR scheduler"),
         integer("warmup_steps", 50, "Steps over which the learning rate rises linearly from 0.", lo=0, hi=1_000_000),
         integer("seed", 42, "Seed of every random choice in the run (noise, timesteps, data order).", lo=0, hi=2**31 - 1),
@@ -434,6 +444,20 @@ SCHEMA = Section(
                 integer("every_n_steps", 500, "Write a backup every this many steps; 0 turns backups off.", lo=0, hi=10_000_000, label="Every N steps"),
                 integer("keep", 3, "How many of the newest backups to keep.", lo=1, hi=1000),
             ),
+        ),
+        Section(
+            "ema",
+            "An exponential moving average (EMA) of the trained weights: a smoother result, used for samples "
+            "and saved beside the output.",
+            (
+                boolean("enabled", False, "Keep an EMA of the trained weights; samples use it, and it is saved beside the output with an -ema suffix."),
+                number("decay", 0.999, "Share of the old average kept at each optimizer step: 0.999 averages over about the last 1000 steps.",
+                       lo=0.0, hi=0.999999),
+                choice("device", ("CPU", "GPU"), "CPU",
+                       "Where the average is kept: CPU saves GPU memory (the weights travel to it after every step); "
+                       "GPU is faster. Without a GPU, CPU is used."),
+            ),
+            label="EMA",
         ),
         Section(
             "validation",
