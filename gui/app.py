@@ -10,13 +10,18 @@ import logging
 import os
 import signal
 import sys
+import time
 import traceback
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 from core.config.presets import LoadedPreset, open_preset
 from core.errors import ConfigError, UserError
 from core.log_setup import log_file_path, setup_logging
 from core.paths import resources_dir
+
+if TYPE_CHECKING:
+    from PySide6.QtWidgets import QApplication, QWidget
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +29,7 @@ APP_NAME = "Video Trainer"
 EXIT_USER_ERROR = 2
 EXIT_FAILURE = 1
 WARM_UP_DELAY_MS = 1000
+EXIT_WHEN_SHOWN_ENV = "VIDEO_TRAINER_EXIT_WHEN_SHOWN"  # benchmarks/gui_launch.py: exit once the window shows
 
 
 def run_app(preset: str | None = None, tab: str | None = None, screenshot: str | None = None) -> int:
@@ -68,14 +74,18 @@ def run_app(preset: str | None = None, tab: str | None = None, screenshot: str |
     if loaded is not None:
         window.apply(loaded)
     elif not screenshot:
-        window.restore_last_preset()
+        window.restore_last_settings()
     if tab and not window.select_tab(tab):
         log.warning("the %s tab does not apply to these settings; showing %s", tab, window.tabs.tabText(window.tabs.currentIndex()))
     window.show()
+    if os.environ.get(EXIT_WHEN_SHOWN_ENV):
+        return _exit_when_shown(app, window)
 
     if screenshot:
         for _ in range(3):  # let layouts and deferred resizes settle before grabbing
             app.processEvents()
+        window.settle()  # the side panel's report (doctor, estimate, sample) in the picture
+        app.processEvents()
         if not window.grab().save(screenshot):
             print(f"error: cannot write the screenshot to {screenshot}; check the folder exists", file=sys.stderr)
             return EXIT_FAILURE
@@ -87,6 +97,29 @@ def run_app(preset: str | None = None, tab: str | None = None, screenshot: str |
     QTimer.singleShot(WARM_UP_DELAY_MS, window.run_panel.warm_up)
     # Ctrl+C in the terminal closes the window instead of being swallowed by Qt's event loop.
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+    return int(app.exec())
+
+
+def _exit_when_shown(app: QApplication, window: QWidget) -> int:
+    """For benchmarks/gui_launch.py: print when the window has first been painted, then exit."""
+    from PySide6.QtCore import QEvent, QObject, QTimer
+
+    class FirstPaint(QObject):
+        def eventFilter(self, watched: QObject, event: QEvent) -> bool:  # noqa: N802 (Qt's name)
+            if event.type() == QEvent.Type.Paint and watched is window:
+                window.removeEventFilter(self)
+                QTimer.singleShot(0, shown)  # after this paint has been done
+            return False
+
+    def shown() -> None:
+        # A line for the benchmark to read: wall-clock time, comparable with the parent's.
+        sys.stdout.write(f"window shown {time.time():.6f}\n")
+        sys.stdout.flush()
+        window.close()
+        app.quit()
+
+    watcher = FirstPaint(window)
+    window.installEventFilter(watcher)
     return int(app.exec())
 
 

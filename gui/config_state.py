@@ -47,6 +47,15 @@ class ConfigState(QObject):
         self.replaced.emit()
         self.problems_changed.emit()
 
+    def restore(self, config: dict[str, Any]) -> None:
+        """Show a complete config as edits on top of the current baseline (the last settings used,
+        over the preset they were based on): is_modified() tells them apart from it."""
+        self.config = copy.deepcopy(config)
+        self._input_errors.clear()
+        self._check_consistency()
+        self.replaced.emit()
+        self.problems_changed.emit()
+
     def edit(self, key: str, value: Any) -> bool:
         """Set one setting from a widget; False (and a problem for key) if the value is not allowed."""
         try:

@@ -1,5 +1,8 @@
 """The main window: the preset bar, one tab of settings per entry of gui.tab_layout.TABS, a status
 line naming what is wrong with the settings, and below the tabs the run panel and the live plots.
+Beside the Data, Model and Sampling tabs' settings: the dataset doctor, the VRAM estimate and the
+samples (gui.doctor_panel, gui.estimate_panel, gui.sample_viewer). Loading and saving presets, and
+the last settings put back at start-up, are in gui.preset_actions.
 
 Shortcuts: Ctrl+Return starts a run, Ctrl+. stops it (Esc is not used: it is pressed too easily,
 and closes popups), Ctrl+S saves the preset, Ctrl+Shift+S saves it under a new name.
@@ -8,14 +11,12 @@ and closes popups), Ctrl+S saves the preset, Ctrl+Shift+S saves it under a new n
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
-from PySide6.QtCore import QByteArray, QSettings, Qt
+from PySide6.QtCore import QByteArray, Qt
 from PySide6.QtGui import QAction, QCloseEvent, QIcon, QKeySequence
 from PySide6.QtWidgets import (
     QFrame,
-    QInputDialog,
     QLabel,
     QMainWindow,
     QMessageBox,
@@ -27,27 +28,23 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from core.config.presets import (
-    BUNDLED_PREFIX,
-    LoadedPreset,
-    check_user_preset_name,
-    open_preset,
-    save_user_preset,
-    user_preset_path,
-)
-from core.errors import ConfigError
-from core.paths import user_state_dir
+from core.config.presets import LoadedPreset
 
 from .config_state import ConfigState, Problem
+from .doctor_panel import DoctorPanel
+from .estimate_panel import EstimatePanel
+from .preset_actions import APP_TITLE, PresetActions
 from .preset_bar import PresetBar
 from .run_area import RunArea
+from .sample_viewer import SampleViewer
 from .settings_form import SettingsForm
+from .side_panel import SidePanel
 from .tab_layout import TABS
 from .train_worker import RunOutcome
+from .window_state import fit_and_center, save_last_settings, window_settings
 
 log = logging.getLogger(__name__)
 
-APP_TITLE = "Video Trainer"
 DEFAULT_SIZE = (1120, 800)
 STYLE_SHEET = """
 QLineEdit[invalid="true"], QPlainTextEdit[invalid="true"], QComboBox[invalid="true"], QTableWidget[invalid="true"] {
@@ -58,16 +55,10 @@ QCheckBox[invalid="true"] { color: #c9302c; }
 QLabel#problems { color: #c9302c; }
 QLabel#modified { color: #a15c00; font-style: italic; }
 """
+SIDE_PANEL_SHARE = 0.42  # of a tab's width, for the panel beside the settings at first start
 
 
-def window_settings() -> QSettings:
-    """Window state (geometry, last preset) in the per-user state folder, as an INI file."""
-    folder = user_state_dir()
-    folder.mkdir(parents=True, exist_ok=True)
-    return QSettings(str(folder / "window.ini"), QSettings.Format.IniFormat)
-
-
-class MainWindow(QMainWindow):
+class MainWindow(PresetActions, QMainWindow):
     def __init__(self, *, remember: bool = True, parent: QWidget | None = None) -> None:
         """remember: read and write window state (off for --screenshot, which must not change it)."""
         super().__init__(parent)
@@ -81,6 +72,13 @@ class MainWindow(QMainWindow):
         self.preset_bar.save_requested.connect(self.save)
         self.preset_bar.save_as_requested.connect(self.save_as)
 
+        # Panels beside the settings they follow: the doctor, the VRAM estimate, the samples.
+        self.doctor_panel = DoctorPanel(self.state)
+        self.estimate_panel = EstimatePanel(self.state)
+        self.sample_viewer = SampleViewer(self.state)
+        self.side_panels: dict[str, SidePanel] = {"data": self.doctor_panel, "model": self.estimate_panel, "sampling": self.sample_viewer}
+        self.side_splitters: dict[str, QSplitter] = {}
+
         self.tabs = QTabWidget()
         self.tabs.setDocumentMode(True)
         for spec in TABS:
@@ -89,7 +87,7 @@ class MainWindow(QMainWindow):
             scroll.setWidgetResizable(True)
             scroll.setFrameShape(QFrame.Shape.NoFrame)
             scroll.setWidget(form)
-            self.tabs.addTab(scroll, spec.title)
+            self.tabs.addTab(self._with_side_panel(spec.name, scroll), spec.title)
             self.forms[spec.name] = form
 
         self._close_when_stopped = False  # the user closed the window during a run and said stop
@@ -97,6 +95,8 @@ class MainWindow(QMainWindow):
         self.run_area = RunArea(lambda: self.config, self.invalid_settings)
         self.run_panel, self.plots = self.run_area.panel, self.run_area.plots
         self.run_panel.run_finished.connect(self._run_finished)
+        self.run_panel.run_started.connect(self._run_started)
+        self.run_panel.engine_ready.connect(self.estimate_panel.engine_loaded)
         self.splitter = QSplitter(Qt.Orientation.Vertical)
         self.splitter.addWidget(self.tabs)
         self.splitter.addWidget(self.run_area)
@@ -126,7 +126,9 @@ class MainWindow(QMainWindow):
             geometry = window_settings().value("geometry")
             if not (isinstance(geometry, QByteArray) and self.restoreGeometry(geometry)):
                 fit_and_center(self)
-            for key, splitter in (("splitter", self.splitter), ("run_area", self.run_area)):
+            splitters = [("splitter", self.splitter), ("run_area", self.run_area)]
+            splitters += [(f"side_{name}", splitter) for name, splitter in self.side_splitters.items()]
+            for key, splitter in splitters:
                 state = window_settings().value(key)
                 if isinstance(state, QByteArray):
                     splitter.restoreState(state)
@@ -149,124 +151,12 @@ class MainWindow(QMainWindow):
         self.tabs.setCurrentIndex(index)
         return True
 
-    def load(self, name_or_file: str) -> None:
-        """Load a preset (by name) or a config file (by path) into the window; raises ConfigError."""
-        self.apply(open_preset(name_or_file))
-
-    def apply(self, loaded: LoadedPreset) -> None:
-        self.loaded = loaded
-        self.state.replace(loaded.config)
-        self.preset_bar.select(loaded.name if loaded.listed else None)
-        log.info("loaded %s", loaded.path)
-        if self.remember and loaded.listed:
-            window_settings().setValue("last_preset", loaded.name)
-
-    def restore_last_preset(self) -> None:
-        """Load the preset loaded last time, if it still loads; else keep the defaults."""
-        name = window_settings().value("last_preset")
-        if not isinstance(name, str) or not name:
-            return
-        try:
-            self.load(name)
-        except ConfigError as e:
-            log.warning("last preset not loaded: %s", e)
-            self.statusBar().showMessage(f"The last preset, '{name}', could not be loaded: {e}", 15000)
-
-    # -- loading and saving ---------------------------------------------------------------------
-
-    def _load_requested(self, name: str) -> None:
-        if not self._confirm_discard():
-            self.preset_bar.select(self.loaded.name if self.loaded and self.loaded.listed else None)
-            return
-        try:
-            self.load(name)
-        except ConfigError as e:
-            QMessageBox.warning(self, "Load preset", str(e))
-            self.preset_bar.refresh()
-
-    def save(self) -> bool:
-        """Save into the loaded user preset; anything else (bundled, a file, defaults) asks a name."""
-        if self.loaded is not None and self.loaded.is_user_preset:
-            return self._save_checked(self.loaded.name, self.loaded.description)
-        return self.save_as()
-
-    def save_as(self) -> bool:
-        """Ask a name for a new user preset and save; False if cancelled or it failed."""
-        if not self._check_savable():
-            return False
-        name = self._suggested_name()
-        while True:
-            name, ok = QInputDialog.getText(self, "Save preset as", "Name of your preset:", text=name)
-            if not ok:
-                return False
-            try:
-                name = check_user_preset_name(name)
-            except ConfigError as e:
-                QMessageBox.warning(self, "Save preset as", str(e))
-                continue
-            if user_preset_path(name).exists():
-                answer = QMessageBox.question(
-                    self,
-                    "Save preset as",
-                    f"You already have a preset named '{name}'. Replace it?",
-                    QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No,
-                    QMessageBox.StandardButton.No,
-                )
-                if answer != QMessageBox.StandardButton.Yes:
-                    continue
-            break
-        source = self.loaded.name if self.loaded is not None else None
-        description = f"Based on '{source}'." if source and source != name else (self.loaded.description if self.loaded else "")
-        return self._save(name, description)
-
-    def save_to(self, name: str, description: str = "") -> Path:
-        """Save as a user preset without asking (for tests and scripts); raises ConfigError."""
-        name = check_user_preset_name(name)
-        problems = self.invalid_settings()
-        if problems:
-            raise ConfigError(problems[0].message, key=problems[0].key)
-        path = save_user_preset(name, self.config, description, overwrite=True)  # the dialog asked
-        self.apply(LoadedPreset(self.config, name, path, description))
-        self.preset_bar.refresh(select=name)
-        return path
-
-    def _save_checked(self, name: str, description: str) -> bool:
-        return self._check_savable() and self._save(name, description)
-
-    def _save(self, name: str, description: str) -> bool:
-        try:
-            self.save_to(name, description)
-        except (ConfigError, OSError) as e:
-            QMessageBox.warning(self, "Save preset", f"The preset could not be saved: {e}")
-            return False
-        self.statusBar().showMessage(f"Saved preset '{name}'.", 5000)
-        return True
-
-    def _check_savable(self) -> bool:
-        # A preset with a broken setting would not load again; say what to fix instead.
-        problems = self.invalid_settings()
-        if problems:
-            QMessageBox.warning(self, "Save preset", "Fix these settings first:\n\n" + "\n".join(p.message for p in problems))
-        return not problems
-
-    def _suggested_name(self) -> str:
-        if self.loaded is None:
-            return ""
-        if self.loaded.is_user_preset:
-            return self.loaded.name
-        return self.loaded.name.removeprefix(BUNDLED_PREFIX).removesuffix(".json") + " (mine)"
-
-    def _confirm_discard(self) -> bool:
-        if not self.state.is_modified():
-            return True
-        answer = QMessageBox.question(
-            self,
-            APP_TITLE,
-            "The settings were changed and not saved. Discard the changes?",
-            QMessageBox.StandardButton.Discard | QMessageBox.StandardButton.Cancel,
-            QMessageBox.StandardButton.Cancel,
-        )
-        return answer == QMessageBox.StandardButton.Discard
+    def settle(self, timeout_ms: int = 30_000) -> None:
+        """Let the visible side panel finish its background work (for screenshots and tests)."""
+        page = self.tabs.currentWidget()
+        for panel in self.side_panels.values():
+            if panel.isVisible() and page.isAncestorOf(panel):
+                panel.settle(timeout_ms)
 
     # -- reacting to the config ----------------------------------------------------------------
 
@@ -305,6 +195,27 @@ class MainWindow(QMainWindow):
         self.problems_label.setToolTip("\n".join(p.message for p in problems))
 
     # -- the run -------------------------------------------------------------------------------
+
+    def _with_side_panel(self, name: str, page: QWidget) -> QWidget:
+        panel = self.side_panels.get(name)
+        if panel is None:
+            return page
+        splitter = QSplitter(Qt.Orientation.Horizontal)
+        splitter.setChildrenCollapsible(False)
+        splitter.addWidget(page)
+        splitter.addWidget(panel)
+        splitter.setStretchFactor(0, 3)
+        splitter.setStretchFactor(1, 2)
+        width = DEFAULT_SIZE[0]
+        splitter.setSizes([round(width * (1 - SIDE_PANEL_SHARE)), round(width * SIDE_PANEL_SHARE)])
+        self.side_splitters[name] = splitter
+        return splitter
+
+    def _run_started(self, config: dict[str, Any]) -> None:
+        thread = self.run_panel.thread
+        if thread is not None:  # the engine's on_sample, queued to this (the GUI) thread
+            thread.sample.connect(self.sample_viewer.add_sample, Qt.ConnectionType.QueuedConnection)
+        self.sample_viewer.run_started(config)
 
     def _run_finished(self, outcome: RunOutcome) -> None:
         if self._close_when_stopped:
@@ -345,7 +256,7 @@ class MainWindow(QMainWindow):
             if self._close_when_stopped:  # already stopping: the window closes when the run ends
                 self.statusBar().showMessage("Still stopping: the window closes as soon as the result is saved.", 10000)
                 return
-            if not self._confirm_discard():
+            if not self.remember and not self._confirm_discard():
                 return
             answer = QMessageBox.question(
                 self,
@@ -360,8 +271,9 @@ class MainWindow(QMainWindow):
             self.run_panel.stop()
             self.statusBar().showMessage("Stopping training: the window closes when the result is saved.")
             return
-        # After a stop the user chose to close for, the questions were asked already.
-        if not self._close_when_stopped and not self._confirm_discard():
+        # The settings are kept for the next start (nothing is lost), so only a window that does not
+        # remember (a screenshot) asks about unsaved ones; after a stop the user chose, it asked already.
+        if not self.remember and not self._close_when_stopped and not self._confirm_discard():
             event.ignore()
             return
         if self.remember:
@@ -369,16 +281,14 @@ class MainWindow(QMainWindow):
             settings.setValue("geometry", self.saveGeometry())
             settings.setValue("splitter", self.splitter.saveState())
             settings.setValue("run_area", self.run_area.saveState())
+            for name, splitter in self.side_splitters.items():
+                settings.setValue(f"side_{name}", splitter.saveState())
+            based_on = None if self.loaded is None else self.loaded.name if self.loaded.listed else str(self.loaded.path)
+            save_last_settings(self.config, based_on)
         if self.run_panel.is_busy():
             self.hide()  # the background import cannot be interrupted: wait for it out of sight
+        for panel in self.side_panels.values():
+            panel.shutdown()
         self.run_panel.shutdown()
         event.accept()
 
-
-def fit_and_center(window: QMainWindow) -> None:
-    """First start: the default size, but no larger than most of a small laptop screen."""
-    screen = window.screen().availableGeometry()
-    window.resize(min(window.width(), int(screen.width() * 0.9)), min(window.height(), int(screen.height() * 0.9)))
-    frame = window.frameGeometry()
-    frame.moveCenter(screen.center())
-    window.move(frame.topLeft())

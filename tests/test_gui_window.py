@@ -131,9 +131,50 @@ def test_last_preset_and_geometry_are_remembered(window: MainWindow, qtbot) -> N
     window.close()
     again = MainWindow()
     qtbot.addWidget(again)
-    again.restore_last_preset()
+    again.restore_last_settings()
     assert again.loaded is not None and again.loaded.name == PRESET_8GB
     assert (again.width(), again.height()) == (640, 500)
+    assert again.config == load_preset(PRESET_8GB) and not again.state.is_modified()
+
+
+def test_last_settings_are_restored_even_unsaved(qtbot, monkeypatch: pytest.MonkeyPatch) -> None:
+    asked: list[str] = []
+    monkeypatch.setattr(QMessageBox, "question", lambda *a, **k: asked.append(a[2]) or QMessageBox.StandardButton.Cancel)
+    window = MainWindow()
+    qtbot.addWidget(window)
+    window.show()
+    window.load(PRESET_8GB)
+    field(window, "training", "batch_size").editor.setValue(3)
+    field(window, "data", "frames").editor.setValue(17)  # breaks a rule (max_frames 9): kept as it is
+    window.select_tab("data")
+    window.side_splitters["data"].setSizes([500, 300])
+    panel_width = window.side_splitters["data"].sizes()[1]
+    assert window.close() and asked == []  # nothing is lost by closing, so nothing is asked
+
+    again = MainWindow()
+    qtbot.addWidget(again)
+    again.restore_last_settings()
+    assert again.loaded is not None and again.loaded.name == PRESET_8GB  # the preset they were based on
+    assert again.config["batch_size"] == 3 and again.config["frames"] == 17
+    assert again.state.is_modified() and again.isWindowModified()
+    assert again.preset_bar.modified_label.text() == "modified"
+    assert problem_keys(again) == {"frames", "video_config.max_frames"}
+    assert field(again, "training", "batch_size").editor.value() == 3
+    again.show()
+    again.select_tab("data")
+    assert again.side_splitters["data"].sizes()[1] == panel_width  # the dividers come back too
+
+
+def test_unreadable_last_settings_fall_back_to_the_last_preset(qtbot, home: Path) -> None:
+    window = MainWindow()
+    qtbot.addWidget(window)
+    window.load(PRESET_8GB)
+    window.close()
+    (home / "state" / "last_settings.json").write_text("{ broken", encoding="utf-8")
+    again = MainWindow()
+    qtbot.addWidget(again)
+    again.restore_last_settings()
+    assert again.loaded.name == PRESET_8GB and again.config == load_preset(PRESET_8GB)
 
 
 # -- editing ---------------------------------------------------------------------------------------
@@ -276,7 +317,8 @@ def test_window_start_does_not_import_torch(tmp_path: Path, home: Path) -> None:
     shot = tmp_path / "shot.png"
     code = (
         "import sys, main\n"
-        f"rc = main.main(['gui', '--preset', {PRESET_8GB!r}, '--screenshot', {str(shot)!r}])\n"
+        # The Model tab: its VRAM estimate is computed (and waited for) before the screenshot too.
+        f"rc = main.main(['gui', '--preset', {PRESET_8GB!r}, '--tab', 'model', '--screenshot', {str(shot)!r}])\n"
         "print('heavy:', sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))\n"
         "sys.exit(rc)\n"
     )

@@ -1,0 +1,205 @@
+"""The VRAM estimate beside the Model tab's memory settings, following them as they change.
+
+core.memory.estimate.estimate_memory reads the model's config files (or its built-in configs of the
+Wan models) and never imports torch, but its first call imports huggingface_hub (a second or two),
+so it runs on a BackgroundJob, a moment after the edits pause. The GPU's capacity needs torch: it is
+asked for (core.memory.estimate.detect_vram, on a worker thread) only once the engine's background
+import has finished (`engine_loaded`), never before the window has shown.
+"""
+
+from __future__ import annotations
+
+import copy
+import html
+from typing import Any
+
+from PySide6.QtWidgets import QGridLayout, QLabel, QProgressBar, QWidget
+
+from core.memory.estimate import Estimate, detect_vram, estimate_memory
+
+from .background import BackgroundJob, JobControl
+from .config_state import ConfigState
+from .side_panel import SidePanel, muted_label
+
+GIB = 2**30
+DEBOUNCE_MS = 300
+PARTS = (
+    ("weights", "Weights"),
+    ("trainable_state", "Trained state"),
+    ("activations", "Activations"),
+    ("workspace", "Workspace"),
+)
+FITS_COLOUR, NO_FIT_COLOUR = "#2e7d32", "#c9302c"
+
+
+def _estimate(config: dict[str, Any], _control: JobControl) -> Estimate:
+    return estimate_memory(config)
+
+
+def _detect_gpu(_argument: Any, _control: JobControl) -> tuple[int, str] | None:
+    return detect_vram()
+
+
+def gib(value: int) -> str:
+    """GiB with two decimals; below a tenth of one (tiny test models), MiB."""
+    if value < GIB / 10:
+        return f"{value / 2**20:.1f} MiB"
+    return f"{value / GIB:.2f} GiB"
+
+
+def part_notes(estimate: Estimate) -> dict[str, str]:
+    """What each part is made of, in the words of `main.py estimate`."""
+    d = estimate.details
+    experts = f", {d['transformers']} transformers" if d.get("transformers", 1) > 1 else ""
+    return {
+        "weights": f"{d.get('weight_dtype')}, {d.get('offloaded_blocks')} of {d.get('blocks')} blocks offloaded{experts}",
+        "trainable_state": f"{d.get('trained_parameters', 0) / 1e6:.1f} M parameters, {d.get('optimizer')}",
+        "activations": f"gradient checkpointing {d.get('checkpointing')}",
+        "workspace": "loss tensors, dequantized layer, optimizer step",
+    }
+
+
+class EstimatePanel(SidePanel):
+    def __init__(self, state: ConfigState, parent: QWidget | None = None) -> None:
+        super().__init__("VRAM estimate", parent)
+        self.state = state
+        self.estimate: Estimate | None = None
+        self.error: str | None = None
+        self.gpu: tuple[int, str] | None = None  # (bytes, name) once known
+        self.gpu_checked = False
+        self._gpu_error: str | None = None
+
+        self.job = BackgroundJob(_estimate, DEBOUNCE_MS, "the VRAM estimate", self)
+        self.job.finished_ok.connect(self._estimated)
+        self.job.failed.connect(self._failed)
+        self.job.busy.connect(self._busy)
+        self.gpu_job = BackgroundJob(_detect_gpu, 0, "finding the GPU", self)
+        self.gpu_job.finished_ok.connect(self._gpu_found)
+        self.gpu_job.failed.connect(lambda _a, message: self._gpu_found(None, None, message))
+
+        self.peak_label = QLabel()
+        self.peak_label.setObjectName("estimatePeak")
+        font = self.peak_label.font()
+        font.setPointSizeF(font.pointSizeF() * 1.6)
+        font.setBold(True)
+        self.peak_label.setFont(font)
+        self.peak_help = muted_label("peak GPU memory of a training step (what torch.cuda.max_memory_allocated would show)")
+        self.needed_label = QLabel()
+        self.needed_label.setWordWrap(True)
+        self.gpu_label = QLabel()
+        self.gpu_label.setWordWrap(True)
+        self.busy_bar = QProgressBar()
+        self.busy_bar.setRange(0, 0)
+        self.busy_bar.setTextVisible(False)
+        self.busy_bar.setMaximumHeight(self.fontMetrics().height() // 2)
+        self.busy_bar.hide()
+
+        self.parts = QGridLayout()
+        self.parts.setHorizontalSpacing(10)
+        self.parts.setColumnStretch(2, 1)
+        self.part_rows: dict[str, tuple[QLabel, QLabel, QProgressBar, QLabel]] = {}
+        for row, (key, title) in enumerate(PARTS):
+            name, value, bar, note = QLabel(title), QLabel(), QProgressBar(), muted_label()
+            bar.setTextVisible(False)
+            bar.setMaximumHeight(self.fontMetrics().height() // 2)
+            bar.setRange(0, 1000)
+            self.parts.addWidget(name, 2 * row, 0)
+            self.parts.addWidget(value, 2 * row, 1)
+            self.parts.addWidget(bar, 2 * row, 2)
+            self.parts.addWidget(note, 2 * row + 1, 0, 1, 3)
+            self.part_rows[key] = (name, value, bar, note)
+        self.model_label = muted_label()
+        self.error_label = muted_label()
+        self.error_label.setObjectName("estimateError")
+
+        for widget in (self.peak_label, self.peak_help, self.busy_bar, self.needed_label, self.gpu_label):
+            self.body.addWidget(widget)
+        self.body.addSpacing(6)
+        self.body.addLayout(self.parts)
+        self.body.addWidget(self.model_label)
+        self.body.addWidget(self.error_label)
+        self.body.addStretch(1)
+        self.state.edited.connect(lambda _key: self.settings_changed())
+        self.state.replaced.connect(self.settings_changed)
+        self._show()
+
+    # -- following the settings ------------------------------------------------------------------
+
+    def refresh(self) -> None:
+        self.job.request(copy.deepcopy(self.state.config))
+
+    def engine_loaded(self) -> None:
+        """torch is imported (the engine's warm-up ended): the GPU's capacity can be asked for."""
+        if not self.gpu_checked and not self.gpu_job.is_busy():
+            self.gpu_job.request(None, now=True)
+
+    def settle(self, timeout_ms: int = 30_000) -> bool:
+        return self.job.wait(timeout_ms) and self.gpu_job.wait(timeout_ms)
+
+    def shutdown(self) -> None:
+        self.job.shutdown()
+        self.gpu_job.shutdown()
+
+    # -- reports ---------------------------------------------------------------------------------
+
+    def _estimated(self, _config: dict[str, Any], estimate: Estimate) -> None:
+        self.estimate, self.error = estimate, None
+        self._show()
+
+    def _failed(self, _config: dict[str, Any], message: str) -> None:
+        self.estimate, self.error = None, message
+        self._show()
+
+    def _busy(self, busy: bool) -> None:
+        self.busy_bar.setVisible(busy and self.estimate is None and self.error is None)
+
+    def _gpu_found(self, _argument: Any, gpu: tuple[int, str] | None, error: str | None = None) -> None:
+        self.gpu_checked, self.gpu = True, gpu
+        self._gpu_error = error
+        self._show()
+
+    # -- showing ---------------------------------------------------------------------------------
+
+    def _show(self) -> None:
+        estimate = self.estimate
+        self.error_label.setText(f"No estimate: {self.error}" if self.error else "")
+        self.error_label.setVisible(bool(self.error))
+        for name, value, bar, note in self.part_rows.values():
+            for widget in (name, value, bar, note):
+                widget.setVisible(estimate is not None)
+        if estimate is None:
+            self.peak_label.setText("-")
+            self.needed_label.setText("")
+            self.model_label.setText("")
+            self.gpu_label.setText(self._gpu_text(None))
+            return
+        self.peak_label.setText(gib(estimate.peak_bytes))
+        self.needed_label.setText(f"About {gib(estimate.needed_bytes)} of GPU memory needed, with the CUDA context and the allocator's reserve.")
+        notes = part_notes(estimate)
+        peak = estimate.peak_bytes or 1
+        for key, (_name, value, bar, note) in self.part_rows.items():
+            amount = estimate.parts.get(key, 0)
+            value.setText(gib(amount))
+            bar.setValue(round(1000 * amount / peak))  # the part's share of the peak
+            bar.setToolTip(f"{100 * amount / peak:.0f}% of the estimated peak")
+            note.setText(notes.get(key, ""))
+        d = estimate.details
+        self.model_label.setText(
+            f"{d.get('model')} ({d.get('configs_from')}). Largest sample: {d.get('frames')} frames, "
+            f"{d.get('tokens')} tokens, batch {d.get('batch')}."
+        )
+        self.gpu_label.setText(self._gpu_text(estimate))
+
+    def _gpu_text(self, estimate: Estimate | None) -> str:
+        if not self.gpu_checked:
+            return '<span style="color:gray">The GPU\'s memory shows here once the training engine has loaded.</span>'
+        if self.gpu is None:
+            reason = self._gpu_error or "No CUDA GPU found on this machine."
+            return f'<span style="color:gray">{html.escape(reason)}</span>'
+        total, name = self.gpu
+        if estimate is None:
+            return html.escape(f"GPU: {name}, {total / GIB:.1f} GiB")
+        fits = estimate.fits(total)
+        verdict = "fits" if fits else "does not fit"
+        colour = FITS_COLOUR if fits else NO_FIT_COLOUR
+        return f'{html.escape(name)}, {total / GIB:.1f} GiB: <b style="color:{colour}">{verdict}</b>'
