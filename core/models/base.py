@@ -149,6 +149,11 @@ class ModelAdapter(ABC):
         `weight_dtype` (FLOAT_8, INT_8, INT_4, NFLOAT_4) stores its Linear layers quantized; it computes in dtype."""
 
     @abstractmethod
+    def text_parts(self) -> tuple[Any, Any]:
+        """(tokenizer, text encoder) as load_text_encoder left them (None, None before): what
+        textual inversion adds its tokens to."""
+
+    @abstractmethod
     def unload_encoders(self) -> None:
         """Drop the VAE and text encoder, so that training with warm caches holds neither."""
 
@@ -167,8 +172,11 @@ class ModelAdapter(ABC):
         """(B, 3, F, H, W) floats in [-1, 1] -> the normalised latents the transformer trains on."""
 
     @abstractmethod
-    def encode_text(self, captions: list[str]) -> dict[str, torch.Tensor]:
-        """Captions -> {"prompt_embeds": (B, L, D), "prompt_mask": (B, L) bool}, padding zeroed."""
+    def encode_text(self, captions: list[str], grad: bool = False) -> dict[str, torch.Tensor]:
+        """Captions -> {"prompt_embeds": (B, L, D), "prompt_mask": (B, L) bool}, padding zeroed.
+
+        grad=True runs the encoder with autograd on, so gradients reach trainable token embeddings
+        (textual inversion); by default it runs without building a graph."""
 
     # -- training ---------------------------------------------------------------------------------
     @abstractmethod

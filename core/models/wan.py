@@ -200,6 +200,10 @@ class WanAdapter(ModelAdapter):
         work = device if torch.device(device).type == "cuda" else None
         quantize_model(self._text_encoder, weight_dtype, include=include, work_device=work)
 
+    def text_parts(self) -> tuple[Any, Any]:
+        """(tokenizer, text encoder) as load_text_encoder left them (None, None before)."""
+        return self._tokenizer, self._text_encoder
+
     def unload_encoders(self) -> None:
         self._vae = self._text_encoder = self._tokenizer = None
 
@@ -240,8 +244,10 @@ class WanAdapter(ModelAdapter):
             condition = vae.encode(condition_input.to(device=param.device, dtype=param.dtype)).latent_dist.mode().float()
         return torch.cat([latents, (condition - mean) / std], dim=1)
 
-    def encode_text(self, captions: list[str]) -> dict[str, torch.Tensor]:
-        """As WanPipeline._get_t5_prompt_embeds: clean, tokenize to 512, encode, zero past each length."""
+    def encode_text(self, captions: list[str], grad: bool = False) -> dict[str, torch.Tensor]:
+        """As WanPipeline._get_t5_prompt_embeds: clean, tokenize to 512, encode, zero past each length.
+
+        grad=True keeps autograd on (even inside a no_grad caller) for textual inversion."""
         import torch
         from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 
@@ -261,12 +267,12 @@ class WanAdapter(ModelAdapter):
         )
         device = next(self._text_encoder.parameters()).device
         ids, mask = inputs.input_ids.to(device), inputs.attention_mask.to(device)
-        with torch.no_grad():
+        with torch.enable_grad() if grad else torch.no_grad():
             hidden = self._text_encoder(ids, mask).last_hidden_state
-        seq_lens = mask.gt(0).sum(dim=1)
-        # Keep each caption's tokens, zero the rest: the transformer gets no mask, only these zeros.
-        keep = torch.arange(length, device=device)[None, :] < seq_lens[:, None]
-        embeds = torch.where(keep[:, :, None], hidden, torch.zeros((), dtype=hidden.dtype, device=device))
+            seq_lens = mask.gt(0).sum(dim=1)
+            # Keep each caption's tokens, zero the rest: the transformer gets no mask, only these zeros.
+            keep = torch.arange(length, device=device)[None, :] < seq_lens[:, None]
+            embeds = torch.where(keep[:, :, None], hidden, torch.zeros((), dtype=hidden.dtype, device=device))
         return {"prompt_embeds": embeds, "prompt_mask": keep}
 
     # -- training ----------------------------------------------------------------------------------

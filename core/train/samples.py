@@ -1,0 +1,231 @@
+"""Sample videos during training: the configured prompts, generated with the model as it is now.
+
+The trainer calls SampleMaker.make() every `sampling.every_n_steps` steps (should_sample) and when the
+user asks for samples. Each prompt becomes one H.264 mp4 under workspace_dir/samples/, named by step,
+index and prompt (sample_file_name). Sampling must not change training: no gradients, the modules'
+train/eval flags and requires_grad flags are put back exactly, and the global RNG states (torch, CUDA,
+numpy, random) are restored, so a run with samples trains exactly like one without. One failing sample
+(a pipeline error, out of memory, a full disk) is logged and skipped; the run goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+import time
+import unicodedata
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+SAMPLES_DIR_NAME = "samples"
+_SLUG_MAX = 48  # characters of the prompt kept in a file name (paths stay far below Windows' 260)
+
+
+def should_sample(step: int, config: dict[str, Any]) -> bool:
+    """Whether step `step` is a sampling step: sampling on (every_n_steps > 0), prompts given, step a multiple."""
+    sampling = config["sampling"]
+    every = int(sampling.get("every_n_steps", 0))
+    return every > 0 and bool(sampling.get("prompts")) and step > 0 and step % every == 0
+
+
+def _slug(prompt: str) -> str:
+    # ASCII letters, digits and single hyphens only: safe on every filesystem (no Windows-reserved
+    # characters or names, no trailing dots or spaces), and readable in a file browser.
+    text = unicodedata.normalize("NFKD", prompt).encode("ascii", "ignore").decode("ascii").lower()
+    text = re.sub(r"[^a-z0-9]+", "-", text).strip("-")
+    text = text[:_SLUG_MAX].rstrip("-")
+    return text or "prompt"  # e.g. a prompt in a non-Latin script; the index still tells them apart
+
+
+def sample_file_name(step: int, index: int, prompt: str) -> str:
+    """The file name of prompt number `index` sampled at `step`, e.g. 'step-000250-0-a-cat-walking.mp4'.
+
+    Names sort by step; the index keeps prompts with the same slug apart."""
+    return f"step-{step:06d}-{index}-{_slug(prompt)}.mp4"
+
+
+def _cuda_devices() -> list[int]:
+    import torch
+
+    return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+
+
+@contextmanager
+def _training_state_kept(modules: list[Any]) -> Iterator[None]:
+    """Put back the train/eval flag of every submodule, every requires_grad flag and the global RNG
+    states on exit, and run the body without gradients."""
+    import torch
+
+    flags = [(m, m.training) for module in modules for m in module.modules()]
+    grads = [(p, p.requires_grad) for module in modules for p in module.parameters()]
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        # fork_rng restores the CPU and CUDA generators; the pipeline seeds its own generator, but
+        # anything inside that draws from the global ones must not shift training's noise.
+        with torch.random.fork_rng(devices=_cuda_devices()), torch.no_grad():
+            yield
+    finally:
+        for module, training in flags:
+            module.training = training  # per submodule: train(flag) would overwrite mixed flags
+        for param, requires_grad in grads:
+            if param.requires_grad != requires_grad:
+                param.requires_grad_(requires_grad)
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+
+
+def _held_text_encoder(adapter: Any) -> Any:
+    text_parts = getattr(adapter, "text_parts", None)
+    return text_parts()[1] if text_parts is not None else None
+
+
+@contextmanager
+def _text_encoder_kept(adapter: Any, encoder: Any) -> Iterator[None]:
+    """While sampling, the adapter's load_text_encoder returns the encoder training holds, untouched.
+
+    Why: the family's sampler asks for the text encoder in the sampling dtype without a weight_dtype,
+    which would cast a float32 fine-tuned encoder to bfloat16 in place (its master weights lost), or
+    load a quantized one (textual inversion) again from disk, dropping the new tokens' encoder that
+    training uses. The encoder is in eval mode for the samples (no dropout); flags come back after.
+    """
+    if encoder is None:
+        yield
+        return
+    encoder.eval()
+    adapter.load_text_encoder = lambda *args, **kwargs: encoder  # shadows the method on this instance only
+    try:
+        yield
+    finally:
+        del adapter.load_text_encoder
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)) or "out of memory" in str(exc).lower()
+
+
+def _first_frame(image: Any) -> Any:
+    """The conditioning first frame as a uint8 (H, W, 3) numpy array (or a PIL image as it is)."""
+    if image is None or hasattr(image, "convert"):  # PIL.Image
+        return image
+    if hasattr(image, "detach"):  # a torch tensor
+        image = image.detach().cpu().numpy()
+    array = np.asarray(image)
+    if array.ndim != 3 or array.shape[-1] != 3:
+        raise ValueError(f"the first frame for samples must be (H, W, 3), got {tuple(array.shape)}")
+    return array.astype(np.uint8, copy=False)
+
+
+class SampleMaker:
+    """Makes the sample videos of a run. Construct once per run; call make() at each sampling step.
+
+    adapter: the run's ModelAdapter; config: the resolved run config (sections "sampling" and
+    "video_config" are read at each make(), so live edits of prompts apply); workspace: the run's
+    workspace_dir; device/dtype: where and in what dtype the pipeline runs (the training device and
+    compute dtype). image: the first frame for an image-conditioned model (uint8 (H, W, 3)); it may be
+    set later through the `image` attribute. on_sample(path) is called for each file written.
+    unload_encoders_after: drop the adapter's VAE and text encoder after sampling (they are loaded for
+    it); pass False when training needs them loaded (e.g. it trains the text encoder).
+    """
+
+    def __init__(
+        self,
+        adapter: Any,
+        config: dict[str, Any],
+        workspace: str | Path,
+        device: Any,
+        dtype: Any,
+        image: Any = None,
+        on_sample: Callable[[Path], None] | None = None,
+        *,
+        unload_encoders_after: bool = True,
+    ) -> None:
+        self.adapter = adapter
+        self.config = config
+        self.folder = Path(workspace).expanduser() / SAMPLES_DIR_NAME
+        self.device, self.dtype = device, dtype
+        self.image = image
+        self.on_sample = on_sample
+        self.unload_encoders_after = unload_encoders_after
+
+    def make(self, step: int, denoisers: dict[str, Any]) -> list[Path]:
+        """One video per configured prompt from `denoisers` (component name -> the unwrapped module
+        as it trains now, e.g. {"transformer": ...}); returns the files written (failed prompts have none)."""
+        sampling = self.config["sampling"]
+        prompts = [str(p) for p in sampling.get("prompts") or []]
+        if not prompts:
+            return []
+        try:
+            image = _first_frame(self.image)
+        except ValueError as exc:
+            logger.warning("no samples at step %d: %s", step, exc)
+            return []
+        if getattr(self.adapter, "image_conditioned", False) and image is None:
+            logger.warning("no samples at step %d: this image-to-video model needs a first frame and none was given", step)
+            return []
+        fps = float(self.config["video_config"]["target_fps"])
+        args = {
+            "width": int(sampling["width"]), "height": int(sampling["height"]), "frames": int(sampling["frames"]),
+            "steps": int(sampling["inference_steps"]), "guidance_scale": float(sampling["guidance_scale"]),
+            "seed": int(sampling["seed"]), "device": self.device, "dtype": self.dtype,
+        }
+        # A text encoder that training holds (fine-tuned, or carrying textual-inversion tokens) is
+        # sampled as it is and its flags are restored like the denoisers'.
+        held = _held_text_encoder(self.adapter) if not self.unload_encoders_after else None
+        written: list[Path] = []
+        try:
+            with _training_state_kept([*denoisers.values(), *([held] if held is not None else [])]), \
+                    _text_encoder_kept(self.adapter, held):
+                for index, prompt in enumerate(prompts):
+                    path = self._one(step, index, len(prompts), prompt, denoisers, args, image, fps)
+                    if path is not None:
+                        written.append(path)
+        finally:
+            if self.unload_encoders_after:
+                self.adapter.unload_encoders()
+        return written
+
+    def _one(self, step: int, index: int, count: int, prompt: str, denoisers: dict[str, Any],
+             args: dict[str, Any], image: Any, fps: float) -> Path | None:
+        from core.export.video_file import write_mp4
+
+        started = time.perf_counter()
+        failure, out_of_memory = None, False
+        try:
+            video = self.adapter.sample(denoisers, prompt, image=image, **args)
+            path = write_mp4(self.folder / sample_file_name(step, index, prompt), video, fps)
+        except Exception as exc:  # one bad sample must not end a training run
+            failure = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            out_of_memory = _is_out_of_memory(exc)
+            logger.debug("sample failure details", exc_info=True)
+        if failure is not None:
+            if out_of_memory:
+                # Outside the except block: the traceback no longer holds the failed sample's tensors.
+                _free_cuda_cache()
+                failure = (f"out of memory ({failure}); lower sampling width/height/frames, or free memory "
+                           "with quantization or layer offloading")
+            logger.warning("sample %d/%d at step %d failed for prompt %r: %s", index + 1, count, step, prompt, failure)
+            return None
+        logger.info("sample %d/%d at step %d (%d frames, %dx%d, %.1f s): %s", index + 1, count, step,
+                    video.shape[0], video.shape[2], video.shape[1], time.perf_counter() - started, path)
+        if self.on_sample is not None:
+            try:
+                self.on_sample(path)
+            except Exception:  # a viewer's problem is not the run's
+                logger.warning("the sample viewer failed on %s", path, exc_info=True)
+        return path
+
+
+def _free_cuda_cache() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # give back what the failed sample held before training goes on
