@@ -87,6 +87,9 @@ class RunPanel(QWidget):
         self.stop_button = QPushButton("Stop")
         self.stop_button.setToolTip("Stop after the current step and save what was trained (Ctrl+.)")
         self.stop_button.clicked.connect(self.stop)
+        self.continue_button = QPushButton("Continue")
+        self.continue_button.setToolTip("Continue from the newest backup in the workspace folder (made with these settings)")
+        self.continue_button.clicked.connect(self.resume)
         self.sample_button = QPushButton("Sample now")
         self.sample_button.setToolTip("Make a sample after the current step")
         self.sample_button.clicked.connect(self.request_sample)
@@ -94,7 +97,7 @@ class RunPanel(QWidget):
         self.backup_button.setToolTip("Write a backup (to resume from) after the current step")
         self.backup_button.clicked.connect(self.request_backup)
         buttons = QHBoxLayout()
-        for button in (self.start_button, self.stop_button, self.sample_button, self.backup_button):
+        for button in (self.start_button, self.continue_button, self.stop_button, self.sample_button, self.backup_button):
             buttons.addWidget(button)
         buttons.addStretch(1)
 
@@ -150,7 +153,12 @@ class RunPanel(QWidget):
         """The settings changed: Start is blocked, with the first reason shown, while any is wrong."""
         self._update_controls(problems)
 
-    def start(self) -> bool:
+    def resume(self) -> bool:
+        """Continue from the newest backup in the workspace (the engine refuses one made with other
+        settings, with the reason); False if it cannot start."""
+        return self.start(resume=True)
+
+    def start(self, resume: bool = False) -> bool:
         """Start a run with the window's settings; False (and the reason shown) if it cannot start."""
         if self._thread is not None:
             return False
@@ -168,7 +176,7 @@ class RunPanel(QWidget):
             self._show_error(RunError(str(e), keys=e.keys), "Training cannot start")
             return False
 
-        thread = TrainThread(config)
+        thread = TrainThread(config, resume=resume)
         queued = Qt.ConnectionType.QueuedConnection  # explicit: every slot runs on the GUI thread
         thread.progress.connect(self._on_progress, queued)
         thread.metrics.connect(self._on_metrics, queued)
@@ -188,7 +196,8 @@ class RunPanel(QWidget):
         self.progress.setFormat("preparing")
         loading = "loading the engine, " if "core.train.trainer" not in sys.modules else ""
         self._set_status(f"Starting: {loading}loading the model and caching the data...")
-        self._append(logging.INFO, f"Training started ({config['model_type']}, {config['training_method']}).")
+        how = "continued from the newest backup" if resume else "started"
+        self._append(logging.INFO, f"Training {how} ({config['model_type']}, {config['training_method']}).")
         self._update_controls()
         self.run_started.emit(config)
         thread.start()
@@ -350,6 +359,15 @@ class RunPanel(QWidget):
     def _error_box_closed(self) -> None:
         self.error_box = None
 
+    def _has_backup(self) -> bool:
+        """Whether the workspace of the window's settings holds a backup to continue from."""
+        from core.train.backup import BackupFolder  # standard library only: no torch on the GUI thread
+
+        try:
+            return BackupFolder(resolve(self._config())["workspace_dir"]).newest() is not None
+        except (ConfigError, OSError, TypeError, ValueError):
+            return False
+
     def _append(self, level: int, message: str) -> None:
         prefix = {logging.WARNING: "warning: ", logging.ERROR: "error: ", logging.CRITICAL: "error: "}.get(level, "")
         line = f"{time.strftime('%H:%M:%S')}  {prefix}{message}"
@@ -366,9 +384,11 @@ class RunPanel(QWidget):
         self.backup_button.setEnabled(running and not self._stopping)
         if running:
             self.start_button.setEnabled(False)
+            self.continue_button.setEnabled(False)
             return
         problems = self._problems() if problems is None else problems
         self.start_button.setEnabled(not problems)
+        self.continue_button.setEnabled(not problems and self._has_backup())
         if problems:
             more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
             self.start_button.setToolTip("Fix the settings first:\n" + "\n".join(p.message for p in problems))

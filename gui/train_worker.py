@@ -151,9 +151,10 @@ class TrainThread(QThread):
     vram_estimate = Signal(object)  # bytes: core.memory's estimate of the step's peak (CUDA runs only)
     outcome = Signal(object)  # RunOutcome
 
-    def __init__(self, config: dict[str, Any], parent: QObject | None = None) -> None:
+    def __init__(self, config: dict[str, Any], parent: QObject | None = None, *, resume: bool = False) -> None:
         super().__init__(parent)
         self.config = copy.deepcopy(config)  # later edits in the window do not reach the run
+        self.resume = resume  # continue from the newest backup in the workspace
         self.commands = TrainerCommands()
         # Thread id of every kind of engine call ("Trainer.run", "on_progress", ...): the tests check
         # that none ran on the GUI thread. A set per name keeps this small on long runs.
@@ -184,7 +185,7 @@ class TrainThread(QThread):
 
             self._report_device()
             self.record_call("Trainer")
-            trainer = Trainer(self.config, relay, self.commands)
+            trainer = Trainer(self.config, relay, self.commands, resume=self.resume)
             self.record_call("Trainer.run")
             result = trainer.run()
         except UserError as e:

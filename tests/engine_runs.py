@@ -24,6 +24,8 @@ from media_factory import make_clip
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+import core.train.data_prep as data_prep_module
+import core.train.loop as loop_module
 import core.train.trainer as trainer_module
 from core.config import (
     consistency_problems,
@@ -235,11 +237,11 @@ class _spies:
 
     def __enter__(self) -> None:
         outcome, patches = self.outcome, self.patches
-        real_loss = trainer_module.flow_matching_loss
+        real_loss = loop_module.flow_matching_loss
         real_predict = WanAdapter.predict
         real_loader = trainer_module.make_loader
-        real_fill = trainer_module.fill_caches
-        real_activation_offload = trainer_module.activation_offload
+        real_fill = data_prep_module.fill_caches
+        real_activation_offload = loop_module.activation_offload
 
         def loss(prediction, target, sigmas, objective, weight=0.0, **kwargs):
             value, parts = real_loss(prediction, target, sigmas, objective, weight, **kwargs)
@@ -267,11 +269,11 @@ class _spies:
             outcome.activation_contexts.append(type(context).__name__)
             return context
 
-        patches.setattr(trainer_module, "flow_matching_loss", loss)
-        patches.setattr(trainer_module, "activation_offload", activation_offload)
+        patches.setattr(loop_module, "flow_matching_loss", loss)
+        patches.setattr(loop_module, "activation_offload", activation_offload)
         patches.setattr(WanAdapter, "predict", predict)
         patches.setattr(trainer_module, "make_loader", loader)
-        patches.setattr(trainer_module, "fill_caches", fill)
+        patches.setattr(data_prep_module, "fill_caches", fill)
 
     def __exit__(self, *exc: object) -> None:
         self.patches.undo()

@@ -24,7 +24,7 @@ from engine_runs import (
 )
 from test_settings_live import CASES, _new_folder
 
-import core.train.trainer as trainer_module
+import core.train.loop as loop_module
 from core.config import (
     iter_settings,
 )
@@ -49,8 +49,7 @@ def _missing_model(env: Runs) -> str:
 
 
 REFUSALS = [
-    Refusal("training_method", {"training_method": "FINE_TUNE"}),
-    Refusal("training_method", {"training_method": "EMBEDDING"}),
+    Refusal("training_method", {"training_method": "FINE_TUNE"}),  # output_path is a LoRA file, FINE_TUNE saves a folder
     Refusal("model_type", {"model_type": "WAN_2_2_TI2V_5B"}),  # not what the folder holds
     Refusal("model_type", {"model_type": "HUNYUAN_VIDEO"}),  # not trainable yet
     Refusal("base_model", {"base_model": _missing_model}),
@@ -77,37 +76,60 @@ def test_a_value_the_engine_cannot_honour_is_refused_by_name(runs: Runs, refusal
     assert not outcome.records, "a refused value must stop the run before any step"
 
 
-# Announced: the engine warns that the feature is not available yet; training is unaffected.
-ANNOUNCED = {
-    "sampling.every_n_steps": ({"sampling.every_n_steps": 2, "sampling.prompts": ["a red circle"]}, "sampling"),
-    "sampling.prompts": ({"sampling.every_n_steps": 2, "sampling.prompts": ["a red circle"]}, "sampling"),
-    "backup.every_n_steps": ({"backup.every_n_steps": 2}, "backups"),
-    "validation.every_n_steps": ({"validation.every_n_steps": 2}, "validation"),
+# Watched, not trained: samples, backups and validation leave the trained weights exactly as they
+# are, and leave their traces (sample videos, backup folders, val_loss in the metrics).
+def _samples(outcome: Outcome) -> bool:
+    return len(list((outcome.workspace / "samples").glob("step-*.mp4"))) > 0
+
+
+def _backups(outcome: Outcome) -> bool:
+    return len(list((outcome.workspace / "backups").glob("step-*"))) > 0
+
+
+def _val_loss(outcome: Outcome) -> bool:
+    return any("val_loss" in r for r in outcome.records)
+
+
+_SAMPLE_CHANGE = {"sampling.every_n_steps": 2, "sampling.prompts": ["a red circle"], "sampling.width": 32,
+                  "sampling.height": 32, "sampling.frames": 5, "sampling.inference_steps": 2}
+WATCHING = {
+    "sampling.every_n_steps": (_SAMPLE_CHANGE, _samples),
+    "sampling.prompts": (_SAMPLE_CHANGE, _samples),
+    "backup.every_n_steps": ({"backup.every_n_steps": 2}, _backups),
+    # Validation clips from a folder of their own (the harness trains on one clip).
+    "validation.every_n_steps": ({"validation.every_n_steps": 2, "validation.folder": lambda env: str(env.other)}, _val_loss),
 }
 
 
-@pytest.mark.parametrize("key", sorted(ANNOUNCED))
-def test_a_feature_not_available_yet_is_announced(runs: Runs, base: Outcome, key: str) -> None:
-    change, word = ANNOUNCED[key]
+@pytest.mark.parametrize("key", sorted(WATCHING))
+def test_watching_the_run_leaves_the_training_unchanged(runs: Runs, base: Outcome, key: str) -> None:
+    change, trace = WATCHING[key]
     outcome = runs.run(change)
     _trained(outcome, 3)
-    assert word in outcome.warnings() and "not available yet" in outcome.warnings(), outcome.warnings()
-    assert word not in base.warnings()
-    assert lora_equal(base, outcome), "an announced feature must not change the training"
+    assert trace(outcome) and not trace(base)
+    assert lora_equal(base, outcome), "samples, backups and validation must not change the training"
+    assert outcome.losses == base.losses
 
 
 # --------------------------------------------------------------------------------------------------
 # (c) Settings of other parts of the app: not the engine's to change, with the test that covers them
 
-_SAMPLING = "sample videos: the engine announces that sampling is not available yet (test_a_feature_not_available_yet_is_announced)"
-_EMBEDDING = "EMBEDDING only, and training_method EMBEDDING is refused (test_a_value_the_engine_cannot_honour_is_refused_by_name)"
+_SAMPLING = "what sample videos look like: tests/test_samples.py::test_samples_are_written_per_prompt_and_training_state_is_untouched"
+_EMBEDDING = "textual inversion: tests/test_methods.py::test_embedding_trains_only_the_new_rows_and_loads_back, tests/test_embedding.py"
+_EMA = "the average of the trained weights: tests/test_resume.py::test_stopped_and_resumed_run_ends_with_the_same_weights (saved, resumed), tests/test_methods.py::test_embedding_trains_only_the_new_rows_and_loads_back"
 ELSEWHERE: dict[str, str] = {
     "transformer.model_path": "single-file checkpoints in every key naming: tests/test_model_sources.py; refused for "
     "two-expert models: tests/test_experts.py::test_a_single_file_checkpoint_is_refused_for_two_experts",
     "experts.train": "Wan 2.2 A14B's experts: tests/test_experts.py (routing, one file per expert, refusal on one-transformer models)",
     "experts.boundary": "Wan 2.2 A14B's split: tests/test_experts.py::test_a_boundary_setting_moves_the_split",
     "objective.image_to_video_share": "TI2V-5B image-to-video: tests/test_image_to_video.py",
-    "text_encoder.learning_rate": "means something only while the text encoder trains; text_encoder.train is refused",
+    "text_encoder.learning_rate": "the text encoder's rate while FINE_TUNE trains it: tests/test_finetune.py, "
+    "tests/test_methods.py::test_fine_tune_with_text_encoder_and_fused_backward_saves_a_pipeline_folder",
+    "fused_backward": "FINE_TUNE's optimizer step inside backward: tests/test_finetune.py, "
+    "tests/test_methods.py::test_fine_tune_with_text_encoder_and_fused_backward_saves_a_pipeline_folder",
+    "ema.enabled": _EMA,
+    "ema.decay": _EMA,
+    "ema.device": "where the average lives (CPU or GPU; the same numbers): core/train/ema.py; GPU only on CUDA",
     "vae.learning_rate": "means something only while the VAE trains; vae.train is refused",
     "embedding_learning_rate": _EMBEDDING,
     "embedding.placeholder_tokens": _EMBEDDING,
@@ -118,13 +140,13 @@ ELSEWHERE: dict[str, str] = {
     "sampling.inference_steps": _SAMPLING,
     "sampling.guidance_scale": _SAMPLING,
     "sampling.seed": _SAMPLING,
-    "backup.keep": "which backups to keep: the engine announces that backups are not available yet",
+    "backup.keep": "which backups are kept: tests/test_resume.py::test_backup_folder_holds_what_a_resume_needs",
     "validation.holdout_fraction": "which clips are held out: tests/test_holdout.py::test_split_sizes_and_disjointness, "
     "tests/test_doctor.py::test_holdout_and_overfitting_estimate_on_the_demo_dataset",
     "validation.folder": "validation clips from a folder: tests/test_holdout.py::test_validation_folder_replaces_the_fraction",
 }
 
-TESTED = {c.key for c in CASES} | set(ANNOUNCED)
+TESTED = {c.key for c in CASES} | set(WATCHING)
 REFUSED = {r.key for r in REFUSALS}
 
 
@@ -173,7 +195,7 @@ def test_schedules_give_different_learning_rates(runs: Runs) -> None:
 
 
 def test_a_nan_loss_is_skipped_and_five_in_a_row_stop_the_run(runs: Runs, monkeypatch: pytest.MonkeyPatch) -> None:
-    real = trainer_module.flow_matching_loss
+    real = loop_module.flow_matching_loss
     calls = {"n": 0, "bad": {1, 2}}
 
     def sometimes_nan(prediction, target, sigmas, objective, weight=0.0, **kwargs):
@@ -183,7 +205,7 @@ def test_a_nan_loss_is_skipped_and_five_in_a_row_stop_the_run(runs: Runs, monkey
             return loss * float("nan"), parts
         return loss, parts
 
-    monkeypatch.setattr(trainer_module, "flow_matching_loss", sometimes_nan)
+    monkeypatch.setattr(loop_module, "flow_matching_loss", sometimes_nan)
     outcome = runs.run({"max_steps": 4}, fresh=True)
     # Four batches: the first two are skipped, the other two are steps.
     _trained(outcome, 2)

@@ -15,7 +15,8 @@ from core.config import load_preset, resolve
 from core.errors import ConfigError
 from core.export.lora import lora_state_dict
 from core.models.tiny import build_tiny_model
-from core.train import trainer as trainer_module
+from core.train import loop as loop_module
+from core.train import optim as optim_module
 from core.train.events import TrainerCallbacks
 from core.train.experts import denoiser_objective, route
 from core.train.metrics_reader import read_metrics
@@ -83,7 +84,7 @@ class _Watch(TrainerCallbacks):
 def watched(monkeypatch: pytest.MonkeyPatch) -> _Watch:
     watch = _Watch()
     load = Trainer._load_denoiser
-    noise = trainer_module.sample_noise
+    noise = loop_module.sample_noise
 
     def load_and_keep(self: Trainer, adapter: Any, name: str, accelerator: Any) -> Any:
         model = load(self, adapter, name, accelerator)
@@ -95,15 +96,15 @@ def watched(monkeypatch: pytest.MonkeyPatch) -> _Watch:
         watch.sigmas[step] = sigmas.tolist()
         return sigmas, drawn
 
-    build_optimizer = trainer_module.build_optimizer
+    build_optimizer = optim_module.build_optimizer
 
     def snapshot_and_build(*args: Any, **kwargs: Any) -> Any:
         watch.initial = watch.snapshot()  # every expert has its LoRA now, untrained
         return build_optimizer(*args, **kwargs)
 
     monkeypatch.setattr(Trainer, "_load_denoiser", load_and_keep)
-    monkeypatch.setattr(trainer_module, "sample_noise", noise_and_keep)
-    monkeypatch.setattr(trainer_module, "build_optimizer", snapshot_and_build)
+    monkeypatch.setattr(loop_module, "sample_noise", noise_and_keep)
+    monkeypatch.setattr(optim_module, "build_optimizer", snapshot_and_build)
     return watch
 
 

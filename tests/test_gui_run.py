@@ -120,7 +120,7 @@ def test_start_trains_to_the_end_with_plots_progress_and_threads(qtbot, window: 
     assert outcome.output_paths == [str(output)] and output.is_file()
     assert str(output) in panel.output_label.text() and panel.output_label.isVisibleTo(panel)
     assert panel.status_label.text().startswith("Finished 4 of 4 steps")
-    assert "backups are not available yet" in panel.log_view.toPlainText()  # the engine's on_log
+    assert "captions:" in panel.log_view.toPlainText()  # the engine's on_log (the cache report)
     assert panel.start_button.isEnabled() and not panel.stop_button.isEnabled()
 
     # No engine work on the GUI thread; every slot on it.
@@ -160,6 +160,18 @@ def test_stop_mid_run_ends_cleanly(qtbot, window: MainWindow) -> None:
     assert not panel.is_running() and panel.last_thread.isFinished()
     assert panel.status_label.text().startswith(f"Stopped after {outcome.steps} of 200 steps")
     assert panel.progress.value() == outcome.steps
+    # Stopping wrote a backup of the last step; Continue picks the run up there.
+    from core.train.backup import BackupFolder
+
+    assert BackupFolder(window.state.config["workspace_dir"]).newest().step == outcome.steps
+    assert panel.continue_button.isEnabled()
+    with qtbot.waitSignal(panel.run_finished, timeout=RUN_TIMEOUT_MS) as blocker:
+        panel.continue_button.click()
+        qtbot.waitUntil(lambda: panel.progress.value() > outcome.steps, timeout=RUN_TIMEOUT_MS)
+        panel.stop()
+    again: RunOutcome = blocker.args[0]
+    assert again.error is None and again.steps > outcome.steps
+    assert f"continuing from the backup of step {outcome.steps}" in panel.log_view.toPlainText()
 
 
 def test_closing_during_a_run_asks_stops_and_closes(qtbot, window: MainWindow, monkeypatch: pytest.MonkeyPatch) -> None:

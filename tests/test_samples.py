@@ -42,6 +42,7 @@ def _config(prompts: list[str], **sampling: Any) -> dict[str, Any]:
     config = defaults()
     config["sampling"].update({**SIZE, "every_n_steps": 10, "prompts": prompts, **sampling})
     config["video_config"]["target_fps"] = 16.0
+    config["text_encoder"]["weight_dtype"] = "FLOAT_32"  # the encoder samples load, as the expected video's
     return config
 
 

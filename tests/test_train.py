@@ -116,7 +116,8 @@ def test_stop_between_steps_still_saves(tiny_wan: Path, one_clip: Path, tmp_path
 @pytest.mark.parametrize(
     ("override", "key"),
     [
-        ({"training_method": "FINE_TUNE"}, "training_method"),
+        ({"vae": {"train": True}}, "vae.train"),
+        ({"text_encoder": {"train": True}}, "text_encoder.train"),  # LORA trains the transformer
         ({"vae": {"weight_dtype": "NFLOAT_4"}}, "vae.weight_dtype"),
         ({"layer_offload_fraction": 0.5, "gradient_checkpointing": "OFF"}, "gradient_checkpointing"),  # offloading needs it
     ],

@@ -172,11 +172,11 @@ def test_offloading_trains_the_same_lora_and_reports_the_bytes_it_moved(runs: Ru
 def test_cpu_offloaded_activations_move_and_train_the_same(runs: Runs, monkeypatch: pytest.MonkeyPatch) -> None:
     # On a CPU the saved activations are in CPU memory already; include_cpu makes the hooks copy
     # them anyway, so the engine's use of them is checked: they move, and the LoRA is the same.
-    import core.train.trainer as trainer_module
+    import core.train.loop as loop_module
     from core.memory.activation_offload import ActivationOffload
 
     contexts: list[ActivationOffload] = []
-    real = trainer_module.activation_offload
+    real = loop_module.activation_offload
 
     def copying(gradient_checkpointing: str) -> Any:
         if gradient_checkpointing != "CPU_OFFLOADED":
@@ -184,7 +184,7 @@ def test_cpu_offloaded_activations_move_and_train_the_same(runs: Runs, monkeypat
         contexts.append(ActivationOffload(include_cpu=True))
         return contexts[-1]
 
-    monkeypatch.setattr(trainer_module, "activation_offload", copying)
+    monkeypatch.setattr(loop_module, "activation_offload", copying)
     outcome = runs.run({"gradient_checkpointing": "CPU_OFFLOADED"}, fresh=True)
     _trained(outcome, 3)
     assert len(contexts) == 3 and all(c.offloaded_tensors > 0 and c.offloaded_bytes > 0 for c in contexts)

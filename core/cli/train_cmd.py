@@ -16,9 +16,15 @@ def register(commands: argparse._SubParsersAction) -> None:
         "train",
         help="train with a preset or config file",
         description="Train: cache what is missing, then run the training loop and save the result to "
-        "output_path. Ctrl+C stops between steps and still saves; a second Ctrl+C stops at once.",
+        "output_path. Ctrl+C stops between steps, writes a backup and still saves; a second Ctrl+C stops "
+        "at once. --resume continues from the newest backup.",
     )
     add_settings_arguments(cmd)
+    cmd.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest backup in workspace_dir/backups (made with the same settings and data)",
+    )
     cmd.set_defaults(func=train_command)
 
 
@@ -60,12 +66,14 @@ def train_command(args: argparse.Namespace) -> int:
     callbacks = ProgressBar()
     previous = signal.signal(signal.SIGINT, first_interrupt)
     try:
-        result = Trainer(config, callbacks, commands).run()
+        result = Trainer(config, callbacks, commands, resume=args.resume).run()
     finally:
         signal.signal(signal.SIGINT, previous)
         if callbacks.bar is not None:
             callbacks.bar.close()
     state = "stopped early" if result.stopped_early else "finished"
+    if result.resumed_from:
+        state += f" (continued from step {result.resumed_from})"
     loss = f", final loss {result.final_loss:.4f}" if result.final_loss is not None else ""
     skipped = f", {result.skipped_steps} step(s) skipped for a non-finite loss" if result.skipped_steps else ""
     print(f"{state}: {result.steps} of {result.total_steps} steps{loss}{skipped}")

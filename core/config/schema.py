@@ -69,8 +69,9 @@ def _model_part(name: str, label: str, train: bool, weight_dtype: str, what: str
                 "weight_dtype",
                 WEIGHT_DTYPES,
                 weight_dtype,
-                f"Storage type of the {what}'s frozen weights: FLOAT_8, INT_8, INT_4 (optimum-quanto) and "
-                "NFLOAT_4 (bitsandbytes) save memory at some cost in quality.",
+                f"Storage type of the {what}'s weights (the trained ones too with FINE_TUNE, which takes "
+                "BFLOAT_16 or FLOAT_32): FLOAT_8, INT_8, INT_4 (optimum-quanto) and NFLOAT_4 (bitsandbytes) "
+                "save memory at some cost in quality.",
             ),
         ),
         label=label,
@@ -191,7 +192,8 @@ SCHEMA = Section(
             "train_dtype",
             TRAIN_DTYPES,
             "BFLOAT_16",
-            "Precision of the forward and backward pass; master weights and optimizer state stay in FLOAT_32.",
+            "Precision of the forward and backward pass; LoRA and embedding weights and their optimizer state "
+            "stay in FLOAT_32 (FINE_TUNE trains the weights in their own weight_dtype).",
             label="Training precision",
         ),
         _model_part(
@@ -330,7 +332,8 @@ SCHEMA = Section(
             False,
             "Update each weight as soon as its gradient is ready, inside the backward pass, so the full set of "
             "gradients never sits in memory at once (FINE_TUNE). Needs gradient_accumulation_steps 1 and "
-            "max_grad_norm 0 (a total norm needs every gradient at once); ADAFACTOR clips each update itself.",
+            "max_grad_norm 0 (a total norm needs every gradient at once), one GPU, and an optimizer other than "
+            "PRODIGY; ADAFACTOR clips each update itself.",
             applies_when=FINE_TUNE_ONLY,
             label="Fused backward pass",
         ),

@@ -215,7 +215,13 @@ class BatchLoader:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        for batch in self.loader:
+        # The DataLoader's iterator is made here, not at the first next(): making it draws a seed from
+        # torch's global generator, and a resumed run restores that generator right after this call.
+        return self._unpacked(iter(self.loader))
+
+    @staticmethod
+    def _unpacked(batches: Iterator[Any]) -> Iterator[dict[str, Any]]:
+        for batch in batches:
             yield batch.unpack() if isinstance(batch, PackedBatch) else batch
 
 

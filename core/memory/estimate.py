@@ -162,25 +162,34 @@ def estimate_memory(config: dict[str, Any], configs: ModelConfigs | None = None)
     if text_in_graph and not text_full:
         weights += te.weight_bytes(config["text_encoder"]["weight_dtype"])
 
-    # trainable parameters
-    targets = _lora_targets(config, t) if lora else []
-    trained = 0
-    factored_state = 0
-    if lora and config["transformer"]["train"]:
-        trained += len(transformers) * t.n_blocks * sum(rank * (i + o) for i, o in targets)
-        factored_state = len(transformers) * t.n_blocks * sum(4 * (rank + i) + 4 * (o + rank) for i, o in targets)
-    if full_transformer:
-        trained += sum(s.parameters() for s in transformers)
-        factored_state += sum(4 * (i + o) * s.n_blocks for s in transformers for _, i, o in s.block_linears)
-    if text_full:
-        trained += te.parameters()
-        factored_state += 4 * te.layers * (4 * (te.d_model + te.heads * te.d_kv) + 3 * (te.d_model + te.d_ff))
-    if method == "EMBEDDING":
-        trained += len(config["embedding"]["placeholder_tokens"]) * te.d_model
+    # trainable parameters: LoRA and embedding rows train in float32 (weight, gradient, float32 state);
+    # FINE_TUNE trains the weights in their own storage (bfloat16 or float32), with gradients of that
+    # size unless fused_backward frees each one inside the backward pass (core/train/finetune.py).
     optimizer = config["optimizer"]
-    state = factored_state if optimizer == "ADAFACTOR" else trained * OPTIMIZER_STATE_BYTES[optimizer]
-    trainable_state = trained * 8 + state
-    details.update(trained_parameters=trained, optimizer=optimizer)
+    fused = full_transformer and config["fused_backward"]
+    targets = _lora_targets(config, t) if lora else []
+    small = 0  # float32-trained parameters (LoRA, embedding rows)
+    small_factored = 0
+    if lora and config["transformer"]["train"]:
+        small += len(transformers) * t.n_blocks * sum(rank * (i + o) for i, o in targets)
+        small_factored = len(transformers) * t.n_blocks * sum(4 * (rank + i) + 4 * (o + rank) for i, o in targets)
+    if method == "EMBEDDING":
+        small += len(config["embedding"]["placeholder_tokens"]) * te.d_model
+    full: list[tuple[int, int, int]] = []  # (parameters, bytes per weight, Adafactor's factored state in fp32 bytes)
+    if full_transformer:
+        full += [(s.parameters(), DTYPE_BYTES.get(wdtype, 4), sum(4 * (i + o) * s.n_blocks for _, i, o in s.block_linears))
+                 for s in transformers]
+    if text_full:
+        full.append((te.parameters(), DTYPE_BYTES.get(config["text_encoder"]["weight_dtype"], 4),
+                     4 * te.layers * (4 * (te.d_model + te.heads * te.d_kv) + 3 * (te.d_model + te.d_ff))))
+    state = small_factored if optimizer == "ADAFACTOR" else small * OPTIMIZER_STATE_BYTES[optimizer]
+    trainable_state = small * 8 + state
+    for params, wb, factored in full:
+        per_weight_state = {"ADAMW": 2 * wb, "ADAMW_8BIT": 2, "SGD": wb, "PRODIGY": 4 * wb}
+        state_bytes = factored * wb // 4 if optimizer == "ADAFACTOR" else params * per_weight_state[optimizer]
+        trainable_state += params * wb + (0 if fused else params * wb) + state_bytes
+    trained = small + sum(params for params, _, _ in full)
+    details.update(trained_parameters=trained, optimizer=optimizer, fused_backward=fused)
 
     # activations (per sample, times the batch; shared per-step tensors once)
     per_token_ts = configs.expand_timesteps
@@ -206,9 +215,11 @@ def estimate_memory(config: dict[str, Any], configs: ModelConfigs | None = None)
     workspace = latent_elements * 4 * 6  # latents, noise, noisy input, target, prediction, its gradient (float32)
     if wdtype in QUANTIZED and not full_transformer:
         workspace += t.max_linear_elements() * compute_bytes(wdtype)  # one layer dequantized at a time
-    if full_transformer:
+    if full_transformer and DTYPE_BYTES.get(wdtype, 4) != train_b:
         workspace += sum(s.parameters() for s in transformers) * train_b  # autocast's copies of the trained weights
-    step_peak = trained * STEP_TEMPORARY_BYTES[optimizer]
+    # A fused backward and Adafactor step one weight at a time: their temporaries are one layer's.
+    per_weight = fused or optimizer == "ADAFACTOR"
+    step_peak = (t.max_linear_elements() * 4) if per_weight and full else trained * STEP_TEMPORARY_BYTES[optimizer]
 
     parts = {"weights": weights, "trainable_state": trainable_state, "activations": activations,
              "workspace": max(workspace, step_peak)}

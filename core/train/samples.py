@@ -86,26 +86,6 @@ def _held_text_encoder(adapter: Any) -> Any:
     return text_parts()[1] if text_parts is not None else None
 
 
-@contextmanager
-def _text_encoder_kept(adapter: Any, encoder: Any) -> Iterator[None]:
-    """While sampling, the adapter's load_text_encoder returns the encoder training holds, untouched.
-
-    Why: the family's sampler asks for the text encoder in the sampling dtype without a weight_dtype,
-    which would cast a float32 fine-tuned encoder to bfloat16 in place (its master weights lost), or
-    load a quantized one (textual inversion) again from disk, dropping the new tokens' encoder that
-    training uses. The encoder is in eval mode for the samples (no dropout); flags come back after.
-    """
-    if encoder is None:
-        yield
-        return
-    encoder.eval()
-    adapter.load_text_encoder = lambda *args, **kwargs: encoder  # shadows the method on this instance only
-    try:
-        yield
-    finally:
-        del adapter.load_text_encoder
-
-
 def _is_out_of_memory(exc: BaseException) -> bool:
     import torch
 
@@ -180,10 +160,18 @@ class SampleMaker:
         # A text encoder that training holds (fine-tuned, or carrying textual-inversion tokens) is
         # sampled as it is and its flags are restored like the denoisers'.
         held = _held_text_encoder(self.adapter) if not self.unload_encoders_after else None
+        if held is None and getattr(self.adapter, "text_parts", None) is not None and self.adapter.text_parts()[1] is None:
+            # Loaded here in the run's text_encoder.weight_dtype (a quantized storage stays quantized);
+            # the family's sampler uses an encoder that is already loaded as it is.
+            from core.models.dtypes import compute_dtype
+
+            weight_dtype = self.config["text_encoder"]["weight_dtype"]
+            self.adapter.load_text_encoder(self.device, compute_dtype(weight_dtype), weight_dtype)
         written: list[Path] = []
         try:
-            with _training_state_kept([*denoisers.values(), *([held] if held is not None else [])]), \
-                    _text_encoder_kept(self.adapter, held):
+            with _training_state_kept([*denoisers.values(), *([held] if held is not None else [])]):
+                if held is not None:
+                    held.eval()  # no dropout in the samples; the flags come back after
                 for index, prompt in enumerate(prompts):
                     path = self._one(step, index, len(prompts), prompt, denoisers, args, image, fps)
                     if path is not None:

@@ -1,8 +1,8 @@
-"""The training loop: cached batches in, a LoRA file out, with accelerate doing precision and devices.
+"""The trainer: builds a run (data, models, optimizer, backups) and hands it to the step loop.
 
-The trainer never branches on the model family: everything family-specific is behind the adapter.
-It talks to its client (CLI or window) only through TrainerCallbacks and polls TrainerCommands
-between steps.
+The trainer never branches on the model family: everything family-specific is behind the adapter,
+and everything method-specific (LORA, FINE_TUNE, EMBEDDING) behind core/train/methods. It talks to
+its client (CLI or window) only through TrainerCallbacks and polls TrainerCommands between steps.
 
 Several processes (`accelerate launch --multi_gpu --num_processes N main.py train ...`) train with
 DDP: every process builds the same sampler over the GLOBAL batch size (batch_size x N) and takes its
@@ -10,8 +10,10 @@ share of each batch (core.data.buckets.shard_batch); noise and noise levels are 
 seeded by (seed, step, position in the global batch), so N processes with batch_size B see the
 same samples and the same noise as one process with batch_size N x B. Only the main process fills
 the caches (the others wait, then read them), calls the client's callbacks and writes files
-(metrics, run_info.json, the LoRA). See docs/training.md, "Several GPUs".
+(metrics, run_info.json, backups, samples, the result). See docs/training.md, "Several GPUs".
 
+A run with resume=True continues from the newest backup in workspace_dir/backups (core/train/
+backup.py, resume.py); one without sets earlier backups and metrics aside, never deleting them.
 Where the weights live (quantized storage, layer and activation offloading, the estimate beside the
 run, out-of-memory advice) is placement.py's; see docs/memory.md, "In a training run".
 """
@@ -20,40 +22,22 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
-import time
-from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from core.data.buckets import (
-    BucketBatchSampler,
-    ShardedBatchSampler,
-    shard_positions,
-    total_batches,
-)
-from core.data.cache import ContentHasher
+from core.data.buckets import BucketBatchSampler, ShardedBatchSampler, total_batches
 from core.data.dataset import CachedSampleDataset, make_loader
-from core.data.plan import plan_data
-from core.data.precompute import fill_caches
 from core.errors import ConfigError, UserError
-from core.models.dtypes import compute_dtype
 from core.models.registry import adapter_for
 
-from .draws import sample_first_frame_fixed, sample_noise
+from .data_prep import prepare_data
 from .events import TrainerCallbacks, TrainerCommands
 from .experts import chosen_denoisers, denoiser_objective, route
-from .objective import (
-    condition_first_frame,
-    flow_matching_loss,
-    flow_target,
-    noisy_inputs,
-)
-from .optim import build_optimizer, build_scheduler
+from .loop import Loop, RunParts, TrainResult
+from .methods import parts_for
 from .placement import (
     Offloaders,
-    activation_offload,
     estimated_peak_bytes,
     ignore_frozen_for_ddp,
     is_out_of_memory,
@@ -61,26 +45,17 @@ from .placement import (
     out_of_memory_error,
     place_denoiser,
 )
-from .support import announcements, refusals
+from .support import refusals
 
 log = logging.getLogger(__name__)
 
-MAX_BAD_STEPS = 5  # non-finite losses in a row before the run stops
+__all__ = ["Trainer", "TrainResult"]
+
 # How long a process waits at a collective (DDP) before giving up. The other processes wait at a
 # barrier while the main process fills the caches, which can take hours on a large dataset; the
 # default (10 to 30 minutes) would end the run there. A process that fails does not leave the others
 # waiting: the launcher (torch elastic) ends them all; one that hangs is noticed late.
 PROCESS_GROUP_TIMEOUT = timedelta(hours=12)
-
-
-@dataclass
-class TrainResult:
-    steps: int
-    total_steps: int
-    stopped_early: bool
-    output_paths: list[Path] = field(default_factory=list)
-    final_loss: float | None = None
-    skipped_steps: int = 0
 
 
 def _precision(train_dtype: str) -> str:
@@ -127,41 +102,56 @@ def _release_accelerate_state() -> None:
 
 
 class _Routes:
-    """The trained denoisers, and which one (with its narrowed objective) an optimizer step uses."""
+    """The denoisers, and which one (with its narrowed objective) an optimizer step uses."""
 
-    def __init__(self, denoisers: list[Any], wrappers: list[Any], models: list[Any], config: dict[str, Any], *, several_in_model: bool) -> None:
+    def __init__(self, denoisers: list[Any], wrappers: list[Any], models: list[Any], config: dict[str, Any], *,
+                 several_in_model: bool, trained: bool) -> None:
         self.denoisers, self.wrappers, self.models = denoisers, wrappers, models
         # What adapter.predict calls: under DDP the wrapper, with attribute reads going to the model.
         self.views = [w if m is w else _ModelView(w, m) for w, m in zip(wrappers, models)]
         self.objectives = [denoiser_objective(config["objective"], d) for d in denoisers]
         self.objective, self.seed = config["objective"], config["seed"]
         self.several_in_model = several_in_model
+        self.trained = trained  # whether the denoisers train (else they stay in eval mode)
         self._active: int | None = None
 
     def pick(self, optimizer_step: int) -> tuple[Any, Any, dict[str, Any], dict[str, str]]:
         """(wrapper, view, objective, extra metrics fields) of the denoiser training this step."""
         index = route(self.denoisers, self.objective, self.seed, optimizer_step)
         extra = {"expert": self.denoisers[index].name} if self.several_in_model else {}
-        if index != self._active:
+        if index != self._active and self.trained:
             # The resting expert keeps eval mode. Only on a change: train() walks every module,
             # about as long as the whole step costs on a tiny model.
             for i, model in enumerate(self.models):
                 model.train(i == index)
-            self._active = index
+        self._active = index
         return self.wrappers[index], self.views[index], self.objectives[index], extra
+
+    def model_for_sigma(self, sigma: float) -> Any:
+        """The (unwrapped) denoiser serving noise level sigma, for validation outside DDP; None when
+        no trained expert serves it (a HIGH_NOISE or LOW_NOISE run): that quantile is left out."""
+        for denoiser, model in zip(self.denoisers, self.models):
+            if denoiser.low <= sigma <= denoiser.high:
+                return model
+        return None
+
+    def sampling_denoisers(self) -> dict[str, Any]:
+        return {d.name: m for d, m in zip(self.denoisers, self.models)}
 
 
 class Trainer:
-    def __init__(self, config: dict[str, Any], callbacks: TrainerCallbacks | None = None, commands: TrainerCommands | None = None):
+    def __init__(self, config: dict[str, Any], callbacks: TrainerCallbacks | None = None,
+                 commands: TrainerCommands | None = None, *, resume: bool = False):
         self.config = config
         self.callbacks = callbacks or TrainerCallbacks()
         self.commands = commands or TrainerCommands()
+        self.resume = resume
 
     # -- preparation ---------------------------------------------------------------------------
-    def _check(self, adapter: Any) -> None:
+    def _check(self, adapter: Any, world_size: int) -> None:
         import torch
 
-        problems = refusals(self.config, adapter.family)
+        problems = refusals(self.config, adapter.family, world_size=world_size, cuda=torch.cuda.is_available())
         if self.config["train_dtype"] == "FLOAT_16" and not torch.cuda.is_available():
             # accelerate would silently compute in float32 on a CPU.
             problems.append(ConfigError("train_dtype FLOAT_16 needs a CUDA GPU; on a CPU use FLOAT_32 or BFLOAT_16", key="train_dtype"))
@@ -175,8 +165,6 @@ class Trainer:
                 "experts: point base_model at a diffusers folder holding both, or leave it empty", key="transformer.model_path"))
         if problems:
             raise problems[0]
-        for note in announcements(self.config):
-            self.callbacks.on_log(logging.WARNING, note)
         ratios = self.config["video_config"]
         wrong = [key for key, actual in (("spatial_compression_ratio", adapter.spatial_ratio),
                                          ("temporal_compression_ratio", adapter.temporal_ratio))
@@ -191,83 +179,8 @@ class Trainer:
                 key=keys[0], also=keys[1:],
             )
 
-    def _plan(self, adapter: Any) -> Any:
-        cache_dir = Path(self.config["cache_dir"]).expanduser()
-        return plan_data(self.config, adapter, ContentHasher(cache_dir), progress=lambda m: self.callbacks.on_log(logging.INFO, m))
-
-    def _prepare_data(self, adapter: Any, accelerator: Any) -> Any:
-        """The data plan with every cache entry filled; None if a stop was requested meanwhile.
-
-        Only the main process fills the caches; the others wait at a barrier, then plan (cheap: no
-        decoding) and leave out the files the main process could not decode, so every process ends
-        with the same plan and reads the same entries.
-        """
-        config = self.config
-        cache_dir = Path(config["cache_dir"]).expanduser()
-        several = accelerator.num_processes > 1
-        outcome: dict[str, Any] = {"failed": [], "stopped": False, "error": None}
-        plan, error = None, None
-        if accelerator.is_main_process:
-            try:
-                plan = self._plan(adapter)
-                report = fill_caches(
-                    plan, adapter, cache_dir, device=str(accelerator.device), workers=max(1, config["dataloader_threads"]),
-                    should_stop=lambda: self.commands.stop_requested,
-                )
-                self.callbacks.on_log(logging.INFO, report.summary())
-                for issue in report.failed:
-                    self.callbacks.on_log(logging.WARNING, f"left out: {issue}")
-                outcome.update(failed=list(report.failed), stopped=self.commands.stop_requested)
-            except Exception as e:
-                if not several:
-                    raise
-                error = e  # tell the waiting processes before raising, so they do not wait forever
-                outcome["error"] = str(e) or type(e).__name__
-        if several:
-            from accelerate.utils import broadcast_object_list
-
-            accelerator.wait_for_everyone()
-            box = [outcome]
-            broadcast_object_list(box, from_process=0)
-            outcome = box[0]
-            if error is not None:
-                raise error
-            if outcome["error"] is not None:
-                raise UserError(f"the main process failed while preparing the data: {outcome['error']}")
-            if not accelerator.is_main_process:
-                plan = self._plan(adapter)
-                plan.drop({issue.path for issue in outcome["failed"]}, outcome["failed"])
-        if outcome["stopped"]:
-            return None
-        if not plan.train:
-            raise UserError("no clips are left to train on after caching (see the warnings above)")
-        return plan
-
-    def _stop_requested(self, accelerator: Any) -> bool:
-        """Whether any process was asked to stop: all of them stop after the same step (a process
-        leaving alone would leave the others waiting in the gradient all-reduce)."""
-        if accelerator.num_processes == 1:
-            return self.commands.stop_requested
-        import torch
-
-        flag = torch.tensor([1.0 if self.commands.stop_requested else 0.0], device=accelerator.device)
-        return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
-
-    def _add_lora(self, transformer: Any, adapter: Any) -> None:
-        from diffusers.training_utils import cast_training_params
-        from peft import LoraConfig
-
-        lora = self.config["lora"]
-        targets = lora["target_layers"] or adapter.default_lora_targets()
-        try:
-            transformer.add_adapter(
-                LoraConfig(r=lora["rank"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
-                           target_modules=targets, init_lora_weights=True)
-            )
-        except ValueError as e:
-            raise UserError(f"lora.target_layers {targets} match no layer of the model ({e}); leave it empty for the defaults") from None
-        # LoRA weights train in float32 whatever the base's storage (fp32 master weights).
-        cast_training_params(transformer, dtype=compute_dtype("FLOAT_32"))
+    def _load_denoiser(self, adapter: Any, name: str, accelerator: Any) -> Any:
+        return load_denoiser(adapter, name, self.config, accelerator)
 
     # -- the run -------------------------------------------------------------------------------
     def run(self) -> TrainResult:
@@ -288,8 +201,9 @@ class Trainer:
         from accelerate import Accelerator
         from accelerate.utils import InitProcessGroupKwargs, set_seed
 
+        from .backup import BackupFolder
         from .run_info import write_run_info
-        from .telemetry import MetricsWriter, step_record
+        from .telemetry import MetricsWriter, SmoothedLoss
 
         config = self.config
         adapter = adapter_for(config)
@@ -304,27 +218,23 @@ class Trainer:
         if not accelerator.is_main_process:
             # One voice towards the client: progress bars, logs and the window follow the main process.
             self.callbacks = TrainerCallbacks()
-        self._check(adapter)
         world_size, rank = accelerator.num_processes, accelerator.process_index
+        self._check(adapter, world_size)
+        workspace = Path(config["workspace_dir"]).expanduser()
+        backups = BackupFolder(workspace, config["backup"]["keep"])
+        backup = self._backup_to_resume(backups) if self.resume else None
         set_seed(config["seed"])
-        plan = self._prepare_data(adapter, accelerator)
+        plan = prepare_data(config, adapter, accelerator, self.callbacks.on_log, lambda: self.commands.stop_requested)
         if plan is None:
-            return TrainResult(0, 0, True)
+            return TrainResult(0, 0, True, [])
 
         denoisers = chosen_denoisers(config, adapter)
-        transformers = [self._load_denoiser(adapter, denoiser.name, accelerator) for denoiser in denoisers]
-        for transformer in transformers:
-            self._add_lora(transformer, adapter)  # after quantizing: peft wraps the quantized layers
+        parts = parts_for(config["training_method"])(config, adapter, accelerator.device)
+        parts.load(denoisers, lambda name: self._load_denoiser(adapter, name, accelerator))
         # Layer offloading keeps some blocks' frozen weights in CPU memory; the rest goes to the device.
-        placed = [place_denoiser(transformer, adapter, config, accelerator.device) for transformer in transformers]
+        placed = [place_denoiser(t, adapter, config, accelerator.device) for t in parts.transformers]
         offloaders = Offloaders(placed)
-        lora_params = [[p for p in transformer.parameters() if p.requires_grad] for transformer in transformers]
-        self._trainable = [p for params in lora_params for p in params]  # clipping walks only these
-        part_lr = config["transformer"]["learning_rate"]
-        lr = config["learning_rate"] if part_lr is None else part_lr  # 0.0 means frozen, not "unset"
-        # One optimizer over every expert's LoRA: a step trains one expert, and the others, without
-        # gradients, are left exactly as they are (see core/train/experts.py).
-        optimizer = build_optimizer(config["optimizer"], [{"params": params, "lr": lr} for params in lora_params], lr)
+        optimizer, fused = self._optimizer(parts)
 
         records = plan.sampler_records()
         # batch_size is per process (per GPU): every process draws the same global batches (world_size
@@ -333,10 +243,25 @@ class Trainer:
         batches = total_batches(config, records, world_size)
         accumulation = config["gradient_accumulation_steps"]
         total_steps = batches // accumulation
-        scheduler = build_scheduler(config["lr_scheduler"], optimizer, config["warmup_steps"], total_steps)
+        from .optim import build_scheduler
+
+        # A fused backward's learning rates live in its lead optimizer, which the scheduler steps.
+        scheduled = optimizer.optimizer if fused else optimizer
+        scheduler = build_scheduler(config["lr_scheduler"], scheduled, config["warmup_steps"], total_steps)
+
+        from .resume import data_fingerprint
+
+        data = data_fingerprint(plan, world_size)
+        if backup is not None:
+            from core.train.run_info import app_version
+
+            from .backup import check_resumable, settings_fingerprint
+
+            check_resumable(backup, app_version=app_version(), fingerprint=settings_fingerprint(config), data=data)
+        start_step = backup.step if backup is not None else 0
         sampler = BucketBatchSampler(
             records, config["batch_size"], config["video_config"]["video_batch_size_multiplier"], config["seed"], steps=batches,
-            world_size=world_size,
+            world_size=world_size, start_step=min(start_step * accumulation, batches),
         )
         loader = make_loader(
             CachedSampleDataset(plan.cached_samples(), Path(config["cache_dir"]).expanduser()),
@@ -350,138 +275,181 @@ class Trainer:
         # The scheduler is not prepared: accelerate's wrapper steps it once per process at every
         # optimizer step (made for loaders that shrink with the process count), but total_steps
         # already counts global steps; the loop steps it itself, once per optimizer step.
-        if world_size > 1:
-            for transformer in transformers:
-                ignore_frozen_for_ddp(transformer)
-        # An offloaded model must stay where the offloader put it (prepare would move all of it).
-        placement = [False if offloader is not None else None for offloader in placed]
-        *transformers, optimizer = accelerator.prepare(*transformers, optimizer, device_placement=[*placement, None])
+        transformers = list(parts.transformers)
+        if parts.trains_denoisers():
+            if world_size > 1:
+                for transformer in transformers:
+                    ignore_frozen_for_ddp(transformer)
+            # An offloaded model must stay where the offloader put it (prepare would move all of it).
+            placement = [False if offloader is not None else None for offloader in placed]
+            if fused:
+                transformers = accelerator.prepare(*transformers, device_placement=placement)
+                transformers = list(transformers) if isinstance(transformers, (list, tuple)) else [transformers]
+            else:
+                *transformers, optimizer = accelerator.prepare(*transformers, optimizer, device_placement=[*placement, None])
+        elif not fused:
+            optimizer = accelerator.prepare(optimizer)
         models = [accelerator.unwrap_model(t) for t in transformers]
+        parts.set_train_mode(True)
 
-        workspace = Path(config["workspace_dir"]).expanduser()
-        metrics = MetricsWriter(workspace, enabled=accelerator.is_main_process)
+        ema = None
+        if config["ema"]["enabled"]:
+            from .ema import TrainedAverage
+
+            ema = TrainedAverage(parts.named_trainable(), config["ema"]["decay"], config["ema"]["device"])
+        smoother = SmoothedLoss()
+        result = TrainResult(0, total_steps, False, [])
+        run = RunParts(
+            config=config, accelerator=accelerator, adapter=adapter, parts=parts,
+            routes=_Routes(denoisers, transformers, models, config, several_in_model=len(adapter.transformer_names()) > 1,
+                           trained=parts.trains_denoisers()),
+            optimizer=optimizer, scheduler=scheduler, loader=loader, metrics=None, offloaders=offloaders,
+            callbacks=self.callbacks, commands=self.commands, total_steps=total_steps,
+            batches_per_pass=max(1, len(sampler.pass_batches(0))), smoother=smoother, fused=fused, ema=ema,
+            captions_of=lambda ids: [plan.train[int(i)].item.caption for i in ids],
+        )
+        self._add_validation(run, plan)
+        self._add_samples(run, plan, workspace)
+        if backup is not None:
+            self._restore(run, backup, result)
+        elif accelerator.is_main_process:
+            self._set_earlier_runs_aside(workspace, backups)
+        # Backups are written when due, when asked for (Backup now) and when a run is stopped.
+        run.backup = self._backup_writer(run, backups, data, result) if accelerator.is_main_process else (lambda *a: None)
+        run.metrics = MetricsWriter(workspace, enabled=accelerator.is_main_process, resume_step=start_step if backup else None)
         if accelerator.is_main_process:
             write_run_info(workspace, config, dict(zip((d.name for d in denoisers), models)),
                            {"total_steps": total_steps, "samples": len(plan.train), "family": adapter.family,
                             "world_size": world_size, "global_batch_size": global_batch,
-                            "denoisers": [vars(d) for d in denoisers],
+                            "denoisers": [vars(d) for d in denoisers], "resumed_from_step": start_step,
                             "estimated_peak_bytes": estimated_peak_bytes(config, adapter.folder)})
-        self._batches_per_pass = max(1, len(sampler.pass_batches(0)))
-        routes = _Routes(denoisers, transformers, models, config, several_in_model=len(adapter.transformer_names()) > 1)
-        result = self._loop(accelerator, adapter, routes, optimizer, scheduler, loader, metrics, step_record, total_steps, offloaders)
-        metrics.close()
-        offloaders.detach()
+        try:
+            result = Loop(run, result).run_steps()
+        finally:
+            run.metrics.close()
+            offloaders.detach()
 
         if accelerator.is_main_process and result.steps > 0:
-            result.output_paths.extend(self._save(adapter, denoisers, models, result.steps))
+            result.output_paths.extend(parts.save(models, result.steps))
+            if ema is not None:
+                with ema.applied():
+                    result.output_paths.extend(parts.save(models, result.steps, ema_suffix="-ema"))
         accelerator.wait_for_everyone()
         self.callbacks.on_done(result.output_paths)
         return result
 
-    def _load_denoiser(self, adapter: Any, name: str, accelerator: Any) -> Any:
-        return load_denoiser(adapter, name, self.config, accelerator)
-
-    def _save(self, adapter: Any, denoisers: list[Any], models: list[Any], steps: int) -> list[Path]:
-        """One LoRA file, or one per trained expert of a two-expert model (_high_noise, _low_noise)."""
-        from core.export.lora import expert_output_paths, save_lora
-
-        config, lora = self.config, self.config["lora"]
-        output = Path(config["output_path"]).expanduser()
-        names = [d.name for d in denoisers]
-        paths = expert_output_paths(output, names) if len(adapter.transformer_names()) > 1 else {names[0]: output}
-        saved = []
-        for name, model in zip(names, models):
-            metadata = {"video_trainer.steps": str(steps), "video_trainer.base_model": str(config["base_model"])}
-            if len(paths) > 1 or name != "transformer":
-                metadata["video_trainer.component"] = name
-            saved.append(save_lora(paths[name], model, rank=lora["rank"], alpha=lora["alpha"],
-                                   output_format=config["output_format"], metadata=metadata))
-        return saved
-
-    def _loop(self, accelerator, adapter, routes, optimizer, scheduler, loader, metrics, step_record, total_steps, offloaders) -> TrainResult:
-        import torch
+    # -- pieces of _run --------------------------------------------------------------------------
+    def _optimizer(self, parts: Any) -> tuple[Any, bool]:
+        """The optimizer over the method's parameter groups; with fused_backward, one that steps
+        each weight inside the backward pass (core/train/fused_backward.py)."""
+        from .optim import build_optimizer
 
         config = self.config
-        objective, weight = config["objective"], config["video_config"]["temporal_consistency_weight"]
-        i2v_share = objective["image_to_video_share"]
-        from .telemetry import SmoothedLoss
+        groups = [g for g in parts.param_groups() if g["params"]]
+        if config["training_method"] == "FINE_TUNE" and config["fused_backward"]:
+            from .fused_backward import FusedBackward
 
-        smoother = SmoothedLoss()
-        result = TrainResult(0, total_steps, False)
-        bad_in_a_row, window_loss, window_count = 0, 0.0, 0
-        started = last = time.perf_counter()
-        samples_since = 0
-        rank, world_size = accelerator.process_index, accelerator.num_processes
-        accumulation = config["gradient_accumulation_steps"]
-        # One process has nothing to gather; accelerate's gather still walks its helpers each call.
-        gather = accelerator.gather if world_size > 1 else (lambda tensor: tensor)
-        for batch in loader:
-            # An image-to-video model's entries carry the first frame's latents after the video's.
-            latents, condition = adapter.split_latents(batch["latents"].to(accelerator.device))
-            # One denoiser per optimizer step (two-expert models), the same in every process.
-            transformer, view, step_objective, expert = routes.pick(int(batch["step"]) // accumulation)
-            # Noise and noise levels per sample, seeded by (seed, batch step, position in the global
-            # batch): the same in every run with any number of processes, and a resumed run
-            # continues the same sequence.
-            positions = shard_positions(latents.shape[0], rank, world_size)
-            sigmas, noise = sample_noise(latents.shape, positions, config["seed"], int(batch["step"]), step_objective)
-            sigmas = sigmas.to(accelerator.device)
-            noise = noise.to(accelerator.device, latents.dtype)
-            noisy, fixed = noisy_inputs(latents, noise, sigmas), None
-            if i2v_share > 0:
-                fixed = sample_first_frame_fixed(positions, config["seed"], int(batch["step"]), i2v_share).to(accelerator.device)
-                noisy = condition_first_frame(noisy, latents, fixed)
-            with accelerator.accumulate(transformer):
-                with accelerator.autocast(), activation_offload(config["gradient_checkpointing"]):
-                    prediction = adapter.predict(view, noisy, sigmas, batch, first_frame_fixed=fixed, condition=condition)
-                loss, parts = flow_matching_loss(prediction.float(), flow_target(latents, noise).float(), sigmas, objective, weight,
-                                                 first_frame_fixed=fixed)
-                # Every process decides on the same losses, so all skip a step or none does.
-                losses = gather(loss.detach())
-                if not torch.isfinite(losses).all():
-                    bad_in_a_row += 1
-                    result.skipped_steps += 1
-                    self.callbacks.on_log(logging.WARNING, f"loss is {losses.mean().item()} at step {result.steps + 1}; step skipped")
-                    optimizer.zero_grad(set_to_none=True)
-                    if bad_in_a_row >= MAX_BAD_STEPS:
-                        raise UserError(
-                            f"the loss was not a number for {MAX_BAD_STEPS} steps in a row at step {result.steps}; "
-                            "lower learning_rate, or train in BFLOAT_16 or FLOAT_32 instead of FLOAT_16"
-                        )
-                    continue
-                bad_in_a_row = 0
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and config["max_grad_norm"] > 0:
-                    accelerator.clip_grad_norm_(self._trainable, config["max_grad_norm"])
-                optimizer.step()
-                if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
-                    scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            window_loss += losses.mean().item()
-            window_count += 1
-            samples_since += latents.shape[0] * accelerator.num_processes
-            if not accelerator.sync_gradients:
-                continue
-            result.steps += 1
-            now = time.perf_counter()
-            record = step_record(
-                result.steps, int(batch["step"]) // self._batches_per_pass, window_loss / window_count,
-                scheduler.get_last_lr()[0], smoother=smoother, timestep=float(gather(sigmas).mean()) * 1000,
-                samples_per_s=samples_since / max(now - last, 1e-9), seconds_per_step=now - last,
-                device=accelerator.device, loss_temporal=parts.get("temporal"),
-                offload_bytes_per_step=offloaders.take_bytes_moved(), **expert,
-            )
-            result.final_loss = record["loss"]
-            metrics.write(record)
-            self.callbacks.on_metrics(record)
-            eta = (now - started) / result.steps * (total_steps - result.steps)
-            self.callbacks.on_progress(result.steps, total_steps, record["epoch"], eta)
-            window_loss, window_count, samples_since, last = 0.0, 0, 0, now
-            if self._stop_requested(accelerator):
-                result.stopped_early = True
-                break
-            if result.steps >= total_steps:
-                break
-        if result.final_loss is not None and not math.isfinite(result.final_loss):
-            result.final_loss = None
-        return result
+            return FusedBackward.build(config["optimizer"], groups, config["learning_rate"]), True
+        return build_optimizer(config["optimizer"], groups, config["learning_rate"]), False
+
+    def _backup_to_resume(self, backups: Any) -> Any:
+        newest = backups.newest()
+        if newest is None:
+            raise UserError(f"there is no backup in {backups.root} to continue from; train without --resume to start "
+                            "(backups are written every backup.every_n_steps steps and when a run is stopped)")
+        self.callbacks.on_log(logging.INFO, f"continuing from the backup of step {newest.step} ({newest.path})")
+        return newest
+
+    def _restore(self, run: RunParts, backup: Any, result: TrainResult) -> None:
+        from .resume import load_trained, read_backup
+
+        trained, state, ema_tensors = read_backup(backup)
+        load_trained(run.parts.named_trainable(), trained, backup.path)
+        run.optimizer.load_state_dict(state["optimizer"])
+        run.scheduler.load_state_dict(state["scheduler"])
+        if run.ema is not None:
+            if ema_tensors is None:
+                raise UserError(f"the backup {backup.path} has no EMA weights but ema.enabled is on; turn it off to continue")
+            run.ema.load(ema_tensors, state["ema"])
+        info = backup.info
+        run.smoother.load_state_dict(info["smoother"])
+        if run.plateau is not None and info.get("plateau"):
+            run.plateau.load_state_dict(info["plateau"])
+        run.rng_to_restore = state["rng"]
+        result.steps = result.resumed_from = backup.step
+        result.skipped_steps = int(info.get("skipped_steps", 0))
+
+    def _backup_writer(self, run: RunParts, backups: Any, data: dict[str, Any], result: TrainResult) -> Any:
+        from core.train.run_info import app_version
+
+        from .resume import backup_files, backup_info, rng_states
+
+        version = app_version()
+
+        def write(step: int, batch_step: int, epoch: int) -> Path:
+            state = {"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(), "rng": rng_states()}
+            if run.ema is not None:
+                state["ema"] = run.ema.state_dict()
+            files = backup_files(run.parts.named_trainable(), state, run.ema.tensors() if run.ema is not None else None)
+            extra = {"smoother": run.smoother.state_dict(), "skipped_steps": result.skipped_steps,
+                     "total_steps": run.total_steps, "training_method": self.config["training_method"],
+                     "plateau": run.plateau.state_dict() if run.plateau is not None else None}
+            info = backup_info(step=step, batch_step=batch_step, epoch=epoch, config=self.config, data=data,
+                               app_version=version, extra=extra)
+            path = backups.write(step, files, info)
+            self.callbacks.on_log(logging.INFO, f"backup of step {step} written to {path}")
+            return path
+
+        return write
+
+    def _set_earlier_runs_aside(self, workspace: Path, backups: Any) -> None:
+        """A run from the start keeps what earlier runs left in the workspace, under other names:
+        their backups (which resume would otherwise pick up) and their metrics (whose steps would
+        mix with this run's)."""
+        moved = backups.set_aside()
+        metrics = workspace / "metrics.jsonl"
+        if metrics.exists() and metrics.stat().st_size > 0:
+            from .backup import stamp
+
+            target = workspace / f"metrics-earlier-{stamp()}.jsonl"
+            metrics.rename(target)
+            moved.append(target)
+        for path in moved:
+            self.callbacks.on_log(logging.INFO, f"an earlier run's files were kept as {path}")
+
+    def _add_validation(self, run: RunParts, plan: Any) -> None:
+        config = self.config
+        if not config["validation"]["every_n_steps"] or not run.accelerator.is_main_process:
+            return
+        if not plan.validation:
+            self.callbacks.on_log(logging.WARNING, "validation.every_n_steps is set but no clips are held out: set "
+                                  "validation.holdout_fraction or validation.folder; no validation loss is computed")
+            return
+        from .validation import PlateauWatch, Validator
+
+        run.validator = Validator(run.adapter, config, plan.validation, Path(config["cache_dir"]).expanduser(),
+                                  run.accelerator.device, autocast=run.accelerator.autocast)
+        run.plateau = PlateauWatch()
+
+    def _add_samples(self, run: RunParts, plan: Any, workspace: Path) -> None:
+        config = self.config
+        run.samples_wanted = bool(config["sampling"]["prompts"])
+        if not run.samples_wanted or not run.accelerator.is_main_process:
+            return
+        from core.models.dtypes import compute_dtype
+
+        from .samples import SampleMaker
+
+        image = first_frame(plan) if run.adapter.image_conditioned else None
+        run.samples = SampleMaker(run.adapter, config, workspace, run.accelerator.device, compute_dtype(config["train_dtype"]),
+                                  image=image, on_sample=self.callbacks.on_sample,
+                                  unload_encoders_after=not run.parts.keeps_text_encoder)
+
+
+def first_frame(plan: Any) -> Any:
+    """The first frame of the first training clip, as (H, W, 3) uint8: the image an image-to-video
+    model's samples start from (the configured prompts describe what follows it)."""
+    from core.data.decode import decode_frames
+
+    sample = plan.train[0]
+    return decode_frames(sample.item.path, [0.0], sample.info)[0]

@@ -1,0 +1,247 @@
+"""Backups: everything a run needs to continue exactly where it was, written so a crash never leaves
+half of one.
+
+A backup is a folder `workspace_dir/backups/step-NNNNNNNN/`:
+
+    trained.safetensors   the trained weights (LoRA layers, the fine-tuned model, or the embedding
+                          rows), float as trained, keyed "<part>/<parameter name>"
+    ema.safetensors       the EMA of those weights (when ema.enabled)
+    state.pt              optimizer and scheduler state, RNG states (torch.save; loaded with
+                          weights_only=True, so it holds tensors and plain containers only)
+    backup.json           written last: step, epoch, versions, the settings and data it was made
+                          with, the loss smoothing and validation watch states
+
+The folder is built under a temporary name (`.step-NNNNNNNN.tmp-XXXX`), every file is fsynced, then
+it is renamed into place in one step: a folder named step-N is complete, whatever moment the process
+was killed at. Old backups beyond `backup.keep` are first renamed to a `.trash-` name, then deleted,
+so a half-deleted backup never looks like a complete one. Leftover temporary and trash folders (from a
+killed process) are removed the next time a backup is written.
+
+A backup is refused on resume, with the reason, when it was made by another version of the app or
+backup format, or with settings or data that would make the continued run differ from an
+uninterrupted one (docs/training.md, "Backups and resuming").
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from core.errors import UserError
+
+log = logging.getLogger(__name__)
+
+BACKUP_FORMAT = 1
+BACKUPS_DIR_NAME = "backups"
+INFO_FILE = "backup.json"
+TRAINED_FILE = "trained.safetensors"
+EMA_FILE = "ema.safetensors"
+STATE_FILE = "state.pt"
+_NAME = re.compile(r"^step-(\d{8,})$")
+
+# Settings that change nothing in the trained weights or in the order of what is trained: a backup
+# made with other values of these resumes. Everything else must match (see settings_fingerprint).
+RESUMABLE_CHANGES = (
+    "backup",
+    "sampling",
+    # The data is compared by content instead (resume.data_fingerprint: every training clip's cache
+    # keys and repeats): a dataset folder that moved still resumes, one whose clips changed does not.
+    "datasets",
+    "validation",
+    "dataloader_threads",
+    "workspace_dir",
+    "cache_dir",
+    "output_path",
+    "output_format",
+    "strict_data",
+    "ema.device",
+)
+
+
+def _without(config: Mapping[str, Any], dotted: str) -> None:
+    head, _, rest = dotted.partition(".")
+    if head not in config:
+        return
+    if rest:
+        if isinstance(config[head], dict):
+            _without(config[head], rest)
+    else:
+        del config[head]  # type: ignore[attr-defined]
+
+
+def settings_fingerprint(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings that decide the trained weights, as plain JSON values (for backup.json)."""
+    copy = json.loads(json.dumps(dict(config), default=str))
+    for key in RESUMABLE_CHANGES:
+        _without(copy, key)
+    return copy
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, inner in value.items():
+            out.update(_flatten(inner, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: value}
+
+
+def settings_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """Dotted keys whose values differ between two fingerprints, with both values."""
+    a, b = _flatten(dict(saved)), _flatten(dict(current))
+    out = []
+    for key in sorted(set(a) | set(b)):
+        if a.get(key, "<absent>") != b.get(key, "<absent>"):
+            out.append(f"{key} was {json.dumps(a.get(key))}, now {json.dumps(b.get(key))}")
+    return out
+
+
+@dataclass(frozen=True)
+class Backup:
+    """A complete backup folder and what its backup.json says."""
+
+    path: Path
+    step: int
+    info: dict[str, Any]
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename inside path durable (POSIX); Windows has no directory handles to sync."""
+    if os.name != "posix":
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_file_synced(path: Path, data: bytes) -> None:
+    """Write and fsync one file of a backup being built (the folder is renamed into place later)."""
+    with open(path, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+class BackupFolder:
+    """The backups of one workspace: write, list, find the newest, prune."""
+
+    def __init__(self, workspace_dir: str | os.PathLike, keep: int = 3) -> None:
+        self.root = Path(workspace_dir).expanduser() / BACKUPS_DIR_NAME
+        self.keep = max(1, int(keep))
+
+    # -- reading ---------------------------------------------------------------------------------
+    def complete(self) -> list[Backup]:
+        """Complete backups, oldest first. A folder named step-N is complete by construction; one
+        whose backup.json is missing or unreadable (damaged by hand or by the disk) is skipped with
+        a warning."""
+        if not self.root.is_dir():
+            return []
+        found = []
+        for child in self.root.iterdir():
+            match = _NAME.match(child.name)
+            if not match or not child.is_dir():
+                continue
+            try:
+                info = json.loads((child / INFO_FILE).read_text(encoding="utf-8"))
+            except (OSError, ValueError) as e:
+                log.warning("backup %s is damaged and is skipped (%s)", child, e)
+                continue
+            found.append(Backup(child, int(match.group(1)), info))
+        return sorted(found, key=lambda b: b.step)
+
+    def newest(self) -> Backup | None:
+        backups = self.complete()
+        return backups[-1] if backups else None
+
+    # -- writing ---------------------------------------------------------------------------------
+    def set_aside(self) -> list[Path]:
+        """Move an earlier run's backups into `earlier-<time>/` (a run from the start must not mix
+        its backups with them, and must not delete them). Returns the new folder, if any."""
+        backups = self.complete()
+        if not backups:
+            return []
+        aside = self.root / f"earlier-{stamp()}"
+        aside.mkdir()
+        for old in backups:
+            os.replace(old.path, aside / old.path.name)
+        return [aside]
+
+    def write(self, step: int, files: Mapping[str, bytes], info: Mapping[str, Any]) -> Path:
+        """Write a backup of `step` from ready-made file contents (name -> bytes) and its info.
+
+        An existing backup of the same step is replaced (the new one is renamed in after the old
+        one is moved aside)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._remove_leftovers()
+        final = self.root / f"step-{int(step):08d}"
+        building = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=self.root))
+        try:
+            for name, data in files.items():
+                write_file_synced(building / name, data)
+            info_bytes = (json.dumps(dict(info), indent=2, default=str) + "\n").encode("utf-8")
+            write_file_synced(building / INFO_FILE, info_bytes)
+            _fsync_dir(building)
+            if final.exists():
+                self._discard(final)
+            os.replace(building, final)
+            _fsync_dir(self.root)
+        except BaseException:
+            shutil.rmtree(building, ignore_errors=True)
+            raise
+        self.prune()
+        return final
+
+    def prune(self) -> None:
+        """Delete the oldest complete backups beyond `keep`."""
+        backups = self.complete()
+        for old in backups[: max(0, len(backups) - self.keep)]:
+            self._discard(old.path)
+
+    def _discard(self, folder: Path) -> None:
+        trash = Path(tempfile.mkdtemp(prefix=f".trash-{folder.name}-", dir=self.root))
+        os.replace(folder, trash / folder.name)  # atomic: the step-N name is gone before any deleting
+        _fsync_dir(self.root)
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def _remove_leftovers(self) -> None:
+        for child in self.root.iterdir():
+            if child.name.startswith(".") and (".tmp-" in child.name or child.name.startswith(".trash-")):
+                shutil.rmtree(child, ignore_errors=True)
+
+
+def stamp() -> str:
+    """A UTC time for names of set-aside files: sortable, and valid on every file system."""
+    return time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+
+
+def check_resumable(backup: Backup, *, app_version: str, fingerprint: Mapping[str, Any], data: Mapping[str, Any]) -> None:
+    """Raise UserError (one line, with what to do) when this run must not continue from the backup."""
+    info = backup.info
+    where = f"the backup {backup.path}"
+    if info.get("format") != BACKUP_FORMAT:
+        raise UserError(f"{where} has backup format {info.get('format')}; this version reads format {BACKUP_FORMAT}. "
+                        "Train from the start, or continue with the version that made it")
+    if info.get("app_version") != app_version:
+        raise UserError(f"{where} was made by Video Trainer {info.get('app_version')}, this is {app_version}; "
+                        "continue with that version, or train from the start")
+    differences = settings_differences(info.get("settings", {}), fingerprint)
+    if differences:
+        shown = "; ".join(differences[:4]) + (f"; and {len(differences) - 4} more" if len(differences) > 4 else "")
+        raise UserError(f"{where} was made with other settings ({shown}); set them back to continue, or train from the start "
+                        "(a continued run with other settings would not be the run that was interrupted)")
+    saved_data = info.get("data", {})
+    for key in sorted(set(saved_data) | set(data)):
+        if saved_data.get(key) != data.get(key):
+            raise UserError(f"{where} was made with other training data ({key} changed: clips were added, removed or edited, "
+                            "or another number of processes runs); restore them to continue, or train from the start")

@@ -1,0 +1,68 @@
+"""LORA: peft LoRA layers on the denoisers' attention and feed-forward projections."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from core.errors import UserError
+from core.models.base import Denoiser
+from core.models.dtypes import compute_dtype
+
+from .base import TrainedParts, ema_path
+
+
+class LoraParts(TrainedParts):
+    def load(self, denoisers: list[Denoiser], load_denoiser: Callable[[str], Any]) -> None:
+        self.denoisers = denoisers
+        self.transformers = [load_denoiser(d.name) for d in denoisers]
+        for transformer in self.transformers:
+            self._add_lora(transformer)  # after quantizing: peft wraps the quantized layers
+
+    def _add_lora(self, transformer: Any) -> None:
+        from diffusers.training_utils import cast_training_params
+        from peft import LoraConfig
+
+        lora = self.config["lora"]
+        targets = lora["target_layers"] or self.adapter.default_lora_targets()
+        try:
+            transformer.add_adapter(
+                LoraConfig(r=lora["rank"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+                           target_modules=targets, init_lora_weights=True)
+            )
+        except ValueError as e:
+            raise UserError(f"lora.target_layers {targets} match no layer of the model ({e}); leave it empty for the defaults") from None
+        # LoRA weights train in float32 whatever the base's storage (fp32 master weights).
+        cast_training_params(transformer, dtype=compute_dtype("FLOAT_32"))
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        part_lr = self.config["transformer"]["learning_rate"]
+        lr = self.config["learning_rate"] if part_lr is None else part_lr  # 0.0 means frozen, not "unset"
+        # One group per expert: a step trains one expert, and the others, without gradients, are
+        # left exactly as they are (see core/train/experts.py).
+        return [{"params": [p for p in t.parameters() if p.requires_grad], "lr": lr} for t in self.transformers]
+
+    def named_trainable(self) -> dict[str, Any]:
+        return {f"{d.name}/{name}": p for d, t in zip(self.denoisers, self.transformers)
+                for name, p in t.named_parameters() if p.requires_grad}
+
+    def save(self, models: list[Any], steps: int, *, ema_suffix: str = "") -> list[Path]:
+        """One LoRA file, or one per trained expert of a two-expert model (_high_noise, _low_noise)."""
+        from core.export.lora import expert_output_paths, save_lora
+
+        config, lora = self.config, self.config["lora"]
+        output = ema_path(self.output_path(), ema_suffix)
+        names = [d.name for d in self.denoisers]
+        several = len(self.adapter.transformer_names()) > 1
+        paths = expert_output_paths(output, names) if several else {names[0]: output}
+        saved = []
+        for name, model in zip(names, models):
+            metadata = {"video_trainer.steps": str(steps), "video_trainer.base_model": str(config["base_model"])}
+            if len(paths) > 1 or name != "transformer":
+                metadata["video_trainer.component"] = name
+            if ema_suffix:
+                metadata["video_trainer.ema_decay"] = str(config["ema"]["decay"])
+            saved.append(save_lora(paths[name], model, rank=lora["rank"], alpha=lora["alpha"],
+                                   output_format=config["output_format"], metadata=metadata))
+        return saved
