@@ -19,7 +19,12 @@ from core.errors import UserError
 
 from .draws import sample_first_frame_fixed, sample_noise
 from .events import TrainerCallbacks, TrainerCommands
-from .objective import condition_first_frame, flow_matching_loss, flow_target, noisy_inputs
+from .objective import (
+    condition_first_frame,
+    flow_matching_loss,
+    flow_target,
+    noisy_inputs,
+)
 from .placement import activation_offload
 
 MAX_BAD_STEPS = 5  # non-finite losses in a row before the run stops

@@ -19,7 +19,14 @@ from typing import Any
 
 import torch
 
-from .backup import EMA_FILE, STATE_FILE, TRAINED_FILE, BACKUP_FORMAT, Backup, settings_fingerprint
+from .backup import (
+    BACKUP_FORMAT,
+    EMA_FILE,
+    STATE_FILE,
+    TRAINED_FILE,
+    Backup,
+    settings_fingerprint,
+)
 
 
 def rng_states() -> dict[str, Any]:

@@ -28,7 +28,7 @@ from typing import Any
 
 from core.data.buckets import BucketBatchSampler, ShardedBatchSampler, total_batches
 from core.data.dataset import CachedSampleDataset, make_loader
-from core.errors import ConfigError, UserError
+from core.errors import ConfigError
 from core.models.registry import adapter_for
 
 from .data_prep import prepare_data
@@ -44,6 +44,12 @@ from .placement import (
     load_denoiser,
     out_of_memory_error,
     place_denoiser,
+)
+from .run_backups import (
+    backup_to_resume,
+    backup_writer,
+    restore,
+    set_earlier_runs_aside,
 )
 from .support import refusals
 
@@ -222,7 +228,7 @@ class Trainer:
         self._check(adapter, world_size)
         workspace = Path(config["workspace_dir"]).expanduser()
         backups = BackupFolder(workspace, config["backup"]["keep"])
-        backup = self._backup_to_resume(backups) if self.resume else None
+        backup = backup_to_resume(backups, self.callbacks) if self.resume else None
         set_seed(config["seed"])
         plan = prepare_data(config, adapter, accelerator, self.callbacks.on_log, lambda: self.commands.stop_requested)
         if plan is None:
@@ -311,11 +317,11 @@ class Trainer:
         self._add_validation(run, plan)
         self._add_samples(run, plan, workspace)
         if backup is not None:
-            self._restore(run, backup, result)
+            restore(run, backup, result)
         elif accelerator.is_main_process:
-            self._set_earlier_runs_aside(workspace, backups)
+            set_earlier_runs_aside(workspace, backups, self.callbacks)
         # Backups are written when due, when asked for (Backup now) and when a run is stopped.
-        run.backup = self._backup_writer(run, backups, data, result) if accelerator.is_main_process else (lambda *a: None)
+        run.backup = backup_writer(run, backups, config, data, result) if accelerator.is_main_process else (lambda *a: None)
         run.metrics = MetricsWriter(workspace, enabled=accelerator.is_main_process, resume_step=start_step if backup else None)
         if accelerator.is_main_process:
             write_run_info(workspace, config, dict(zip((d.name for d in denoisers), models)),
@@ -351,71 +357,6 @@ class Trainer:
 
             return FusedBackward.build(config["optimizer"], groups, config["learning_rate"]), True
         return build_optimizer(config["optimizer"], groups, config["learning_rate"]), False
-
-    def _backup_to_resume(self, backups: Any) -> Any:
-        newest = backups.newest()
-        if newest is None:
-            raise UserError(f"there is no backup in {backups.root} to continue from; train without --resume to start "
-                            "(backups are written every backup.every_n_steps steps and when a run is stopped)")
-        self.callbacks.on_log(logging.INFO, f"continuing from the backup of step {newest.step} ({newest.path})")
-        return newest
-
-    def _restore(self, run: RunParts, backup: Any, result: TrainResult) -> None:
-        from .resume import load_trained, read_backup
-
-        trained, state, ema_tensors = read_backup(backup)
-        load_trained(run.parts.named_trainable(), trained, backup.path)
-        run.optimizer.load_state_dict(state["optimizer"])
-        run.scheduler.load_state_dict(state["scheduler"])
-        if run.ema is not None:
-            if ema_tensors is None:
-                raise UserError(f"the backup {backup.path} has no EMA weights but ema.enabled is on; turn it off to continue")
-            run.ema.load(ema_tensors, state["ema"])
-        info = backup.info
-        run.smoother.load_state_dict(info["smoother"])
-        if run.plateau is not None and info.get("plateau"):
-            run.plateau.load_state_dict(info["plateau"])
-        run.rng_to_restore = state["rng"]
-        result.steps = result.resumed_from = backup.step
-        result.skipped_steps = int(info.get("skipped_steps", 0))
-
-    def _backup_writer(self, run: RunParts, backups: Any, data: dict[str, Any], result: TrainResult) -> Any:
-        from core.train.run_info import app_version
-
-        from .resume import backup_files, backup_info, rng_states
-
-        version = app_version()
-
-        def write(step: int, batch_step: int, epoch: int) -> Path:
-            state = {"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(), "rng": rng_states()}
-            if run.ema is not None:
-                state["ema"] = run.ema.state_dict()
-            files = backup_files(run.parts.named_trainable(), state, run.ema.tensors() if run.ema is not None else None)
-            extra = {"smoother": run.smoother.state_dict(), "skipped_steps": result.skipped_steps,
-                     "total_steps": run.total_steps, "training_method": self.config["training_method"],
-                     "plateau": run.plateau.state_dict() if run.plateau is not None else None}
-            info = backup_info(step=step, batch_step=batch_step, epoch=epoch, config=self.config, data=data,
-                               app_version=version, extra=extra)
-            path = backups.write(step, files, info)
-            self.callbacks.on_log(logging.INFO, f"backup of step {step} written to {path}")
-            return path
-
-        return write
-
-    def _set_earlier_runs_aside(self, workspace: Path, backups: Any) -> None:
-        """A run from the start keeps what earlier runs left in the workspace, under other names:
-        their backups (which resume would otherwise pick up) and their metrics (whose steps would
-        mix with this run's)."""
-        moved = backups.set_aside()
-        metrics = workspace / "metrics.jsonl"
-        if metrics.exists() and metrics.stat().st_size > 0:
-            from .backup import stamp
-
-            target = workspace / f"metrics-earlier-{stamp()}.jsonl"
-            metrics.rename(target)
-            moved.append(target)
-        for path in moved:
-            self.callbacks.on_log(logging.INFO, f"an earlier run's files were kept as {path}")
 
     def _add_validation(self, run: RunParts, plan: Any) -> None:
         config = self.config

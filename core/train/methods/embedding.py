@@ -16,7 +16,11 @@ from typing import Any
 from core.models.base import Denoiser
 from core.models.dtypes import compute_dtype
 
-from ..embedding import add_placeholder_tokens, encode_captions_live, merge_live_embeddings
+from ..embedding import (
+    add_placeholder_tokens,
+    encode_captions_live,
+    merge_live_embeddings,
+)
 from .base import TrainedParts, ema_path
 
 
