@@ -225,8 +225,9 @@ def stamp() -> str:
     return time.strftime("%Y%m%d-%H%M%S", time.gmtime())
 
 
-def check_resumable(backup: Backup, *, app_version: str, fingerprint: Mapping[str, Any], data: Mapping[str, Any]) -> None:
-    """Raise UserError (one line, with what to do) when this run must not continue from the backup."""
+def check_resumable(backup: Backup, *, app_version: str, fingerprint: Mapping[str, Any], data: Mapping[str, Any] | None) -> None:
+    """Raise UserError (one line, with what to do) when this run must not continue from the backup.
+    data None checks the version and settings only (before the data is planned: caching can be long)."""
     info = backup.info
     where = f"the backup {backup.path}"
     if info.get("format") != BACKUP_FORMAT:
@@ -240,6 +241,8 @@ def check_resumable(backup: Backup, *, app_version: str, fingerprint: Mapping[st
         shown = "; ".join(differences[:4]) + (f"; and {len(differences) - 4} more" if len(differences) > 4 else "")
         raise UserError(f"{where} was made with other settings ({shown}); set them back to continue, or train from the start "
                         "(a continued run with other settings would not be the run that was interrupted)")
+    if data is None:
+        return
     saved_data = info.get("data", {})
     for key in sorted(set(saved_data) | set(data)):
         if saved_data.get(key) != data.get(key):

@@ -16,12 +16,11 @@ from .events import TrainerCallbacks
 from .loop import RunParts, TrainResult
 
 
-def backup_to_resume(backups: BackupFolder, callbacks: TrainerCallbacks) -> Backup:
+def backup_to_resume(backups: BackupFolder) -> Backup:
     newest = backups.newest()
     if newest is None:
         raise UserError(f"there is no backup in {backups.root} to continue from; train without --resume to start "
                         "(backups are written every backup.every_n_steps steps and when a run is stopped)")
-    callbacks.on_log(logging.INFO, f"continuing from the backup of step {newest.step} ({newest.path})")
     return newest
 
 

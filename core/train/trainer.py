@@ -228,7 +228,13 @@ class Trainer:
         self._check(adapter, world_size)
         workspace = Path(config["workspace_dir"]).expanduser()
         backups = BackupFolder(workspace, config["backup"]["keep"])
-        backup = backup_to_resume(backups, self.callbacks) if self.resume else None
+        backup = backup_to_resume(backups) if self.resume else None
+        if backup is not None:
+            from .backup import check_resumable, settings_fingerprint
+            from .run_info import app_version
+
+            # Settings and version before the data is cached (which may take long); the data after.
+            check_resumable(backup, app_version=app_version(), fingerprint=settings_fingerprint(config), data=None)
         set_seed(config["seed"])
         plan = prepare_data(config, adapter, accelerator, self.callbacks.on_log, lambda: self.commands.stop_requested)
         if plan is None:
@@ -259,11 +265,8 @@ class Trainer:
 
         data = data_fingerprint(plan, world_size)
         if backup is not None:
-            from core.train.run_info import app_version
-
-            from .backup import check_resumable, settings_fingerprint
-
             check_resumable(backup, app_version=app_version(), fingerprint=settings_fingerprint(config), data=data)
+            self.callbacks.on_log(logging.INFO, f"continuing from the backup of step {backup.step} ({backup.path})")
         start_step = backup.step if backup is not None else 0
         sampler = BucketBatchSampler(
             records, config["batch_size"], config["video_config"]["video_batch_size_multiplier"], config["seed"], steps=batches,
