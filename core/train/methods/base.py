@@ -41,7 +41,10 @@ class TrainedParts(ABC):
         """Every trained parameter by a name stable across runs of the same settings."""
 
     def trainable(self) -> list[Any]:
-        return list(self.named_trainable().values())
+        """The trained parameters (what clipping walks every step): listed once, after load()."""
+        if getattr(self, "_trainable", None) is None:
+            self._trainable = list(self.named_trainable().values())
+        return self._trainable
 
     def trains_denoisers(self) -> bool:
         """Whether the denoisers hold trained parameters (then DDP wraps them)."""
