@@ -27,14 +27,14 @@ def kill_inside_backup(step: int) -> None:
     """Die after the first file of the backup of `step` is written into its temporary folder."""
     import core.train.backup as backup
 
-    real = backup.write_file_synced
+    real = backup.sync_file
 
-    def write(path: Any, data: bytes) -> None:
-        real(path, data)
+    def sync(path: Any) -> None:
+        real(path)
         if path.parent.name.startswith(f".step-{step:08d}."):
             os.kill(os.getpid(), signal.SIGKILL)
 
-    backup.write_file_synced = write
+    backup.sync_file = sync
 
 
 def train(config: dict[str, Any], resume: bool, fsync_kill: int | None, backup_kill: int | None = None) -> None:

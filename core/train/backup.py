@@ -31,7 +31,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -125,12 +125,16 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def sync_file(path: Path) -> None:
+    """fsync one written file of a backup being built (the folder is renamed into place later)."""
+    with open(path, "rb+") as handle:
+        os.fsync(handle.fileno())
+
+
 def write_file_synced(path: Path, data: bytes) -> None:
-    """Write and fsync one file of a backup being built (the folder is renamed into place later)."""
     with open(path, "wb") as handle:
         handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
+    sync_file(path)
 
 
 class BackupFolder:
@@ -177,8 +181,10 @@ class BackupFolder:
             os.replace(old.path, aside / old.path.name)
         return [aside]
 
-    def write(self, step: int, files: Mapping[str, bytes], info: Mapping[str, Any]) -> Path:
-        """Write a backup of `step` from ready-made file contents (name -> bytes) and its info.
+    def write(self, step: int, fill: Callable[[Path], list[Path]], info: Mapping[str, Any]) -> Path:
+        """Write a backup of `step`: fill(folder) writes its files into the folder being built (straight
+        to disk: a fine-tuned model's weights are not held twice in memory) and returns them; each
+        is fsynced, then backup.json is written last.
 
         An existing backup of the same step is replaced (the new one is renamed in after the old
         one is moved aside)."""
@@ -187,8 +193,8 @@ class BackupFolder:
         final = self.root / f"step-{int(step):08d}"
         building = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=self.root))
         try:
-            for name, data in files.items():
-                write_file_synced(building / name, data)
+            for path in fill(building):
+                sync_file(path)
             info_bytes = (json.dumps(dict(info), indent=2, default=str) + "\n").encode("utf-8")
             write_file_synced(building / INFO_FILE, info_bytes)
             _fsync_dir(building)

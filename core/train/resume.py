@@ -10,10 +10,9 @@ one draws a seed from the global generator in the uninterrupted run too.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -65,20 +64,26 @@ def data_fingerprint(plan: Any, world_size: int) -> dict[str, Any]:
     return {"train_samples": hashlib.sha256(h.digest()).hexdigest()[:32], "count": len(plan.train), "world_size": int(world_size)}
 
 
-def _tensors_bytes(tensors: Mapping[str, torch.Tensor]) -> bytes:
-    from safetensors.torch import save
+def _save_tensors(tensors: Mapping[str, torch.Tensor], path: Path) -> Path:
+    from safetensors.torch import save_file
 
-    return save({name: t.detach().to("cpu").contiguous() for name, t in tensors.items()})
+    save_file({name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}, str(path))
+    return path
 
 
-def backup_files(trained: Mapping[str, torch.Tensor], state: Mapping[str, Any], ema: Mapping[str, torch.Tensor] | None) -> dict[str, bytes]:
-    """File name -> contents of a backup (backup.json is made by backup_info)."""
-    buffer = io.BytesIO()
-    torch.save(dict(state), buffer)
-    files = {TRAINED_FILE: _tensors_bytes(trained), STATE_FILE: buffer.getvalue()}
-    if ema is not None:
-        files[EMA_FILE] = _tensors_bytes(ema)
-    return files
+def backup_filler(trained: Mapping[str, torch.Tensor], state: Mapping[str, Any],
+                  ema: Mapping[str, torch.Tensor] | None) -> Callable[[Path], list[Path]]:
+    """fill(folder) for BackupFolder.write: the backup's files (backup.json is made by backup_info)."""
+
+    def fill(folder: Path) -> list[Path]:
+        written = [_save_tensors(trained, folder / TRAINED_FILE)]
+        torch.save(dict(state), folder / STATE_FILE)
+        written.append(folder / STATE_FILE)
+        if ema is not None:
+            written.append(_save_tensors(ema, folder / EMA_FILE))
+        return written
+
+    return fill
 
 
 def backup_info(*, step: int, batch_step: int, epoch: int, config: Mapping[str, Any], data: Mapping[str, Any],

@@ -49,7 +49,7 @@ def restore(run: RunParts, backup: Backup, result: TrainResult) -> None:
 def backup_writer(run: RunParts, backups: BackupFolder, config: dict[str, Any], data: dict[str, Any],
                   result: TrainResult) -> Callable[[int, int, int], Path]:
     """write(step, batch step, epoch): a backup of the run as it is after that step."""
-    from .resume import backup_files, backup_info, rng_states
+    from .resume import backup_filler, backup_info, rng_states
     from .run_info import app_version
 
     version = app_version()
@@ -58,13 +58,13 @@ def backup_writer(run: RunParts, backups: BackupFolder, config: dict[str, Any], 
         state = {"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(), "rng": rng_states()}
         if run.ema is not None:
             state["ema"] = run.ema.state_dict()
-        files = backup_files(run.parts.named_trainable(), state, run.ema.tensors() if run.ema is not None else None)
+        fill = backup_filler(run.parts.named_trainable(), state, run.ema.tensors() if run.ema is not None else None)
         extra = {"smoother": run.smoother.state_dict(), "skipped_steps": result.skipped_steps,
                  "total_steps": run.total_steps, "training_method": config["training_method"],
                  "plateau": run.plateau.state_dict() if run.plateau is not None else None}
         info = backup_info(step=step, batch_step=batch_step, epoch=epoch, config=config, data=data,
                            app_version=version, extra=extra)
-        path = backups.write(step, files, info)
+        path = backups.write(step, fill, info)
         run.callbacks.on_log(logging.INFO, f"backup of step {step} written to {path}")
         return path
 
