@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from typing import Any
@@ -71,6 +72,8 @@ def train_command(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGINT, previous)
         if callbacks.bar is not None:
             callbacks.bar.close()
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # several processes (accelerate launch): the main one speaks for the run
     state = "stopped early" if result.stopped_early else "finished"
     if result.resumed_from:
         state += f" (continued from step {result.resumed_from})"
