@@ -24,13 +24,16 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from core.train.samples import (
+    SAMPLES_DIR_NAME,  # standard library and numpy only: no torch on the GUI thread
+)
+
 from .config_state import ConfigState
 from .side_panel import SidePanel, muted_label
 from .video_player import IMAGE_SUFFIXES, DecodedVideo, VideoPlayer
 
 log = logging.getLogger(__name__)
 
-SAMPLES_DIR_NAME = "samples"  # as core.train.samples.SAMPLES_DIR_NAME (not imported: it loads the engine's numpy side)
 SAMPLE_SUFFIXES = (".mp4", ".webm", ".mkv", ".mov", ".gif", *IMAGE_SUFFIXES)
 # step-000250-0-a-cat.mp4: core.train.samples.sample_file_name
 _NAME = re.compile(r"^step-(?P<step>\d+)-(?P<index>\d+)-(?P<slug>.*)$")
