@@ -243,12 +243,15 @@ def test_held_out_clips_are_cached_by_the_real_data_path(models: dict[str, Path]
         (data / f"{name}.txt").write_text(f"clip {name}", encoding="utf-8")
     config = resolve({"base_model": str(models["wan21"]), "datasets": [{"path": str(data), "repeats": 1}],
                       "cache_dir": str(tmp_path / "cache"), "resolution": 64, "frames": 5,
-                      "video_config": {"max_frames": 5, "target_fps": 16.0}, "validation": {"holdout_fraction": 0.5}})
+                      "video_config": {"max_frames": 5, "target_fps": 16.0, "frame_sample_strategy": "random"},
+                      "cache_variants": 3, "validation": {"holdout_fraction": 0.5}})
     adapter = adapter_for(config)
     plan = plan_data(config, adapter, ContentHasher(config["cache_dir"]))
     assert len(plan.train) == len(plan.validation) == 1
+    # Training clips get every variant; a held-out clip only the one validation reads.
+    assert len(plan.train[0].latent_keys) == 3 and len(plan.validation[0].latent_keys) == 1
     report = fill_caches(plan, adapter, config["cache_dir"])
-    assert (report.latents_computed, report.texts_computed) == (2, 2) and not report.failed
+    assert report.texts_computed == 2 and not report.failed
     (held,) = plan.validation
     assert LatentCache(config["cache_dir"]).has(held.latent_keys[0]) and TextCache(config["cache_dir"]).has(held.text_key)
     result = Validator(adapter, config, plan.validation, config["cache_dir"]).evaluate([(WHOLE, _transformer(adapter))])

@@ -88,7 +88,9 @@ def plan_samples(
     hasher: ContentHasher,
     vae_dtype: str,
     text_dtype: str,
+    variants: int | None = None,
 ) -> list[PlannedSample]:
+    """variants: how many cached variants per clip; None for the settings' own (variant_count)."""
     vae_identity, text_identity = adapter.vae_identity(), adapter.text_identity()
     video_config = {**config["video_config"], "temporal_compression_ratio": adapter.temporal_ratio}
     planned = []
@@ -106,7 +108,7 @@ def plan_samples(
                 content_key=content,
                 starts=starts,
             )
-            for v in range(variant_count(config, info.is_video))
+            for v in range(variant_count(config, info.is_video) if variants is None else variants)
         )
         bucket = assign_bucket(info.width, info.height, len(plans[0].times), config["resolution"], adapter.size_divisor)
         keys = tuple(
@@ -172,7 +174,8 @@ def plan_data(
     names = (str(vae_dtype).removeprefix("torch."), text_name)
     return DataPlan(
         plan_samples(train_items, usable, config, adapter, hasher, *names),
-        plan_samples(held_out, usable, config, adapter, hasher, *names),
+        # Validation reads variant 0 only (the same frames at every evaluation): no other is cached.
+        plan_samples(held_out, usable, config, adapter, hasher, *names, variants=1),
         issues,
         vae_dtype=vae_dtype,
         text_dtype=text_dtype,
