@@ -50,6 +50,17 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
     return target
 
 
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make the renames inside a folder durable (POSIX); Windows has no directory handles to sync."""
+    if os.name != "posix":
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     return write_bytes_atomic(path, text.encode("utf-8"))
 

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from core.atomic import fsync_dir
 from core.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -114,17 +115,6 @@ class Backup:
     info: dict[str, Any]
 
 
-def _fsync_dir(path: Path) -> None:
-    """Make a rename inside path durable (POSIX); Windows has no directory handles to sync."""
-    if os.name != "posix":
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def sync_file(path: Path) -> None:
     """fsync one written file of a backup being built (the folder is renamed into place later)."""
     with open(path, "rb+") as handle:
@@ -134,7 +124,8 @@ def sync_file(path: Path) -> None:
 def write_file_synced(path: Path, data: bytes) -> None:
     with open(path, "wb") as handle:
         handle.write(data)
-    sync_file(path)
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 class BackupFolder:
@@ -197,11 +188,11 @@ class BackupFolder:
                 sync_file(path)
             info_bytes = (json.dumps(dict(info), indent=2, default=str) + "\n").encode("utf-8")
             write_file_synced(building / INFO_FILE, info_bytes)
-            _fsync_dir(building)
+            fsync_dir(building)
             if final.exists():
                 self._discard(final)
             os.replace(building, final)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
         except BaseException:
             shutil.rmtree(building, ignore_errors=True)
             raise
@@ -217,7 +208,7 @@ class BackupFolder:
     def _discard(self, folder: Path) -> None:
         trash = Path(tempfile.mkdtemp(prefix=f".trash-{folder.name}-", dir=self.root))
         os.replace(folder, trash / folder.name)  # atomic: the step-N name is gone before any deleting
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         shutil.rmtree(trash, ignore_errors=True)
 
     def _remove_leftovers(self) -> None:

@@ -11,7 +11,6 @@ numpy, random) are restored, so a run with samples trains exactly like one witho
 from __future__ import annotations
 
 import logging
-import random
 import re
 import time
 import unicodedata
@@ -51,25 +50,21 @@ def sample_file_name(step: int, index: int, prompt: str) -> str:
     return f"step-{step:06d}-{index}-{_slug(prompt)}.mp4"
 
 
-def _cuda_devices() -> list[int]:
-    import torch
-
-    return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-
-
 @contextmanager
 def _training_state_kept(modules: list[Any]) -> Iterator[None]:
     """Put back the train/eval flag of every submodule, every requires_grad flag and the global RNG
     states on exit, and run the body without gradients."""
     import torch
 
+    from .resume import restore_rng_states, rng_states
+
     flags = [(m, m.training) for module in modules for m in module.modules()]
     grads = [(p, p.requires_grad) for module in modules for p in module.parameters()]
-    py_state, np_state = random.getstate(), np.random.get_state()
+    # The pipeline seeds its own generator, but anything inside that draws from the global ones
+    # (torch, CUDA, numpy, Python) must not shift training's noise: the same states a backup keeps.
+    states = rng_states()
     try:
-        # fork_rng restores the CPU and CUDA generators; the pipeline seeds its own generator, but
-        # anything inside that draws from the global ones must not shift training's noise.
-        with torch.random.fork_rng(devices=_cuda_devices()), torch.no_grad():
+        with torch.no_grad():
             yield
     finally:
         for module, training in flags:
@@ -77,8 +72,7 @@ def _training_state_kept(modules: list[Any]) -> Iterator[None]:
         for param, requires_grad in grads:
             if param.requires_grad != requires_grad:
                 param.requires_grad_(requires_grad)
-        random.setstate(py_state)
-        np.random.set_state(np_state)
+        restore_rng_states(states)
 
 
 def _held_text_encoder(adapter: Any) -> Any:

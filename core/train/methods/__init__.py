@@ -7,8 +7,6 @@ encoder trains or placeholder tokens are learned), and what is saved at the end.
 
 from __future__ import annotations
 
-from typing import Any
-
 from .base import TrainedParts
 
 
@@ -29,4 +27,4 @@ def parts_for(method: str) -> type[TrainedParts]:
     raise ValueError(f"unknown training_method {method!r}")
 
 
-__all__ = ["TrainedParts", "parts_for", "Any"]
+__all__ = ["TrainedParts", "parts_for"]

@@ -59,9 +59,6 @@ class TrainedParts(ABC):
         """Train/eval mode of what trains outside the denoisers (the text encoder); the trainer sets
         the denoisers' own modes."""
 
-    def sampling_ready(self) -> None:
-        """Called before samples are made: make sure the text encoder sampling uses sees what trained."""
-
     @property
     def keeps_text_encoder(self) -> bool:
         """Whether the text encoder stays loaded during training (sampling must not unload it)."""
