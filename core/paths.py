@@ -55,3 +55,13 @@ def user_log_dir() -> Path:
 def user_state_dir() -> Path:
     """Window geometry, the last settings used, and similar state."""
     return _user_dir("state")
+
+
+def shown_path(path: Path, roots: list[Path]) -> str:
+    """path as the user knows it: relative to the first of roots (dataset folders) that holds it."""
+    for root in roots:
+        try:
+            return path.relative_to(root).as_posix()
+        except ValueError:
+            continue
+    return str(path)

@@ -28,6 +28,8 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from core.paths import shown_path
+
 from .background import BackgroundJob, JobControl
 from .config_state import ConfigState
 from .doctor_plan import probe_inputs, replan
@@ -60,15 +62,6 @@ def _count(n: int, word: str, plural: str | None = None) -> str:
 
 def _times(value: float) -> str:
     return f"{value:.0f}" if value >= 100 else f"{value:.3g}"
-
-
-def _short(path: Path, roots: list[Path]) -> str:
-    for root in roots:
-        try:
-            return path.relative_to(root).as_posix()
-        except ValueError:
-            continue
-    return str(path)
 
 
 def _table(headers: list[str]) -> QTableWidget:
@@ -322,7 +315,7 @@ class DoctorPanel(SidePanel):
         issues = [i for i in (report.issues if report else []) if str(i.path) != "datasets"]
         roots = [Path(d.path) for d in report.datasets] if report else []
         rows = [
-            ([_short(i.path, roots), i.reason], f"{i.path}\n{i.reason}" + ("" if i.fatal else "\n(a warning: the file is still used)"),
+            ([shown_path(i.path, roots), i.reason], f"{i.path}\n{i.reason}" + ("" if i.fatal else "\n(a warning: the file is still used)"),
              FATAL_COLOUR if i.fatal else None)
             for i in issues
         ]

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from core.paths import shown_path
+
 from .doctor import EXIT_STRICT, EXIT_UNUSABLE, DatasetReport, SizeStat, Stat
 from .media import Issue
 
@@ -81,7 +83,7 @@ def _files(report: DatasetReport) -> list[str]:
     rows = []
     for f in report.files[:MAX_FILES_LISTED]:
         length = f"{_seconds(f.duration)} @ {f.fps:.3g} fps" if f.kind == "video" else "still"
-        rows.append((_short(f.path, roots), f"{f.width}x{f.height}", length, _count(f.frames_kept, "frame"), str(f.bucket), f.split))
+        rows.append((shown_path(f.path, roots), f"{f.width}x{f.height}", length, _count(f.frames_kept, "frame"), str(f.bucket), f.split))
     out += _table(rows)
     if len(report.files) > MAX_FILES_LISTED:
         out.append(f"  ... and {len(report.files) - MAX_FILES_LISTED} more (--json lists every file)")
@@ -140,15 +142,6 @@ def _result(report: DatasetReport) -> str:
 def _table(rows: list[tuple[str, ...]]) -> list[str]:
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
     return ["  " + "  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
-
-
-def _short(path: Path, roots: list[Path]) -> str:
-    for root in roots:
-        try:
-            return path.relative_to(root).as_posix()
-        except ValueError:
-            continue
-    return str(path)
 
 
 def _count(n: int, word: str, plural: str | None = None) -> str:
