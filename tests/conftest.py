@@ -75,3 +75,15 @@ def base(runs: "Runs") -> "Outcome":
     outcome = runs.run()
     assert outcome.error is None and outcome.steps == 3, outcome.error
     return outcome
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Tiny models' tensors run several times faster on one thread than split across the shared
+    machine's cores. A module opts in with pytestmark = pytest.mark.usefixtures("one_torch_thread")."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

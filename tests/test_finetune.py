@@ -33,12 +33,7 @@ from core.train.optim import build_optimizer, build_scheduler
 from core.train.optim_checks import optimizer_problem
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: threads only contend on the shared two-core machine
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # -- fused backward --------------------------------------------------------------------------------

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -33,13 +32,7 @@ TARGETS = ["attn1.to_q", "attn1.to_v", "attn2.to_k", "ffn.net.0.proj", "ffn.net.
 BLOCK_LAYER = re.compile(r"blocks\.\d+\.")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny tensors run several times faster on one thread than split across cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

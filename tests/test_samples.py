@@ -6,7 +6,6 @@ import logging
 import os
 import random
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +22,7 @@ from core.train.samples import SampleMaker, sample_file_name, should_sample
 SIZE = {"width": 32, "height": 32, "frames": 5, "inference_steps": 2, "guidance_scale": 2.0, "seed": 3}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    # The tiny models' operations are far too small to share between threads on a busy machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
