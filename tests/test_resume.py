@@ -189,3 +189,21 @@ def test_backup_now_writes_a_backup_after_the_current_step(tiny_wan: Path, clips
 
     Trainer(config_for(tiny_wan, clips, tmp_path, max_steps=3, backup={"every_n_steps": 0, "keep": 5}), AskAtOne(), commands).run()
     assert [b.step for b in BackupFolder(tmp_path / "workspace").complete()] == [1]
+
+
+def test_sample_now_without_prompts_says_why_nothing_is_made(tiny_wan: Path, clips: Path, tmp_path: Path) -> None:
+    commands = TrainerCommands()
+    warnings: list[str] = []
+
+    class AskAtOne(TrainerCallbacks):
+        def on_progress(self, step, total_steps, epoch, eta_seconds):
+            if step == 1:
+                commands.request_sample()
+
+        def on_log(self, level, message):
+            if level >= 30:
+                warnings.append(message)
+
+    Trainer(config_for(tiny_wan, clips, tmp_path, max_steps=2, sampling={"prompts": []}), AskAtOne(), commands).run()
+    assert any("sampling.prompts is empty" in w for w in warnings), warnings
+    assert not (tmp_path / "workspace" / "samples").exists()

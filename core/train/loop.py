@@ -185,8 +185,11 @@ class Loop:
             eta = (now - started) / (step - first_step) * (r.total_steps - step)
             r.callbacks.on_progress(step, r.total_steps, epoch, eta)
             sample_due = every["sampling"] > 0 and step % every["sampling"] == 0
+            sample_asked = r.commands.take_sample_request()
+            if sample_asked and not r.samples_wanted:
+                r.callbacks.on_log(logging.WARNING, "no sample made: sampling.prompts is empty; add a prompt (sampling tab)")
             stop, sample, wanted_backup = self._requests(
-                r.commands.stop_requested, sample_due or r.commands.take_sample_request(), r.commands.take_backup_request())
+                r.commands.stop_requested, sample_due or sample_asked, r.commands.take_backup_request())
             if sample and r.samples_wanted:
                 self._sample(step)
             due = bool(every["backup"]) and step % every["backup"] == 0
