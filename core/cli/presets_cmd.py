@@ -58,11 +58,18 @@ def list_command(args: argparse.Namespace) -> int:
             print("  (none)")
         for p in group:
             if p.error:
-                print(f"  {p.name}  [cannot be loaded: {p.error}]")
+                print(f"  {one_line(p.name)}  [cannot be loaded: {one_line(p.error)}]")
             else:
                 model = f"  [{p.model_type}]" if p.model_type else ""
-                print(f"  {p.name}{model}" + (f"  - {p.description}" if p.description else ""))
+                print(f"  {one_line(p.name)}{model}" + (f"  - {one_line(p.description)}" if p.description else ""))
     return 0
+
+
+def one_line(text: str) -> str:
+    """text as one printable line: a file's description or name may hold line breaks, control
+    characters or (from undecodable file names) lone surrogates, which no terminal can print."""
+    text = text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+    return " ".join("".join(ch if ch.isprintable() else " " for ch in text).split())
 
 
 def show_command(args: argparse.Namespace) -> int:

@@ -8,6 +8,7 @@ from these declarations, so adding a setting is one declaration plus its use.
 from __future__ import annotations
 
 import math
+import reprlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,19 +84,24 @@ class Setting:
             if isinstance(value, int) and not isinstance(value, bool):
                 return self._in_range(value)
         elif self.kind == FLOAT:
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-                return self._in_range(float(value))
+            if isinstance(value, int) and not isinstance(value, bool):
+                try:
+                    value = float(value)
+                except OverflowError:  # an integer of hundreds of digits: beyond any range
+                    raise SettingValueError(f"must be {self.allowed()}, not {shown_value(value)}") from None
+            if isinstance(value, float) and math.isfinite(value):
+                return self._in_range(value)
         elif self.kind == CHOICE:
             if value in (self.choices or ()) and type(value) is type(self.choices[0]):
                 return value
-            raise SettingValueError(f"must be {self.allowed()}, not {value!r}")
+            raise SettingValueError(f"must be {self.allowed()}, not {shown_value(value)}")
         elif self.kind in (STR, PATH):
             if isinstance(value, str):
                 return value
         elif self.kind == STR_LIST:
             if isinstance(value, list) and all(isinstance(v, str) for v in value):
                 return list(value)
-        raise SettingValueError(f"must be {self.allowed()}, not {value!r}")
+        raise SettingValueError(f"must be {self.allowed()}, not {shown_value(value)}")
 
     def _in_range(self, value: float) -> float:
         if (self.minimum is not None and value < self.minimum) or (
@@ -144,7 +150,20 @@ class SectionList:
 
 
 def _num(x: float) -> str:
-    return str(int(x)) if float(x).is_integer() and abs(x) < 1e15 else repr(float(x))
+    if isinstance(x, int):
+        return str(x) if abs(x) < 10**15 else shown_value(x)
+    return str(int(x)) if x.is_integer() and abs(x) < 1e15 else repr(x)
+
+
+_SHOWN = reprlib.Repr()
+# A value quoted in a message stays short, however long or deeply nested the file's value is.
+_SHOWN.maxstring, _SHOWN.maxother, _SHOWN.maxlong = 80, 80, 40
+_SHOWN.maxlevel, _SHOWN.maxlist, _SHOWN.maxdict = 3, 6, 4
+
+
+def shown_value(value: Any) -> str:
+    """value as repr() shows it, cut short (with ...) where it is long or deeply nested."""
+    return _SHOWN.repr(value)
 
 
 # Short constructors keep the schema readable as a table.

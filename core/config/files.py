@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -19,33 +20,22 @@ from .migrations import CURRENT_VERSION, UNVERSIONED, VERSION_KEY, migrate
 from .settings import get_value, iter_settings, validate_overlay
 
 DESCRIPTION_KEY = "__description"
+# A settings file is a few kilobytes; a file far larger is not one, and reading it whole would be slow.
+MAX_FILE_BYTES = 16 * 2**20
 
 
 def read_config_file(path: str | os.PathLike) -> tuple[dict[str, Any], str]:
-    """A validated sparse overlay from a JSON file, and its description ("" if none)."""
+    """A validated sparse overlay from a JSON file, and its description ("" if none).
+
+    Anything wrong with the file, however hostile its content, is a ConfigError naming it: a preset
+    list must show one broken file beside the others, never fail because of it.
+    """
     path = Path(path)
     source = str(path)
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise ConfigError("file not found; check the path", source=source) from None
-    except IsADirectoryError:
-        raise ConfigError("is a folder, not a JSON config file", source=source) from None
-    except OSError as e:
-        raise ConfigError(f"cannot be read ({e.strerror}); check its permissions", source=source) from None
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        raise ConfigError("is not UTF-8 text; save it as UTF-8 JSON", source=source) from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ConfigError(
-            f"not valid JSON at line {e.lineno}, column {e.colno}: {e.msg}; fix the file or choose another",
-            source=source,
-        ) from None
+    data = _parse(_read_bytes(path, source), source)
     if not isinstance(data, dict):
-        raise ConfigError("must hold a JSON object of settings ({...})", source=source)
+        kind = {list: "a list", str: "a string", bool: "true or false", type(None): "null"}.get(type(data), "a number")
+        raise ConfigError(f"must hold a JSON object of settings ({{...}}), not {kind}", source=source)
     version = data.pop(VERSION_KEY, UNVERSIONED)
     description = data.pop(DESCRIPTION_KEY, "")
     if not isinstance(description, str):
@@ -54,6 +44,59 @@ def read_config_file(path: str | os.PathLike) -> tuple[dict[str, Any], str]:
     overlay = validate_overlay(data, source)
     resolve_relative_paths(overlay, path.parent)
     return overlay, description
+
+
+def _read_bytes(path: Path, source: str) -> bytes:
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise ConfigError("file not found; check the path", source=source) from None
+    except OSError as e:
+        raise ConfigError(f"cannot be read ({e.strerror or e}); check the path and its permissions", source=source) from None
+    # Checked before reading: Windows reports a folder as "permission denied", and a FIFO would block.
+    if stat.S_ISDIR(info.st_mode):
+        raise ConfigError("is a folder, not a JSON config file", source=source)
+    if not stat.S_ISREG(info.st_mode):
+        raise ConfigError("is not a regular file (a device or pipe?), not a JSON config file", source=source)
+    if info.st_size > MAX_FILE_BYTES:
+        raise ConfigError(
+            f"is {info.st_size / 2**20:.0f} MiB, far more than a settings file holds "
+            f"(at most {MAX_FILE_BYTES // 2**20} MiB); choose the right file",
+            source=source,
+        )
+    try:
+        return path.read_bytes()
+    except IsADirectoryError:
+        raise ConfigError("is a folder, not a JSON config file", source=source) from None
+    except OSError as e:
+        raise ConfigError(f"cannot be read ({e.strerror or e}); check its permissions", source=source) from None
+
+
+def _parse(raw: bytes, source: str) -> Any:
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"is not UTF-8 text (byte {e.start}); save it as UTF-8 JSON", source=source) from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(
+            f"not valid JSON at line {e.lineno}, column {e.colno}: {e.msg}; fix the file or choose another",
+            source=source,
+        ) from None
+    except RecursionError:
+        raise ConfigError("nests lists or objects too deeply to be settings; fix the file or choose another", source=source) from None
+    except ValueError:
+        # Python refuses integers of more than 4300 digits (sys.get_int_max_str_digits), as a plain ValueError.
+        raise ConfigError("holds a number too long to read (thousands of digits); fix the file or choose another", source=source) from None
+    try:
+        # A lone \ud800 escape parses, but could never be written back or printed as UTF-8.
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConfigError("holds text that is not valid Unicode (an unpaired surrogate escape such as \\ud800); fix the file", source=source) from None
+    except RecursionError:
+        raise ConfigError("nests lists or objects too deeply to be settings; fix the file or choose another", source=source) from None
+    return data
 
 
 def resolve_relative_paths(overlay: dict[str, Any], base_dir: Path) -> None:

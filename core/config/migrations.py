@@ -13,6 +13,8 @@ from typing import Any
 
 from core.errors import ConfigError
 
+from .fields import shown_value
+
 VERSION_KEY = "__version"
 CURRENT_VERSION = 1
 UNVERSIONED = 1
@@ -24,13 +26,13 @@ MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {}
 def migrate(data: dict[str, Any], version: Any, source: str | None = None) -> dict[str, Any]:
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise ConfigError(
-            f"'{VERSION_KEY}' must be a whole number from 1 to {CURRENT_VERSION}, not {version!r}",
+            f"'{VERSION_KEY}' must be a whole number from 1 to {CURRENT_VERSION}, not {shown_value(version)}",
             source=source,
             key=VERSION_KEY,
         )
     if version > CURRENT_VERSION:
         raise ConfigError(
-            f"'{VERSION_KEY}' is {version}: written by a newer Video Trainer (this one reads format "
+            f"'{VERSION_KEY}' is {shown_value(version)}: written by a newer Video Trainer (this one reads format "
             f"versions up to {CURRENT_VERSION}); update Video Trainer to use this file",
             source=source,
             key=VERSION_KEY,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,17 @@ from .settings import resolve, sparse
 log = logging.getLogger(__name__)
 
 BUNDLED_PREFIX = "#"
-_FORBIDDEN_NAME_CHARS = set('/\\:*?"<>|')
+# A preset folder may be synced between Linux, macOS and Windows, so a name must make a file name on
+# all of them: none of Windows' forbidden characters or reserved device names anywhere.
+_FORBIDDEN_NAME_CHARS = frozenset('<>:"/\\|?*')
+_RESERVED_NAMES = frozenset(
+    ["CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$"]
+    + [f"{device}{n}" for device in ("COM", "LPT") for n in [*"123456789", "\u00b9", "\u00b2", "\u00b3"]]
+)
+# File systems hold 255 bytes per name; the file is NAME.json, written through a temporary
+# .NAME.json.XXXXXXXX.tmp (19 bytes more). 150 also keeps the whole path under Windows' 260
+# characters in the usual per-user folder.
+MAX_NAME_BYTES = 150
 
 
 @dataclass(frozen=True)
@@ -47,6 +58,9 @@ def _scan(folder: Path, bundled: bool) -> list[PresetInfo]:
             infos.append(PresetInfo(name, file, bundled, description, overlay.get("model_type")))
         except ConfigError as e:
             infos.append(PresetInfo(name, file, bundled, error=str(e)))
+        except Exception as e:  # a bug in reading one file must not hide the other presets
+            log.exception("reading preset %s failed unexpectedly", file)
+            infos.append(PresetInfo(name, file, bundled, error=f"{file}: cannot be read ({type(e).__name__}: {e}); details in the log"))
     return infos
 
 
@@ -58,18 +72,25 @@ def list_presets() -> list[PresetInfo]:
 def find_preset(name_or_file: str) -> Path:
     """The file of a preset given by name ('#wan 2.2 LoRA', 'my preset') or by path."""
     candidate = Path(name_or_file).expanduser()
-    if candidate.suffix.lower() == ".json" and (candidate.exists() or os.sep in name_or_file or "/" in name_or_file):
+    if candidate.suffix.lower() == ".json" and (_exists(candidate) or os.sep in name_or_file or "/" in name_or_file):
         return candidate
     stem = name_or_file[:-5] if name_or_file.lower().endswith(".json") else name_or_file
     folder = bundled_preset_dir() if stem.startswith(BUNDLED_PREFIX) else user_preset_dir()
     file = folder / f"{stem}.json"
-    if file.exists():
+    if _exists(file):
         return file
     names = ", ".join(f"'{p.name}'" for p in list_presets()) or "none"
     raise ConfigError(
         f"no preset named '{name_or_file}'; the presets are: {names} (run 'presets list')",
         key="preset",
     )
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:  # a name too long for the file system (Path.exists raises that one) is no file
+        return False
 
 
 def load_preset_overlay(name_or_file: str) -> dict[str, Any]:
@@ -116,15 +137,52 @@ def open_preset(name_or_file: str) -> LoadedPreset:
 
 
 def check_user_preset_name(name: str) -> str:
+    """The name, without surrounding spaces, if a user preset may have it; else a ConfigError saying why."""
     name = name.strip()
-    if not name:
-        raise ConfigError("a preset needs a name", key="preset")
-    if name.startswith(BUNDLED_PREFIX):
-        raise ConfigError(f"names starting with '{BUNDLED_PREFIX}' are kept for bundled presets; choose another name", key="preset")
-    bad = sorted(set(name) & _FORBIDDEN_NAME_CHARS)
-    if bad or name in (".", ".."):
-        raise ConfigError(f"a preset name cannot contain {' '.join(bad) or name}; choose another name", key="preset")
+    problem = _name_problem(name)
+    if problem:
+        raise ConfigError(problem, key="preset")
     return name
+
+
+def _name_problem(name: str) -> str | None:
+    """Why a user preset cannot have this (stripped) name, with what to do; None if it can."""
+    shown = name if len(name) <= 40 else name[:37] + "..."
+    if not name:
+        return "a preset needs a name; type one"
+    if name.startswith(BUNDLED_PREFIX):
+        return f"names starting with '{BUNDLED_PREFIX}' are kept for bundled presets; choose another name"
+    try:
+        size = len(name.encode("utf-8"))
+    except UnicodeEncodeError:  # a lone surrogate, as an undecodable command-line byte becomes
+        return "a preset name must be readable text (this one holds bytes that are not UTF-8); type it again"
+    if size > MAX_NAME_BYTES:
+        return f"a preset name can be at most {MAX_NAME_BYTES} bytes in UTF-8 (this one is {size}); choose a shorter name"
+    if any(unicodedata.category(ch) == "Cc" for ch in name):
+        return "a preset name cannot contain control characters (tabs, line breaks); choose another name"
+    bad = sorted(set(name) & _FORBIDDEN_NAME_CHARS)
+    if bad:
+        return f"a preset name cannot contain {' '.join(bad)} ('{shown}'; not allowed in Windows file names); choose another name"
+    if name.endswith("."):
+        return f"a preset name cannot end with a dot ('{shown}'; Windows drops it from file names); remove the dot"
+    if name.lower().endswith(".json"):
+        return f"'{shown}' ends with .json, which reads as a file name; leave the .json out"
+    # Windows reserves these device names with any extension, and ignores spaces before the dot.
+    if name.split(".", 1)[0].rstrip(" ").upper() in _RESERVED_NAMES:
+        return f"'{shown}' is a device name on Windows (CON, PRN, AUX, NUL, COM1-9, LPT1-9), which no file may have; choose another name"
+    return None
+
+
+def _same_but_case(name: str) -> str | None:
+    """An existing user preset whose name differs from `name` only in case: one file on Windows and macOS."""
+    folder = user_preset_dir()
+    if not folder.is_dir():
+        return None
+    wanted = name.casefold()
+    for file in folder.glob("*.json"):
+        if file.stem != name and file.stem.casefold() == wanted:
+            return file.stem
+    return None
 
 
 def user_preset_path(name: str) -> Path:
@@ -139,6 +197,13 @@ def save_user_preset(name: str, config: dict[str, Any], description: str = "", *
     """
     name = check_user_preset_name(name)
     path = user_preset_path(name)
+    other = _same_but_case(name)
+    if other is not None:
+        raise ConfigError(
+            f"a preset named '{other}' exists; names that differ only in case are one file on Windows and macOS, "
+            f"so save as '{other}' to replace it or choose another name",
+            key="preset",
+        )
     if path.exists() and not overwrite:
         raise ConfigError(f"a preset named '{name}' exists ({path}); choose another name or overwrite it", key="preset")
     write_config_file(path, sparse(config), description)
@@ -147,7 +212,17 @@ def save_user_preset(name: str, config: dict[str, Any], description: str = "", *
 
 
 def delete_user_preset(name: str) -> None:
-    path = user_preset_path(name)
-    if not path.exists():
-        raise ConfigError(f"no user preset named '{name}'", key="preset")
-    path.unlink()
+    """Delete the user preset of this name; also one whose name saving would now refuse (made by an
+    older version, or on another system), so such a file can always be removed."""
+    name = name.strip()
+    if name.startswith(BUNDLED_PREFIX):
+        raise ConfigError(f"'{name}' is a bundled preset, which cannot be deleted", key="preset")
+    path = user_preset_dir() / f"{name}.json"
+    if not name or set(name) & set("/\\") or name in (".", "..") or not _exists(path):
+        raise ConfigError(f"no user preset named '{name}' (run 'presets list')", key="preset")
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder, not a preset; remove it yourself if it is not needed", key="preset")
+    try:
+        path.unlink()
+    except OSError as e:  # a read-only folder, a file in use (Windows)
+        raise ConfigError(f"could not delete {path}: {e.strerror or e}; check the folder's permissions", key="preset") from None

@@ -245,7 +245,7 @@ def parse_set_arguments(assignments: list[str]) -> dict[str, Any]:
             raise ConfigError(f"--set expects dotted.key=value, got '{assignment}'")
         try:
             value = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: '[[[[...' nested past what JSON decoding allows
             value = raw
         overlay = merge(overlay, overlay_for(key, value, source="--set"))
     return overlay

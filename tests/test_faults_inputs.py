@@ -1,0 +1,249 @@
+"""Hostile inputs (issue 13, points 6 and 9): broken preset files, names no file system can hold,
+damaged mp4 files, sample sizes the model cannot make, and an embedding whose placeholder no caption
+holds. Each gets one line naming the file or key and what to do; nothing that existed is changed."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Before pytest-qt's session QApplication exists: no display here, and none needed.
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+
+from conftest import run_main  # noqa: E402
+
+from core.config import list_presets, parse_set_arguments  # noqa: E402
+from core.config.presets import MAX_NAME_BYTES, check_user_preset_name, save_user_preset  # noqa: E402
+from core.config.settings import defaults  # noqa: E402
+from core.errors import ConfigError  # noqa: E402
+from core.paths import user_preset_dir  # noqa: E402
+
+GOOD = '{"__version": 1, "__description": "a good one", "lora": {"rank": 8}}'
+
+# name: (file content, or None for a folder; words its reason must hold)
+BROKEN = {
+    "deep": ("[" * 100_000, "nests lists or objects too deeply"),
+    "deep object": ('{"lora": ' * 100_000, "nests lists or objects too deeply"),
+    "long number": ('{"learning_rate": ' + "7" * 5000 + "}", "a number too long to read"),
+    "long integer": ('{"lora": {"rank": ' + "9" * 4000 + "}}", "'lora.rank' must be an integer from 1 to 1024"),
+    "latin-1": (b'{"__description": "caf\xe9"}', "is not UTF-8 text"),
+    "lone surrogate": ('{"__description": "\\ud800"}', "not valid Unicode"),
+    "a list": ("[1, 2]", "must hold a JSON object of settings ({...}), not a list"),
+    "a number": ("42", "must hold a JSON object of settings ({...}), not a number"),
+    "folder": (None, "is a folder, not a JSON config file"),
+}
+
+
+def _write_broken(folder: Path) -> dict[str, tuple[bytes | None, int]]:
+    """The broken presets and one good one in folder; returns what each was (content, mtime)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "good.json").write_text(GOOD, encoding="utf-8")
+    for name, (content, _) in BROKEN.items():
+        path = folder / f"{name}.json"
+        if content is None:
+            path.mkdir()
+        else:
+            path.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
+    return _snapshot(folder)
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[bytes | None, int]]:
+    return {p.name: (None if p.is_dir() else p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.iterdir())}
+
+
+# -- broken preset files ---------------------------------------------------------------------------
+
+
+def test_broken_presets_are_listed_with_their_reason_beside_the_good_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = user_preset_dir()
+    _write_broken(folder)
+    (folder / "locked.json").write_text(GOOD, encoding="utf-8")
+    before = _snapshot(folder)
+    real_read = Path.read_bytes
+
+    def read_bytes(self: Path) -> bytes:  # root reads any file, so an unreadable one is simulated
+        if self.name == "locked.json":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_read(self)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    infos = {p.name: p for p in list_presets() if not p.bundled}
+    assert set(infos) == {"good", "locked", *BROKEN}
+    assert infos["good"].error is None and infos["good"].description == "a good one"
+    assert any(p.bundled and p.error is None for p in list_presets())  # the bundled ones still load
+    for name, (_, words) in BROKEN.items():
+        error = infos[name].error
+        assert error is not None and words in error, (name, error)
+        assert str(folder / f"{name}.json") in error and "\n" not in error and len(error) < 300, (name, error)
+    assert "cannot be read (Permission denied)" in (infos["locked"].error or "")
+    monkeypatch.undo()
+    assert _snapshot(folder) == before  # listing read them, and changed none
+
+
+def test_presets_list_command_survives_broken_presets() -> None:
+    folder = user_preset_dir()
+    before = _write_broken(folder)
+    result = run_main("presets", "list")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    lines = result.stdout.splitlines()
+    assert "  good  - a good one" in lines
+    assert any(line.startswith("  #wan 2.2 LoRA  [") for line in lines)
+    for name, (_, words) in BROKEN.items():
+        mine = [line for line in lines if line.startswith(f"  {name}  [cannot be loaded: ")]
+        assert len(mine) == 1 and words in mine[0] and f"{name}.json" in mine[0], (name, lines)
+    assert _snapshot(folder) == before
+
+
+def test_a_description_with_line_breaks_is_listed_on_one_line() -> None:
+    folder = user_preset_dir()
+    folder.mkdir(parents=True)
+    (folder / "multi.json").write_text('{"__description": "one\\ntwo\\u0000three"}', encoding="utf-8")
+    result = run_main("presets", "list")
+    assert result.returncode == 0, result.stderr
+    assert "  multi  - one two three" in result.stdout.splitlines()
+
+
+def test_a_config_file_too_deep_to_parse_is_one_line_for_every_command(tmp_path: Path) -> None:
+    path = tmp_path / "deep.json"
+    path.write_text("[" * 100_000, encoding="utf-8")
+    result = run_main("presets", "show", str(path))
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: {path}: nests lists or objects too deeply to be settings; fix the file or choose another"
+    with pytest.raises(ConfigError, match="lora.rank"):
+        parse_set_arguments(["lora.rank=" + "[" * 100_000])
+
+
+def test_the_window_builds_with_broken_presets_and_says_why(qtbot, monkeypatch: pytest.MonkeyPatch) -> None:
+    from PySide6.QtCore import Qt
+    from PySide6.QtWidgets import QMessageBox
+
+    from gui.main_window import MainWindow
+    from gui.window_state import window_settings
+
+    folder = user_preset_dir()
+    _write_broken(folder)
+    window_settings().setValue("last_preset", "deep")  # the preset loaded last broke since
+    warnings: list[str] = []
+    monkeypatch.setattr(QMessageBox, "warning", lambda *a, **k: warnings.append(a[2]) or QMessageBox.StandardButton.Ok)
+    monkeypatch.setattr(QMessageBox, "question", lambda *a, **k: QMessageBox.StandardButton.Discard)
+    window = MainWindow()
+    qtbot.addWidget(window)
+    window.show()
+    window.restore_last_settings()
+    assert "The last preset, 'deep', could not be loaded" in window.statusBar().currentMessage()
+    assert "nests lists or objects too deeply" in window.statusBar().currentMessage()
+    assert window.loaded is None and window.config == defaults()
+
+    bar = window.preset_bar
+    for name, (_, words) in BROKEN.items():
+        assert name in bar.names() and not bar.is_enabled(name), name
+        tip = bar.combo.itemData(bar.combo.findData(name), Qt.ItemDataRole.ToolTipRole)
+        assert tip.startswith("Cannot be loaded: ") and words in tip, (name, tip)
+    assert bar.is_enabled("good") and bar.is_enabled("#wan 2.2 LoRA")
+
+    # Chosen while it was good, broken before Load: the reason in a message, no exception.
+    bar.select("good")
+    (folder / "good.json").write_text('{"learning_rate": ' + "7" * 5000 + "}", encoding="utf-8")
+    bar.load_button.click()
+    assert len(warnings) == 1 and "good.json: holds a number too long to read" in warnings[0]
+    assert window.loaded is None and not bar.is_enabled("good")  # the list was read again
+    bar.select("#wan 2.2 LoRA")
+    bar.load_button.click()
+    assert window.loaded is not None and window.loaded.name == "#wan 2.2 LoRA"
+
+
+# -- preset names ----------------------------------------------------------------------------------
+
+
+BAD_NAMES = {
+    "too long": ("x" * 300, f"at most {MAX_NAME_BYTES} bytes in UTF-8 (this one is 300)"),
+    "too long once encoded": ("\u00e9" * 100, f"at most {MAX_NAME_BYTES} bytes in UTF-8 (this one is 200)"),
+    "reserved": ("CON", "device name on Windows"),
+    "reserved, lower case": ("nul", "device name on Windows"),
+    "reserved with extension": ("com1.backup", "device name on Windows"),
+    "reserved, space before the dot": ("LPT9 .old", "device name on Windows"),
+    "less than": ("a<b", "cannot contain <"),
+    "colon": ("run: 2", "cannot contain :"),
+    "quote": ('say "hi"', 'cannot contain "'),
+    "slash": ("a/b", "cannot contain /"),
+    "backslash": ("a\\b", "cannot contain \\"),
+    "pipe": ("a|b", "cannot contain |"),
+    "question mark": ("why?", "cannot contain ?"),
+    "star": ("best*", "cannot contain *"),
+    "tab": ("a\tb", "control characters"),
+    "line break": ("a\nb", "control characters"),
+    "trailing dot": ("version 2.", "cannot end with a dot"),
+    "only dots": ("..", "cannot end with a dot"),
+    "empty": ("", "needs a name"),
+    "only spaces": ("   ", "needs a name"),
+    "ends in .json": ("mine.json", "leave the .json out"),
+    "bundled prefix": ("#mine", "kept for bundled presets"),
+    "undecodable bytes": ("bad\udcffname", "not UTF-8"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_NAMES))
+def test_names_no_file_system_can_hold_are_refused_in_one_line(case: str) -> None:
+    name, words = BAD_NAMES[case]
+    with pytest.raises(ConfigError) as info:
+        save_user_preset(name, defaults())
+    message = str(info.value)
+    assert words in message and "\n" not in message and len(message) < 250, message
+    assert info.value.key == "preset"
+    assert not user_preset_dir().exists() or list(user_preset_dir().iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["my run", "Wan 2.2 – ünïcode €", "x" * MAX_NAME_BYTES, "con game", "COM10", "a.b"])
+def test_ordinary_names_are_kept(name: str) -> None:
+    assert check_user_preset_name(f" {name} ") == name
+    path = save_user_preset(name, defaults())
+    assert path.name == f"{name}.json" and [p.name for p in list_presets() if not p.bundled] == [name]
+
+
+def test_a_name_differing_only_in_case_is_refused() -> None:
+    save_user_preset("Mine", defaults())
+    before = _snapshot(user_preset_dir())
+    with pytest.raises(ConfigError, match="a preset named 'Mine' exists; names that differ only in case"):
+        save_user_preset("mine", defaults(), overwrite=True)
+    assert _snapshot(user_preset_dir()) == before
+
+
+def test_presets_save_refuses_a_long_name_in_one_line() -> None:
+    folder = user_preset_dir()
+    folder.mkdir(parents=True)
+    (folder / "kept.json").write_text(GOOD, encoding="utf-8")
+    before = _snapshot(folder)
+    result = run_main("presets", "save", "y" * 1000)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == [
+        f"error: a preset name can be at most {MAX_NAME_BYTES} bytes in UTF-8 (this one is 1000); choose a shorter name"
+    ]
+    assert _snapshot(folder) == before
+    for name in ("AUX", "what?"):
+        result = run_main("presets", "save", name)
+        assert result.returncode == 2 and len(result.stderr.splitlines()) == 1 and name in result.stderr
+    assert _snapshot(folder) == before
+    assert run_main("presets", "delete", "z" * 1000).returncode == 2  # no such preset, in one line
+    assert _snapshot(folder) == before
+
+
+def test_the_window_refuses_a_long_name_and_keeps_asking(qtbot, monkeypatch: pytest.MonkeyPatch) -> None:
+    from PySide6.QtWidgets import QInputDialog, QMessageBox
+
+    from gui.main_window import MainWindow
+
+    answers = iter([("q" * 400, True), ("PRN", True), ("fine", True)])
+    warnings: list[str] = []
+    monkeypatch.setattr(QInputDialog, "getText", lambda *a, **k: next(answers))
+    monkeypatch.setattr(QMessageBox, "warning", lambda *a, **k: warnings.append(a[2]) or QMessageBox.StandardButton.Ok)
+    window = MainWindow()
+    qtbot.addWidget(window)
+    window.load("#wan 2.2 LoRA 8GB")
+    assert window.save_as() is True
+    assert len(warnings) == 2 and "at most" in warnings[0] and "device name on Windows" in warnings[1]
+    assert [p.name for p in list_presets() if not p.bundled] == ["fine"]
+    with pytest.raises(ConfigError, match="at most"):
+        window.save_to("w" * 400)
