@@ -67,7 +67,7 @@ def mixed(tmp_path_factory: pytest.TempPathFactory) -> dict:
     for i, path in enumerate(good):
         _caption(path, f"good sample {i}")
     broken = {
-        make_truncated(data / "truncated.mp4", seconds=2.0): "truncated or corrupt",
+        make_truncated(data / "truncated.mp4", seconds=2.0): "truncated: the file ends",
         make_corrupt(data / "corrupt.mp4"): "truncated or corrupt",
         make_audio_only(data / "audio.mp4"): "no video stream",
     }

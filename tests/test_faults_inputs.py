@@ -247,3 +247,100 @@ def test_the_window_refuses_a_long_name_and_keeps_asking(qtbot, monkeypatch: pyt
     assert [p.name for p in list_presets() if not p.bundled] == ["fine"]
     with pytest.raises(ConfigError, match="at most"):
         window.save_to("w" * 400)
+
+
+# -- damaged mp4 files -----------------------------------------------------------------------------
+
+CUT_SHORT = "(a copy or download cut short); re-export or re-download it"
+NO_INDEX = "damaged: its index (the MP4 'moov' box) is missing, as when a recording or export stops early; re-export or re-download it"
+
+
+def _without_index(path: Path) -> Path:
+    """A clip whose writer stopped before the index: its boxes up to 'moov', which is at the end."""
+    import media_factory as mf
+
+    mf.make_clip(path, seconds=2.0)  # no faststart: the index comes last
+    data = path.read_bytes()
+    at = data.rindex(b"moov") - 4
+    path.write_bytes(data[:at])
+    return path
+
+
+def test_a_clip_cut_in_half_is_reported_as_truncated(tmp_path: Path) -> None:
+    import media_factory as mf
+
+    from core.data.media import UnusableMedia
+    from core.data.probe import probe
+
+    for faststart in (False, True):  # the index after the frames (most cameras), or before them
+        path = mf.make_truncated(tmp_path / f"cut-{faststart}.mp4", faststart=faststart, keep=0.5, width=320, height=240)
+        with pytest.raises(UnusableMedia) as info:
+            probe(path)
+        reason = str(info.value)
+        assert reason.startswith("truncated: the file ends ") and "'mdat' box" in reason and reason.endswith(CUT_SHORT)
+        assert "codec" not in reason
+
+
+def test_a_cut_inside_the_index_is_truncated_not_an_unsupported_codec(tmp_path: Path) -> None:
+    # Cut inside 'moov', FFmpeg reports anything from "Invalid data" to "no video stream" and an
+    # unknown codec, depending on where the cut fell.
+    import media_factory as mf
+
+    from core.data.media import UnusableMedia
+    from core.data.probe import probe
+
+    whole = mf.make_clip(tmp_path / "whole.mp4", seconds=3.0, faststart=True, width=320, height=240)
+    data = whole.read_bytes()
+    start = data.index(b"moov") - 4
+    end = start + int.from_bytes(data[start:start + 4], "big")
+    cut = tmp_path / "cut.mp4"
+    reasons = set()
+    for keep in range(start + 8, end, 24):
+        cut.write_bytes(data[:keep])
+        with pytest.raises(UnusableMedia) as info:
+            probe(cut)
+        reasons.add(str(info.value).split(" bytes into ")[-1])
+    assert reasons == {f"its {end - start:,}-byte 'moov' box {CUT_SHORT}"}
+
+
+def test_a_clip_without_its_index_is_reported_as_damaged(tmp_path: Path) -> None:
+    from core.data.media import UnusableMedia
+    from core.data.probe import probe
+
+    with pytest.raises(UnusableMedia) as info:
+        probe(_without_index(tmp_path / "no-index.mp4"))
+    assert str(info.value) == NO_INDEX
+
+
+def test_a_clip_damaged_after_probing_says_so_when_decoded(tmp_path: Path) -> None:
+    import media_factory as mf
+
+    from core.data.decode import decode_frames
+    from core.data.media import UnusableMedia
+    from core.data.probe import probe
+
+    path = mf.make_clip(tmp_path / "c.mp4", seconds=2.0)
+    info = probe(path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(UnusableMedia, match="^truncated: the file ends .* re-export or re-download it$"):
+        decode_frames(path, [0.1, 1.5], info)
+
+
+def test_the_doctor_names_the_truncated_and_the_damaged_clip(tmp_path: Path) -> None:
+    import media_factory as mf
+
+    folder = tmp_path / "clips"
+    good = mf.make_clip(folder / "good.mp4", seconds=1.0)
+    cut = mf.make_truncated(folder / "cut.mp4", keep=0.5)
+    lost = _without_index(folder / "lost.mp4")
+    for clip in (good, cut, lost):
+        clip.with_suffix(".txt").write_text("a clip", encoding="utf-8")
+    before = _snapshot(folder)
+    result = run_main("doctor", str(folder), "--set", "resolution=64")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    cut_lines = [line for line in lines if str(cut) in line]
+    assert len(cut_lines) == 1 and "truncated: the file ends " in cut_lines[0] and cut_lines[0].endswith(CUT_SHORT)
+    assert [line for line in lines if str(lost) in line][0].endswith(NO_INDEX)
+    assert "unsupported codec" not in result.stdout
+    assert _snapshot(folder) == before

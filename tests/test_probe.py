@@ -12,6 +12,7 @@ import media_factory as mf
 from core.data.media import UnusableMedia
 from core.data.probe import keyframe_times, probe, scene_cut_times
 
+MP4_CUT = "'mdat' box (a copy or download cut short); re-export or re-download it"  # core/data/mp4_boxes.py
 BAD: dict[str, tuple[str, Callable[[Path], object], str]] = {
     # name: (file name, how to make it, words the reason must contain)
     "audio only": ("song.mp4", mf.make_audio_only, "has no video stream (audio only?)"),
@@ -26,10 +27,10 @@ BAD: dict[str, tuple[str, Callable[[Path], object], str]] = {
     "huge frames": ("wide.mkv", mf.make_oversized_video, "8208x16 pixels, larger than the 8192-pixel limit"),
     "tiny image": ("dot.png", lambda p: mf.make_image(p, 8, 8), "8x8 pixels, smaller than"),
     "huge image": ("strip.png", lambda p: mf.make_image(p, 8200, 20), "8200x20 pixels, larger than"),
-    "truncated, index first": ("cut.mp4", lambda p: mf.make_truncated(p, faststart=True), "truncated or corrupt"),
-    "truncated, index lost": ("cut2.mp4", lambda p: mf.make_truncated(p, faststart=False), "truncated or corrupt"),
-    "truncated tail mp4": ("tail.mp4", lambda p: mf.make_truncated(p, keyframe_interval=12, keep=0.8), "truncated or corrupt"),
-    "last frames cut mp4": ("end.mp4", lambda p: mf.make_truncated(p, keyframe_interval=12, keep=0.95), "truncated or corrupt"),
+    "truncated, index first": ("cut.mp4", lambda p: mf.make_truncated(p, faststart=True), MP4_CUT),
+    "truncated, index lost": ("cut2.mp4", lambda p: mf.make_truncated(p, faststart=False), MP4_CUT),
+    "truncated tail mp4": ("tail.mp4", lambda p: mf.make_truncated(p, keyframe_interval=12, keep=0.8), MP4_CUT),
+    "last frames cut mp4": ("end.mp4", lambda p: mf.make_truncated(p, keyframe_interval=12, keep=0.95), MP4_CUT),
     "truncated tail mkv": ("tail.mkv", lambda p: mf.make_truncated(p, keyframe_interval=12, keep=0.8), "truncated or corrupt"),
     "last frames cut mkv": ("end.mkv", lambda p: mf.make_truncated(p, keyframe_interval=12, keep=0.93), "truncated or corrupt"),
     "truncated webm": ("tail.webm", lambda p: mf.make_truncated(p, keyframe_interval=12, keep=0.85), "truncated or corrupt"),

@@ -20,6 +20,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from .media import MediaInfo, UnusableMedia
+from .mp4_boxes import explained
 from .probe import ffmpeg_cause, open_video, read_image, stream_start
 
 log = logging.getLogger(__name__)
@@ -180,7 +181,10 @@ def decode_frames(
         return np.zeros((0, info.height, info.width, 3), np.uint8)
     import av
 
-    container, stream = open_video(path)
+    try:
+        container, stream = open_video(path)
+    except UnusableMedia as exc:  # damaged since probing: say how, as probing does
+        raise explained(path, exc) from None
     picker = None
     try:
         stream.thread_type = "AUTO"
@@ -206,7 +210,7 @@ def decode_frames(
         where = ""
         if picker is not None and not picker.done:
             where = f" near {(picker.targets[picker.next] - stream_start(stream)) * float(stream.time_base):.2f} s"
-        raise UnusableMedia(f"decoding failed{where}: {ffmpeg_cause(exc)}") from None
+        raise explained(path, UnusableMedia(f"decoding failed{where}: {ffmpeg_cause(exc)}")) from None
     finally:
         container.close()
     log.debug("%s: %d frames decoded, %d seeks, for %d requested", path.name, picker.decoded, picker.seeks, len(times))

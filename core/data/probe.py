@@ -16,6 +16,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from .media import IMAGE_EXTENSIONS, MediaInfo, UnusableMedia
+from .mp4_boxes import explained
 
 log = logging.getLogger(__name__)
 
@@ -311,17 +312,20 @@ def probe(path: Path) -> MediaInfo:
     path = Path(path)
     check_readable(path)
     stat = path.stat()
+    image = path.suffix.lower() in IMAGE_EXTENSIONS
     try:
-        if path.suffix.lower() in IMAGE_EXTENSIONS:
+        if image:
             return _probe_image(path, stat.st_size, stat.st_mtime_ns)
         return _probe_video(path, stat.st_size, stat.st_mtime_ns)
-    except UnusableMedia:
-        raise
+    except UnusableMedia as exc:
+        # FFmpeg's reason for a cut-off MP4 depends on where the cut fell (even "unsupported codec");
+        # the file's box structure says which it is.
+        raise exc if image else explained(path, exc) from None
     except MemoryError:
         raise UnusableMedia("cannot probe: out of memory reading the file") from None
     except Exception as exc:  # any other library failure on a bad file is still just a bad file
         log.debug("probe of %s failed", path, exc_info=True)
-        raise UnusableMedia(f"truncated or corrupt: {ffmpeg_cause(exc)}") from None
+        raise explained(path, UnusableMedia(f"truncated or corrupt: {ffmpeg_cause(exc)}")) from None
 
 
 # ---------------------------------------------------------------- keyframes and scene cuts
