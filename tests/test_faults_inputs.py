@@ -344,3 +344,83 @@ def test_the_doctor_names_the_truncated_and_the_damaged_clip(tmp_path: Path) -> 
     assert [line for line in lines if str(lost) in line][0].endswith(NO_INDEX)
     assert "unsupported codec" not in result.stdout
     assert _snapshot(folder) == before
+
+
+# -- settings the model cannot honour --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Folders of two clips each: captions without the placeholder, and one with it beside one without."""
+    from media_factory import make_clip
+
+    root = tmp_path_factory.mktemp("faults-clips")
+    out = {}
+    for name, captions in (("plain", ["a red square moving", "a square at rest"]),
+                           ("mixed", ["a photo of <concept> moving right", "a square at rest"])):
+        folder = root / name
+        for i, caption in enumerate(captions):
+            make_clip(folder / f"clip{i}.mp4", width=64, height=64, fps=16, seconds=1.0)
+            (folder / f"clip{i}.txt").write_text(caption, encoding="utf-8")
+        out[name] = folder
+    return out
+
+
+def _run_config(data: Path, root: Path, **overrides: object) -> dict:
+    """The bundled tiny Wan 2.1 demo preset on `data`, writing only under `root`."""
+    from core.config import load_preset, resolve
+
+    overlay = {
+        "datasets": [{"path": str(data), "repeats": 1}],
+        "workspace_dir": str(root / "workspace"),
+        "cache_dir": str(root / "cache"),
+        "output_path": str(root / "out" / "result.safetensors"),
+        "dataloader_threads": 0,
+        "max_steps": 4,
+        "warmup_steps": 0,
+        "backup": {"every_n_steps": 0},
+        **overrides,
+    }
+    return resolve(dict(load_preset("#demo tiny wan LoRA")), overlay)
+
+
+@pytest.mark.parametrize(
+    "changes, key, message",
+    [
+        ({"sampling": {"width": 70}}, "sampling.width",
+         "sampling.width 70 is not a multiple of 16, which this model's frame sizes must be (samples would be 64 pixels wide); use 64 or 80"),
+        ({"sampling": {"height": 40}}, "sampling.height",
+         "sampling.height 40 is not a multiple of 16, which this model's frame sizes must be (samples would be 32 pixels high); use 32 or 48"),
+        ({"resolution": 70}, "resolution", "resolution 70 is not a multiple of 16, which this model's frame sizes must be"),
+    ],
+)
+def test_sizes_the_model_cannot_make_are_refused_before_any_work(
+    clips: dict[str, Path], tmp_path: Path, changes: dict, key: str, message: str
+) -> None:
+    from core.train.trainer import Trainer
+
+    config = _run_config(clips["plain"], tmp_path, **changes)
+    before = _snapshot(clips["plain"])
+    with pytest.raises(ConfigError) as info:
+        Trainer(config).run()
+    assert str(info.value).startswith(message) and info.value.key == key
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "workspace").exists() and not (tmp_path / "out").exists()
+    assert _snapshot(clips["plain"]) == before
+
+
+def test_sample_sizes_matter_only_with_prompts() -> None:
+    from core.train.support import size_refusals
+
+    config = defaults()
+    config["sampling"].update(width=70, height=70, prompts=[])
+    assert size_refusals(config, 16) == []
+    config["sampling"]["prompts"] = ["a cat"]
+    assert [e.key for e in size_refusals(config, 16)] == ["sampling.width", "sampling.height"]
+    config["sampling"].update(width=64, height=20)
+    assert str(size_refusals(config, 32)[0]).endswith("(samples would be 32 pixels high); use 32")  # not 0
+    config["sampling"].update(height=4095)
+    assert str(size_refusals(config, 3000)[-1]).endswith("use 3000")  # not 6000: past the setting's 4096
+    config.update(resolution=512)
+    config["sampling"].update(width=512, height=512)
+    assert size_refusals(config, 32) == []

@@ -343,7 +343,8 @@ SCHEMA = Section(
         integer(
             "resolution",
             512,
-            "Training size: clips are scaled to about resolution x resolution pixels, keeping their aspect ratio.",
+            "Training size: clips are scaled to about resolution x resolution pixels, keeping their aspect ratio. "
+            "A multiple of the model's size step: 16 for Wan 2.1 and 2.2 A14B, 32 for Wan 2.2 TI2V-5B.",
             lo=64,
             hi=4096,
         ),
@@ -432,8 +433,8 @@ SCHEMA = Section(
             (
                 integer("every_n_steps", 250, "Make samples every this many steps; 0 turns sampling off.", lo=0, hi=10_000_000, label="Every N steps"),
                 string_list("prompts", [], "Prompts to sample; with none, no samples are made."),
-                integer("width", 512, "Sample width in pixels.", lo=16, hi=4096),
-                integer("height", 512, "Sample height in pixels.", lo=16, hi=4096),
+                integer("width", 512, "Sample width in pixels; a multiple of the model's size step, as resolution.", lo=16, hi=4096),
+                integer("height", 512, "Sample height in pixels; a multiple of the model's size step, as resolution.", lo=16, hi=4096),
                 integer("frames", 33, "Frames per sample video (rounded to what the model accepts).", lo=1, hi=1024),
                 integer("inference_steps", 30, "Denoising steps per sample.", lo=1, hi=1000, label="Inference steps"),
                 number("guidance_scale", 5.0, "Classifier-free guidance scale of samples.", lo=0.0, hi=50.0),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from core.config.settings import get_value, lookup
 from core.errors import ConfigError
 from core.memory.offload import offload_config_problem
 
@@ -49,4 +50,33 @@ def refusals(config: dict[str, Any], family: str, *, world_size: int = 1, cuda: 
         out.append(offload)
     if method in ("LORA", "EMBEDDING") and not str(config["output_path"]).lower().endswith(".safetensors"):
         refuse("output_path", f"output_path {config['output_path']} must be a .safetensors file for {method}")
+    return out
+
+
+def size_refusals(config: dict[str, Any], divisor: int) -> list[ConfigError]:
+    """Sizes the model cannot make as asked: its frame sides are multiples of `divisor` (the VAE's
+    spatial compression times the transformer's patch size, adapter.size_divisor).
+
+    Rounding them quietly would sample 64 pixels wide where 70 was asked; a resolution that is not a
+    multiple gives buckets of another area, and for some values (70 at 16) no square one, so square
+    clips would be cropped. The sample size matters only when there are prompts to sample.
+    """
+    keys = ["resolution"] + (["sampling.width", "sampling.height"] if config["sampling"]["prompts"] else [])
+    out = []
+    for key in keys:
+        value = int(get_value(config, key))
+        if value % divisor == 0:
+            continue
+        low, high = value // divisor * divisor, (value // divisor + 1) * divisor
+        maximum = lookup(key).maximum
+        nearest = [str(v) for v in (low, high) if v >= divisor and (maximum is None or v <= maximum)]
+        if key == "resolution":
+            effect = "the buckets' sides would be rounded to it, and square clips may lose their shape"
+        else:
+            effect = f"samples would be {max(divisor, low)} pixels {'wide' if key.endswith('width') else 'high'}"
+        out.append(ConfigError(
+            f"{key} {value} is not a multiple of {divisor}, which this model's frame sizes must be "
+            f"({effect}); use {' or '.join(nearest)}",
+            key=key,
+        ))
     return out

@@ -51,7 +51,7 @@ from .run_backups import (
     restore,
     set_earlier_runs_aside,
 )
-from .support import refusals
+from .support import refusals, size_refusals
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +169,7 @@ class Trainer:
             problems.append(ConfigError(
                 "transformer.model_path replaces the transformer of a one-transformer model; Wan 2.2 A14B has two "
                 "experts: point base_model at a diffusers folder holding both, or leave it empty", key="transformer.model_path"))
+        problems += size_refusals(self.config, adapter.size_divisor)
         if problems:
             raise problems[0]
         ratios = self.config["video_config"]
