@@ -424,3 +424,36 @@ def test_sample_sizes_matter_only_with_prompts() -> None:
     config.update(resolution=512)
     config["sampling"].update(width=512, height=512)
     assert size_refusals(config, 32) == []
+
+
+def test_an_embedding_whose_placeholder_no_caption_holds_is_refused_before_caching(clips: dict[str, Path], tmp_path: Path) -> None:
+    from core.train.trainer import Trainer
+
+    config = _run_config(clips["plain"], tmp_path, training_method="EMBEDDING", transformer={"train": False},
+                         embedding={"placeholder_tokens": ["<concept>"], "initializer_words": ["square"]})
+    before = _snapshot(clips["plain"])
+    with pytest.raises(ConfigError) as info:
+        Trainer(config).run()
+    message = str(info.value)
+    assert message == (
+        f"embedding.placeholder_tokens: no training caption holds the placeholder '<concept>' (2 captions in "
+        f"{clips['plain']}); write it in the captions where the concept appears, such as 'a video of <concept> "
+        "walking', or set embedding.placeholder_tokens to the token the captions use"
+    )
+    assert info.value.key == "embedding.placeholder_tokens"
+    cached = [p for p in (tmp_path / "cache").rglob("*") if p.is_file() and p.name != "file-hashes.json"]
+    assert cached == [] and not (tmp_path / "out").exists()  # refused before encoding anything
+    assert _snapshot(clips["plain"]) == before
+
+
+def test_an_embedding_trains_when_only_some_captions_hold_the_placeholder(clips: dict[str, Path], tmp_path: Path) -> None:
+    # Batches of one clip: every other batch has no placeholder, which stopped the run with
+    # "element 0 of tensors does not require grad"; such a batch now trains nothing.
+    from core.train.trainer import Trainer
+
+    config = _run_config(clips["mixed"], tmp_path, training_method="EMBEDDING", transformer={"train": False},
+                         embedding={"placeholder_tokens": ["<concept>"], "initializer_words": ["square"]},
+                         embedding_learning_rate=0.05)
+    result = Trainer(config).run()
+    assert result.steps == 4 and result.output_paths == [tmp_path / "out" / "result.safetensors"]
+    assert result.output_paths[0].is_file()

@@ -417,7 +417,8 @@ SCHEMA = Section(
                 string_list(
                     "placeholder_tokens",
                     ["<concept>"],
-                    "New tokens to learn; use them in captions and prompts.",
+                    "New tokens to learn; each must be in some training captions (such as 'a video of "
+                    "<concept> walking'), and then in prompts; captions without one teach the tokens nothing.",
                 ),
                 string_list(
                     "initializer_words",

@@ -33,6 +33,7 @@ def prepare_data(config: dict[str, Any], adapter: Any, accelerator: Any, log: Ca
     if accelerator.is_main_process:
         try:
             data = plan(config, adapter, log)
+            _check_captions(config, data)  # before caching, which may take long
             report = fill_caches(
                 data, adapter, cache_dir, device=str(accelerator.device), workers=max(1, config["dataloader_threads"]),
                 should_stop=stop_requested,
@@ -64,4 +65,12 @@ def prepare_data(config: dict[str, Any], adapter: Any, accelerator: Any, log: Ca
         return None
     if not data.train:
         raise UserError("no clips are left to train on after caching (see the warnings above)")
+    _check_captions(config, data)  # again: files that failed at caching are left out
     return data
+
+
+def _check_captions(config: dict[str, Any], data: Any) -> None:
+    from .embedding import check_captions_hold_placeholders
+
+    folders = dict.fromkeys(str(s.item.root) for s in data.train)
+    check_captions_hold_placeholders(config, [s.item.caption for s in data.train], list(folders))

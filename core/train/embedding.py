@@ -217,6 +217,26 @@ def install_placeholders(tokenizer: Any, text_encoder: Any, tokens: Sequence[str
     return placeholders
 
 
+def check_captions_hold_placeholders(config: dict[str, Any], captions: Sequence[str], folders: Sequence[str]) -> None:
+    """Refuse an EMBEDDING run in which some placeholder token is in no training caption.
+
+    A token's row learns only from captions that hold it: without any, the run would train nothing
+    for it (and, with no placeholder at all, stop at the first step because no loss depends on
+    the rows). Matched as the tokenizer matches added tokens: as a substring.
+    """
+    if config["training_method"] != "EMBEDDING":
+        return
+    for token in config["embedding"]["placeholder_tokens"]:
+        if not any(token in caption for caption in captions):
+            where = ", ".join(folders) or "the datasets"
+            raise _config_error(
+                f"{TOKENS_KEY}: no training caption holds the placeholder {token!r} ({len(captions)} captions in {where}); "
+                f"write it in the captions where the concept appears, such as 'a video of {token} walking', "
+                "or set embedding.placeholder_tokens to the token the captions use",
+                TOKENS_KEY,
+            )
+
+
 def encode_captions_live(adapter: Any, captions: Sequence[str], placeholders: PlaceholderEmbeddings) -> dict[str, Any]:
     """Encode, with autograd, the captions that contain a placeholder.
 

@@ -4,7 +4,9 @@ quantized). The pieces are in core/train/embedding.py and core/export/embedding.
 
 The text encoder runs every step for the captions that hold a placeholder (their cached embeddings
 were made without the new tokens and are replaced); captions without one keep their cached
-embeddings, which the new rows cannot change.
+embeddings, which the new rows cannot change, and a batch of only such captions trains nothing.
+A run in which a placeholder is in no training caption is refused before caching
+(core/train/data_prep.py, check_captions_hold_placeholders).
 """
 
 from __future__ import annotations
@@ -55,12 +57,28 @@ class EmbeddingParts(TrainedParts):
 
     def prepare_batch(self, batch: dict[str, Any], sample_captions: Callable[[list[Any]], list[str]]) -> dict[str, Any]:
         live = encode_captions_live(self.adapter, sample_captions(batch["sample_ids"]), self.placeholders)
+        if not live["indices"]:
+            # No caption here holds a placeholder, so no loss depends on the rows, and backward would
+            # fail ("does not require grad"). The step trains nothing: the rows get no gradient, and
+            # the optimizer skips a parameter without one (no momentum, no weight decay).
+            batch = dict(batch)
+            batch["prompt_embeds"] = batch["prompt_embeds"].detach().requires_grad_(True)
+            return batch
         return merge_live_embeddings(batch, live)
 
     def reduce_gradients(self, accelerator: Any) -> None:
+        import torch
+
         rows = self.placeholders.rows  # not in a DDP-wrapped model: averaged here
-        if accelerator.num_processes > 1 and rows.grad is not None:
-            rows.grad = accelerator.reduce(rows.grad, reduction="mean")
+        if accelerator.num_processes == 1:
+            return
+        # Every process takes part in the collective, also one whose captions held no placeholder;
+        # the step stays skipped (no gradient) only where none of them had one, as with one process.
+        had = torch.tensor([0.0 if rows.grad is None else 1.0], device=rows.device)
+        grad = rows.grad if rows.grad is not None else torch.zeros_like(rows)
+        if float(accelerator.reduce(had, reduction="sum")) == 0:
+            return
+        rows.grad = accelerator.reduce(grad, reduction="mean")
 
     def save(self, models: list[Any], steps: int, *, ema_suffix: str = "") -> list[Path]:
         from core.export.embedding import save_embedding
