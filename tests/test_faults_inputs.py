@@ -12,13 +12,23 @@ import pytest
 # Before pytest-qt's session QApplication exists: no display here, and none needed.
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
+import media_factory as mf  # noqa: E402
 from conftest import run_main  # noqa: E402
+from PySide6.QtCore import Qt  # noqa: E402
+from PySide6.QtWidgets import QInputDialog, QMessageBox  # noqa: E402
 
-from core.config import list_presets, parse_set_arguments  # noqa: E402
+from core.config import list_presets, load_preset, parse_set_arguments, resolve  # noqa: E402
 from core.config.presets import MAX_NAME_BYTES, check_user_preset_name, save_user_preset  # noqa: E402
 from core.config.settings import defaults  # noqa: E402
+from core.data.decode import decode_frames  # noqa: E402
+from core.data.media import UnusableMedia  # noqa: E402
+from core.data.probe import probe  # noqa: E402
 from core.errors import ConfigError  # noqa: E402
 from core.paths import user_preset_dir  # noqa: E402
+from core.train.support import size_refusals  # noqa: E402
+from core.train.trainer import Trainer  # noqa: E402
+from gui.main_window import MainWindow  # noqa: E402
+from gui.window_state import window_settings  # noqa: E402
 
 GOOD = '{"__version": 1, "__description": "a good one", "lora": {"rank": 8}}'
 
@@ -84,26 +94,18 @@ def test_broken_presets_are_listed_with_their_reason_beside_the_good_ones(monkey
 
 def test_presets_list_command_survives_broken_presets() -> None:
     folder = user_preset_dir()
-    before = _write_broken(folder)
+    _write_broken(folder)
+    (folder / "multi.json").write_text('{"__description": "one\\ntwo\\u0000three"}', encoding="utf-8")
+    before = _snapshot(folder)
     result = run_main("presets", "list")
-    assert result.returncode == 0, result.stderr
-    assert result.stderr == ""
+    assert result.returncode == 0 and result.stderr == "", result.stderr
     lines = result.stdout.splitlines()
-    assert "  good  - a good one" in lines
+    assert "  good  - a good one" in lines and "  multi  - one two three" in lines  # one printable line each
     assert any(line.startswith("  #wan 2.2 LoRA  [") for line in lines)
     for name, (_, words) in BROKEN.items():
         mine = [line for line in lines if line.startswith(f"  {name}  [cannot be loaded: ")]
         assert len(mine) == 1 and words in mine[0] and f"{name}.json" in mine[0], (name, lines)
     assert _snapshot(folder) == before
-
-
-def test_a_description_with_line_breaks_is_listed_on_one_line() -> None:
-    folder = user_preset_dir()
-    folder.mkdir(parents=True)
-    (folder / "multi.json").write_text('{"__description": "one\\ntwo\\u0000three"}', encoding="utf-8")
-    result = run_main("presets", "list")
-    assert result.returncode == 0, result.stderr
-    assert "  multi  - one two three" in result.stdout.splitlines()
 
 
 def test_a_config_file_too_deep_to_parse_is_one_line_for_every_command(tmp_path: Path) -> None:
@@ -117,12 +119,6 @@ def test_a_config_file_too_deep_to_parse_is_one_line_for_every_command(tmp_path:
 
 
 def test_the_window_builds_with_broken_presets_and_says_why(qtbot, monkeypatch: pytest.MonkeyPatch) -> None:
-    from PySide6.QtCore import Qt
-    from PySide6.QtWidgets import QMessageBox
-
-    from gui.main_window import MainWindow
-    from gui.window_state import window_settings
-
     folder = user_preset_dir()
     _write_broken(folder)
     window_settings().setValue("last_preset", "deep")  # the preset loaded last broke since
@@ -231,10 +227,6 @@ def test_presets_save_refuses_a_long_name_in_one_line() -> None:
 
 
 def test_the_window_refuses_a_long_name_and_keeps_asking(qtbot, monkeypatch: pytest.MonkeyPatch) -> None:
-    from PySide6.QtWidgets import QInputDialog, QMessageBox
-
-    from gui.main_window import MainWindow
-
     answers = iter([("q" * 400, True), ("PRN", True), ("fine", True)])
     warnings: list[str] = []
     monkeypatch.setattr(QInputDialog, "getText", lambda *a, **k: next(answers))
@@ -257,8 +249,6 @@ NO_INDEX = "damaged: its index (the MP4 'moov' box) is missing, as when a record
 
 def _without_index(path: Path) -> Path:
     """A clip whose writer stopped before the index: its boxes up to 'moov', which is at the end."""
-    import media_factory as mf
-
     mf.make_clip(path, seconds=2.0)  # no faststart: the index comes last
     data = path.read_bytes()
     at = data.rindex(b"moov") - 4
@@ -267,11 +257,6 @@ def _without_index(path: Path) -> Path:
 
 
 def test_a_clip_cut_in_half_is_reported_as_truncated(tmp_path: Path) -> None:
-    import media_factory as mf
-
-    from core.data.media import UnusableMedia
-    from core.data.probe import probe
-
     for faststart in (False, True):  # the index after the frames (most cameras), or before them
         path = mf.make_truncated(tmp_path / f"cut-{faststart}.mp4", faststart=faststart, keep=0.5, width=320, height=240)
         with pytest.raises(UnusableMedia) as info:
@@ -284,11 +269,6 @@ def test_a_clip_cut_in_half_is_reported_as_truncated(tmp_path: Path) -> None:
 def test_a_cut_inside_the_index_is_truncated_not_an_unsupported_codec(tmp_path: Path) -> None:
     # Cut inside 'moov', FFmpeg reports anything from "Invalid data" to "no video stream" and an
     # unknown codec, depending on where the cut fell.
-    import media_factory as mf
-
-    from core.data.media import UnusableMedia
-    from core.data.probe import probe
-
     whole = mf.make_clip(tmp_path / "whole.mp4", seconds=3.0, faststart=True, width=320, height=240)
     data = whole.read_bytes()
     start = data.index(b"moov") - 4
@@ -304,21 +284,12 @@ def test_a_cut_inside_the_index_is_truncated_not_an_unsupported_codec(tmp_path: 
 
 
 def test_a_clip_without_its_index_is_reported_as_damaged(tmp_path: Path) -> None:
-    from core.data.media import UnusableMedia
-    from core.data.probe import probe
-
     with pytest.raises(UnusableMedia) as info:
         probe(_without_index(tmp_path / "no-index.mp4"))
     assert str(info.value) == NO_INDEX
 
 
 def test_a_clip_damaged_after_probing_says_so_when_decoded(tmp_path: Path) -> None:
-    import media_factory as mf
-
-    from core.data.decode import decode_frames
-    from core.data.media import UnusableMedia
-    from core.data.probe import probe
-
     path = mf.make_clip(tmp_path / "c.mp4", seconds=2.0)
     info = probe(path)
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
@@ -327,8 +298,6 @@ def test_a_clip_damaged_after_probing_says_so_when_decoded(tmp_path: Path) -> No
 
 
 def test_the_doctor_names_the_truncated_and_the_damaged_clip(tmp_path: Path) -> None:
-    import media_factory as mf
-
     folder = tmp_path / "clips"
     good = mf.make_clip(folder / "good.mp4", seconds=1.0)
     cut = mf.make_truncated(folder / "cut.mp4", keep=0.5)
@@ -352,15 +321,13 @@ def test_the_doctor_names_the_truncated_and_the_damaged_clip(tmp_path: Path) -> 
 @pytest.fixture(scope="module")
 def clips(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Folders of two clips each: captions without the placeholder, and one with it beside one without."""
-    from media_factory import make_clip
-
     root = tmp_path_factory.mktemp("faults-clips")
     out = {}
     for name, captions in (("plain", ["a red square moving", "a square at rest"]),
                            ("mixed", ["a photo of <concept> moving right", "a square at rest"])):
         folder = root / name
         for i, caption in enumerate(captions):
-            make_clip(folder / f"clip{i}.mp4", width=64, height=64, fps=16, seconds=1.0)
+            mf.make_clip(folder / f"clip{i}.mp4", width=64, height=64, fps=16, seconds=1.0)
             (folder / f"clip{i}.txt").write_text(caption, encoding="utf-8")
         out[name] = folder
     return out
@@ -368,8 +335,6 @@ def clips(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def _run_config(data: Path, root: Path, **overrides: object) -> dict:
     """The bundled tiny Wan 2.1 demo preset on `data`, writing only under `root`."""
-    from core.config import load_preset, resolve
-
     overlay = {
         "datasets": [{"path": str(data), "repeats": 1}],
         "workspace_dir": str(root / "workspace"),
@@ -397,8 +362,6 @@ def _run_config(data: Path, root: Path, **overrides: object) -> dict:
 def test_sizes_the_model_cannot_make_are_refused_before_any_work(
     clips: dict[str, Path], tmp_path: Path, changes: dict, key: str, message: str
 ) -> None:
-    from core.train.trainer import Trainer
-
     config = _run_config(clips["plain"], tmp_path, **changes)
     before = _snapshot(clips["plain"])
     with pytest.raises(ConfigError) as info:
@@ -410,8 +373,6 @@ def test_sizes_the_model_cannot_make_are_refused_before_any_work(
 
 
 def test_sample_sizes_matter_only_with_prompts() -> None:
-    from core.train.support import size_refusals
-
     config = defaults()
     config["sampling"].update(width=70, height=70, prompts=[])
     assert size_refusals(config, 16) == []
@@ -427,8 +388,6 @@ def test_sample_sizes_matter_only_with_prompts() -> None:
 
 
 def test_an_embedding_whose_placeholder_no_caption_holds_is_refused_before_caching(clips: dict[str, Path], tmp_path: Path) -> None:
-    from core.train.trainer import Trainer
-
     config = _run_config(clips["plain"], tmp_path, training_method="EMBEDDING", transformer={"train": False},
                          embedding={"placeholder_tokens": ["<concept>"], "initializer_words": ["square"]})
     before = _snapshot(clips["plain"])
@@ -449,8 +408,6 @@ def test_an_embedding_whose_placeholder_no_caption_holds_is_refused_before_cachi
 def test_an_embedding_trains_when_only_some_captions_hold_the_placeholder(clips: dict[str, Path], tmp_path: Path) -> None:
     # Batches of one clip: every other batch has no placeholder, which stopped the run with
     # "element 0 of tensors does not require grad"; such a batch now trains nothing.
-    from core.train.trainer import Trainer
-
     config = _run_config(clips["mixed"], tmp_path, training_method="EMBEDDING", transformer={"train": False},
                          embedding={"placeholder_tokens": ["<concept>"], "initializer_words": ["square"]},
                          embedding_learning_rate=0.05)
