@@ -52,6 +52,7 @@ from .run_backups import (
     set_earlier_runs_aside,
 )
 from .support import refusals
+from .workspace_lock import hold_workspace
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +191,7 @@ class Trainer:
 
     # -- the run -------------------------------------------------------------------------------
     def run(self) -> TrainResult:
+        lock = hold_workspace(self.config, self.callbacks.on_log)  # to the run's end; a second run is refused
         try:
             return self._run()
         except Exception as e:
@@ -199,6 +201,7 @@ class Trainer:
             error = out_of_memory_error(self.config, getattr(self, "_model_folder", None))
         finally:
             _release_accelerate_state()
+            lock.release()
         # Raised outside the handler, so the error's traceback (holding the step's tensors) is gone.
         raise error
 
