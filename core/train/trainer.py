@@ -231,7 +231,7 @@ class Trainer:
         self._check(adapter, world_size)
         workspace = Path(config["workspace_dir"]).expanduser()
         backups = BackupFolder(workspace, config["backup"]["keep"])
-        backup = backup_to_resume(backups) if self.resume else None
+        backup = backup_to_resume(backups, self.callbacks.on_log) if self.resume else None
         if backup is not None:
             from .backup import check_resumable, settings_fingerprint
             from .run_info import app_version
