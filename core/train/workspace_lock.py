@@ -71,7 +71,10 @@ class Owner:
 
     @classmethod
     def this_process(cls) -> Owner:
-        return cls(os.getpid(), socket.gethostname(), _start_time(os.getpid()) or time.time(), shlex.join(sys.argv))
+        command = shlex.join(sys.argv)
+        if sys.argv and Path(sys.argv[0]).name == "main.py" and sys.argv[1:2] in ([], ["gui"]):
+            command += " (the window)"  # main.py without a command opens the window
+        return cls(os.getpid(), socket.gethostname(), _start_time(os.getpid()) or time.time(), command)
 
     @classmethod
     def from_body(cls, body: bytes) -> Owner | None:
@@ -210,6 +213,8 @@ class WorkspaceLock:
                     raise self._refusal(previous)
                 _write_body(fd, Owner.this_process().body())
             except BaseException:
+                if locked:  # ours (a body that could not be written): leave no empty lock file behind
+                    self.path.unlink(missing_ok=True)
                 os.close(fd)
                 self._remove_created()
                 raise
