@@ -167,17 +167,18 @@ def damage(backup: Backup) -> str | None:
     records = backup.info.get(FILES_KEY)
     if not isinstance(records, dict) or TRAINED_FILE not in records or STATE_FILE not in records:
         return f"its {INFO_FILE} lists no checksums of its files"
-    for name, record in sorted(records.items()):
-        path = backup.path / name
+    listed = sorted(records.items())
+    for name, record in listed:  # sizes first: a missing or truncated file is told without hashing
         if Path(name).name != name or not isinstance(record, dict):
             return f"its {INFO_FILE} lists an unexpected file {name!r}"
         try:
-            size = path.stat().st_size
+            size = (backup.path / name).stat().st_size
         except FileNotFoundError:
             return f"{name} is missing"
         if size != record.get("bytes"):
             return f"{name} has {size} bytes, not the {record.get('bytes')} written"
-        if file_sha256(path) != record.get("sha256"):
+    for name, record in listed:
+        if file_sha256(backup.path / name) != record.get("sha256"):
             return f"{name} does not hold the bytes that were written (its sha256 differs)"
     return None
 
