@@ -401,54 +401,70 @@ def test_a_failed_backup_names_it_stops_the_run_and_keeps_the_older_one(
     assert not [p.name for p in backups.root.iterdir() if p.name.startswith(".")], "the half-built backup is removed"
 
 
-def test_failed_writes_of_caches_run_info_metrics_samples_and_the_lock_name_the_path(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+def _raises(error: OSError) -> Any:
+    def fail(*args: Any, **kwargs: Any) -> Any:
+        raise error
+
+    return fail
+
+
+# As os.write says a full disk: no file name; the message must supply the path.
+DISK_FULL = OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_cache_entry_that_cannot_be_written_names_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import core.data.cache as cache_module
-    import core.export.video_file as video_file
-    import core.train.run_info as run_info
-    import core.train.telemetry as telemetry
-    from core.config.settings import defaults
     from core.data.cache import LatentCache
-    from core.train.samples import SampleMaker
 
-    def full(path: Any, *args: Any, **kwargs: Any) -> Any:
-        raise OSError(errno.ENOSPC, "No space left on device")  # as a write() says it: no file name
-
-    monkeypatch.setattr(cache_module, "write_bytes_atomic", full)
+    monkeypatch.setattr(cache_module, "write_bytes_atomic", _raises(DISK_FULL))
     cache = LatentCache(tmp_path / "cache")
-    with pytest.raises(UserError, match=r"^could not write the cache entry .*latents.* \(set by cache_dir\): the disk is full"):
+    with pytest.raises(UserError, match=rf"^could not write the cache entry {tmp_path / 'cache' / 'latents'}/0+\.safetensors "
+                       r"\(set by cache_dir\): the disk is full"):
         cache.put("0" * 64, {"latents": torch.zeros(2)})
 
-    monkeypatch.setattr(run_info, "write_json_atomic", lambda path, obj: (_ for _ in ()).throw(
-        OSError(errno.EROFS, "Read-only file system", str(path))))
-    with pytest.raises(UserError, match=r"^could not write the run record .*run_info.json \(set by workspace_dir\): the file system is read-only"):
+
+def test_a_run_record_that_cannot_be_written_names_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import core.train.run_info as run_info
+
+    path = tmp_path / "ws" / "run_info.json"
+    monkeypatch.setattr(run_info, "write_json_atomic", _raises(OSError(errno.EROFS, "Read-only file system", str(path))))
+    with pytest.raises(UserError, match=rf"^could not write the run record {path} \(set by workspace_dir\): the file system is read-only"):
         run_info.write_run_info(tmp_path / "ws", {}, {})
 
-    def denied(path: Any, *args: Any, **kwargs: Any) -> Any:
-        raise PermissionError(errno.EACCES, "Permission denied", str(path))
 
-    monkeypatch.setattr(telemetry, "open", denied, raising=False)
-    with pytest.raises(UserError, match=r"^could not write the metrics .*metrics.jsonl \(set by workspace_dir\): permission denied"):
+def test_metrics_that_cannot_be_written_name_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    import core.train.telemetry as telemetry
+
+    path = tmp_path / "ws" / "metrics.jsonl"
+    # At the start: the run does not begin.
+    monkeypatch.setattr(telemetry, "open", _raises(PermissionError(errno.EACCES, "Permission denied", str(path))), raising=False)
+    with pytest.raises(UserError, match=rf"^could not write the metrics {path} \(set by workspace_dir\): permission denied"):
         telemetry.MetricsWriter(tmp_path / "ws", tensorboard=False)
     monkeypatch.undo()
-
+    # During the run: a warning, once, and training goes on.
     writer = telemetry.MetricsWriter(tmp_path / "ws", tensorboard=False)
 
     class FullFile:
-        def write(self, text: str) -> None:
-            raise OSError(errno.ENOSPC, "No space left on device")
-
+        write = _raises(DISK_FULL)
         flush = close = lambda self: None
 
     writer._file = FullFile()
     with caplog.at_level(logging.WARNING):
         writer.write({"step": 1, "loss": 0.5})
-    assert f"could not write the metrics {writer.path} (set by workspace_dir): the disk is full" in caplog.text
+    assert f"could not write the metrics {path} (set by workspace_dir): the disk is full" in caplog.text
 
-    class Adapter:  # draws a tiny video; the write of its file fails
+
+def test_a_sample_that_cannot_be_written_names_it_and_training_goes_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                       caplog: pytest.LogCaptureFixture) -> None:
+    import numpy as np
+
+    import core.export.video_file as video_file
+    from core.config.settings import defaults
+    from core.train.samples import SampleMaker
+
+    class Adapter:  # draws a tiny video; writing its file fails
         def sample(self, denoisers: Any, prompt: str, **kwargs: Any) -> Any:
-            import numpy as np
-
             return np.zeros((3, 16, 16, 3), np.uint8)
 
         def unload_encoders(self) -> None:
@@ -456,14 +472,21 @@ def test_failed_writes_of_caches_run_info_metrics_samples_and_the_lock_name_the_
 
     config = defaults()
     config["sampling"].update(prompts=["a red square"], width=16, height=16, frames=3)
-    monkeypatch.setattr(video_file, "write_bytes_atomic", full)
-    caplog.clear()
+    monkeypatch.setattr(video_file, "write_bytes_atomic", _raises(DISK_FULL))
     with caplog.at_level(logging.WARNING):
         assert SampleMaker(Adapter(), config, tmp_path / "ws", "cpu", torch.float32).make(5, {}) == []
     assert (f"could not write the sample video {tmp_path / 'ws' / 'samples' / 'step-000005-0-a-red-square.mp4'} "
             "(set by workspace_dir): the disk is full") in caplog.text
 
-    monkeypatch.setattr(workspace_lock, "_make_folders", lambda folder: (_ for _ in ()).throw(
-        OSError(errno.EROFS, "Read-only file system", str(folder))))
-    with pytest.raises(UserError, match=r"^could not write the workspace lock .* \(set by workspace_dir\): the file system is read-only"):
-        WorkspaceLock(tmp_path / "ro").acquire()
+
+def test_a_workspace_lock_that_cannot_be_written_names_it_and_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(workspace_lock, "_write_body", _raises(DISK_FULL))
+    with pytest.raises(UserError, match=rf"^could not write the workspace lock {tmp_path / 'full' / 'ws' / LOCK_FILE} "
+                       r"\(set by workspace_dir\): the disk is full"):
+        WorkspaceLock(tmp_path / "full" / "ws").acquire()
+    assert not (tmp_path / "full").exists(), "a lock that could not be written leaves no file or folder behind"
+    read_only = tmp_path / "ro"
+    monkeypatch.setattr(workspace_lock, "_make_folders", _raises(OSError(errno.EROFS, "Read-only file system", str(read_only))))
+    with pytest.raises(UserError, match=rf"^could not write the workspace lock {read_only} \(set by workspace_dir\): "
+                       "the file system is read-only"):
+        WorkspaceLock(read_only).acquire()
