@@ -26,7 +26,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from core.atomic import write_bytes_atomic, write_json_atomic
+from core.atomic import explained_write_errors, write_bytes_atomic, write_json_atomic
 
 if TYPE_CHECKING:
     import torch
@@ -147,7 +147,8 @@ class ContentHasher:
             merged = self._load()
             merged.update(self._entries)
             self._entries = merged
-            write_json_atomic(self.path, {"version": 1, "files": merged})
+            with explained_write_errors(self.path, "the file-hash memo of the cache", key="cache_dir"):
+                write_json_atomic(self.path, {"version": 1, "files": merged})
             self._unsaved = 0
 
     def __enter__(self) -> ContentHasher:
@@ -269,7 +270,9 @@ class EntryCache:
             if t.untyped_storage().nbytes() != t.numel() * t.element_size():
                 t = t.clone()  # a view into a batch: store its own bytes, not the whole batch's
             prepared[name] = t
-        return write_bytes_atomic(self.path_for(key), save(prepared, metadata=meta))
+        path = self.path_for(key)
+        with explained_write_errors(path, "the cache entry", key="cache_dir"):
+            return write_bytes_atomic(path, save(prepared, metadata=meta))
 
 
 class LatentCache(EntryCache):

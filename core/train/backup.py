@@ -9,13 +9,20 @@ A backup is a folder `workspace_dir/backups/step-NNNNNNNN/`:
     state.pt              optimizer and scheduler state, RNG states (torch.save; loaded with
                           weights_only=True, so it holds tensors and plain containers only)
     backup.json           written last: step, epoch, versions, the settings and data it was made
-                          with, the loss smoothing and validation watch states
+                          with, the loss smoothing and validation watch states, and the size and
+                          sha256 of every file above ("files")
 
 The folder is built under a temporary name (`.step-NNNNNNNN.tmp-XXXX`), every file is fsynced, then
 it is renamed into place in one step: a folder named step-N is complete, whatever moment the process
 was killed at. Old backups beyond `backup.keep` are first renamed to a `.trash-` name, then deleted,
 so a half-deleted backup never looks like a complete one. Leftover temporary and trash folders (from a
-killed process) are removed the next time a backup is written.
+killed process) are removed the next time a backup is written. A write that fails (a full disk) is
+one line naming the backup and what to do; the half-built folder is removed and the older backups
+stay as they were (nothing is pruned before a new backup is in place).
+
+The checksums are verified when a run continues from a backup (damage()), not when backups are
+listed: hashing a fine-tuned model's backup reads gigabytes. A damaged backup (other bytes, a
+truncated or missing file) is skipped for the newest intact one (run_backups.backup_to_resume).
 
 A backup is refused on resume, with the reason, when it was made by another version of the app or
 backup format, or with settings or data that would make the continued run differ from an
@@ -24,6 +31,7 @@ uninterrupted one (docs/training.md, "Backups and resuming").
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -36,12 +44,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from core.atomic import fsync_dir
+from core.atomic import fsync_dir, write_failure
 from core.errors import UserError
 
 log = logging.getLogger(__name__)
 
-BACKUP_FORMAT = 1
+# 2: backup.json lists the size and sha256 of every file. Format 1 (the same files, no checksums)
+# is still read: a run of the same app version continues from it, checked by loading its files.
+BACKUP_FORMAT = 2
+READABLE_FORMATS = (1, 2)
+FILES_KEY = "files"
 BACKUPS_DIR_NAME = "backups"
 INFO_FILE = "backup.json"
 TRAINED_FILE = "trained.safetensors"
@@ -128,6 +140,49 @@ def write_file_synced(path: Path, data: bytes) -> None:
         os.fsync(handle.fileno())
 
 
+_HASH_CHUNK = 8 * 2**20
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    buffer = bytearray(_HASH_CHUNK)
+    view = memoryview(buffer)
+    with open(path, "rb") as handle:
+        while count := handle.readinto(buffer):
+            h.update(view[:count])
+    return h.hexdigest()
+
+
+def file_record(path: Path) -> dict[str, Any]:
+    """What backup.json keeps of one of its files: enough to tell it was damaged since."""
+    return {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+
+
+def damage(backup: Backup) -> str | None:
+    """Why the backup's files are not the ones written (missing, another size, other bytes), or
+    None when each matches its record in backup.json. Reads every file (the cost of a resume).
+    A format-1 backup has no records: None (the caller checks it by loading it)."""
+    if backup.info.get("format") == 1:
+        return None
+    records = backup.info.get(FILES_KEY)
+    if not isinstance(records, dict) or TRAINED_FILE not in records or STATE_FILE not in records:
+        return f"its {INFO_FILE} lists no checksums of its files"
+    listed = sorted(records.items())
+    for name, record in listed:  # sizes first: a missing or truncated file is told without hashing
+        if Path(name).name != name or not isinstance(record, dict):
+            return f"its {INFO_FILE} lists an unexpected file {name!r}"
+        try:
+            size = (backup.path / name).stat().st_size
+        except FileNotFoundError:
+            return f"{name} is missing"
+        if size != record.get("bytes"):
+            return f"{name} has {size} bytes, not the {record.get('bytes')} written"
+    for name, record in listed:
+        if file_sha256(backup.path / name) != record.get("sha256"):
+            return f"{name} does not hold the bytes that were written (its sha256 differs)"
+    return None
+
+
 class BackupFolder:
     """The backups of one workspace: write, list, find the newest, prune."""
 
@@ -175,29 +230,56 @@ class BackupFolder:
     def write(self, step: int, fill: Callable[[Path], list[Path]], info: Mapping[str, Any]) -> Path:
         """Write a backup of `step`: fill(folder) writes its files into the folder being built (straight
         to disk: a fine-tuned model's weights are not held twice in memory) and returns them; each
-        is fsynced, then backup.json is written last.
+        is fsynced and its size and sha256 recorded, then backup.json is written last.
 
         An existing backup of the same step is replaced (the new one is renamed in after the old
-        one is moved aside)."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        self._remove_leftovers()
+        one is moved aside). A failed write raises UserError naming the backup and what to do; the
+        older backups are left as they were."""
         final = self.root / f"step-{int(step):08d}"
-        building = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=self.root))
         try:
-            for path in fill(building):
-                sync_file(path)
-            info_bytes = (json.dumps(dict(info), indent=2, default=str) + "\n").encode("utf-8")
-            write_file_synced(building / INFO_FILE, info_bytes)
-            fsync_dir(building)
-            if final.exists():
-                self._discard(final)
+            self.root.mkdir(parents=True, exist_ok=True)
+            self._remove_leftovers()
+            building = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=self.root))
+            try:
+                records = {}
+                for path in fill(building):
+                    sync_file(path)
+                    records[path.name] = file_record(path)
+                full_info = {**dict(info), FILES_KEY: records}
+                info_bytes = (json.dumps(full_info, indent=2, default=str) + "\n").encode("utf-8")
+                write_file_synced(building / INFO_FILE, info_bytes)
+                fsync_dir(building)
+                self._put_in_place(building, final)
+            except BaseException:
+                shutil.rmtree(building, ignore_errors=True)
+                raise
+        except Exception as e:
+            explained = _write_failure(e, final)
+            if explained is None:
+                raise
+            raise explained from e
+        try:
+            self.prune()
+        except OSError as e:  # the new backup is in place; a few extra old ones are no reason to stop
+            log.warning("could not delete old backups in %s (%s); they are deleted with the next backup", self.root, e)
+        return final
+
+    def _put_in_place(self, building: Path, final: Path) -> None:
+        """Rename the built folder to its step-N name; one of the same step is replaced, and put
+        back if the rename fails."""
+        if not final.exists():
             os.replace(building, final)
             fsync_dir(self.root)
+            return
+        trash = Path(tempfile.mkdtemp(prefix=f".trash-{final.name}-", dir=self.root))
+        os.replace(final, trash / final.name)
+        try:
+            os.replace(building, final)
         except BaseException:
-            shutil.rmtree(building, ignore_errors=True)
+            os.replace(trash / final.name, final)
             raise
-        self.prune()
-        return final
+        fsync_dir(self.root)
+        shutil.rmtree(trash, ignore_errors=True)
 
     def prune(self) -> None:
         """Delete the oldest complete backups beyond `keep`."""
@@ -217,6 +299,14 @@ class BackupFolder:
                 shutil.rmtree(child, ignore_errors=True)
 
 
+def _write_failure(error: Exception, final: Path) -> UserError | None:
+    """write_failure's line for a failed backup, naming the backup rather than its temporary
+    folder, which is gone by the time the message is read."""
+    if isinstance(error, OSError) and f".{final.name}.tmp-" in str(error.filename or ""):
+        error = OSError(error.errno, error.strerror)
+    return write_failure(error, final, "the backup", key="workspace_dir")
+
+
 def stamp() -> str:
     """A UTC time for names of set-aside files: sortable, and valid on every file system."""
     return time.strftime("%Y%m%d-%H%M%S", time.gmtime())
@@ -227,8 +317,9 @@ def check_resumable(backup: Backup, *, app_version: str, fingerprint: Mapping[st
     data None checks the version and settings only (before the data is planned: caching can be long)."""
     info = backup.info
     where = f"the backup {backup.path}"
-    if info.get("format") != BACKUP_FORMAT:
-        raise UserError(f"{where} has backup format {info.get('format')}; this version reads format {BACKUP_FORMAT}. "
+    if info.get("format") not in READABLE_FORMATS:
+        raise UserError(f"{where} has backup format {info.get('format')}; this version reads formats "
+                        f"{', '.join(map(str, READABLE_FORMATS))}. "
                         "Train from the start, or continue with the version that made it")
     if info.get("app_version") != app_version:
         raise UserError(f"{where} was made by Video Trainer {info.get('app_version')}, this is {app_version}; "

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from core.atomic import explained_write_errors
 from core.errors import UserError
 
 from .backup import Backup, BackupFolder, stamp
@@ -16,12 +17,38 @@ from .events import TrainerCallbacks
 from .loop import RunParts, TrainResult
 
 
-def backup_to_resume(backups: BackupFolder) -> Backup:
-    newest = backups.newest()
-    if newest is None:
+def backup_to_resume(backups: BackupFolder, on_log: Callable[[int, str], None]) -> Backup:
+    """The newest intact backup: its files are checked against the checksums written with them,
+    newest first; a damaged one is skipped with a warning naming it."""
+    found = backups.complete()
+    if not found:
         raise UserError(f"there is no backup in {backups.root} to continue from; train without --resume to start "
                         "(backups are written every backup.every_n_steps steps and when a run is stopped)")
-    return newest
+    for backup in reversed(found):
+        problem = _damage(backup)
+        if problem is None:
+            return backup
+        on_log(logging.WARNING, f"the backup {backup.path} is damaged ({problem}) and is skipped"
+               + ("; trying the one before it" if backup is not found[0] else ""))
+    raise UserError(f"no backup in {backups.root} is intact ({len(found)} damaged, see the warnings above); "
+                    "train without --resume to start from the beginning")
+
+
+def _damage(backup: Backup) -> str | None:
+    from .backup import damage
+
+    problem = damage(backup)
+    if problem is not None or backup.info.get("format") != 1:
+        return problem
+    # Format 1 has no checksums: what can be checked is that its files load.
+    from .resume import read_backup
+
+    try:
+        read_backup(backup)
+    except Exception as e:  # noqa: BLE001 - any failure to load is damage, named in the warning
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        return f"its files cannot be read: {type(e).__name__}: {first[:200]}"
+    return None
 
 
 def restore(run: RunParts, backup: Backup, result: TrainResult) -> None:
@@ -64,22 +91,39 @@ def backup_writer(run: RunParts, backups: BackupFolder, config: dict[str, Any], 
                  "plateau": run.plateau.state_dict() if run.plateau is not None else None}
         info = backup_info(step=step, batch_step=batch_step, epoch=epoch, config=config, data=data,
                            app_version=version, extra=extra)
-        path = backups.write(step, fill, info)
+        try:
+            path = backups.write(step, fill, info)
+        except UserError as e:
+            raise _run_stopped(e, backups, step) from e
         run.callbacks.on_log(logging.INFO, f"backup of step {step} written to {path}")
         return path
 
     return write
 
 
+def _run_stopped(error: UserError, backups: BackupFolder, step: int) -> UserError:
+    """A backup that cannot be written stops the run: going on for hours without backups would put
+    all of that at the mercy of the next crash, and the disk the backup could not be written to is
+    often the output's too. The line says which backup is left to continue from."""
+    # One of the same step would be a damaged one that this run's backup was to replace.
+    kept = next((b for b in reversed(backups.complete()) if b.step < step), None)
+    if kept is None:
+        return UserError(f"{error}; the run stopped after step {step} without a backup")
+    return UserError(f"{error}; the run stopped after step {step}: the backup of step {kept.step} is kept, continue "
+                     "from it with --resume (the window: Continue) once the disk can be written")
+
+
 def set_earlier_runs_aside(workspace: Path, backups: BackupFolder, callbacks: TrainerCallbacks) -> None:
     """A run from the start keeps what earlier runs left in the workspace, under other names: their
     backups (which resume would otherwise pick up) and their metrics (whose steps would mix with
     this run's)."""
-    moved = backups.set_aside()
+    with explained_write_errors(backups.root, "the folder of an earlier run's backups", key="workspace_dir"):
+        moved = backups.set_aside()
     metrics = workspace / "metrics.jsonl"
     if metrics.exists() and metrics.stat().st_size > 0:
         target = workspace / f"metrics-earlier-{stamp()}.jsonl"
-        metrics.rename(target)
+        with explained_write_errors(target, "an earlier run's metrics", key="workspace_dir"):
+            metrics.rename(target)
         moved.append(target)
     for path in moved:
         callbacks.on_log(logging.INFO, f"an earlier run's files were kept as {path}")

@@ -33,7 +33,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from core.atomic import write_json_atomic
+from core.atomic import explained_write_errors, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -390,4 +390,6 @@ def write_run_info(
         if key in info:
             raise ValueError(f"run_info extra field {key!r} would replace a field of its own")
         info[str(key)] = _jsonable(value)
-    return write_json_atomic(Path(workspace_dir) / RUN_INFO_FILE_NAME, info)
+    path = Path(workspace_dir) / RUN_INFO_FILE_NAME
+    with explained_write_errors(path, "the run record", key="workspace_dir"):
+        return write_json_atomic(path, info)

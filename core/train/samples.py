@@ -177,13 +177,16 @@ class SampleMaker:
 
     def _one(self, step: int, index: int, count: int, prompt: str, denoisers: dict[str, Any],
              args: dict[str, Any], image: Any, fps: float) -> Path | None:
+        from core.atomic import explained_write_errors
         from core.export.video_file import write_mp4
 
         started = time.perf_counter()
         failure, out_of_memory = None, False
         try:
             video = self.adapter.sample(denoisers, prompt, image=image, **args)
-            path = write_mp4(self.folder / sample_file_name(step, index, prompt), video, fps)
+            target = self.folder / sample_file_name(step, index, prompt)
+            with explained_write_errors(target, "the sample video", key="workspace_dir"):
+                path = write_mp4(target, video, fps)
         except Exception as exc:  # one bad sample must not end a training run
             failure = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             out_of_memory = _is_out_of_memory(exc)

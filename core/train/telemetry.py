@@ -21,7 +21,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from core.atomic import write_bytes_atomic
+from core.atomic import explained_write_errors, write_bytes_atomic, write_failure
 
 from .memory_readings import MEMORY_FIELDS, memory_snapshot
 
@@ -251,7 +251,8 @@ class MetricsWriter:
       crashed or stopped run did but did not save) are dropped from metrics.jsonl, and TensorBoard
       is told to purge them too, so curves do not double back.
     An existing metrics.jsonl is appended to; a torn last line left by a crash is cut off first.
-    A failed write (disk full) is logged once as a warning and does not stop training.
+    A failed write when the writer opens its files raises UserError naming the path (the run has
+    not started); one later (disk full) is logged once as a warning and does not stop training.
     Use from one thread (the training thread); `close()` (or a with-block) at the end.
     """
 
@@ -272,12 +273,15 @@ class MetricsWriter:
         self._warned = False
         if not enabled:
             return
-        self.workspace_dir.mkdir(parents=True, exist_ok=True)
-        _prepare_for_append(self.path, resume_step)
-        # newline="\n": the same bytes on Windows; buffering=1: line-buffered text.
-        self._file = open(self.path, "a", encoding="utf-8", newline="\n", buffering=1)  # noqa: SIM115
+        # At the start a failed write stops the run, in one line: backups could not be written either.
+        with explained_write_errors(self.path, "the metrics", key="workspace_dir"):
+            self.workspace_dir.mkdir(parents=True, exist_ok=True)
+            _prepare_for_append(self.path, resume_step)
+            # newline="\n": the same bytes on Windows; buffering=1: line-buffered text.
+            self._file = open(self.path, "a", encoding="utf-8", newline="\n", buffering=1)  # noqa: SIM115
         if tensorboard:
-            self._tb = _open_summary_writer(self.tensorboard_dir, resume_step)
+            with explained_write_errors(self.tensorboard_dir, "the TensorBoard folder", key="workspace_dir"):
+                self._tb = _open_summary_writer(self.tensorboard_dir, resume_step)
 
     def write(self, record: Mapping[str, Any]) -> None:
         """Append one record (a line of metrics.jsonl) and its numeric fields to TensorBoard."""
@@ -288,7 +292,8 @@ class MetricsWriter:
             self._file.write(line + "\n")
             self._file.flush()
         except OSError as exc:
-            self._warn_once(f"could not append to {self.path}: {exc}")
+            explained = write_failure(exc, self.path, "the metrics", key="workspace_dir")
+            self._warn_once(str(explained) if explained is not None else f"could not append to {self.path}: {exc}")
         if self._tb is not None:
             step = int(record.get("step", 0))
             try:

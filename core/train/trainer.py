@@ -52,6 +52,7 @@ from .run_backups import (
     set_earlier_runs_aside,
 )
 from .support import refusals, size_refusals
+from .workspace_lock import hold_workspace
 
 log = logging.getLogger(__name__)
 
@@ -191,6 +192,7 @@ class Trainer:
 
     # -- the run -------------------------------------------------------------------------------
     def run(self) -> TrainResult:
+        lock = hold_workspace(self.config, self.callbacks.on_log)  # to the run's end; a second run is refused
         try:
             return self._run()
         except Exception as e:
@@ -200,6 +202,7 @@ class Trainer:
             error = out_of_memory_error(self.config, getattr(self, "_model_folder", None))
         finally:
             _release_accelerate_state()
+            lock.release()
         # Raised outside the handler, so the error's traceback (holding the step's tensors) is gone.
         raise error
 
@@ -229,7 +232,7 @@ class Trainer:
         self._check(adapter, world_size)
         workspace = Path(config["workspace_dir"]).expanduser()
         backups = BackupFolder(workspace, config["backup"]["keep"])
-        backup = backup_to_resume(backups) if self.resume else None
+        backup = backup_to_resume(backups, self.callbacks.on_log) if self.resume else None
         if backup is not None:
             from .backup import check_resumable, settings_fingerprint
             from .run_info import app_version
