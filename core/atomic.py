@@ -91,9 +91,9 @@ _WRITE_ADVICE = {
     errno.EIO: "the disk reported an input/output error; check the disk, or choose a folder on another one",
 }
 # Library writers that report a failed write without an errno: torch.save (its zip writer) and
-# safetensors (a Rust io::Error, whose OS code is in the text).
+# safetensors (a Rust io::Error, whose OS code is in the text: "... (os error 28)").
 _TORCH_WRITE_FAILURE = re.compile(r"PytorchStreamWriter|inline_container|file write failed|unexpected pos")
-_OS_CODE_IN_TEXT = re.compile(r"(?:code: |\[Errno )(\d+)")
+_OS_CODE_IN_TEXT = re.compile(r"(?:code: |\[Errno |os error )(\d+)")
 # Below this, a write failure with no errno is most likely a full disk.
 _NEARLY_FULL_BYTES = 64 * 2**20
 

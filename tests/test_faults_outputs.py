@@ -248,20 +248,26 @@ def test_2_an_unknown_folder_appearing_at_the_output_during_the_run_is_kept_and_
     assert BackupFolder(config["workspace_dir"]).newest().step == 2
 
 
-def test_2_a_fine_tune_save_failing_keeps_the_weights(tiny_wan: Path, clips: Path, tmp_path: Path,
+# save_pretrained's own errors: an OSError, and safetensors' SafetensorError (its text is what a real
+# full disk gave; SafetensorError is not importable, so a RuntimeError with that text stands in).
+@pytest.mark.parametrize(("error", "words"), [
+    (OSError(errno.EDQUOT, "Disk quota exceeded"), "quota"),
+    (RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)"), "disk is full"),
+])
+def test_2_a_fine_tune_save_failing_keeps_the_weights(error: Exception, words: str, tiny_wan: Path, clips: Path, tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     from core.export import diffusers_folder
 
-    def quota(module: Any, folder: Path) -> None:
-        raise OSError(errno.EDQUOT, "Disk quota exceeded")
+    def failing(module: Any, folder: Path) -> None:
+        raise error
 
-    monkeypatch.setattr(diffusers_folder, "_save_component", quota)
+    monkeypatch.setattr(diffusers_folder, "_save_component", failing)
     config = _config(tiny_wan, clips, tmp_path, training_method="FINE_TUNE", output_path=str(tmp_path / "out" / "ft"))
     before = _digest(tiny_wan, clips)
     with pytest.raises(UserError) as caught:
         Trainer(config).run()
     message = str(caught.value)
-    assert "\n" not in message and "quota" in message and str(tmp_path / "out" / "ft") in message
+    assert "\n" not in message and words in message and str(tmp_path / "out" / "ft") in message
     assert "kept in the backup" in message and BackupFolder(config["workspace_dir"]).newest().step == 2
     assert not list((tmp_path / "out").iterdir()), "the failed save left files behind"
     assert _digest(tiny_wan, clips) == before
