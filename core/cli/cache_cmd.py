@@ -23,6 +23,10 @@ def cache_command(args: argparse.Namespace) -> int:
     config = settings_from_args(args)
     from pathlib import Path
 
+    from core.train.output_guard import check_paths_set
+
+    check_paths_set(config, ("cache_dir",))  # empty would fill the folder the app was started from
+
     from tqdm import tqdm
 
     from core.data.cache import ContentHasher

@@ -28,7 +28,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from core.atomic import write_bytes_atomic
+from core.atomic import write_bytes_atomic, write_failure
 from core.errors import UserError
 
 from . import comfy_wan
@@ -219,8 +219,9 @@ def save_lora(
     data = safetensors_save(tensors, metadata=header)
     try:
         return write_bytes_atomic(target, data)
-    except OSError as e:
-        raise UserError(f"could not write the LoRA file {target}: {e.strerror or e}") from None
+    except OSError as e:  # one line: the path, what failed, and what to do about it
+        explained = write_failure(e, target, "the LoRA file")
+        raise explained or UserError(f"could not write the LoRA file {target}: {e.strerror or e}") from None
 
 
 __all__ = [

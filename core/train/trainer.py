@@ -36,6 +36,7 @@ from .events import TrainerCallbacks, TrainerCommands
 from .experts import chosen_denoisers, denoiser_objective, route
 from .loop import Loop, RunParts, TrainResult
 from .methods import parts_for
+from .output_guard import check_outputs, check_paths_set, save_result
 from .placement import (
     Offloaders,
     estimated_peak_bytes,
@@ -229,7 +230,11 @@ class Trainer:
             # One voice towards the client: progress bars, logs and the window follow the main process.
             self.callbacks = TrainerCallbacks()
         world_size, rank = accelerator.num_processes, accelerator.process_index
+        check_paths_set(config)  # before _check: an empty output_path is said to be empty
         self._check(adapter, world_size)
+        # Where the result goes, before any work: no overwriting what the app did not write, no
+        # writing into the model or the data, a writable folder (core/train/output_guard.py).
+        outputs = check_outputs(config, adapter, [d.name for d in chosen_denoisers(config, adapter)])
         workspace = Path(config["workspace_dir"]).expanduser()
         backups = BackupFolder(workspace, config["backup"]["keep"])
         backup = backup_to_resume(backups, self.callbacks.on_log) if self.resume else None
@@ -343,10 +348,8 @@ class Trainer:
             offloaders.detach()
 
         if accelerator.is_main_process and result.steps > 0:
-            result.output_paths.extend(parts.save(models, result.steps))
-            if ema is not None:
-                with ema.applied():
-                    result.output_paths.extend(parts.save(models, result.steps, ema_suffix="-ema"))
+            # Finite weights only; a save that fails keeps them in a backup and says how to finish it.
+            result.output_paths.extend(save_result(run, models, result, outputs, backups))
         accelerator.wait_for_everyone()
         self.callbacks.on_done(result.output_paths)
         return result

@@ -75,6 +75,16 @@ class TrainedParts(ABC):
     def output_path(self) -> Path:
         return Path(self.config["output_path"]).expanduser()
 
+    # What save() writes, known before anything loads: the output guard (core/train/output_guard.py)
+    # checks these paths before the first step and again before the final save.
+    saves_folder = False  # a folder (FINE_TUNE's diffusers model) rather than one file
+
+    @classmethod
+    def result_paths(cls, config: dict[str, Any], adapter: ModelAdapter, denoiser_names: list[str], *,
+                     ema_suffix: str = "") -> list[Path]:
+        """The paths save() writes for these settings; ema_suffix for the copy from the EMA weights."""
+        return [ema_path(Path(config["output_path"]).expanduser(), ema_suffix)]
+
 
 def ema_path(path: Path, suffix: str) -> Path:
     """`name.safetensors` -> `name-ema.safetensors`; a folder `name` -> `name-ema`."""

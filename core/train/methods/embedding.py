@@ -83,9 +83,11 @@ class EmbeddingParts(TrainedParts):
     def save(self, models: list[Any], steps: int, *, ema_suffix: str = "") -> list[Path]:
         from core.export.embedding import save_embedding
 
+        from ..output_guard import WRITTEN_BY
+
         embedding = self.config["embedding"]
-        metadata = {"initializer_words": embedding["initializer_words"], "base_model": str(self.config["base_model"]),
-                    "step": steps}
+        metadata = {**WRITTEN_BY, "initializer_words": embedding["initializer_words"],
+                    "base_model": str(self.config["base_model"]), "step": steps}
         if ema_suffix:
             metadata["ema_decay"] = self.config["ema"]["decay"]
         return [save_embedding(ema_path(self.output_path(), ema_suffix), self.placeholders, metadata)]

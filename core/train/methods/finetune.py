@@ -20,6 +20,7 @@ from .base import TrainedParts, ema_path
 
 class FineTuneParts(TrainedParts):
     text_encoder: Any = None
+    saves_folder = True
 
     def load(self, denoisers: list[Denoiser], load_denoiser: Callable[[str], Any]) -> None:
         self.denoisers = denoisers

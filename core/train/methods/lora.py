@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import UserError
-from core.models.base import Denoiser
+from core.models.base import Denoiser, ModelAdapter
 from core.models.dtypes import compute_dtype
 
 from .base import TrainedParts, ema_path
@@ -47,18 +47,33 @@ class LoraParts(TrainedParts):
         return {f"{d.name}/{name}": p for d, t in zip(self.denoisers, self.transformers)
                 for name, p in t.named_parameters() if p.requires_grad}
 
+    @classmethod
+    def _named_paths(cls, config: dict[str, Any], adapter: ModelAdapter, names: list[str], ema_suffix: str) -> dict[str, Path]:
+        """Denoiser name -> its file: one LoRA file, or one per trained expert of a two-expert model
+        (_high_noise, _low_noise)."""
+        from core.export.lora import expert_output_paths
+
+        output = ema_path(Path(config["output_path"]).expanduser(), ema_suffix)
+        several = len(adapter.transformer_names()) > 1
+        return expert_output_paths(output, names) if several else {names[0]: output}
+
+    @classmethod
+    def result_paths(cls, config: dict[str, Any], adapter: ModelAdapter, denoiser_names: list[str], *,
+                     ema_suffix: str = "") -> list[Path]:
+        return list(cls._named_paths(config, adapter, denoiser_names, ema_suffix).values())
+
     def save(self, models: list[Any], steps: int, *, ema_suffix: str = "") -> list[Path]:
         """One LoRA file, or one per trained expert of a two-expert model (_high_noise, _low_noise)."""
-        from core.export.lora import expert_output_paths, save_lora
+        from core.export.lora import save_lora
+
+        from ..output_guard import WRITTEN_BY
 
         config, lora = self.config, self.config["lora"]
-        output = ema_path(self.output_path(), ema_suffix)
         names = [d.name for d in self.denoisers]
-        several = len(self.adapter.transformer_names()) > 1
-        paths = expert_output_paths(output, names) if several else {names[0]: output}
+        paths = self._named_paths(config, self.adapter, names, ema_suffix)
         saved = []
         for name, model in zip(names, models):
-            metadata = {"video_trainer.steps": str(steps), "video_trainer.base_model": str(config["base_model"])}
+            metadata = {**WRITTEN_BY, "video_trainer.steps": str(steps), "video_trainer.base_model": str(config["base_model"])}
             if len(paths) > 1 or name != "transformer":
                 metadata["video_trainer.component"] = name
             if ema_suffix:
