@@ -13,15 +13,17 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from core.config.settings import defaults, lookup
+from core.models.objectives import (
+    expanded_timesteps,
+    flow_target,
+    model_timesteps,
+    noisy_inputs,
+)
 from core.train.objective import (
     DISTRIBUTIONS,
     WEIGHTINGS,
-    expanded_timesteps,
     flow_matching_loss,
-    flow_target,
     loss_weights,
-    model_timesteps,
-    noisy_inputs,
     sample_sigmas,
     validation_sigmas,
 )
