@@ -12,11 +12,12 @@ model, as functions of s:
 - ``model_timestep(s)``: the transformer's timestep input, (B,);
 - ``loss_pair(prediction, target, x0, noisy, s)``: the two tensors whose squared difference
   ``weight(s)`` multiplies. That is (prediction, target) unless a weighting is defined on another
-  quantity.
+  quantity (SNR: the x0 estimate, as CogVideo's trainer computes it).
 
-``FlowMatching`` (Wan, and the later flow families): s is the flow sigma itself. The adapter says
-which objective its model has (``ModelAdapter.objective``); the loop, validation and experts only
-ever ask that object.
+Two implementations. ``FlowMatching`` (Wan, and the later flow families): s is the flow sigma
+itself. ``VPrediction`` (CogVideoX): DDPM's v-prediction over a diffusers scheduler's
+``alphas_cumprod``, s mapped to its integer timesteps. The adapter says which one its model has
+(``ModelAdapter.objective``); the loop, validation and experts only ever ask that object.
 
 All inputs and targets are float32 whatever the latents' dtype: mixing bf16 cached latents with
 noise in bf16 would lose the low bits the loss compares. torch is imported with this module, which
@@ -35,8 +36,9 @@ from core.errors import ConfigError
 
 NUM_TRAIN_TIMESTEPS = 1000
 FLOW_MATCHING_WEIGHTINGS = ("NONE", "SIGMA_SQRT", "COSMAP")
+V_PREDICTION_WEIGHTINGS = ("NONE", "SNR")
 # Every objective.loss_weighting value, in the schema's order (tests/test_objective.py checks it).
-WEIGHTINGS = FLOW_MATCHING_WEIGHTINGS
+WEIGHTINGS = ("NONE", "SIGMA_SQRT", "COSMAP", "SNR")
 # The smallest sigma diffusers' flow-matching schedulers ever produce is 1 / num_train_timesteps;
 # SD3's training scripts therefore never evaluate SIGMA_SQRT (1 / sigma^2) below it. Our sigmas are
 # continuous and may be exactly 0 (UNIFORM with min_timestep 0), where 1 / sigma^2 is infinite, so
@@ -220,13 +222,119 @@ class FlowMatching(Objective):
         return model_timesteps(s, self.num_train_timesteps)
 
 
+# Schedulers with the DDPM forward process (alphas_cumprod, add_noise, get_velocity) that a
+# v-prediction model's folder may name: CogVideoX ships CogVideoXDDIMScheduler, CogVideo's own
+# trainer loads CogVideoXDPMScheduler; their alphas_cumprod are built the same way.
+V_PREDICTION_SCHEDULERS = ("CogVideoXDDIMScheduler", "CogVideoXDPMScheduler", "DDIMScheduler", "DDPMScheduler")
+
+
+class VPrediction(Objective):
+    """DDPM v-prediction (CogVideoX) over a diffusers scheduler's ``alphas_cumprod`` (alpha_bar).
+
+    s maps to the discrete timestep t = min(floor(s * T), T - 1), T = num_train_timesteps (see
+    ``timesteps``), so a UNIFORM s gives t uniform over the schedule's integer timesteps, as
+    CogVideo's training code draws them (torch.randint(0, T)). With alpha_t = sqrt(alpha_bar_t)
+    and sigma_t = sqrt(1 - alpha_bar_t):
+
+    - noisy: x_t = alpha_t x0 + sigma_t noise (the scheduler's ``add_noise``);
+    - target: v = alpha_t noise - sigma_t x0 (its ``get_velocity``);
+    - model timestep: t, an int64 tensor, as CogVideoXPipeline passes it;
+    - NONE: weight 1 on the squared v error;
+    - SNR: w(t) = 1 / (1 - alpha_bar_t) on the squared error of the x0 estimate made from the
+      prediction, x0_pred = alpha_t x_t - sigma_t v_pred, against x0: CogVideo's trainer
+      (finetune/models/cogvideox_t2v/lora_trainer.py) computes x0_pred as
+      ``scheduler.get_velocity(prediction, x_t, t)``, and so does ``loss_pair`` here. Since
+      x0_pred - x0 = sigma_t (v - v_pred) and sigma_t^2 = 1 - alpha_bar_t, that loss equals the plain
+      squared v error; the same w put on the v error itself would weigh the lowest noise level
+      about 390 times over the highest (CogVideoX-2b's schedule; 1180 times with the 5b's).
+
+    The scheduler is used for its formulas only; ``add_noise`` moves its ``alphas_cumprod`` to the
+    latents' device, so give this objective a scheduler of its own (``from_config`` builds one).
+    """
+
+    name = "v-prediction"
+    weightings = V_PREDICTION_WEIGHTINGS
+
+    def __init__(self, scheduler: Any, loss_weighting: str = "NONE") -> None:
+        super().__init__(loss_weighting)
+        prediction_type = getattr(scheduler.config, "prediction_type", None)
+        if prediction_type != "v_prediction":
+            raise ValueError(f"{type(scheduler).__name__} predicts {prediction_type!r}, not 'v_prediction'")
+        self.scheduler = scheduler
+        self.num_train_timesteps = int(scheduler.config.num_train_timesteps)
+
+    @classmethod
+    def from_config(cls, scheduler_config: Mapping[str, Any], loss_weighting: str = "NONE") -> VPrediction:
+        """From a scheduler_config.json's content, with the scheduler class it names (a DDPM-family
+        scheduler from V_PREDICTION_SCHEDULERS; CogVideoXDDIMScheduler when it names none)."""
+        import diffusers
+
+        name = str(scheduler_config.get("_class_name") or "CogVideoXDDIMScheduler")
+        if name not in V_PREDICTION_SCHEDULERS:
+            raise ValueError(f"scheduler {name} has no DDPM forward process; expected one of "
+                             f"{', '.join(V_PREDICTION_SCHEDULERS)}")
+        return cls(getattr(diffusers, name).from_config(dict(scheduler_config)), loss_weighting)
+
+    def timesteps(self, s: torch.Tensor) -> torch.Tensor:
+        """t = min(floor(s * T), T - 1), int64 (B,), for s as float32 stores it.
+
+        float32 holds a bin edge k / T up to a rounding step below it (0.7 is 0.69999999, 0.251 is
+        0.25099999), where floor would give k - 1; so a level within float32's rounding (2^-24) of
+        an edge counts as on it. Then every t / T maps back to t (a quantile of 0.7 trains t 700),
+        and the bins keep their width 1 / T but for that 2^-24 at the ends.
+        """
+        total = self.num_train_timesteps
+        t = torch.floor(s.detach().double() * total + total * 2.0**-24).long()
+        return t.clamp(0, total - 1)
+
+    def noisy(self, x0: torch.Tensor, noise: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        _same_shape(x0, noise)
+        _per_sample(s, x0)  # shape check
+        return self.scheduler.add_noise(x0.float(), noise.float(), self.timesteps(s).to(x0.device))
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        _same_shape(x0, noise)
+        _per_sample(s, x0)
+        return self.scheduler.get_velocity(x0.float(), noise.float(), self.timesteps(s).to(x0.device))
+
+    def alpha_bar(self, s: torch.Tensor) -> torch.Tensor:
+        """alpha_bar_t (the scheduler's alphas_cumprod, in its dtype) at each sample's timestep, (B,)."""
+        t = self.timesteps(s)
+        return self.scheduler.alphas_cumprod.to(device=t.device)[t]
+
+    def weight(self, s: torch.Tensor) -> torch.Tensor:
+        if self.loss_weighting == "SNR":
+            # As CogVideo's trainer: 1 / (1 - alphas_cumprod[t]) in the schedule's own precision
+            # (float64 in diffusers' CogVideoX schedulers), rounded to float32 once.
+            return (1.0 / (1.0 - self.alpha_bar(s))).float()
+        return torch.ones(s.shape, dtype=torch.float32, device=s.device)
+
+    def model_timestep(self, s: torch.Tensor) -> torch.Tensor:
+        return self.timesteps(s)
+
+    def loss_pair(self, prediction: torch.Tensor, target: torch.Tensor, x0: torch.Tensor | None,
+                  noisy: torch.Tensor | None, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.loss_weighting != "SNR":
+            return prediction, target
+        if x0 is None or noisy is None:
+            raise ValueError("the SNR weighting compares x0 estimates: give the clean latents and the noisy input")
+        # get_velocity(sample, noise, t) = alpha_t noise - sigma_t sample; with the prediction as
+        # sample and x_t as noise it is alpha_t x_t - sigma_t v_pred, the x0 estimate, exactly as
+        # CogVideo's trainer writes it.
+        estimate = self.scheduler.get_velocity(prediction.float(), noisy.float(), self.timesteps(s).to(prediction.device))
+        return estimate, x0.float()
+
+
 __all__ = [
     "FLOW_MATCHING_WEIGHTINGS",
     "NUM_TRAIN_TIMESTEPS",
+    "V_PREDICTION_SCHEDULERS",
+    "V_PREDICTION_WEIGHTINGS",
     "WEIGHTINGS",
     "WEIGHTING_SIGMA_FLOOR",
     "FlowMatching",
     "Objective",
+    "VPrediction",
     "configured_weighting",
     "expanded_timesteps",
     "flow_target",

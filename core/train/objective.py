@@ -5,7 +5,8 @@ noise trained): the distributions here draw it, ``objective.min_timestep`` / ``m
 bound it, a two-expert model's denoisers split it, and validation fixes it at quantiles. What s
 means for a model (its noisy input, target, loss weight and timestep input) is the family's
 objective, core/models/objectives.py, which the adapter names (``ModelAdapter.objective``): flow
-matching for Wan, where s is the flow sigma itself. This module keeps what is the same for every objective: the
+matching for Wan, where s is the flow sigma itself; DDPM v-prediction for CogVideoX, where s maps
+to the schedule's integer timesteps. This module keeps what is the same for every objective: the
 draws, the validation quantiles and the loss composition (the weighted MSE, the temporal
 consistency term, leaving out a clean first frame).
 
@@ -157,8 +158,8 @@ def validation_sigmas(
 
 def _flow_matching(objective: dict[str, Any]) -> FlowMatching:
     """Flow matching for an objective section, for the functions below that take a section. A
-    weighting of another objective is a ValueError here, like the other values _settings refuses;
-    a run meets it earlier, as the ConfigError of ModelAdapter.objective."""
+    weighting of another objective (SNR) is a ValueError here, like the other values _settings
+    refuses; a run meets it earlier, as the ConfigError of ModelAdapter.objective."""
     weighting = _settings(objective)["loss_weighting"]
     if weighting not in FLOW_MATCHING_WEIGHTINGS:
         raise ValueError(f"objective.loss_weighting is {weighting!r}; flow matching takes {', '.join(FLOW_MATCHING_WEIGHTINGS)}")
@@ -204,8 +205,8 @@ def training_loss(
     """The training loss (a scalar float32 tensor) and its parts for logging, for any objective.
 
     The objective says which two tensors are compared (``loss_pair``: the prediction and
-    ``target``, or quantities made from the clean ``latents`` and ``noisy``, the input the
-    denoiser saw) and their per-sample weights (``weight(sigmas)``).
+    ``target``, or for SNR the x0 estimate and the clean ``latents``, which needs ``noisy``, the
+    input the denoiser saw) and their per-sample weights (``weight(sigmas)``).
 
     mse: per-sample mean squared error over (C, F, H, W), times the weight, mean over the batch.
     temporal: ``temporal_consistency_weight`` times the same weighted MSE between the

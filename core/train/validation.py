@@ -13,12 +13,14 @@ next, nothing in it is random:
   Wan 2.2 TI2V-5B validates as plain text-to-video (no clean first frame).
 
 The loss is the plain mean squared error between the prediction and the target of the family's
-objective (adapter.objective: noise - latents for flow matching), NOT the training loss:
-objective.loss_weighting (SIGMA_SQRT weighs sigma 0.1 by 100 and sigma 0.9 by 1.2) and the
-temporal-consistency term would make the numbers depend on those settings, so two runs with
+objective (adapter.objective: noise - latents for flow matching, v for v-prediction), NOT the
+training loss: objective.loss_weighting (SIGMA_SQRT weighs sigma 0.1 by 100 and sigma 0.9 by 1.2)
+and the temporal-consistency term would make the numbers depend on those settings, so two runs with
 different weightings could not be compared, and one low-noise quantile would dominate the mean.
-The per-quantile values are reported as well, so a change confined to some noise levels stays
-visible. val_loss is the mean over quantiles of the mean over clips.
+(v-prediction's SNR weighting is the exception that changes nothing here: its weighted x0 error
+equals the plain v error, so validation and training measure the same thing.) The per-quantile
+values are reported as well, so a change confined to some noise levels stays visible. val_loss is
+the mean over quantiles of the mean over clips.
 
 A two-expert model (Wan 2.2 A14B) routes each quantile to the expert serving its sigma, as the
 pipeline does when sampling (sigma >= boundary: high-noise expert). A quantile that falls to an
