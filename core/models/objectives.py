@@ -17,7 +17,8 @@ model, as functions of s:
 Two implementations. ``FlowMatching`` (Wan, and the later flow families): s is the flow sigma
 itself. ``VPrediction`` (CogVideoX): DDPM's v-prediction over a diffusers scheduler's
 ``alphas_cumprod``, s mapped to its integer timesteps. The adapter says which one its model has
-(``ModelAdapter.objective``); the loop, validation and experts only ever ask that object.
+(``ModelAdapter.objective``); the loop and validation only ever ask that object, and the draws and
+experts need only the axis.
 
 All inputs and targets are float32 whatever the latents' dtype: mixing bf16 cached latents with
 noise in bf16 would lose the low bits the loss compares. torch is imported with this module, which
