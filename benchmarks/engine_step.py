@@ -277,15 +277,18 @@ def engine_parts(work: Path, model: Path, clip: Path, steps: int, warmup: int) -
     from accelerate.optimizer import AcceleratedOptimizer
     from torch.optim.lr_scheduler import LRScheduler
 
+    import core.train.loop as loop_module
+    from core.models.objectives import FlowMatching
     from core.train import telemetry
 
     parts: dict[str, list[float]] = {}
     targets = [
-        (trainer_module, "sample_noise", "noise and noise levels (sample_noise)"),
-        (trainer_module, "noisy_inputs", "noisy_inputs"),
+        # The loop's own names (core/train/loop.py), and the objective's methods it calls.
+        (loop_module, "sample_noise", "noise and noise levels (sample_noise)"),
+        (FlowMatching, "noisy", "noisy input (objective.noisy)"),
         (WanAdapter, "predict", "forward (adapter.predict)"),
-        (trainer_module, "flow_target", "flow_target"),
-        (trainer_module, "flow_matching_loss", "loss (flow_matching_loss)"),
+        (FlowMatching, "target", "target (objective.target)"),
+        (loop_module, "training_loss", "loss (training_loss)"),
         (accelerate.Accelerator, "gather", "accelerator.gather (2 calls)"),
         (accelerate.Accelerator, "backward", "backward (accelerator.backward)"),
         (accelerate.Accelerator, "clip_grad_norm_", "accelerator.clip_grad_norm_"),

@@ -237,7 +237,7 @@ class _spies:
 
     def __enter__(self) -> None:
         outcome, patches = self.outcome, self.patches
-        real_loss = loop_module.flow_matching_loss
+        real_loss = loop_module.training_loss
         real_predict = WanAdapter.predict
         real_loader = trainer_module.make_loader
         real_fill = data_prep_module.fill_caches
@@ -269,7 +269,7 @@ class _spies:
             outcome.activation_contexts.append(type(context).__name__)
             return context
 
-        patches.setattr(loop_module, "flow_matching_loss", loss)
+        patches.setattr(loop_module, "training_loss", loss)
         patches.setattr(loop_module, "activation_offload", activation_offload)
         patches.setattr(WanAdapter, "predict", predict)
         patches.setattr(trainer_module, "make_loader", loader)

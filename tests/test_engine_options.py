@@ -195,7 +195,7 @@ def test_schedules_give_different_learning_rates(runs: Runs) -> None:
 
 
 def test_a_nan_loss_is_skipped_and_five_in_a_row_stop_the_run(runs: Runs, monkeypatch: pytest.MonkeyPatch) -> None:
-    real = loop_module.flow_matching_loss
+    real = loop_module.training_loss
     calls = {"n": 0, "bad": {1, 2}}
 
     def sometimes_nan(prediction, target, sigmas, objective, weight=0.0, **kwargs):
@@ -205,7 +205,7 @@ def test_a_nan_loss_is_skipped_and_five_in_a_row_stop_the_run(runs: Runs, monkey
             return loss * float("nan"), parts
         return loss, parts
 
-    monkeypatch.setattr(loop_module, "flow_matching_loss", sometimes_nan)
+    monkeypatch.setattr(loop_module, "training_loss", sometimes_nan)
     outcome = runs.run({"max_steps": 4}, fresh=True)
     # Four batches: the first two are skipped, the other two are steps.
     _trained(outcome, 2)

@@ -13,9 +13,10 @@ from media_factory import make_clip
 
 from core.config import load_preset, resolve
 from core.errors import ConfigError
+from core.models.objectives import expanded_timesteps
 from core.models.tiny import build_tiny_model
 from core.train.draws import sample_first_frame_fixed
-from core.train.objective import condition_first_frame, expanded_timesteps, flow_matching_loss
+from core.train.objective import condition_first_frame, flow_matching_loss
 from core.train.trainer import Trainer
 
 OBJECTIVE = {"loss_weighting": "NONE"}

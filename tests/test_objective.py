@@ -13,15 +13,18 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from core.config.settings import defaults, lookup
+from core.models.objectives import (
+    FLOW_MATCHING_WEIGHTINGS,
+    expanded_timesteps,
+    flow_target,
+    model_timesteps,
+    noisy_inputs,
+)
 from core.train.objective import (
     DISTRIBUTIONS,
     WEIGHTINGS,
-    expanded_timesteps,
     flow_matching_loss,
-    flow_target,
     loss_weights,
-    model_timesteps,
-    noisy_inputs,
     sample_sigmas,
     validation_sigmas,
 )
@@ -167,7 +170,7 @@ def test_validation_sigmas_of_uniform_are_the_quantiles():
 # -- loss weights ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("weighting", WEIGHTINGS)
+@pytest.mark.parametrize("weighting", FLOW_MATCHING_WEIGHTINGS)
 def test_loss_weights_are_diffusers_sd3_weights(weighting):
     sigmas = torch.linspace(0.01, 1.0, 50)
     got = loss_weights(sigmas, objective(loss_weighting=weighting))
@@ -306,7 +309,7 @@ def _prediction_and_target(frames: int = 4):
     return torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
 
 
-@pytest.mark.parametrize("weighting", WEIGHTINGS)
+@pytest.mark.parametrize("weighting", FLOW_MATCHING_WEIGHTINGS)
 def test_mse_is_the_weighted_per_sample_mean(weighting):
     pred, target = _prediction_and_target()
     sigmas = torch.tensor([0.3, 0.8])

@@ -19,9 +19,10 @@ from core.data.dataset import CachedSample
 from core.data.plan import plan_data
 from core.data.precompute import fill_caches
 from core.models.base import Denoiser
+from core.models.objectives import FlowMatching, flow_target, noisy_inputs
 from core.models.registry import adapter_for
 from core.models.tiny import build_tiny_model
-from core.train.objective import flow_matching_loss, flow_target, noisy_inputs
+from core.train.objective import flow_matching_loss
 from core.train.validation import PlateauWatch, Validator, quantile_key, should_validate
 
 KEYS = {"val_loss", "val_loss_q10", "val_loss_q30", "val_loss_q50", "val_loss_q70", "val_loss_q90"}
@@ -177,6 +178,9 @@ class _ImageConditioned:
 
     def split_latents(self, cached: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         return cached[:, :4], cached[:, 4:]
+
+    def objective(self, config_objective: dict) -> FlowMatching:
+        return FlowMatching()
 
     def predict(self, model, noisy, sigmas, batch, first_frame_fixed=None, condition=None):
         assert first_frame_fixed is None and noisy.shape[1] == 4

@@ -274,7 +274,7 @@ SCHEMA = Section(
         ),
         Section(
             "objective",
-            "How training timesteps are drawn and losses weighted (flow-matching families).",
+            "How training noise levels are drawn and losses weighted.",
             (
                 choice(
                     "timestep_distribution",
@@ -298,9 +298,13 @@ SCHEMA = Section(
                        label="Max timestep"),
                 choice(
                     "loss_weighting",
-                    ("NONE", "SIGMA_SQRT", "COSMAP"),
+                    ("NONE", "SIGMA_SQRT", "COSMAP", "SNR"),
                     "NONE",
-                    "Per-timestep loss weight: NONE, SIGMA_SQRT (1 / sigma^2) or COSMAP, as in diffusers' SD3 training.",
+                    "Per-sample loss weight by noise level. NONE: 1. Flow-matching models (Wan): SIGMA_SQRT "
+                    "(1 / sigma^2) or COSMAP, as in diffusers' SD3 training. v-prediction models (CogVideoX): SNR, "
+                    "1 / (1 - alpha_bar_t) times the squared error of the x0 estimate alpha_t x_t - sigma_t v_pred, "
+                    "as CogVideo's own training computes it; that product equals the plain squared error of v. "
+                    "A weighting of the other kind is refused.",
                     label="Loss weighting",
                 ),
                 number(

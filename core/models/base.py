@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
+    from .objectives import Objective
+
 logger = logging.getLogger(__name__)
 
 # Files at or below this size are hashed in full. Above it, only (size, first MiB, last MiB): a
@@ -92,8 +94,9 @@ def folder_identity(label: str, *folders: Path, extra: dict[str, Any] | None = N
 
 @dataclass(frozen=True)
 class Denoiser:
-    """One trainable denoiser and the noise levels it serves: sigma in [low, high] (flow matching's
-    sigma, the timestep / 1000). A one-transformer model has one over [0, 1]."""
+    """One trainable denoiser and the noise levels it serves: s in [low, high] on the objective's
+    noise-level axis (for flow matching the sigma, the timestep / 1000). A one-transformer model has
+    one over [0, 1]."""
 
     name: str  # the pipeline component: "transformer", "transformer_2"
     role: str  # what users call it: "transformer", "high-noise expert", "low-noise expert"
@@ -180,6 +183,13 @@ class ModelAdapter(ABC):
 
     # -- training ---------------------------------------------------------------------------------
     @abstractmethod
+    def objective(self, config_objective: dict[str, Any]) -> Objective:
+        """What this family learns (core/models/objectives.py): noisy input, target, loss weight and
+        timestep input as functions of the noise level s, weighted as the config's objective
+        section says (`loss_weighting`; missing keys take the schema's defaults). A weighting the
+        objective has no formula for is a ConfigError naming objective.loss_weighting."""
+
+    @abstractmethod
     def transformer_names(self) -> tuple[str, ...]:
         """The trainable denoisers of this model, by component name ("transformer", and
         "transformer_2" for Wan 2.2 A14B's low-noise expert)."""
@@ -244,8 +254,9 @@ class ModelAdapter(ABC):
         self, transformer: Any, noisy: torch.Tensor, sigmas: torch.Tensor, batch: dict[str, Any],
         first_frame_fixed: torch.Tensor | None = None, condition: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The denoiser's prediction for noisy latents at noise levels sigmas (B,), conditioned on
-        the batch's cached text embeddings. `first_frame_fixed` (B,) bool marks the samples whose
+        """The denoiser's prediction for noisy latents at noise levels sigmas (B,) (the axis s of
+        objective(): the transformer gets its model_timestep form), conditioned on the batch's
+        cached text embeddings. `first_frame_fixed` (B,) bool marks the samples whose
         first latent frame is the clean conditioning image (only where image_to_video is True);
         `condition` is the image condition of an image_conditioned model (from split_latents)."""
 

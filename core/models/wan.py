@@ -32,6 +32,8 @@ from .wan_attention import FrameLocalAttention
 if TYPE_CHECKING:
     import torch
 
+    from .objectives import Objective
+
 logger = logging.getLogger(__name__)
 
 WAN_FAMILIES = ("wan21", "wan22_ti2v_5b", "wan22_a14b", "wan22_a14b_i2v")
@@ -332,6 +334,13 @@ class WanAdapter(ModelAdapter):
                 also=("base_model",),
             ) from exc
 
+    def objective(self, config_objective: dict[str, Any]) -> Objective:
+        # Every Wan model is a flow-matching model (its scheduler samples with flow sigmas); the
+        # timestep's form (per sample, or per token for TI2V-5B) is predict's.
+        from .objectives import FlowMatching, configured_weighting
+
+        return FlowMatching(configured_weighting(config_objective))
+
     def set_frame_local_attention(self, transformer: Any) -> None:
         FrameLocalAttention.install(transformer)
 
@@ -409,7 +418,7 @@ class WanAdapter(ModelAdapter):
     ) -> torch.Tensor:
         import torch
 
-        from core.train.objective import expanded_timesteps, model_timesteps
+        from .objectives import expanded_timesteps, model_timesteps
 
         if self.image_conditioned:
             if condition is None:

@@ -4,6 +4,9 @@ Each sample draws from its own generator, seeded by (seed, batch step, position 
 batch): a sample gets the same draws whichever process holds it and however many processes share
 the batch, so N processes with batch_size B see what one process with batch_size N x B sees, and a
 resumed run continues the same sequence.
+
+The noise level is the objective's axis s in [0, 1], whatever the family's objective makes of it
+(core/models/objectives.py): the loop hands it to adapter.objective's noisy/target/weight.
 """
 
 from __future__ import annotations

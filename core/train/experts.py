@@ -10,6 +10,11 @@ gradients, so the other's LoRA does not change in that step; optimizers leave a 
 a gradient untouched (no moment update, no weight decay).
 
 A one-transformer model has one denoiser over [0, 1], and its objective is passed through unchanged.
+
+Noise levels here are the objective's axis s in [0, 1] (core/models/objectives.py), the one the
+timestep distributions draw: for flow matching the sigma, for v-prediction floor(s T) is the
+timestep. So the ranges, the routing draw and the step's draws need nothing else from the family's
+objective.
 """
 
 from __future__ import annotations

@@ -19,12 +19,7 @@ from core.errors import UserError
 
 from .draws import sample_first_frame_fixed, sample_noise
 from .events import TrainerCallbacks, TrainerCommands
-from .objective import (
-    condition_first_frame,
-    flow_matching_loss,
-    flow_target,
-    noisy_inputs,
-)
+from .objective import condition_first_frame, training_loss
 from .placement import activation_offload
 
 MAX_BAD_STEPS = 5  # non-finite losses in a row before the run stops
@@ -96,8 +91,10 @@ class Loop:
 
         r, result = self.run, self.result
         config, accelerator, adapter = r.config, r.accelerator, r.adapter
-        objective, weight = config["objective"], config["video_config"]["temporal_consistency_weight"]
-        i2v_share = objective["image_to_video_share"]
+        weight = config["video_config"]["temporal_consistency_weight"]
+        i2v_share = config["objective"]["image_to_video_share"]
+        # The family's objective (noisy input, target, weight), built once: nothing per step.
+        objective = adapter.objective(config["objective"])
         bad_in_a_row, window_loss, window_count = 0, 0.0, 0
         started = last = time.perf_counter()
         first_step = result.steps
@@ -125,7 +122,7 @@ class Loop:
             sigmas, noise = sample_noise(latents.shape, positions, config["seed"], int(batch["step"]), step_objective)
             sigmas = sigmas.to(accelerator.device)
             noise = noise.to(accelerator.device, latents.dtype)
-            noisy, fixed = noisy_inputs(latents, noise, sigmas), None
+            noisy, fixed = objective.noisy(latents, noise, sigmas), None
             if i2v_share > 0:
                 fixed = sample_first_frame_fixed(positions, config["seed"], int(batch["step"]), i2v_share).to(accelerator.device)
                 noisy = condition_first_frame(noisy, latents, fixed)
@@ -133,8 +130,8 @@ class Loop:
             with accelerator.accumulate(*accumulated):
                 with accelerator.autocast(), activation_offload(config["gradient_checkpointing"]):
                     prediction = adapter.predict(view, noisy, sigmas, batch, first_frame_fixed=fixed, condition=condition)
-                loss, parts = flow_matching_loss(prediction.float(), flow_target(latents, noise).float(), sigmas, objective, weight,
-                                                 first_frame_fixed=fixed)
+                loss, parts = training_loss(prediction.float(), objective.target(latents, noise, sigmas), sigmas, objective, weight,
+                                            first_frame_fixed=fixed, latents=latents, noisy=noisy)
                 # Every process decides on the same losses, so all skip a step or none does.
                 losses = gather(loss.detach())
                 if not torch.isfinite(losses).all():

@@ -1,22 +1,22 @@
-"""The flow-matching objective: which noise levels a step trains, what the model sees, and the loss.
+"""Which noise levels a step trains, and the loss composed from what the family's objective says.
 
-Conventions (those of diffusers' FlowMatchEulerDiscreteScheduler and WanPipeline):
+The noise level ``s`` in [0, 1] is the axis every part of training shares (0 clean, 1 the most
+noise trained): the distributions here draw it, ``objective.min_timestep`` / ``max_timestep``
+bound it, a two-expert model's denoisers split it, and validation fixes it at quantiles. What s
+means for a model (its noisy input, target, loss weight and timestep input) is the family's
+objective, core/models/objectives.py, which the adapter names (``ModelAdapter.objective``): flow
+matching for Wan, where s is the flow sigma itself; DDPM v-prediction for CogVideoX, where s maps
+to the schedule's integer timesteps. This module keeps what is the same for every objective: the
+draws, the validation quantiles and the loss composition (the weighted MSE, the temporal
+consistency term, leaving out a clean first frame).
 
-- ``sigma`` in [0, 1] is the noise level; for flow matching the training "timestep" as a fraction of
-  the range *is* sigma, so ``objective.min_timestep`` / ``max_timestep`` bound sigma directly.
-- The noisy input is the straight line ``x_t = (1 - sigma) * latents + sigma * noise``.
-- The model predicts the velocity ``d x_t / d sigma = noise - latents`` (the flow target).
-- The transformer takes ``timestep = sigma * num_train_timesteps`` (1000) as a float tensor (B,), or,
-  for Wan 2.2 TI2V-5B (``expand_timesteps``), one timestep per latent token, (B, seq_len).
+Everything here is a plain function of tensors and the ``objective`` section of a config (a dict as
+``core.config`` resolves it; missing keys take the schema's defaults). Sampling uses only the
+caller's ``torch.Generator``, so a seeded run draws the same noise levels every time.
 
-Everything the loop calls is a plain function of tensors and the ``objective`` section of a config
-(a dict as ``core.config`` resolves it; missing keys take the schema's defaults). Sampling uses only
-the caller's ``torch.Generator``, so a seeded run draws the same noise levels every time.
-
-Where diffusers already has the formula (SD3's ``compute_density_for_timestep_sampling`` and
-``compute_loss_weighting_for_sd3``) it is used rather than rewritten, so our weighting stays what
-diffusers' own training scripts do. ``diffusers.training_utils`` takes seconds to import, so it is
-imported on first use, not with this module.
+Where diffusers already has the formula (SD3's ``compute_density_for_timestep_sampling``) it is
+used rather than rewritten. ``diffusers.training_utils`` takes seconds to import, so it is imported
+on first use, not with this module.
 """
 
 from __future__ import annotations
@@ -27,14 +27,9 @@ from typing import Any
 
 import torch
 
+from core.models.objectives import FLOW_MATCHING_WEIGHTINGS, WEIGHTINGS, FlowMatching, Objective
+
 DISTRIBUTIONS = ("UNIFORM", "LOGIT_NORMAL", "SIGMOID", "SHIFTED")
-WEIGHTINGS = ("NONE", "SIGMA_SQRT", "COSMAP")
-NUM_TRAIN_TIMESTEPS = 1000
-# The smallest sigma diffusers' flow-matching schedulers ever produce is 1 / num_train_timesteps;
-# SD3's training scripts therefore never evaluate SIGMA_SQRT (1 / sigma^2) below it. Our sigmas are
-# continuous and may be exactly 0 (UNIFORM with min_timestep 0), where 1 / sigma^2 is infinite, so
-# the weighting sees sigma clamped to this floor (a weight of at most 1e6, as in those scripts).
-WEIGHTING_SIGMA_FLOOR = 1.0 / NUM_TRAIN_TIMESTEPS
 
 
 def _training_utils() -> Any:
@@ -161,97 +156,20 @@ def validation_sigmas(
     return _to_range(u.float(), settings).to(device if device is not None else "cpu")
 
 
+def _flow_matching(objective: dict[str, Any]) -> FlowMatching:
+    """Flow matching for an objective section, for the functions below that take a section. A
+    weighting of another objective (SNR) is a ValueError here, like the other values _settings
+    refuses; a run meets it earlier, as the ConfigError of ModelAdapter.objective."""
+    weighting = _settings(objective)["loss_weighting"]
+    if weighting not in FLOW_MATCHING_WEIGHTINGS:
+        raise ValueError(f"objective.loss_weighting is {weighting!r}; flow matching takes {', '.join(FLOW_MATCHING_WEIGHTINGS)}")
+    return FlowMatching(weighting)
+
+
 def loss_weights(sigmas: torch.Tensor, objective: dict[str, Any]) -> torch.Tensor:
-    """Per-sample loss weights (B,) float32: NONE -> 1, SIGMA_SQRT -> 1 / sigma^2, COSMAP -> 2 / (pi (1 - 2 sigma + 2 sigma^2)).
-
-    Computed by diffusers' ``compute_loss_weighting_for_sd3``; sigma is floored at
-    WEIGHTING_SIGMA_FLOOR first so that SIGMA_SQRT stays finite at sigma = 0.
-    """
-    settings = _settings(objective)
-    scheme = settings["loss_weighting"].lower()  # "none", "sigma_sqrt", "cosmap": diffusers' names
-    s = sigmas.detach().float().clamp(min=WEIGHTING_SIGMA_FLOOR)
-    return _training_utils().compute_loss_weighting_for_sd3(scheme, sigmas=s).float()
-
-
-def _per_sample(sigmas: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    # (B,) -> (B, 1, 1, ...) so one sigma scales a whole sample of any rank.
-    if sigmas.ndim != 1 or sigmas.shape[0] != like.shape[0]:
-        raise ValueError(f"sigmas must have shape ({like.shape[0]},) for a batch of {tuple(like.shape)}, got {tuple(sigmas.shape)}")
-    return sigmas.float().view(-1, *([1] * (like.ndim - 1)))
-
-
-def noisy_inputs(latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
-    """x_t = (1 - sigma) * latents + sigma * noise, float32, shaped like latents (B, C, F, H, W).
-
-    float32 so that mixing bf16 cached latents with noise loses nothing; the caller casts to the
-    transformer's dtype when it feeds the model.
-    """
-    if latents.shape != noise.shape:
-        raise ValueError(f"latents {tuple(latents.shape)} and noise {tuple(noise.shape)} differ in shape")
-    s = _per_sample(sigmas, latents).to(latents.device)
-    return (1.0 - s) * latents.float() + s * noise.float()
-
-
-def flow_target(latents: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """The velocity the model learns, d x_t / d sigma = noise - latents, float32."""
-    return noise.float() - latents.float()
-
-
-def model_timesteps(sigmas: torch.Tensor, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> torch.Tensor:
-    """The transformer's timestep input, sigma * num_train_timesteps as float32 (B,).
-
-    WanPipeline passes the scheduler's ``t`` (= sigma * 1000, a float, not rounded) per sample.
-    """
-    return sigmas.float() * float(num_train_timesteps)
-
-
-def expanded_timesteps(
-    sigmas: torch.Tensor,
-    latent_shape: Sequence[int],
-    patch_size: Sequence[int],
-    first_frame_fixed: bool | torch.Tensor = False,
-    num_train_timesteps: int = NUM_TRAIN_TIMESTEPS,
-) -> torch.Tensor:
-    """One timestep per latent token, (B, seq_len) float32, for ``expand_timesteps`` models (Wan 2.2 TI2V-5B).
-
-    Built as diffusers' pipelines build it (pipeline_wan.py, text-to-video)::
-
-        mask = torch.ones(latents.shape)                           # (B, C, F, H, W)
-        temp_ts = (mask[0][0][:, ::2, ::2] * t).flatten()          # F * H/2 * W/2 tokens
-        timestep = temp_ts.unsqueeze(0).expand(latents.shape[0], -1)
-
-    and for image-to-video (pipeline_wan_i2v.py) with ``first_frame_mask`` (ones, first latent
-    frame 0) in place of ``mask``: the first frame's tokens are the clean conditioning image and get
-    timestep 0. The pipeline's ``::2`` is the transformer's 2x2 spatial patch; here the strides come
-    from ``patch_size`` (t, h, w), which gives exactly the pipeline's tensor for Wan's (1, 2, 2).
-    Where the pipeline has one ``t`` for the batch, training has one sigma per sample: row b uses
-    sigma_b * num_train_timesteps.
-
-    ``latent_shape`` is the latents' shape (B, C, F, H, W) (or any shape ending in F, H, W).
-    ``first_frame_fixed`` may also be a (B,) bool tensor: per sample, as training mixes both tasks.
-    """
-    if len(latent_shape) < 3:
-        raise ValueError(f"latent_shape must end in (frames, height, width), got {tuple(latent_shape)}")
-    if len(patch_size) != 3:
-        raise ValueError(f"patch_size must be (t, h, w), got {tuple(patch_size)}")
-    frames, height, width = (int(v) for v in latent_shape[-3:])
-    pt, ph, pw = (int(v) for v in patch_size)
-    if frames % pt or height % ph or width % pw:
-        # The transformer's patch embedding would drop the remainder while the mask slicing keeps it:
-        # the token counts would disagree. Buckets are multiples of the patch, so this is a bug upstream.
-        raise ValueError(f"latent size (F, H, W) = {(frames, height, width)} is not a multiple of the patch {(pt, ph, pw)}")
-    if sigmas.ndim != 1 or (len(latent_shape) == 5 and sigmas.shape[0] != int(latent_shape[0])):
-        raise ValueError(f"sigmas must have shape (batch,) for latents {tuple(latent_shape)}, got {tuple(sigmas.shape)}")
-    if isinstance(first_frame_fixed, torch.Tensor):
-        fixed = first_frame_fixed.to(device=sigmas.device, dtype=torch.bool).reshape(-1, 1, 1, 1)
-    else:
-        fixed = torch.full((1, 1, 1, 1), bool(first_frame_fixed), device=sigmas.device)
-    mask = torch.ones(frames, height, width, dtype=torch.float32, device=sigmas.device)
-    # The first latent frame of a conditioned sample is the conditioning image, which is not noised.
-    first = torch.arange(frames, device=sigmas.device).reshape(1, frames, 1, 1) == 0
-    mask = torch.where(first & fixed, 0.0, mask)  # (1 or B, F, H, W)
-    tokens = mask[:, ::pt, ::ph, ::pw].flatten(1)  # (1 or B, seq_len), in the transformer's token order (f, h, w)
-    return model_timesteps(sigmas, num_train_timesteps)[:, None] * tokens
+    """Flow matching's per-sample loss weights (B,) float32: NONE -> 1, SIGMA_SQRT -> 1 / sigma^2,
+    COSMAP -> 2 / (pi (1 - 2 sigma + 2 sigma^2)); ``FlowMatching.weight`` for this section."""
+    return _flow_matching(objective).weight(sigmas)
 
 
 def condition_first_frame(noisy: torch.Tensor, latents: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
@@ -273,22 +191,29 @@ def _weighted_mean(per_sample: torch.Tensor, weights: torch.Tensor) -> torch.Ten
     return (per_sample * weights.to(per_sample.device)).mean()
 
 
-def flow_matching_loss(
+def training_loss(
     prediction: torch.Tensor,
     target: torch.Tensor,
     sigmas: torch.Tensor,
-    objective: dict[str, Any],
+    objective: Objective,
     temporal_consistency_weight: float = 0.0,
     first_frame_fixed: torch.Tensor | None = None,
+    *,
+    latents: torch.Tensor | None = None,
+    noisy: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """The training loss (a scalar float32 tensor) and its parts for logging.
+    """The training loss (a scalar float32 tensor) and its parts for logging, for any objective.
 
-    mse: per-sample mean squared error over (C, F, H, W), times ``loss_weights(sigmas)``, mean over
-    the batch. temporal: ``temporal_consistency_weight`` times the same weighted MSE between the
-    frame-to-frame differences of prediction and target along the latent frame axis (dim 2 of
-    (B, C, F, H, W)), ``pred[:, :, 1:] - pred[:, :, :-1]`` against the same for the target. It
-    penalises flicker the plain MSE does not see: an error that changes from frame to frame. With
-    weight 0, one latent frame or no frame axis, it is exactly 0 and not computed.
+    The objective says which two tensors are compared (``loss_pair``: the prediction and
+    ``target``, or for SNR the x0 estimate and the clean ``latents``, which needs ``noisy``, the
+    input the denoiser saw) and their per-sample weights (``weight(sigmas)``).
+
+    mse: per-sample mean squared error over (C, F, H, W), times the weight, mean over the batch.
+    temporal: ``temporal_consistency_weight`` times the same weighted MSE between the
+    frame-to-frame differences of the two along the latent frame axis (dim 2 of (B, C, F, H, W)),
+    ``pred[:, :, 1:] - pred[:, :, :-1]`` against the same for the target. It penalises flicker the
+    plain MSE does not see: an error that changes from frame to frame. With weight 0, one latent
+    frame or no frame axis, it is exactly 0 and not computed.
 
     loss = mse + temporal; parts = {"mse": float, "temporal": float} (temporal includes its weight).
 
@@ -297,9 +222,12 @@ def flow_matching_loss(
     """
     if prediction.shape != target.shape:
         raise ValueError(f"prediction {tuple(prediction.shape)} and target {tuple(target.shape)} differ in shape")
-    pred, tgt = prediction.float(), target.float()
-    _per_sample(sigmas, pred)  # shape check
-    weights = loss_weights(sigmas, objective)
+    if sigmas.ndim != 1 or sigmas.shape[0] != prediction.shape[0]:
+        raise ValueError(f"sigmas must have shape ({prediction.shape[0]},) for a batch of {tuple(prediction.shape)}, "
+                         f"got {tuple(sigmas.shape)}")
+    compared, wanted = objective.loss_pair(prediction.float(), target.float(), latents, noisy, sigmas)
+    pred, tgt = compared.float(), wanted.float()
+    weights = objective.weight(sigmas)
     reduce_dims = tuple(range(1, pred.ndim))
 
     if first_frame_fixed is None or pred.ndim != 5:
@@ -325,18 +253,26 @@ def flow_matching_loss(
     return loss, parts
 
 
+def flow_matching_loss(
+    prediction: torch.Tensor,
+    target: torch.Tensor,
+    sigmas: torch.Tensor,
+    objective: dict[str, Any],
+    temporal_consistency_weight: float = 0.0,
+    first_frame_fixed: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """``training_loss`` with flow matching weighted as the objective section says (its
+    ``loss_weighting``): prediction against ``target`` (noise - latents)."""
+    return training_loss(prediction, target, sigmas, _flow_matching(objective), temporal_consistency_weight, first_frame_fixed)
+
+
 __all__ = [
     "DISTRIBUTIONS",
-    "NUM_TRAIN_TIMESTEPS",
     "WEIGHTINGS",
-    "WEIGHTING_SIGMA_FLOOR",
     "condition_first_frame",
-    "expanded_timesteps",
     "flow_matching_loss",
-    "flow_target",
     "loss_weights",
-    "model_timesteps",
-    "noisy_inputs",
     "sample_sigmas",
+    "training_loss",
     "validation_sigmas",
 ]

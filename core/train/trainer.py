@@ -163,6 +163,10 @@ class Trainer:
         if self.config["train_dtype"] == "FLOAT_16" and not torch.cuda.is_available():
             # accelerate would silently compute in float32 on a CPU.
             problems.append(ConfigError("train_dtype FLOAT_16 needs a CUDA GPU; on a CPU use FLOAT_32 or BFLOAT_16", key="train_dtype"))
+        try:
+            adapter.objective(self.config["objective"])  # a weighting of another objective is refused here
+        except ConfigError as e:
+            problems.append(e)
         if self.config["objective"]["image_to_video_share"] > 0 and not adapter.image_to_video:
             problems.append(ConfigError(
                 f"objective.image_to_video_share: {adapter.family} cannot learn image-to-video from a clip's first "

@@ -12,12 +12,15 @@ next, nothing in it is random:
 - each clip is read as its variant 0 (the plain frame selection, no temporal augmentation), and
   Wan 2.2 TI2V-5B validates as plain text-to-video (no clean first frame).
 
-The loss is the plain mean squared error between the flow-matching prediction and its target
-(noise - latents), NOT the training loss: objective.loss_weighting (SIGMA_SQRT weighs sigma 0.1 by
-100 and sigma 0.9 by 1.2) and the temporal-consistency term would make the numbers depend on those
-settings, so two runs with different weightings could not be compared, and one low-noise quantile
-would dominate the mean. The per-quantile values are reported as well, so a change confined to
-some noise levels stays visible. val_loss is the mean over quantiles of the mean over clips.
+The loss is the plain mean squared error between the prediction and the target of the family's
+objective (adapter.objective: noise - latents for flow matching, v for v-prediction), NOT the
+training loss: objective.loss_weighting (SIGMA_SQRT weighs sigma 0.1 by 100 and sigma 0.9 by 1.2)
+and the temporal-consistency term would make the numbers depend on those settings, so two runs with
+different weightings could not be compared, and one low-noise quantile would dominate the mean.
+(v-prediction's SNR weighting is the exception that changes nothing here: its weighted x0 error
+equals the plain v error, so validation and training measure the same thing.) The per-quantile
+values are reported as well, so a change confined to some noise levels stays visible. val_loss is
+the mean over quantiles of the mean over clips.
 
 A two-expert model (Wan 2.2 A14B) routes each quantile to the expert serving its sigma, as the
 pipeline does when sampling (sigma >= boundary: high-noise expert). A quantile that falls to an
@@ -55,7 +58,7 @@ from core.data.dataset import (
 )
 from core.models.base import Denoiser, ModelAdapter
 
-from .objective import flow_target, noisy_inputs, validation_sigmas
+from .objective import validation_sigmas
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +114,7 @@ class Validator:
         if len(set(self.keys)) != len(self.keys):
             raise ValueError(f"quantiles must differ: {list(self.quantiles)}")
         self.sigmas = [float(s) for s in validation_sigmas(config["objective"], self.quantiles)]
+        self.objective = adapter.objective(config["objective"])  # its noisy input and target
         self.autocast = autocast or contextlib.nullcontext
         self._missing: set[int] = set()  # clips already reported as missing from the cache
         self._skipped_reported = False
@@ -186,10 +190,10 @@ class Validator:
               key: str, sigma: float, index: int) -> float:
         noise = self._noise(index, key, latents.shape).to(self.device)
         sigmas = torch.full((latents.shape[0],), sigma, dtype=torch.float32, device=self.device)
-        noisy = noisy_inputs(latents, noise, sigmas)
+        noisy = self.objective.noisy(latents, noise, sigmas)
         with self.autocast():
             prediction = self.adapter.predict(model, noisy, sigmas, batch, first_frame_fixed=None, condition=condition)
-        return float((prediction.float() - flow_target(latents, noise)).pow(2).mean())
+        return float((prediction.float() - self.objective.target(latents, noise, sigmas)).pow(2).mean())
 
 
 class PlateauWatch:
