@@ -20,6 +20,7 @@ The promises (docs/long-runs.md, "What the app writes, and what it never touches
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -226,15 +227,23 @@ def probe_writable(folder: Path, target: Target) -> None:
     if not existing.is_dir():
         raise ConfigError(f"{target.path} ({target.role}) cannot be created: {existing} is a file, not a folder; "
                           "choose another output_path", key="output_path")
+    # The folders the probe makes are removed again: a run refused later leaves nothing behind, and
+    # the save makes them when it writes.
+    made = [p for p in (folder, *folder.parents) if p not in (existing, *existing.parents)]
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix=".video-trainer-probe-", suffix=".tmp", dir=folder)
         try:
-            os.write(fd, b"probe")
-            os.fsync(fd)
+            fd, name = tempfile.mkstemp(prefix=".video-trainer-probe-", suffix=".tmp", dir=folder)
+            try:
+                os.write(fd, b"probe")
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+                os.unlink(name)
         finally:
-            os.close(fd)
-            os.unlink(name)
+            for created in made:  # deepest first
+                with contextlib.suppress(OSError):
+                    created.rmdir()
     except OSError as e:
         # Without the probe's own name: the message names the output the user chose.
         explained = write_failure(OSError(e.errno, e.strerror), target.path, "the result", key="output_path")
