@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from conftest import run_main
+from conftest import ROOT, run_main
 from test_presets import BAD_FILES
 
 
@@ -108,16 +110,35 @@ def test_help_everywhere(args: list[str]) -> None:
     assert result.stdout.startswith("usage: main.py")
 
 
-def test_unexpected_failures_are_logged_not_shown(user_home: Path, tmp_path: Path) -> None:
-    # A folder where a file must go makes the atomic writer fail with an OSError: a bug-shaped
-    # failure that must reach the user as one line and the log file in full.
-    (user_home / "presets" / "clash.json").mkdir(parents=True)
-    result = run_main("presets", "save", "clash", "--overwrite")
+def test_unexpected_failures_are_logged_not_shown(user_home: Path) -> None:
+    # A bug-shaped failure (a command that raises something no UserError explains) must reach the
+    # user as one line and the log file in full: the CLI's own boundary, in a real process.
+    script = (
+        "import sys; sys.path.insert(0, sys.argv[1])\n"
+        "from core.cli import build_parser, run\n"
+        "parser, commands = build_parser()\n"
+        "def broken(args): raise RuntimeError('a bug')\n"
+        "commands.add_parser('broken').set_defaults(func=broken)\n"
+        "sys.exit(run(parser, ['broken']))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script, str(ROOT)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: unexpected failure") and "Traceback" not in result.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: unexpected failure (RuntimeError: a bug)")
+    assert "Traceback" not in result.stderr
     log = (user_home / "logs" / "video-trainer.log").read_text(encoding="utf-8")
     assert "Traceback" in log and "unexpected failure" in log
+
+
+def test_saving_a_preset_over_a_folder_of_its_name_names_the_folder(user_home: Path) -> None:
+    clash = user_home / "presets" / "clash.json"
+    (clash / "inside.txt").parent.mkdir(parents=True)
+    (clash / "inside.txt").write_text("mine", encoding="utf-8")
+    result = run_main("presets", "save", "clash", "--overwrite")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(clash) in lines[0] and "is a folder" in lines[0], result.stderr
+    assert (clash / "inside.txt").read_text(encoding="utf-8") == "mine"
 
 
 def test_settings_reference_in_docs_is_current() -> None:

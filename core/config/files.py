@@ -12,8 +12,8 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from core.atomic import write_json_atomic
-from core.errors import ConfigError
+from core.atomic import explained_write_errors, write_json_atomic
+from core.errors import ConfigError, UserError
 
 from .fields import PATH, PATH_MODEL, SectionList
 from .migrations import CURRENT_VERSION, UNVERSIONED, VERSION_KEY, migrate
@@ -151,4 +151,9 @@ def write_config_file(path: str | os.PathLike, overlay: dict[str, Any], descript
     if description:
         data[DESCRIPTION_KEY] = description
     data.update(overlay)
-    return write_json_atomic(path, data)
+    target = Path(path)
+    if target.is_dir():
+        raise UserError(f"{target} is a folder, so the settings cannot be saved under that name; "
+                        "rename or remove the folder, or choose another name")
+    with explained_write_errors(target, "the settings file"):
+        return write_json_atomic(target, data)
