@@ -221,7 +221,7 @@ def test_a_quantized_offloaded_checkpointed_denoiser_samples_and_stays_as_it_was
     transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=adapter.default_lora_targets()))
     transformer.enable_gradient_checkpointing()
     transformer.train()
-    offloader = BlockOffloader(adapter.transformer_blocks(transformer), 0.5, "cpu").attach(transformer)
+    offloader = BlockOffloader(adapter.block_stacks(transformer), 0.5, "cpu").attach(transformer)
     parts = {"transformer": transformer}
     before = _state(parts)
     [path] = SampleMaker(adapter, _config(["a red circle"]), tmp_path, "cpu", torch.bfloat16).make(5, parts)

@@ -41,15 +41,25 @@ class _Grid:
     f: int
 
 
-def sample_length(frames: int, window: int, temporal_ratio: int) -> int:
+class NoAcceptedFrameCount(ValueError):
+    """No frame count the model accepts fits in what a clip (or the frames setting) offers."""
+
+
+def sample_length(frames: int, window: int, temporal_ratio: int, rule: Any = None) -> int:
     """Rule 4: `frames` rounded down to k * temporal_ratio + 1, or the largest such count in `window`.
 
-    A window shorter than temporal_ratio + 1 gives 1.
+    A window shorter than temporal_ratio + 1 gives 1. With `rule` (the model's FrameRule,
+    ModelAdapter.frame_rule), the largest count it accepts instead; when none fits, raises
+    NoAcceptedFrameCount (a rule that does not accept 1 frame has a shortest clip).
     """
+    usable = max(1, min(int(frames), int(window)))
+    if rule is not None:
+        accepted = rule.round_down(usable)
+        if accepted is None:
+            raise NoAcceptedFrameCount(f"{usable} frames to pick from (frames {frames}, window {window}), fewer than the "
+                                       f"model accepts: {rule.describe()}")
+        return accepted
     r = max(1, int(temporal_ratio))
-    usable = min(int(frames), int(window))
-    if usable < 1:
-        return 1
     return (usable - 1) // r * r + 1
 
 
@@ -64,13 +74,13 @@ def _rng(seed: int, content_key: str, variant: int, purpose: str) -> random.Rand
     return random.Random(int.from_bytes(digest[:8], "big"))
 
 
-def _grid(info: MediaInfo, frames: int, video_config: Mapping[str, Any] | None) -> _Grid:
+def _grid(info: MediaInfo, frames: int, video_config: Mapping[str, Any] | None, rule: Any = None) -> _Grid:
     fps = float(_setting(video_config, "target_fps"))
     span = min(float(info.duration), float(_setting(video_config, "max_duration")))
     # Rules 1-2: candidates k / fps with 0 <= k / fps < span (the end is where the last frame stops).
     n = max(1, math.ceil(span * fps - _EPS))
     w = min(n, max(1, int(_setting(video_config, "max_frames"))))
-    f = sample_length(frames, w, int(_setting(video_config, "temporal_compression_ratio")))
+    f = sample_length(frames, w, int(_setting(video_config, "temporal_compression_ratio")), rule)
     return _Grid(fps, n, w, f)
 
 
@@ -120,14 +130,15 @@ def select_frame_times(
     seed: int = 0,
     content_key: str = "",
     starts: Sequence[float] | None = None,
+    frame_rule: Any = None,
 ) -> list[float]:
     """The times (s) of one sample's F frames by rules 1-6; `starts` are keyframe or scene-cut times.
 
-    Images give [0.0].
+    Images give [0.0]. frame_rule: the model's accepted frame counts (see sample_length).
     """
     if not info.is_video:
         return [0.0]
-    grid = _grid(info, frames, video_config)
+    grid = _grid(info, frames, video_config, frame_rule)
     return list(_times(_strategy_indices(grid, video_config, variant, seed, content_key, starts), grid.fps))
 
 
@@ -149,16 +160,17 @@ def plan_frames(
     seed: int = 0,
     content_key: str = "",
     starts: Sequence[float] | None = None,
+    frame_rule: Any = None,
 ) -> FramePlan:
     """One cached variant's frames, with temporal augmentation (docs "Augmentation") applied.
 
     Variant 0, and every variant when temporal_augmentation is off, is the plain selection. Other
     variants with it on are a random crop of the same F frames (stride 1 or 2, anywhere in the span)
-    played backwards with probability one half.
+    played backwards with probability one half. frame_rule: as for select_frame_times.
     """
     if not info.is_video:
         return FramePlan((0.0,), False)
-    grid = _grid(info, frames, video_config)
+    grid = _grid(info, frames, video_config, frame_rule)
     if variant == 0 or not bool(_setting(video_config, "temporal_augmentation")):
         indices = _strategy_indices(grid, video_config, variant, seed, content_key, starts)
         return FramePlan(_times(indices, grid.fps), False)

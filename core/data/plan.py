@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from core.errors import UserError
+from core.errors import ConfigError, UserError
 from core.memory.quantize import is_quantized_dtype
 from core.models.base import ModelAdapter
 from core.models.dtypes import compute_dtype
@@ -22,7 +22,7 @@ from .cache import ContentHasher, latent_key, text_key
 from .dataset import CachedSample
 from .discovery import Item, discover_datasets
 from .doctor import probe_all
-from .frames import FramePlan, plan_frames
+from .frames import FramePlan, NoAcceptedFrameCount, plan_frames
 from .holdout import discover_validation, split_holdout
 from .media import Issue, MediaInfo, UnusableMedia
 from .probe import keyframe_times, scene_cut_times
@@ -89,27 +89,46 @@ def plan_samples(
     vae_dtype: str,
     text_dtype: str,
     variants: int | None = None,
+    issues: list[Issue] | None = None,
 ) -> list[PlannedSample]:
-    """variants: how many cached variants per clip; None for the settings' own (variant_count)."""
+    """variants: how many cached variants per clip; None for the settings' own (variant_count).
+
+    Frame counts are rounded down to what the model accepts (adapter.frame_rule); a file that offers
+    fewer frames than its shortest accepted count is left out, with an Issue appended to `issues`.
+    """
     vae_identity, text_identity = adapter.vae_identity(), adapter.text_identity()
     video_config = {**config["video_config"], "temporal_compression_ratio": adapter.temporal_ratio}
+    rule = adapter.frame_rule
+    refused = issues if issues is not None else []
     planned = []
     for item in items:
         info = infos[item.path]
+        if not info.is_video and not rule.accepts(1):
+            refused.append(Issue(item.path, (
+                f"a still image is one frame, which {adapter.family} does not accept ({rule.describe()}); "
+                "leave images out of this dataset")))
+            continue
         content = hasher.hash(item.path)
         starts = _frame_starts(info, config)
-        plans = tuple(
-            plan_frames(
-                info,
-                frames=config["frames"],
-                video_config=video_config,
-                variant=v,
-                seed=config["seed"],
-                content_key=content,
-                starts=starts,
+        try:
+            plans = tuple(
+                plan_frames(
+                    info,
+                    frames=config["frames"],
+                    video_config=video_config,
+                    variant=v,
+                    seed=config["seed"],
+                    content_key=content,
+                    starts=starts,
+                    frame_rule=rule,
+                )
+                for v in range(variant_count(config, info.is_video) if variants is None else variants)
             )
-            for v in range(variant_count(config, info.is_video) if variants is None else variants)
-        )
+        except NoAcceptedFrameCount as e:
+            refused.append(Issue(item.path, (
+                f"too short for {adapter.family}: {e}; use a longer clip, or raise video_config.max_frames or "
+                "video_config.max_duration if they cut it")))
+            continue
         bucket = assign_bucket(info.width, info.height, len(plans[0].times), config["resolution"], adapter.size_divisor)
         keys = tuple(
             latent_key(
@@ -141,6 +160,10 @@ def plan_data(
     """Discover, probe, split off validation and plan every sample; raise UserError when nothing
     can train, or (with strict_data) when anything is unusable."""
     say = progress or (lambda message: None)
+    rule = adapter.frame_rule
+    if rule.round_down(config["frames"]) is None:
+        raise ConfigError(f"frames {config['frames']}: {adapter.family} accepts {rule.describe()} frames; "
+                          f"set frames to {rule.first} or more", key="frames")
     items, issues = discover_datasets(config)
     validation_items, validation_issues = discover_validation(config)
     issues += validation_issues
@@ -172,11 +195,20 @@ def plan_data(
     if quantized:
         text_name += f"-{quantized.lower()}"  # a quantized encoder's embeddings are its own, never a bfloat16 one's
     names = (str(vae_dtype).removeprefix("torch."), text_name)
+    refused: list[Issue] = []  # files offering no frame count the model accepts
+    train = plan_samples(train_items, usable, config, adapter, hasher, *names, issues=refused)
+    # Validation reads variant 0 only (the same frames at every evaluation): no other is cached.
+    validation = plan_samples(held_out, usable, config, adapter, hasher, *names, variants=1, issues=refused)
+    if refused and config["strict_data"]:
+        raise UserError(f"strict_data: {len(refused)} file(s) cannot be used, first {refused[0]}; fix them or turn strict_data off")
+    for issue in refused:
+        log.warning("%s", issue)
+    if not train:
+        raise UserError(f"no clip or image the model can train on; first problem: {refused[0]}")
     return DataPlan(
-        plan_samples(train_items, usable, config, adapter, hasher, *names),
-        # Validation reads variant 0 only (the same frames at every evaluation): no other is cached.
-        plan_samples(held_out, usable, config, adapter, hasher, *names, variants=1),
-        issues,
+        train,
+        validation,
+        issues + refused,
         vae_dtype=vae_dtype,
         text_dtype=text_dtype,
         text_weight_dtype=quantized,

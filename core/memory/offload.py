@@ -1,6 +1,9 @@
 """The layer-offload conductor: layer_offload_fraction of the transformer's blocks live in CPU memory.
 
-For a fraction f of n blocks, ceil(f * n) blocks, spread evenly over the stack, keep their frozen
+The blocks are those of the stacks the model family names (ModelAdapter.block_stacks: one
+nn.ModuleList, or two, such as dual-stream then single-stream blocks), numbered in the order the
+forward pass runs them, as one sequence. For a fraction f of n blocks
+over all the stacks, ceil(f * n) blocks, spread evenly over that sequence, keep their frozen
 weights in (pinned, with CUDA) CPU memory. A forward pre-hook on every block makes the block's
 weights resident on the GPU before it runs and starts copying the next offloaded block in the
 direction of travel, so the copy overlaps the compute of the blocks in between:
@@ -157,7 +160,9 @@ class _Block:
 
 
 class BlockOffloader:
-    """Streams the frozen weights of some of `blocks` (an nn.ModuleList) to `device` as they are needed.
+    """Streams the frozen weights of some of `blocks` to `device` as they are needed. `blocks` is one
+    stack (an nn.ModuleList) or the model's stacks in forward order (ModelAdapter.block_stacks), whose
+    blocks are numbered as one sequence: `offloaded`, `trace` and `resident` use that numbering.
 
     Use: build after quantizing, adding the LoRA and enabling gradient checkpointing, then attach()
     (which also moves everything not offloaded to device). bytes_moved counts host-to-device bytes
@@ -171,20 +176,23 @@ class BlockOffloader:
 
         if slots < 1:
             raise ValueError("the offloader needs at least one GPU slot")
-        self.blocks = blocks
+        self.stacks = [blocks] if isinstance(blocks, torch.nn.Module) else list(blocks)
+        self.blocks = [block for stack in self.stacks for block in stack]  # forward order, one numbering
+        self._where = [(s, i) for s, stack in enumerate(self.stacks) for i in range(len(stack))]
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.slots = slots
         self.cuda = self.device.type == "cuda"
         self.pin_memory = self.cuda if pin_memory is None else pin_memory
-        self.offloaded = offloaded_block_indices(fraction, len(blocks))
+        self.offloaded = offloaded_block_indices(fraction, len(self.blocks))
         self.bytes_moved = 0
         self.record_trace = record_trace
         self.trace: list[tuple[str, int, Any]] = []
         self._blocks: dict[int, _Block] = {}
         self._resident: OrderedDict[int, tuple[list[Any], Any]] = OrderedDict()  # index -> (device tensors, event)
         self._hooks: list[Any] = []
+        self._model: Any = None  # what attach() was given: ignored_tensor_names reads the stacks' names in it
         self._last: int | None = None
         self._direction = 1
         self._stream = torch.cuda.Stream(self.device) if self.cuda else None
@@ -198,7 +206,9 @@ class BlockOffloader:
         if self._hooks:
             raise RuntimeError("the offloader is already attached")
         offloaded_ids = {id(self.blocks[i]) for i in self.offloaded}
-        _move_except(model if model is not None else self.blocks, self.device, offloaded_ids)
+        for root in [model] if model is not None else self.stacks:
+            _move_except(root, self.device, offloaded_ids)
+        self._model = model
         for index in self.offloaded:
             block = _Block(index)
             for module in self.blocks[index].modules():
@@ -239,16 +249,23 @@ class BlockOffloader:
             for index in self.offloaded:
                 self.blocks[index].to(device)
 
-    def ignored_tensor_names(self, prefix: str = "blocks") -> list[str]:
+    def ignored_tensor_names(self, prefix: str | None = None) -> list[str]:
         """Names (as named_parameters/named_buffers of the model give them) of the offloaded tensors:
         for DistributedDataParallel._set_params_and_buffers_to_ignore_for_model, which must not
-        broadcast CPU tensors."""
+        broadcast CPU tensors. Taken from the model given to attach(); without one, `prefix`
+        (default "blocks") stands for the one stack's name."""
+        stack_names: dict[int, str] = {}
+        if self._model is not None:
+            stack_names = {id(m): n for n, m in self._model.named_modules()}
         names = []
         for index, block in self._blocks.items():
+            stack, within = self._where[index]
+            head = stack_names.get(id(self.stacks[stack])) if prefix is None else prefix
+            head = "blocks" if head is None else head
             paths = {id(m): n for n, m in self.blocks[index].named_modules()}
             for module, name, _, _ in block.entries:
                 path = paths[id(module)]
-                names.append(".".join(p for p in (prefix, str(index), path, name) if p))
+                names.append(".".join(p for p in (head, str(within), path, name) if p))
         return names
 
     # -- bookkeeping -------------------------------------------------------------------------------

@@ -3,10 +3,13 @@
 Order in a run: load the transformer (compute dtype: bfloat16 for every quantized type), quantize it
 here, then add the LoRA (peft wraps the quantized layers and trains in float32 on top of them).
 
-- Which layers: by default every nn.Linear inside the transformer's blocks (`blocks.N....`): they
-  hold about 98% of a real Wan transformer's weights. The patch embedding, the condition embedder,
-  the norms and proj_out stay in the compute dtype: small, and sensitive to rounding. `include`
-  widens or narrows the choice.
+- Which layers: the model family names them (ModelAdapter.quantize_filter: a LayerFilter, a name
+  pattern per model part), because families call their blocks differently (`blocks.N`,
+  `transformer_blocks.N`, two stacks of dual- and single-stream blocks). Without one, every nn.Linear inside
+  the module's top-level nn.ModuleLists (its block stacks, whatever they are called): about 98% of
+  a real Wan transformer's weights. The patch embedding, the condition embedder, the norms and
+  proj_out stay in the compute dtype: small, and sensitive to rounding. A choice that matches no
+  layer is an error: quantizing nothing would train in full precision while the settings say otherwise.
 - FLOAT_8 / INT_8: one byte per weight plus one scale per output row (quanto qfloat8_e4m3fn / qint8).
   INT_4: quanto qint4, two weights per byte with a scale and a shift per group of up to 128 inputs.
   NFLOAT_4: bitsandbytes Linear4bit, quant_type nf4, blocks of 64 with double-quantized absmax.
@@ -23,6 +26,7 @@ The on-disk cache of quantized weights is in quantize_cache.py.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import re
 import time
@@ -30,7 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from core.errors import UserError
+from core.errors import ConfigError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +46,40 @@ NF4_BLOCKSIZE = 64  # bitsandbytes' default and QLoRA's choice
 # 2.13); real models' widths all are. Such layers are left unquantized for INT_8 and reported.
 INT8_CPU_WIDTH_MULTIPLE = 16
 
-_BLOCK_LAYER = re.compile(r"blocks\.\d+\..+")
-
 Include = Callable[[str, Any], bool]
+DEFAULT_FILTER_IDENTITY = "nn.Linear in the top-level nn.ModuleLists"
+
+
+@dataclass(frozen=True)
+class LayerFilter:
+    """The Linear layers of one model part to quantize, as its family names them.
+
+    pattern: a regular expression the layer's full module name must match (re.fullmatch); exclude:
+    one it must not match. Names rather than an arbitrary predicate, so that the choice has a
+    stable identity for the quantization cache's key (a changed filter never reuses a stale file).
+    family, part and setting name the error when the pattern matches nothing.
+    """
+
+    family: str
+    part: str  # the model component: "transformer", "transformer_2", "text_encoder"
+    pattern: str
+    exclude: str | None = None
+    setting: str | None = None  # the settings key of its weight_dtype; default f"{part}.weight_dtype"
+
+    def __call__(self, name: str, module: Any) -> bool:
+        import torch
+
+        if not isinstance(module, torch.nn.Linear) or re.fullmatch(self.pattern, name) is None:
+            return False
+        return self.exclude is None or re.fullmatch(self.exclude, name) is None
+
+    @property
+    def identity(self) -> str:
+        return json.dumps({"pattern": self.pattern, "exclude": self.exclude}, sort_keys=True)
+
+    @property
+    def key(self) -> str:
+        return self.setting or f"{self.part}.weight_dtype"
 
 
 @dataclass
@@ -73,20 +108,53 @@ def is_quantized_dtype(weight_dtype: str) -> bool:
     return weight_dtype in QUANTIZED_WEIGHT_DTYPES
 
 
-def block_linear_layers(name: str, module: Any) -> bool:
-    """The default filter: an nn.Linear inside a transformer block (`blocks.N.<...>`)."""
+def stack_linear_layers(module: Any) -> set[str]:
+    """The default choice: names of the nn.Linear layers inside module's top-level nn.ModuleLists
+    (`blocks.N....`, `transformer_blocks.N....`, or every stack of a model with several)."""
     import torch
 
-    return isinstance(module, torch.nn.Linear) and _BLOCK_LAYER.fullmatch(name) is not None
+    names = set()
+    for child_name, child in module.named_children():
+        if isinstance(child, torch.nn.ModuleList):
+            names.update(f"{child_name}.{n}" for n, sub in child.named_modules() if n and isinstance(sub, torch.nn.Linear))
+    return names
 
 
 def select_layers(module: Any, include: Include | None = None) -> list[str]:
     """Names of the nn.Linear layers of module that quantize_model would quantize."""
     import torch
 
-    choose = include or block_linear_layers
-    return [name for name, sub in module.named_modules()
-            if type(sub) is torch.nn.Linear and choose(name, sub)]  # exactly Linear: not already quantized
+    stacked = stack_linear_layers(module) if include is None else set()
+    return [name for name, sub in module.named_modules()  # exactly Linear: not already quantized
+            if type(sub) is torch.nn.Linear and (name in stacked if include is None else include(name, sub))]
+
+
+def filter_identity(include: Include | None) -> str:
+    """What the quantization cache's key records of a layer choice."""
+    if include is None:
+        return DEFAULT_FILTER_IDENTITY
+    if isinstance(include, LayerFilter):
+        return include.identity
+    # A bare predicate has no stable identity; its qualified name is the best there is (the layer
+    # names chosen are in the key as well).
+    return f"callable:{getattr(include, '__module__', '')}.{getattr(include, '__qualname__', type(include).__name__)}"
+
+
+def require_layers(names: list[str], include: Include | None, weight_dtype: str) -> None:
+    """Refuse a quantization that would quantize nothing: the run would hold full-precision weights
+    while its settings say weight_dtype, and a VRAM budget planned on them would not hold."""
+    if names:
+        return
+    if isinstance(include, LayerFilter):
+        raise ConfigError(
+            f"{include.key} {weight_dtype}: the {include.family} adapter's layer filter ({include.pattern}) matches no "
+            f"nn.Linear layer of the {include.part}, so nothing would be quantized; the model's layout is not what "
+            f"the {include.family} adapter expects (a bug to report, with the model's config.json); use BFLOAT_16 meanwhile",
+            key=include.key,
+        )
+    what = "the given layer filter" if include is not None else "no top-level nn.ModuleList holding nn.Linear layers"
+    raise UserError(f"weight_dtype {weight_dtype}: {what} matches no nn.Linear layer of the model, so nothing would be "
+                    "quantized; name the layers to quantize (a LayerFilter) or use BFLOAT_16")
 
 
 def _refuse_lora_present(module: Any) -> None:
@@ -97,7 +165,9 @@ def _refuse_lora_present(module: Any) -> None:
 def quantize_model(module: Any, weight_dtype: str, *, include: Include | None = None, work_device: Any = None) -> QuantizeReport:
     """Quantize module's chosen Linear layers in place to weight_dtype and freeze every parameter.
 
-    include(name, layer) -> bool chooses the layers (default: block_linear_layers). work_device is
+    include(name, layer) -> bool chooses the layers: the family's LayerFilter, or by default every
+    Linear in the top-level ModuleLists (stack_linear_layers); matching none raises
+    (require_layers). work_device is
     where NFLOAT_4 quantization computes (bitsandbytes quantizes when a layer is moved; on a CPU
     it is slow, about 10 M weights per second); the layers stay where they were. The quanto types
     quantize where the weights are. Raises UserError if the library a type needs is missing.
@@ -110,6 +180,7 @@ def quantize_model(module: Any, weight_dtype: str, *, include: Include | None = 
     started = time.perf_counter()
     report = QuantizeReport(weight_dtype, bytes_before=part_summary(module)["weight_bytes"])
     names = select_layers(module, include)
+    require_layers(names, include, weight_dtype)
     if weight_dtype == "NFLOAT_4":
         report.quantized = _quantize_nf4(module, names, work_device)
         module.is_loaded_in_4bit = True  # peft then picks its bitsandbytes LoRA layer

@@ -8,8 +8,9 @@ init_empty_weights: parameters on the meta device, buffers real), swaps in the q
 classes and assigns the stored tensors, so the full-precision weights are never read.
 
 The file name carries a key over: the model folder's identity (core.models.base.folder_identity:
-its config and the digests of its weight files), the weight_dtype, the quantized layer names, and
-the major.minor versions of torch and the quantizing library (their storage formats are what is
+its config and the digests of its weight files), the weight_dtype, the layer filter's identity (the
+family's name pattern: a changed filter never reuses a file quantized under the old one), the
+quantized layer names, and the major.minor versions of torch and the quantizing library (their storage formats are what is
 stored). Any change gives a new name; old files are left for the user to delete with the cache.
 """
 
@@ -34,7 +35,9 @@ from .quantize import (
     _import_bnb,
     _import_quanto,
     _parent,
+    filter_identity,
     quantize_model,
+    require_layers,
     select_layers,
 )
 
@@ -57,8 +60,9 @@ def _major_minor(distribution: str) -> str:
 
 
 def quantized_cache_path(cache_dir: str | os.PathLike, component_folder: str | os.PathLike, weight_dtype: str,
-                         layer_names: list[str]) -> Path:
-    """Where the quantized state of the model part in component_folder (e.g. MODEL/transformer) goes."""
+                         layer_names: list[str], layer_filter: str = "") -> Path:
+    """Where the quantized state of the model part in component_folder (e.g. MODEL/transformer) goes;
+    layer_filter is the identity of the layer choice (quantize.filter_identity)."""
     from core.models.base import folder_identity
 
     folder = Path(component_folder)
@@ -67,6 +71,7 @@ def quantized_cache_path(cache_dir: str | os.PathLike, component_folder: str | o
         "format": FORMAT_VERSION,
         "identity": identity,
         "weight_dtype": weight_dtype,
+        "filter": layer_filter,
         "layers": sorted(layer_names),
         "torch": _major_minor("torch"),
         "library": _major_minor(_library(weight_dtype)),
@@ -144,7 +149,9 @@ def load_quantized_part(folder: str | os.PathLike, subfolder: str, weight_dtype:
     With cache_dir, a cache file from an earlier run is used when it matches (nothing
     full-precision is read), else the part is loaded, quantized and the cache file written. The
     class comes from the part's config.json (`_class_name`, a diffusers class) unless given.
-    compute_dtype (default bfloat16) is the dtype the unquantized parts load in.
+    compute_dtype (default bfloat16) is the dtype the unquantized parts load in. include is the
+    family's LayerFilter (default: quantize.select_layers'); one that matches no layer raises
+    before anything is loaded or written.
     """
     import torch
 
@@ -160,7 +167,8 @@ def load_quantized_part(folder: str | os.PathLike, subfolder: str, weight_dtype:
 
         with init_empty_weights():
             names = select_layers(model_class.from_config(config), include)
-        path = quantized_cache_path(cache_dir, component, weight_dtype, names)
+        require_layers(names, include, weight_dtype)
+        path = quantized_cache_path(cache_dir, component, weight_dtype, names, filter_identity(include))
         if path.is_file():
             try:
                 module, quantized, _ = load_quantized(model_class, config, path)

@@ -20,8 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .frame_rule import FrameRule
+
 if TYPE_CHECKING:
     import torch
+
+    from core.memory.quantize import LayerFilter
 
     from .objectives import Objective
 
@@ -141,6 +145,13 @@ class ModelAdapter(ABC):
         """Latent frames for a clip of `frames` pixel frames (k * temporal_ratio + 1 -> k + 1)."""
         return (frames - 1) // self.temporal_ratio + 1
 
+    @property
+    def frame_rule(self) -> FrameRule:
+        """The pixel frame counts the denoiser accepts; the data plan rounds clips down to them.
+        By default every count the VAE compresses whole: k * temporal_ratio + 1. A family whose
+        transformer also patches time (CogVideoX 1.5) narrows it (FrameRule.latent_multiple)."""
+        return FrameRule.latent_multiple(self.temporal_ratio)
+
     # -- encoders -----------------------------------------------------------------------------
     @abstractmethod
     def load_vae(self, device: torch.device | str, dtype: torch.dtype) -> Any:
@@ -222,15 +233,25 @@ class ModelAdapter(ABC):
 
         if checkpoint:
             transformer = self.load_transformer(name, "cpu", compute_dtype(weight_dtype), checkpoint)
-            quantize_model(transformer, weight_dtype, work_device=work_device)
+            quantize_model(transformer, weight_dtype, include=self.quantize_filter(name, weight_dtype), work_device=work_device)
             return transformer
         transformer, _ = load_quantized_part(self.folder, name, weight_dtype, cache_dir=cache_dir,
-                                             compute_dtype=compute_dtype(weight_dtype), work_device=work_device)
+                                             compute_dtype=compute_dtype(weight_dtype), work_device=work_device,
+                                             include=self.quantize_filter(name, weight_dtype))
         return transformer
 
+    # -- memory ---------------------------------------------------------------------------------
     @abstractmethod
-    def transformer_blocks(self, transformer: Any) -> Any:
-        """The denoiser's stack of blocks (an nn.ModuleList), which layer offloading streams block by block."""
+    def quantize_filter(self, part: str, weight_dtype: str) -> LayerFilter:
+        """The Linear layers of a model part ("transformer", "transformer_2", "text_encoder", ...) that a
+        quantized weight_dtype stores quantized (core.memory.quantize.LayerFilter: a name pattern,
+        whose identity is part of the quantization cache's key). A filter that matches no layer
+        of the loaded part is a ConfigError naming the family, the part and the weight_dtype."""
+
+    @abstractmethod
+    def block_stacks(self, transformer: Any) -> list[Any]:
+        """The denoiser's stacks of blocks (nn.ModuleLists) in the order its forward runs them; layer
+        offloading streams their blocks one by one, layer_offload_fraction counted over all of them."""
 
     @abstractmethod
     def sample(self, denoisers: dict[str, Any], prompt: str, *, width: int, height: int, frames: int, steps: int,

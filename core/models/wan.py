@@ -32,6 +32,8 @@ from .wan_attention import FrameLocalAttention
 if TYPE_CHECKING:
     import torch
 
+    from core.memory.quantize import LayerFilter
+
     from .objectives import Objective
 
 logger = logging.getLogger(__name__)
@@ -193,14 +195,8 @@ class WanAdapter(ModelAdapter):
 
         from core.memory.quantize import quantize_model
 
-        def include(name: str, module: Any) -> bool:
-            # Every Linear of the encoder; for NFLOAT_4 not the feed-forward's `wo`: UMT5 casts its
-            # input to wo.weight.dtype, which is uint8 for bitsandbytes' packed weights (transformers'
-            # own bitsandbytes loading keeps wo unquantized for the same reason).
-            return isinstance(module, torch.nn.Linear) and not (weight_dtype == "NFLOAT_4" and name.endswith(".wo"))
-
         work = device if torch.device(device).type == "cuda" else None
-        quantize_model(self._text_encoder, weight_dtype, include=include, work_device=work)
+        quantize_model(self._text_encoder, weight_dtype, include=self.quantize_filter("text_encoder", weight_dtype), work_device=work)
 
     def text_parts(self) -> tuple[Any, Any]:
         """(tokenizer, text encoder) as load_text_encoder left them (None, None before)."""
@@ -344,8 +340,22 @@ class WanAdapter(ModelAdapter):
     def set_frame_local_attention(self, transformer: Any) -> None:
         FrameLocalAttention.install(transformer)
 
-    def transformer_blocks(self, transformer: Any) -> Any:
-        return transformer.blocks
+    def quantize_filter(self, part: str, weight_dtype: str) -> LayerFilter:
+        from core.memory.quantize import LayerFilter
+
+        if part == "text_encoder":
+            # Every Linear of UMT5; for NFLOAT_4 not the feed-forward's `wo`: UMT5 casts its input to
+            # wo.weight.dtype, which is uint8 for bitsandbytes' packed weights (transformers' own
+            # bitsandbytes loading keeps wo unquantized for the same reason).
+            return LayerFilter(self.family, part, r".+", exclude=r".+\.wo" if weight_dtype == "NFLOAT_4" else None)
+        if part not in self.transformer_names():
+            raise ValueError(f"{self.family} has no quantizable part {part!r}")
+        # Every Linear inside WanTransformer3DModel.blocks: about 98% of the weights. The patch
+        # embedding, condition embedder, norms and proj_out stay in the compute dtype.
+        return LayerFilter(self.family, part, r"blocks\.\d+\..+", setting="transformer.weight_dtype")
+
+    def block_stacks(self, transformer: Any) -> list[Any]:
+        return [transformer.blocks]
 
     def default_lora_targets(self) -> list[str]:
         # Self- and cross-attention projections and the feed-forward layers of every block: what

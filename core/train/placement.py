@@ -75,12 +75,13 @@ def load_denoiser(adapter: Any, name: str, config: dict[str, Any], accelerator: 
 
 def place_denoiser(transformer: Any, adapter: Any, config: dict[str, Any], device: Any) -> Any:
     """Move a denoiser (with its LoRA) to the device: all of it, or all but the frozen weights of
-    layer_offload_fraction of its blocks, which the returned BlockOffloader streams (else None)."""
+    layer_offload_fraction of its blocks, which the returned BlockOffloader streams (else None).
+    The blocks are those of every stack the adapter names (block_stacks), counted together."""
     fraction = config["layer_offload_fraction"]
     if fraction > 0:
         from core.memory.offload import BlockOffloader
 
-        return BlockOffloader(adapter.transformer_blocks(transformer), fraction, device).attach(transformer)
+        return BlockOffloader(adapter.block_stacks(transformer), fraction, device).attach(transformer)
     if any(not _on(tensor, device) for tensor in (*transformer.parameters(), *transformer.buffers())):
         transformer.to(device)  # loaded on the CPU to be quantized there
     return None
