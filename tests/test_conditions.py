@@ -190,3 +190,127 @@ def test_every_key_reaches_predict_through_a_training_run(tmp_path: Path, monkey
         assert torch.equal(batch["embeds_channels_first"], embeds.transpose(1, 2))
         assert torch.allclose(batch["pooled_embeds"], embeds.sum(dim=1) / mask.sum(dim=1, keepdim=True))
         assert (embeds[~mask] == 0).all()
+
+
+# -- a family with two text encoders -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def two_encoders(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Wan's text parts twice (seeds 0 and 1): text_encoder/tokenizer and text_encoder_2/tokenizer_2."""
+    from core.models.tiny.wan import _text_encoder_and_tokenizer
+
+    out = tmp_path_factory.mktemp("two-encoders")
+    for seed, suffix in ((0, ""), (1, "_2")):
+        text_encoder, tokenizer = _text_encoder_and_tokenizer(seed)
+        text_encoder.save_pretrained(out / f"text_encoder{suffix}")
+        tokenizer.save_pretrained(out / f"tokenizer{suffix}")
+    return out
+
+
+def _two_encoder_adapter(folder: Path):
+    from core.models.wan import WanAdapter
+
+    class TwoEncoders(WanAdapter):
+        """Wan's text path plus a second UMT5, whose embeddings go in prompt_embeds_2."""
+
+        text_encoder_names = ("text_encoder", "text_encoder_2")
+        placeholder_encoders = ("text_encoder", "text_encoder_2")
+
+        def __init__(self, folder: Path) -> None:
+            super().__init__(folder, family="wan21")
+            self._second: tuple = (None, None)
+            self.loaded_dtypes: dict[str, torch.dtype] = {}
+
+        def load_text_encoder(self, device, dtype, weight_dtype=None, *, name="text_encoder"):
+            self.loaded_dtypes[name] = dtype
+            if name == "text_encoder":
+                return super().load_text_encoder(device, dtype, weight_dtype)
+            from transformers import AutoTokenizer, UMT5EncoderModel
+
+            if self._second[1] is None:
+                encoder = UMT5EncoderModel.from_pretrained(self.folder / "text_encoder_2", dtype=dtype).requires_grad_(False).eval()
+                self._second = (AutoTokenizer.from_pretrained(self.folder / "tokenizer_2"), encoder)
+            return self._second[1]
+
+        def text_parts(self):
+            return {**super().text_parts(), "text_encoder_2": self._second}
+
+        def condition_layout(self):
+            return {**super().condition_layout(), "prompt_embeds_2": ConditionSpec(0, 0.0)}
+
+        def encode_text(self, captions, grad=False):
+            out = super().encode_text(captions, grad)
+            tokenizer, encoder = self._second
+            ids = tokenizer(captions, padding="max_length", max_length=self.max_text_length, truncation=True,
+                            return_tensors="pt").input_ids
+            with torch.enable_grad() if grad else torch.no_grad():
+                hidden = encoder(ids).last_hidden_state.float()
+            return {**out, "prompt_embeds_2": hidden * out["prompt_mask"][:, :, None]}
+
+    return TwoEncoders(folder)
+
+
+def _config_with_second_encoder(tmp_path: Path, **sections: dict) -> dict:
+    from core.config.settings import defaults
+
+    config = defaults()
+    # The section a family with a second encoder adds to the schema: a copy of text_encoder's.
+    config["text_encoder_2"] = dict(config["text_encoder"])
+    for name, values in sections.items():
+        config[name] = {**config[name], **values} if isinstance(config.get(name), dict) else values
+    config["output_path"] = str(tmp_path / "out" / "concept.safetensors")
+    return config
+
+
+def test_textual_inversion_adds_the_tokens_to_every_placeholder_encoder(two_encoders: Path, tmp_path: Path) -> None:
+    from core.export.embedding import load_embedding
+    from core.train.methods.embedding import EmbeddingParts
+
+    adapter = _two_encoder_adapter(two_encoders)
+    config = _config_with_second_encoder(
+        tmp_path, training_method="EMBEDDING", text_encoder={"weight_dtype": "FLOAT_32"},
+        text_encoder_2={"weight_dtype": "BFLOAT_16"},
+        embedding={"placeholder_tokens": ["<concept>"], "initializer_words": ["person"]})
+    parts = EmbeddingParts(config, adapter, torch.device("cpu"))
+    parts.load([], lambda name: None)
+    # Each encoder in its own section's weight_dtype, each with its own rows of its own width.
+    assert adapter.loaded_dtypes == {"text_encoder": torch.float32, "text_encoder_2": torch.bfloat16}
+    assert set(parts.named_trainable()) == {"embedding/rows", "embedding/text_encoder_2/rows"}
+    assert len(parts.param_groups()[0]["params"]) == 2
+    cached = {name: t.detach() for name, t in adapter.encode_text(["a plain caption", "a plain one"]).items()}
+    batch = parts.prepare_batch({**cached, "sample_ids": [0, 1]}, lambda ids: ["<concept> walks", "a plain one"])
+    (batch["prompt_embeds"].sum() + batch["prompt_embeds_2"].float().sum()).backward()
+    assert all(rows.grad is not None and rows.grad.abs().sum() > 0 for rows in parts.trainable())
+    paths = parts.save([], 1)
+    assert paths == EmbeddingParts.result_paths(config, adapter, []) == [
+        tmp_path / "out" / "concept.safetensors", tmp_path / "out" / "concept_text_encoder_2.safetensors"]
+    fresh = _two_encoder_adapter(two_encoders)
+    fresh.load_text_encoder("cpu", torch.float32)
+    fresh.load_text_encoder("cpu", torch.float32, name="text_encoder_2")
+    for path, (name, placeholders) in zip(paths, parts.by_encoder.items()):
+        loaded = load_embedding(path, *fresh.text_parts()[name])  # each file is a one-encoder file for its encoder
+        assert torch.equal(loaded.rows, placeholders.rows.detach())
+
+
+def test_fine_tuning_trains_the_encoders_whose_section_says_train(two_encoders: Path, tmp_path: Path) -> None:
+    from core.train.methods.finetune import FineTuneParts
+    from core.train.support import refusals
+
+    adapter = _two_encoder_adapter(two_encoders)
+    config = _config_with_second_encoder(tmp_path, training_method="FINE_TUNE", output_path="x",
+                                         text_encoder_2={"train": True, "weight_dtype": "FLOAT_32", "learning_rate": 1e-5})
+    parts = FineTuneParts(config, adapter, torch.device("cpu"))
+    parts.load([], lambda name: None)
+    assert list(parts.text_encoders) == ["text_encoder_2"] and parts.keeps_text_encoder
+    assert [(g["name"], g["lr"]) for g in parts.param_groups()] == [("text_encoder_2", 1e-5)]
+    assert all(name.startswith("text_encoder_2/") for name in parts.named_trainable())
+    first = adapter.text_parts()["text_encoder"][1]
+    assert not any(p.requires_grad for p in first.parameters())  # loaded (encode_text runs it) but frozen
+    batch = parts.prepare_batch({"prompt_embeds": None, "sample_ids": [0]}, lambda ids: ["a caption"])
+    assert set(batch) == {"prompt_embeds", "prompt_mask", "prompt_embeds_2", "sample_ids"}
+    assert batch["prompt_embeds_2"].requires_grad and not batch["prompt_embeds"].requires_grad
+    # A LoRA run refuses training the second encoder by its own section's name.
+    lora = {**config, "training_method": "LORA", "output_path": "x.safetensors"}
+    keys = [p.key for p in refusals(lora, "wan21", text_encoders=adapter.text_encoder_names)]
+    assert keys == ["text_encoder_2.train"]
