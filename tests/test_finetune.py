@@ -193,13 +193,13 @@ def test_param_groups_follow_the_part_learning_rates(tmp_path: Path) -> None:
     groups = finetune_param_groups(_ft_config(tmp_path, learning_rate=1e-4), [high])
     assert [(g["name"], g["lr"], len(g["params"])) for g in groups] == [("transformer", 1e-4, 8)]
     config = _ft_config(tmp_path, transformer={"learning_rate": 2e-5}, text_encoder={"train": True, "learning_rate": 1e-6})
-    groups = finetune_param_groups(config, [high, low], encoder)
+    groups = finetune_param_groups(config, [high, low], {"text_encoder": encoder})
     assert [(g["name"], g["lr"]) for g in groups] == [("transformer", 2e-5), ("transformer_2", 2e-5), ("text_encoder", 1e-6)]
     assert groups[2]["params"][0] is encoder[0].weight
     with pytest.raises(ValueError, match="text encoder"):
         finetune_param_groups(config, [high])
     frozen = _ft_config(tmp_path, transformer={"learning_rate": 0.0}, text_encoder={"train": True})
-    assert [g["name"] for g in finetune_param_groups(frozen, [high], encoder)] == ["text_encoder"]
+    assert [g["name"] for g in finetune_param_groups(frozen, [high], {"text_encoder": encoder})] == ["text_encoder"]
 
 
 def test_make_trainable_unfreezes_everything() -> None:

@@ -112,7 +112,7 @@ def test_embedding_trains_only_the_new_rows_and_loads_back(tiny_wan: Path, conce
 
     adapter = WanAdapter(tiny_wan)
     adapter.load_text_encoder("cpu", torch.float32)
-    tokenizer, encoder = adapter.text_parts()
+    tokenizer, encoder = adapter.text_parts()["text_encoder"]
     square = adapter.encode_text(["square"])["prompt_embeds"]
     placeholders = load_embedding(output, tokenizer, encoder)
     assert placeholders.tokens == ["<concept>"]

@@ -236,7 +236,7 @@ def test_a_text_encoder_that_training_holds_is_sampled_as_it_is(models: dict[str
     # a quantized one (sampling must not load it again): both stay the very objects training uses.
     adapter = WanAdapter(models["wan21"])
     encoder = adapter.load_text_encoder("cpu", torch.float32, weight_dtype)
-    tokenizer = adapter.text_parts()[0]
+    tokenizer = adapter.text_parts()["text_encoder"][0]
     if weight_dtype == "FLOAT_32":
         encoder.requires_grad_(True)
     encoder.train()
@@ -246,6 +246,6 @@ def test_a_text_encoder_that_training_holds_is_sampled_as_it_is(models: dict[str
     maker = SampleMaker(adapter, _config(["a red circle"]), tmp_path, "cpu", torch.bfloat16, unload_encoders_after=False)
     [path] = maker.make(5, parts)
     _assert_same_state(before, _state(parts_and_encoder))
-    assert adapter.text_parts() == (tokenizer, encoder)
+    assert adapter.text_parts() == {"text_encoder": (tokenizer, encoder)}
     assert "load_text_encoder" not in vars(adapter)  # the stand-in is gone after sampling
     assert read_video_frames(path).shape == (5, 32, 32, 3)

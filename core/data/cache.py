@@ -2,7 +2,7 @@
 
 Layout under cache_dir (docs/data-pipeline.md, "Caches"):
     latents/<key>.safetensors   one sample variant's latents
-    text/<key>.safetensors      one caption's embeddings (trimmed to its tokens) and mask
+    text/<key>.safetensors      one caption's conditions (each trimmed of its padding) and how to pad them
     file-hashes.json            content hashes of media files, by (path, size, mtime_ns)
 
 Every entry is written to a temporary name, fsynced and renamed (core.atomic), so an entry that
@@ -22,7 +22,7 @@ import os
 import re
 import struct
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +30,12 @@ from core.atomic import explained_write_errors, write_bytes_atomic, write_json_a
 
 if TYPE_CHECKING:
     import torch
+
+    from core.models.conditions import ConditionSpec
+
+# A stored condition's padding: the adapter's spec, and the length along its pad axis that the
+# encoder gave (None for a fixed-size key). The collate pads the trimmed tensor back to it.
+StoredCondition = tuple["ConditionSpec", "int | None"]
 
 logger = logging.getLogger(__name__)
 
@@ -208,15 +214,17 @@ class EntryCache:
     def path_for(self, key: str) -> Path:
         return Path(self._file(key))
 
-    def has(self, key: str) -> bool:
-        """Whether a complete entry exists (checked from its header and size, without loading it)."""
+    def has(self, key: str, names: Iterable[str] | None = None) -> bool:
+        """Whether a complete entry exists (checked from its header and size, without loading it),
+        holding at least the tensors `names` where given."""
         try:
             with open(self._file(key), "rb") as handle:
                 size = os.fstat(handle.fileno()).st_size
                 head = handle.read(8)
                 if len(head) == 8:
                     head += handle.read(min(struct.unpack("<Q", head)[0], size))
-            return _header(head, size).get("__metadata__", {}).get("key") == key
+            header = _header(head, size)
+            return header.get("__metadata__", {}).get("key") == key and set(names or ()) <= set(header)
         except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
             return False
 
@@ -282,28 +290,99 @@ class LatentCache(EntryCache):
 
 
 class TextCache(EntryCache):
-    """cache_dir/text: per caption, embeddings trimmed to the caption's tokens plus the full mask.
+    """cache_dir/text: per caption, every condition key encode_text returns (core/models/conditions.py).
 
-    Stored trimmed because most captions use a fraction of the 512 tokens; expand_text() restores
-    the zero-padded (L, D) the transformer gets.
+    Each key with a pad axis is stored trimmed of its trailing padding (most captions use a fraction
+    of the 512 tokens), and the entry's "conditions" metadata holds, per key, the pad axis, the pad
+    value and the length the encoder gave, so the collate restores exactly the tensor encode_text
+    returned. Entries written before conditions were named (no "conditions" metadata: one encoder's
+    prompt_embeds trimmed to its mask's tokens and the whole prompt_mask) are read as that layout.
     """
 
     namespace = "text"
 
+    def put_conditions(self, key: str, tensors: Mapping[str, torch.Tensor], layout: Mapping[str, ConditionSpec]) -> Path:
+        """Store one caption's conditions: its row of each key encode_text returned, padded as `layout` says."""
+        from core.models.conditions import used_length
+
+        if set(tensors) != set(layout):
+            raise ValueError(f"conditions {sorted(tensors)} do not match the layout's keys {sorted(layout)}")
+        stored, described = {}, {}
+        for name, tensor in tensors.items():
+            spec = layout[name]
+            described[name] = spec.to_json()
+            if spec.pad_axis is not None:
+                axis = spec.pad_axis
+                described[name]["length"] = int(tensor.shape[axis])
+                tensor = tensor.narrow(axis, 0, used_length(tensor, axis, spec.pad_value))
+            stored[name] = tensor
+        return self.put(key, stored, {"conditions": described})
+
     def put_text(self, key: str, prompt_embeds: torch.Tensor, prompt_mask: torch.Tensor) -> Path:
-        """Store one caption's (L, D) embeddings and (L,) mask, as encode_text returns them per row."""
+        """Store one encoder's (L, D) embeddings and (L,) mask: the embeddings of the mask's tokens only."""
+        from core.models.conditions import TEXT_LAYOUT
+
         count = int(prompt_mask.bool().sum())
         if not prompt_mask[:count].bool().all():
             raise ValueError("the mask must cover a prefix of the tokens (right padding) to store them trimmed")
-        return self.put(key, {"prompt_embeds": prompt_embeds[:count], "prompt_mask": prompt_mask.bool()})
+        described = {name: spec.to_json() for name, spec in TEXT_LAYOUT.items()}
+        described["prompt_embeds"]["length"] = int(prompt_embeds.shape[0])
+        return self.put(key, {"prompt_embeds": prompt_embeds[:count], "prompt_mask": prompt_mask.bool()},
+                        {"conditions": described})
+
+    def get_trimmed(self, key: str) -> tuple[dict[str, torch.Tensor], dict[str, StoredCondition]] | None:
+        """(tensors as stored, {key: (spec, length)}), or None when the entry is missing or damaged."""
+        found = self.get_with_metadata(key)
+        if found is None:
+            return None
+        tensors, metadata = found
+        try:
+            return tensors, stored_conditions(tensors, metadata)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            logger.warning("text cache entry %s has no usable condition layout (%s); treating it as missing", self.path_for(key), exc)
+            return None
+
+    def get_conditions(self, key: str) -> dict[str, torch.Tensor] | None:
+        """One caption's conditions padded back to what encode_text returned, or None."""
+        found = self.get_trimmed(key)
+        if found is None:
+            return None
+        tensors, described = found
+        return {name: padded_condition(tensors[name], *described[name]) for name in tensors}
 
     def get_text(self, key: str) -> dict[str, torch.Tensor] | None:
-        entry = self.get(key)
-        return None if entry is None else expand_text(entry)
+        return self.get_conditions(key)
+
+
+def stored_conditions(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> dict[str, StoredCondition]:
+    """Each stored key's padding, from the entry's metadata (or the layout of entries written before it)."""
+    from core.models.conditions import ConditionSpec
+
+    if "conditions" not in metadata:  # one encoder's embeddings and mask, as every entry was
+        if set(tensors) != {"prompt_embeds", "prompt_mask"}:
+            raise ValueError(f"an entry without a layout must hold prompt_embeds and prompt_mask, not {sorted(tensors)}")
+        return {"prompt_embeds": (ConditionSpec(0, 0.0), int(tensors["prompt_mask"].shape[0])),
+                "prompt_mask": (ConditionSpec(None, False), None)}
+    described = json.loads(metadata["conditions"])
+    if set(described) != set(tensors):
+        raise ValueError(f"the layout names {sorted(described)} but the entry holds {sorted(tensors)}")
+    out: dict[str, StoredCondition] = {}
+    for name, data in described.items():
+        spec = ConditionSpec.from_json(data)
+        out[name] = (spec, None if spec.pad_axis is None else int(data["length"]))
+    return out
+
+
+def padded_condition(tensor: torch.Tensor, spec: ConditionSpec, length: int | None) -> torch.Tensor:
+    """A stored (trimmed) condition padded back to `length` along its pad axis."""
+    from core.models.conditions import pad_axis_to
+
+    return tensor if spec.pad_axis is None or length is None else pad_axis_to(tensor, spec.pad_axis, length, spec.pad_value)
 
 
 def expand_text(entry: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A stored text entry -> {"prompt_embeds": (L, D) zero-padded, "prompt_mask": (L,) bool}."""
+    """An entry of one encoder's embeddings and mask (put_text's, or one written before conditions
+    were named) -> {"prompt_embeds": (L, D) zero-padded, "prompt_mask": (L,) bool}."""
     import torch
 
     embeds, mask = entry["prompt_embeds"], entry["prompt_mask"]

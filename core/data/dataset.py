@@ -21,7 +21,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from .augment import drop_frames
-from .cache import LatentCache, TextCache
+from .cache import LatentCache, StoredCondition, TextCache, stored_conditions
+
+# An item's key for its caption's condition padding ({key: (spec, length)}, from the text cache),
+# which the collate pads each condition by; it does not reach the batch.
+PADDING = "condition_padding"
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +64,7 @@ class CachedSampleDataset(Dataset):
         self.samples = samples
         self.latents = LatentCache(cache_dir)
         self.text = TextCache(cache_dir)
-        self._text_memo: dict[str, dict[str, torch.Tensor]] = {}
+        self._text_memo: dict[str, tuple[dict[str, torch.Tensor], dict[str, StoredCondition]]] = {}
         self._text_memo_bytes = 0
 
     def __getstate__(self) -> dict[str, Any]:
@@ -70,11 +74,11 @@ class CachedSampleDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def _text_entry(self, key: str) -> dict[str, torch.Tensor] | None:
+    def _text_entry(self, key: str) -> tuple[dict[str, torch.Tensor], dict[str, StoredCondition]] | None:
         entry = self._text_memo.get(key)
         if entry is None:
-            entry = self.text.get(key)
-            size = sum(t.numel() * t.element_size() for t in entry.values()) if entry else 0
+            entry = self.text.get_trimmed(key)
+            size = sum(t.numel() * t.element_size() for t in entry[0].values()) if entry else 0
             if entry is not None and self._text_memo_bytes + size <= self.TEXT_MEMO_BYTES:
                 self._text_memo[key] = entry
                 self._text_memo_bytes += size
@@ -85,10 +89,10 @@ class CachedSampleDataset(Dataset):
         variant = int(use) % len(self.samples[sample_id].latent_keys)  # type: ignore[index]
         return {**self.load(sample_id, variant), "sample_id": sample_id, "variant": variant, "step": int(step)}
 
-    def load(self, sample_id: Hashable, variant: int) -> dict[str, torch.Tensor]:
-        """{"latents": (C, f, h, w), "prompt_embeds": (tokens, D), "prompt_mask": (L,)} of one variant.
-
-        prompt_embeds as stored: trimmed to the caption's tokens (the collate pads them to L).
+    def load(self, sample_id: Hashable, variant: int) -> dict[str, Any]:
+        """{"latents": (C, f, h, w), each condition key as stored, PADDING: how to pad them} of one
+        variant, such as Wan's prompt_embeds (tokens, D), trimmed to the caption's tokens (the
+        collate pads them to the 512 the encoder gave), and prompt_mask (512,).
         """
         sample = self.samples[sample_id]  # type: ignore[index]
         latent_key = sample.latent_keys[variant]
@@ -98,7 +102,8 @@ class CachedSampleDataset(Dataset):
         text = self._text_entry(sample.text_key)
         if text is None:
             raise MissingCacheEntry(f"sample {sample_id!r}: text embeddings {sample.text_key} are not in {self.text.root}")
-        return {**latents, **text}
+        tensors, padding = text
+        return {**latents, **tensors, PADDING: padding}
 
 
 def step_seed(seed: int, step: int, stream: str = "frame-dropout") -> int:
@@ -130,24 +135,64 @@ class BatchCollator:
             else:
                 video = drop_frames(latents[:, : self.frame_channels], self.frame_dropout_probability, generator)
                 latents = torch.cat([video, latents[:, self.frame_channels :]], dim=1)
-        mask = torch.stack([s["prompt_mask"] for s in samples])
         in_worker = get_worker_info() is not None
-        # In a worker, pad only to the batch's longest caption: the zeros up to the full length
-        # are added after the trip to the training process, so they do not travel.
-        embeds = [s["prompt_embeds"] for s in samples]
-        width = max(e.shape[0] for e in embeds) if in_worker else mask.shape[1]
-        prompt_embeds = torch.zeros((len(samples), width, embeds[0].shape[1]), dtype=embeds[0].dtype)
-        for row, e in enumerate(embeds):
-            prompt_embeds[row, : e.shape[0]] = e
+        conditions, pad = collate_conditions(samples, in_worker)
         batch = {
             "latents": latents,
-            "prompt_embeds": prompt_embeds,
-            "prompt_mask": mask,
+            **conditions,
             "variants": torch.tensor([s["variant"] for s in samples], dtype=torch.long),
             "sample_ids": [s["sample_id"] for s in samples],
             "step": step,
         }
-        return PackedBatch(batch, pad={"prompt_embeds": mask.shape[1]}) if in_worker else batch
+        return PackedBatch(batch, pad=pad) if in_worker else batch
+
+
+def _padding(sample: Mapping[str, Any]) -> dict[str, StoredCondition]:
+    padding = sample.get(PADDING)
+    if padding is None:  # an item made by hand: one encoder's embeddings and mask, as entries were
+        return stored_conditions({k: sample[k] for k in ("prompt_embeds", "prompt_mask")}, {})
+    return padding
+
+
+def _stack_padded(tensors: list[torch.Tensor], axis: int, width: int, value: float | bool, name: str) -> torch.Tensor:
+    """(B, ...) of per-sample tensors, each padded with value to width along its axis."""
+    first = tensors[0]
+    others = [tuple(t.shape[:axis] + t.shape[axis + 1:]) for t in tensors]
+    if len(set(others)) != 1:
+        raise ValueError(f"condition {name}: the samples' shapes differ off its pad axis {axis}: {sorted(set(others))}")
+    shape = list(first.shape)
+    shape[axis] = width
+    out = torch.full((len(tensors), *shape), value, dtype=first.dtype)
+    for row, tensor in enumerate(tensors):
+        out[row].narrow(axis, 0, tensor.shape[axis]).copy_(tensor)
+    return out
+
+
+def collate_conditions(samples: list[dict[str, Any]], in_worker: bool) -> tuple[dict[str, torch.Tensor], dict[str, tuple[int, int, Any]]]:
+    """Each condition key of the samples batched: a fixed-size one stacked, a padded one padded on its
+    own axis with its own value to the longest length its encoder gave. In a worker a padded key is
+    padded only to the batch's longest stored one: the rest up to the full length is added after
+    the trip to the training process (the returned pad: key -> (batch dim, length, value)), so it
+    does not travel."""
+    padding = _padding(samples[0])
+    for sample in samples[1:]:
+        if set(_padding(sample)) != set(padding):
+            raise ValueError(f"a batch's captions hold different conditions: {sorted(padding)} and {sorted(_padding(sample))}")
+    out: dict[str, torch.Tensor] = {}
+    pad: dict[str, tuple[int, int, Any]] = {}
+    for name in sorted(padding):
+        spec = padding[name][0]
+        tensors = [s[name] for s in samples]
+        if spec.pad_axis is None:
+            out[name] = torch.stack(tensors)
+            continue
+        axis = spec.pad_axis
+        full = max(int(_padding(s)[name][1]) for s in samples)
+        width = max(t.shape[axis] for t in tensors) if in_worker else full
+        out[name] = _stack_padded(tensors, axis, width, spec.pad_value, name)
+        if width < full:
+            pad[name] = (axis + 1, full, spec.pad_value)
+    return out, pad
 
 
 class PackedBatch:
@@ -162,8 +207,8 @@ class PackedBatch:
     ALIGN = 64  # every tensor starts at a multiple of this, so each view is well aligned
     BY_VALUE_LIMIT = 2 * 1024 * 1024
 
-    def __init__(self, batch: dict[str, Any], pad: dict[str, int] | None = None) -> None:
-        """pad: tensors to zero-pad along dim 1 to this length on unpacking."""
+    def __init__(self, batch: dict[str, Any], pad: dict[str, tuple[int, int, Any]] | None = None) -> None:
+        """pad: tensors to pad on unpacking, name -> (dim, length, value)."""
         tensors = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
         self.rest = {k: v for k, v in batch.items() if k not in tensors}
         self.pad = dict(pad or {})
@@ -185,7 +230,7 @@ class PackedBatch:
         return (PackedBatch._rebuild, (buffer, self.layout, self.rest, self.pad))
 
     @staticmethod
-    def _rebuild(buffer: Any, layout: list, rest: dict[str, Any], pad: dict[str, int]) -> PackedBatch:
+    def _rebuild(buffer: Any, layout: list, rest: dict[str, Any], pad: dict[str, tuple[int, int, Any]]) -> PackedBatch:
         packed = PackedBatch.__new__(PackedBatch)
         packed.buffer = buffer if isinstance(buffer, torch.Tensor) else torch.from_numpy(buffer)
         packed.layout, packed.rest, packed.pad = layout, rest, pad
@@ -197,10 +242,12 @@ class PackedBatch:
 
     def unpack(self) -> dict[str, Any]:
         out = {name: self.buffer[o : o + n].view(dtype).view(shape) for name, dtype, shape, o, n in self.layout}
-        for name, length in self.pad.items():
+        for name, (dim, length, value) in self.pad.items():
             t = out[name]
-            full = torch.zeros((t.shape[0], length, *t.shape[2:]), dtype=t.dtype, pin_memory=self.buffer.is_pinned())
-            full[:, : t.shape[1]] = t
+            shape = list(t.shape)
+            shape[dim] = length
+            full = torch.full(shape, value, dtype=t.dtype, pin_memory=self.buffer.is_pinned())
+            full.narrow(dim, 0, t.shape[dim]).copy_(t)
             out[name] = full
         return {**out, **self.rest}
 

@@ -14,6 +14,7 @@ from typing import Any
 from core.errors import ConfigError, UserError
 from core.memory.quantize import is_quantized_dtype
 from core.models.base import ModelAdapter
+from core.models.conditions import text_weight_dtypes
 from core.models.dtypes import compute_dtype
 
 from .augment import variant_count
@@ -53,10 +54,10 @@ class DataPlan:
     train: list[PlannedSample]
     validation: list[PlannedSample]
     issues: list[Issue] = field(default_factory=list)
-    # The dtypes the VAE and text encoder compute in while caching (part of the latent keys).
+    # The dtype the VAE computes in while caching (part of the latent keys), and each text
+    # encoder's weight_dtype by name (its compute dtype and quantized storage; part of the text keys).
     vae_dtype: Any = None
-    text_dtype: Any = None
-    text_weight_dtype: str | None = None  # the text encoder's quantized storage (FLOAT_8, ...), or None
+    text_weight_dtypes: dict[str, str] = field(default_factory=dict)
 
     def sampler_records(self) -> list[SampleRecord]:
         """For BucketBatchSampler: the sample id is the index into `train`."""
@@ -188,13 +189,8 @@ def plan_data(
         raise UserError(f"no usable clips or images with captions in the configured datasets{why} (run 'main.py doctor' for a report)")
     say(f"planning {len(train_items)} training and {len(held_out)} validation samples")
     vae_dtype = compute_dtype(config["vae"]["weight_dtype"])
-    text_weight = config["text_encoder"]["weight_dtype"]
-    text_dtype = compute_dtype(text_weight)
-    text_name = str(text_dtype).removeprefix("torch.")
-    quantized = text_weight if is_quantized_dtype(text_weight) else None
-    if quantized:
-        text_name += f"-{quantized.lower()}"  # a quantized encoder's embeddings are its own, never a bfloat16 one's
-    names = (str(vae_dtype).removeprefix("torch."), text_name)
+    text_weights = text_weight_dtypes(adapter, config)
+    names = (str(vae_dtype).removeprefix("torch."), "+".join(_text_dtype_name(w) for w in text_weights.values()))
     refused: list[Issue] = []  # files offering no frame count the model accepts
     train = plan_samples(train_items, usable, config, adapter, hasher, *names, issues=refused)
     # Validation reads variant 0 only (the same frames at every evaluation): no other is cached.
@@ -210,6 +206,13 @@ def plan_data(
         validation,
         issues + refused,
         vae_dtype=vae_dtype,
-        text_dtype=text_dtype,
-        text_weight_dtype=quantized,
+        text_weight_dtypes=text_weights,
     )
+
+
+def _text_dtype_name(weight_dtype: str) -> str:
+    """One encoder's part of the text keys: its compute dtype, and its quantized storage where it has one."""
+    name = str(compute_dtype(weight_dtype)).removeprefix("torch.")
+    if is_quantized_dtype(weight_dtype):
+        name += f"-{weight_dtype.lower()}"  # a quantized encoder's embeddings are its own, never a bfloat16 one's
+    return name

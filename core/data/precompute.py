@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from core.models.base import ModelAdapter
+from core.models.conditions import load_text_encoders
 
 from .cache import LatentCache, TextCache, seed_from_key
 from .decode import decode_frames, fit_to_bucket
@@ -133,23 +134,24 @@ def fill_caches(
         adapter.unload_encoders()
     plan.drop(failed, report.failed)
 
+    layout = adapter.condition_layout()
     captions: dict[str, str] = {}
     for sample in plan.train + plan.validation:
         if sample.text_key in captions:
             continue
-        if texts.has(sample.text_key):
+        if texts.has(sample.text_key, layout):  # an entry lacking a key the family returns is made again
             report.texts_reused += 1
             captions[sample.text_key] = ""
         else:
             captions[sample.text_key] = sample.item.caption
     missing = [(k, c) for k, c in captions.items() if c]
     if missing and not stop():
-        adapter.load_text_encoder(device, plan.text_dtype or torch.float32, plan.text_weight_dtype)
+        load_text_encoders(adapter, device, plan.text_weight_dtypes)
         for start in range(0, len(missing), TEXT_BATCH):
             chunk = missing[start : start + TEXT_BATCH]
             encoded = adapter.encode_text([caption for _, caption in chunk])
             for row, (key, _) in enumerate(chunk):
-                texts.put_text(key, encoded["prompt_embeds"][row].cpu(), encoded["prompt_mask"][row].cpu())
+                texts.put_conditions(key, {name: encoded[name][row].cpu() for name in layout}, layout)
                 report.texts_computed += 1
             tick("captions", start + len(chunk), len(missing))
         adapter.unload_encoders()

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
     from core.memory.quantize import LayerFilter
 
+    from .conditions import ConditionSpec
     from .objectives import Objective
 
 logger = logging.getLogger(__name__)
@@ -111,11 +112,18 @@ class Denoiser:
 class ModelAdapter(ABC):
     """One model family. Subclasses are constructed from a local diffusers model folder.
 
-    Attributes a subclass sets: family (e.g. "wan21"), max_text_length (text tokens per caption).
+    Attributes a subclass sets: family (e.g. "wan21"), max_text_length (text tokens per caption),
+    and where it has other text encoders than one `text_encoder`, text_encoder_names and
+    placeholder_encoders (core/models/conditions.py).
     """
 
     family: str
     max_text_length: int
+    # The tokenizer/encoder pairs by component name, which is also each one's settings section
+    # (weight_dtype, train, learning_rate): ("text_encoder", "text_encoder_2") for a family with two.
+    text_encoder_names: tuple[str, ...] = ("text_encoder",)
+    # The encoders textual inversion adds its placeholder tokens to (those whose tokens the captions reach).
+    placeholder_encoders: tuple[str, ...] = ("text_encoder",)
 
     def __init__(self, folder: str | os.PathLike) -> None:
         self.folder = Path(folder).expanduser().absolute()
@@ -158,18 +166,31 @@ class ModelAdapter(ABC):
         """Load the VAE alone (once; moved if asked again with another device or dtype)."""
 
     @abstractmethod
-    def load_text_encoder(self, device: torch.device | str, dtype: torch.dtype, weight_dtype: str | None = None) -> Any:
-        """Load the tokenizer and text encoder alone (once; moved if asked again). A quantized
-        `weight_dtype` (FLOAT_8, INT_8, INT_4, NFLOAT_4) stores its Linear layers quantized; it computes in dtype."""
+    def load_text_encoder(self, device: torch.device | str, dtype: torch.dtype, weight_dtype: str | None = None,
+                          *, name: str = "text_encoder") -> Any:
+        """Load one tokenizer and text encoder (`name`, one of text_encoder_names) alone (once; moved
+        if asked again); returns the encoder. A quantized `weight_dtype` (FLOAT_8, INT_8, INT_4,
+        NFLOAT_4) stores its Linear layers quantized; it computes in dtype. All of them at once, each
+        as its settings section says: core.models.conditions.load_text_encoders."""
 
     @abstractmethod
-    def text_parts(self) -> tuple[Any, Any]:
-        """(tokenizer, text encoder) as load_text_encoder left them (None, None before): what
-        textual inversion adds its tokens to."""
+    def text_parts(self) -> dict[str, tuple[Any, Any]]:
+        """{name: (tokenizer, text encoder)} for every one of text_encoder_names, in that order, as
+        load_text_encoder left them ((None, None) before): what textual inversion adds its tokens
+        to and fine-tuning trains."""
+
+    def condition_layout(self) -> dict[str, ConditionSpec]:
+        """Every key encode_text returns, with its padding (core/models/conditions.py): which axis of
+        the per-sample tensor is padded, or None for a fixed size, and the padding value. The text
+        cache and the collate pad each key by this; predict gets the batch with the same keys.
+        By default one encoder's prompt_embeds (L, D), zero-padded, and its prompt_mask (L,)."""
+        from .conditions import TEXT_LAYOUT
+
+        return dict(TEXT_LAYOUT)
 
     @abstractmethod
     def unload_encoders(self) -> None:
-        """Drop the VAE and text encoder, so that training with warm caches holds neither."""
+        """Drop the VAE and the text encoders, so that training with warm caches holds none."""
 
     @abstractmethod
     def vae_identity(self) -> str:
@@ -177,7 +198,7 @@ class ModelAdapter(ABC):
 
     @abstractmethod
     def text_identity(self) -> str:
-        """A stable string that changes when the text encoder's or tokenizer's files change."""
+        """A stable string that changes when any text encoder's or tokenizer's files change."""
 
     @abstractmethod
     def encode_video(
@@ -187,7 +208,8 @@ class ModelAdapter(ABC):
 
     @abstractmethod
     def encode_text(self, captions: list[str], grad: bool = False) -> dict[str, torch.Tensor]:
-        """Captions -> {"prompt_embeds": (B, L, D), "prompt_mask": (B, L) bool}, padding zeroed.
+        """Captions -> the condition_layout()'s keys, each batched (B, ...) and padded with its pad
+        value, such as {"prompt_embeds": (B, L, D), "prompt_mask": (B, L) bool}, padding zeroed.
 
         grad=True runs the encoder with autograd on, so gradients reach trainable token embeddings
         (textual inversion); by default it runs without building a graph."""
@@ -277,7 +299,7 @@ class ModelAdapter(ABC):
     ) -> torch.Tensor:
         """The denoiser's prediction for noisy latents at noise levels sigmas (B,) (the axis s of
         objective(): the transformer gets its model_timestep form), conditioned on the batch's
-        cached text embeddings. `first_frame_fixed` (B,) bool marks the samples whose
+        text conditions (the condition_layout() keys, padded). `first_frame_fixed` (B,) bool marks the samples whose
         first latent frame is the clean conditioning image (only where image_to_video is True);
         `condition` is the image condition of an image_conditioned model (from split_latents)."""
 

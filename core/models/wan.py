@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .base import Denoiser, ModelAdapter, folder_identity
+from .conditions import ConditionSpec
 from .wan_attention import FrameLocalAttention
 
 if TYPE_CHECKING:
@@ -165,8 +166,12 @@ class WanAdapter(ModelAdapter):
         _place(self._vae, device, dtype)
         return self._vae
 
-    def load_text_encoder(self, device: torch.device | str, dtype: torch.dtype, weight_dtype: str | None = None) -> Any:
+    def load_text_encoder(self, device: torch.device | str, dtype: torch.dtype, weight_dtype: str | None = None,
+                          *, name: str = "text_encoder") -> Any:
         from core.memory.quantize import is_quantized_dtype
+
+        if name != "text_encoder":
+            raise ValueError(f"{self.family} has one text encoder, text_encoder; there is no {name!r}")
 
         quantized = weight_dtype if weight_dtype is not None and is_quantized_dtype(weight_dtype) else None
         if self._text_encoder is not None and quantized != self._text_quantized:
@@ -198,9 +203,14 @@ class WanAdapter(ModelAdapter):
         work = device if torch.device(device).type == "cuda" else None
         quantize_model(self._text_encoder, weight_dtype, include=self.quantize_filter("text_encoder", weight_dtype), work_device=work)
 
-    def text_parts(self) -> tuple[Any, Any]:
-        """(tokenizer, text encoder) as load_text_encoder left them (None, None before)."""
-        return self._tokenizer, self._text_encoder
+    def text_parts(self) -> dict[str, tuple[Any, Any]]:
+        """{"text_encoder": (tokenizer, text encoder)} as load_text_encoder left them (None, None before)."""
+        return {"text_encoder": (self._tokenizer, self._text_encoder)}
+
+    def condition_layout(self) -> dict[str, ConditionSpec]:
+        # UMT5's (512, D) embeddings zeroed past each caption's tokens, padded back in the collate,
+        # and the (512,) mask, stored whole: predict reads prompt_embeds (the transformer takes no mask).
+        return {"prompt_embeds": ConditionSpec(0, 0.0), "prompt_mask": ConditionSpec(None, False)}
 
     def unload_encoders(self) -> None:
         self._vae = self._text_encoder = self._tokenizer = None

@@ -41,7 +41,7 @@ def sample_video(
     index = _read_json(adapter.folder / "model_index.json")
     # The folder's own scheduler class (UniPC for the Wan releases), as from_pretrained would pick.
     scheduler_type = getattr(diffusers, str(index.get("scheduler", [None, ""])[1]), None) or UniPCMultistepScheduler
-    if adapter.text_parts()[1] is None:
+    if adapter.text_parts()["text_encoder"][1] is None:
         adapter.load_text_encoder(device, dtype)
     # else: the encoder already loaded is used as it is: the run's own storage (quantized or not), and
     # during training the one that trains (fine-tuned, or carrying textual-inversion tokens).

@@ -10,8 +10,9 @@ lie past the table's end (or in the rows real checkpoints pad the vocabulary wit
 Trainer integration (captions with a placeholder are not served from the text cache):
 - optimizer: `placeholders.parameters()` at embedding_learning_rate; the text encoder stays frozen;
 - each step: `live = encode_captions_live(adapter, captions, placeholders)` (runs encode_text with
-  grad=True for the captions that contain a placeholder), then `merge_live_embeddings(batch, live)`
-  puts those rows into the batch's prompt_embeds / prompt_mask; the loss then reaches the rows;
+  grad=True for the captions that contain a placeholder), then `merge_live_embeddings(batch, live,
+  adapter.condition_layout())` puts those rows into every condition key of the batch, each on its
+  own pad axis; the loss then reaches the rows;
 - backups: `placeholders.state_dict()` / `load_state_dict()`; output: core.export.embedding;
 - cleanup: `placeholders.remove()` restores the original module and tokenizer.
 """
@@ -26,6 +27,7 @@ import torch
 from torch import nn
 
 from core.errors import ConfigError
+from core.models.conditions import TEXT_LAYOUT, ConditionSpec, pad_axis_to, used_length
 
 logger = logging.getLogger(__name__)
 
@@ -238,39 +240,41 @@ def check_captions_hold_placeholders(config: dict[str, Any], captions: Sequence[
 
 
 def encode_captions_live(adapter: Any, captions: Sequence[str], placeholders: PlaceholderEmbeddings) -> dict[str, Any]:
-    """Encode, with autograd, the captions that contain a placeholder.
+    """Encode, with autograd, the captions that contain a placeholder (the tokens are the same in
+    every encoder that has them, so one encoder's placeholders tell).
 
-    Returns {"indices": [batch row, ...], "prompt_embeds": (k, L, D), "prompt_mask": (k, L)}; with
-    no placeholder caption, indices is empty and the tensors are None (nothing to merge).
+    Returns {"indices": [batch row, ...], **encode_text's keys (k, ...)}; with no placeholder
+    caption, {"indices": []} (nothing to merge).
     """
     indices = [i for i, caption in enumerate(captions) if placeholders.contains_placeholder(caption)]
     if not indices:
-        return {"indices": [], "prompt_embeds": None, "prompt_mask": None}
+        return {"indices": []}
     encoded = adapter.encode_text([captions[i] for i in indices], grad=True)
     return {"indices": indices, **encoded}
 
 
-def merge_live_embeddings(batch: Mapping[str, Any], live: Mapping[str, Any]) -> dict[str, Any]:
-    """A copy of batch with the live rows in prompt_embeds / prompt_mask (out of place, so grads flow).
+def merge_live_embeddings(batch: Mapping[str, Any], live: Mapping[str, Any],
+                          layout: Mapping[str, ConditionSpec] | None = None) -> dict[str, Any]:
+    """A copy of batch with the live rows in each condition key (out of place, so grads flow).
 
-    Live embeddings are cast to the batch's dtype and device, and zero-padded or trimmed to the
-    batch's text width; when a live caption has tokens beyond that width the batch is widened
-    with zeros instead (never cutting tokens).
+    layout: the adapter's condition_layout() (by default one encoder's prompt_embeds and
+    prompt_mask). Live tensors are cast to the batch's dtype and device. A padded key is padded
+    with its pad value or trimmed to the batch's length on its own axis; when a live caption uses
+    more of that axis than the batch holds, the batch is widened with the pad value instead (never
+    cutting tokens). A fixed-size key is copied in as it is.
     """
     out = dict(batch)
     indices = list(live.get("indices") or [])
     if not indices:
         return out
-    embeds, mask = batch["prompt_embeds"], batch["prompt_mask"]
-    new, new_mask = live["prompt_embeds"].to(device=embeds.device, dtype=embeds.dtype), live["prompt_mask"].to(mask.device).bool()
-    width, needed = embeds.shape[1], int(new_mask.sum(dim=1).max())
-    if needed > width:
-        embeds = nn.functional.pad(embeds, (0, 0, 0, needed - width))
-        width = needed
-    new = nn.functional.pad(new, (0, 0, 0, width - new.shape[1])) if new.shape[1] < width else new[:, :width]
-    mask_width = mask.shape[1]
-    new_mask = nn.functional.pad(new_mask, (0, mask_width - new_mask.shape[1])) if new_mask.shape[1] < mask_width else new_mask[:, :mask_width]
-    rows = torch.tensor(indices, device=embeds.device)
-    out["prompt_embeds"] = embeds.index_copy(0, rows, new)
-    out["prompt_mask"] = mask.bool().index_copy(0, rows.to(mask.device), new_mask)
+    for name, spec in (TEXT_LAYOUT if layout is None else layout).items():
+        old = batch[name]
+        new = live[name].to(device=old.device, dtype=old.dtype)
+        if spec.pad_axis is not None:
+            dim = spec.pad_axis + 1  # the batch's axis
+            needed = used_length(new, dim, spec.pad_value)
+            if needed > old.shape[dim]:
+                old = pad_axis_to(old, dim, needed, spec.pad_value)
+            new = pad_axis_to(new, dim, old.shape[dim], spec.pad_value)
+        out[name] = old.index_copy(0, torch.tensor(indices, device=old.device), new)
     return out

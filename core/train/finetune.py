@@ -12,7 +12,7 @@ take a gradient of in a packed int8/fp8/nf4 tensor).
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,10 +44,13 @@ def _part_lr(config: dict[str, Any], part: str) -> float:
 
 
 def finetune_param_groups(
-    config: dict[str, Any], transformers: Sequence[torch.nn.Module], text_encoder: torch.nn.Module | None = None
+    config: dict[str, Any], transformers: Sequence[torch.nn.Module],
+    text_encoders: Mapping[str, torch.nn.Module] | None = None,
 ) -> list[dict[str, Any]]:
-    """Param groups for FINE_TUNE: one per transformer (expert) at transformer.learning_rate, and the
-    text encoder at text_encoder.learning_rate when text_encoder.train is on. Each group carries "name".
+    """Param groups for FINE_TUNE: one per transformer (expert) at transformer.learning_rate, and one
+    per text encoder whose section (text_encoder, text_encoder_2, ...: the names of `text_encoders`,
+    the adapter's text_encoder_names that train) says train, at that section's learning_rate. Each
+    group carries "name".
 
     `transformers` are the ones that train (for Wan 2.2 A14B those experts.train chooses). A part whose
     learning rate is 0 gets no group: it stays frozen and takes no optimizer memory.
@@ -58,12 +61,15 @@ def finetune_param_groups(
         for i, transformer in enumerate(transformers):
             name = "transformer" if i == 0 else f"transformer_{i + 1}"
             groups.append({"params": [p for p in transformer.parameters() if p.requires_grad], "lr": transformer_lr, "name": name})
-    if config["text_encoder"]["train"]:
-        if text_encoder is None:
-            raise ValueError("text_encoder.train is on but no text encoder was given")
-        encoder_lr = _part_lr(config, "text_encoder")
+    encoders = dict(text_encoders or {})
+    if config["text_encoder"]["train"] and "text_encoder" not in encoders:
+        raise ValueError("text_encoder.train is on but no text encoder was given")
+    for part, encoder in encoders.items():
+        if not config[part]["train"]:
+            continue
+        encoder_lr = _part_lr(config, part)
         if encoder_lr > 0:
-            groups.append({"params": [p for p in text_encoder.parameters() if p.requires_grad], "lr": encoder_lr, "name": "text_encoder"})
+            groups.append({"params": [p for p in encoder.parameters() if p.requires_grad], "lr": encoder_lr, "name": part})
     groups = [g for g in groups if g["params"]]
     for group in groups:
         log.info("fine-tune group %s: %d tensors, %d weights, lr %g", group["name"], len(group["params"]),
@@ -71,14 +77,15 @@ def finetune_param_groups(
     return groups
 
 
-def finetune_problems(config: dict[str, Any], cuda: bool, world_size: int = 1) -> list[ConfigError]:
-    """Every reason this FINE_TUNE config cannot run, each naming its key; empty for other methods."""
+def finetune_problems(config: dict[str, Any], cuda: bool, world_size: int = 1,
+                      text_encoders: Sequence[str] = ("text_encoder",)) -> list[ConfigError]:
+    """Every reason this FINE_TUNE config cannot run, each naming its key; empty for other methods.
+    text_encoders: the family's text encoders (adapter.text_encoder_names), each checked by its section."""
     if config["training_method"] != "FINE_TUNE":
         return []
     problems: list[ConfigError] = []
     parts = [("transformer", config["transformer"]["train"])]
-    if config["text_encoder"]["train"]:
-        parts.append(("text_encoder", True))
+    parts += [(name, True) for name in text_encoders if config[name]["train"]]
     for part, trains in parts:
         dtype = config[part]["weight_dtype"]
         if trains and dtype in QUANTIZED:

@@ -75,9 +75,10 @@ def _training_state_kept(modules: list[Any]) -> Iterator[None]:
         restore_rng_states(states)
 
 
-def _held_text_encoder(adapter: Any) -> Any:
+def _text_encoders(adapter: Any) -> dict[str, Any]:
+    """The adapter's text encoders by name, None where not loaded ({} for an adapter without any)."""
     text_parts = getattr(adapter, "text_parts", None)
-    return text_parts()[1] if text_parts is not None else None
+    return {name: encoder for name, (_, encoder) in text_parts().items()} if text_parts is not None else {}
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
@@ -151,21 +152,22 @@ class SampleMaker:
             "steps": int(sampling["inference_steps"]), "guidance_scale": float(sampling["guidance_scale"]),
             "seed": int(sampling["seed"]), "device": self.device, "dtype": self.dtype,
         }
-        # A text encoder that training holds (fine-tuned, or carrying textual-inversion tokens) is
-        # sampled as it is and its flags are restored like the denoisers'.
-        held = _held_text_encoder(self.adapter) if not self.unload_encoders_after else None
-        if held is None and getattr(self.adapter, "text_parts", None) is not None and self.adapter.text_parts()[1] is None:
-            # Loaded here in the run's text_encoder.weight_dtype (a quantized storage stays quantized);
+        # Text encoders that training holds (fine-tuned, or carrying textual-inversion tokens) are
+        # sampled as they are and their flags are restored like the denoisers'.
+        encoders = _text_encoders(self.adapter)
+        held = [e for e in encoders.values() if e is not None] if not self.unload_encoders_after else []
+        missing = [name for name, encoder in encoders.items() if encoder is None]
+        if missing:
+            # Loaded here each in its own section's weight_dtype (a quantized storage stays quantized);
             # the family's sampler uses an encoder that is already loaded as it is.
-            from core.models.dtypes import compute_dtype
+            from core.models.conditions import load_text_encoders, text_weight_dtypes
 
-            weight_dtype = self.config["text_encoder"]["weight_dtype"]
-            self.adapter.load_text_encoder(self.device, compute_dtype(weight_dtype), weight_dtype)
+            load_text_encoders(self.adapter, self.device, text_weight_dtypes(self.adapter, self.config), missing)
         written: list[Path] = []
         try:
-            with _training_state_kept([*denoisers.values(), *([held] if held is not None else [])]):
-                if held is not None:
-                    held.eval()  # no dropout in the samples; the flags come back after
+            with _training_state_kept([*denoisers.values(), *held]):
+                for encoder in held:
+                    encoder.eval()  # no dropout in the samples; the flags come back after
                 for index, prompt in enumerate(prompts):
                     path = self._one(step, index, len(prompts), prompt, denoisers, args, image, fps)
                     if path is not None:

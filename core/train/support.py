@@ -15,8 +15,10 @@ from core.memory.offload import offload_config_problem
 FLOAT_WEIGHT_DTYPES = ("FLOAT_32", "BFLOAT_16", "FLOAT_16")
 
 
-def refusals(config: dict[str, Any], family: str, *, world_size: int = 1, cuda: bool = False) -> list[ConfigError]:
-    """Settings whose value this engine cannot honour; training must not start with any."""
+def refusals(config: dict[str, Any], family: str, *, world_size: int = 1, cuda: bool = False,
+             text_encoders: tuple[str, ...] = ("text_encoder",)) -> list[ConfigError]:
+    """Settings whose value this engine cannot honour; training must not start with any.
+    text_encoders: the family's text encoders by settings section (adapter.text_encoder_names)."""
     out = []
     method = config["training_method"]
 
@@ -31,17 +33,18 @@ def refusals(config: dict[str, Any], family: str, *, world_size: int = 1, cuda: 
     if config["vae"]["train"]:
         refuse("vae.train", "vae.train: the VAE only encodes the clips (cached) and decodes samples; no method trains it, turn it off")
     if method == "LORA":
-        if config["text_encoder"]["train"]:
-            refuse("text_encoder.train", "text_encoder.train: LORA trains the transformer; train the text encoder with "
-                   "FINE_TUNE, or turn it off")
+        for part in text_encoders:
+            if config[part]["train"]:
+                refuse(f"{part}.train", f"{part}.train: LORA trains the transformer; train the text encoder with "
+                       "FINE_TUNE, or turn it off")
         if not config["transformer"]["train"]:
             refuse("transformer.train", "transformer.train is off, so a LoRA run would train nothing; turn it on")
     elif method == "FINE_TUNE":
         from .finetune import finetune_problems
 
-        out.extend(finetune_problems(config, cuda=cuda, world_size=world_size))
+        out.extend(finetune_problems(config, cuda=cuda, world_size=world_size, text_encoders=text_encoders))
     elif method == "EMBEDDING":
-        for part in ("transformer", "text_encoder"):
+        for part in ("transformer", *text_encoders):
             if config[part]["train"]:
                 refuse(f"{part}.train", f"{part}.train: EMBEDDING trains only the new token embeddings; turn it off "
                        "(or train the weights with LORA or FINE_TUNE)")

@@ -159,7 +159,8 @@ class Trainer:
     def _check(self, adapter: Any, world_size: int) -> None:
         import torch
 
-        problems = refusals(self.config, adapter.family, world_size=world_size, cuda=torch.cuda.is_available())
+        problems = refusals(self.config, adapter.family, world_size=world_size, cuda=torch.cuda.is_available(),
+                            text_encoders=adapter.text_encoder_names)
         if self.config["train_dtype"] == "FLOAT_16" and not torch.cuda.is_available():
             # accelerate would silently compute in float32 on a CPU.
             problems.append(ConfigError("train_dtype FLOAT_16 needs a CUDA GPU; on a CPU use FLOAT_32 or BFLOAT_16", key="train_dtype"))
