@@ -99,7 +99,7 @@ def test_fine_tune_resumes_exactly(tiny_wan: Path, concept_clips: Path, tmp_path
 
 
 def test_embedding_trains_only_the_new_rows_and_loads_back(tiny_wan: Path, concept_clips: Path, tmp_path: Path) -> None:
-    from core.export.embedding import load_embedding
+    from core.train.embedding import load_embedding
     from core.models.wan import WanAdapter
 
     output = tmp_path / "out" / "concept.safetensors"
