@@ -32,7 +32,8 @@ from core.train import output_guard
 from core.train.backup import BackupFolder
 from core.train.events import TrainerCallbacks
 from core.train.loop import Loop
-from core.train.output_guard import WRITTEN_BY, Target, check_outputs, planned_targets
+from core.train.methods.base import WRITTEN_BY
+from core.train.output_guard import Target, check_outputs, planned_targets
 from core.train.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

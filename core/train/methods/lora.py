@@ -10,7 +10,7 @@ from core.errors import UserError
 from core.models.base import Denoiser, ModelAdapter
 from core.models.dtypes import compute_dtype
 
-from .base import TrainedParts, ema_path
+from .base import WRITTEN_BY, TrainedParts, ema_path
 
 
 class LoraParts(TrainedParts):
@@ -65,8 +65,6 @@ class LoraParts(TrainedParts):
     def save(self, models: list[Any], steps: int, *, ema_suffix: str = "") -> list[Path]:
         """One LoRA file, or one per trained expert of a two-expert model (_high_noise, _low_noise)."""
         from core.export.lora import save_lora
-
-        from ..output_guard import WRITTEN_BY
 
         config, lora = self.config, self.config["lora"]
         names = [d.name for d in self.denoisers]
