@@ -4,6 +4,7 @@ that loads into the pipeline's matching transformer."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from media_factory import make_clip
 from core.config import load_preset, resolve
 from core.errors import ConfigError
 from core.export.lora import lora_state_dict
+from core.models.base import SampleRequest
 from core.models.tiny import build_tiny_model
 from core.train import loop as loop_module
 from core.train import optim as optim_module
@@ -249,10 +251,12 @@ def test_the_image_condition_reaches_the_model(a14b_i2v: Path) -> None:
         other = adapter.predict(transformer, latents, torch.tensor([0.95]), batch, condition=condition + 1)
     assert one.shape == latents.shape and not torch.allclose(one, other)
 
-    args = {"width": 32, "height": 32, "frames": 5, "steps": 2, "guidance_scale": 1.0, "seed": 0, "device": "cpu", "dtype": torch.float32}
+    request = SampleRequest("a red square", width=32, height=32, frames=5, steps=2, guidance_scale=1.0, seed=0)
+    args = {"device": "cpu", "dtype": torch.float32}
     from core.errors import UserError
 
     with pytest.raises(UserError, match="needs an image"):
-        adapter.sample({"transformer": transformer}, "a red square", **args)
-    video = adapter.sample({"transformer": transformer}, "a red square", image=torch.zeros(32, 32, 3, dtype=torch.uint8).numpy(), **args)
+        adapter.sample({"transformer": transformer}, request, **args)
+    image = torch.zeros(32, 32, 3, dtype=torch.uint8).numpy()
+    video = adapter.sample({"transformer": transformer}, dataclasses.replace(request, image=image), **args)
     assert video.shape == (5, 32, 32, 3)
