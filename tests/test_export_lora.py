@@ -22,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from core.errors import UserError
+from core.export.comfy_wan import diffusers_to_comfy
 from core.export.lora import expert_output_paths, lora_state_dict, save_lora
 from core.models.tiny import build_tiny_model
 
@@ -157,7 +158,7 @@ def test_bf16_is_the_default_and_close(trained, wan21, tmp_path):
     assert _max_rel_err(_out(pipe.transformer), trained_out) < 2e-2
 
     comfy = save_lora(tmp_path / "comfy.safetensors", transformer, rank=RANK, alpha=ALPHA,
-                      output_format="COMFY", metadata=None)
+                      output_format="COMFY", metadata=None, comfy_keys=diffusers_to_comfy)
     tensors = load_file(comfy)
     assert {t.dtype for k, t in tensors.items() if not k.endswith(".alpha")} == {torch.bfloat16}
     assert {t.dtype for k, t in tensors.items() if k.endswith(".alpha")} == {torch.float32}
@@ -173,7 +174,8 @@ def test_comfy_keys_alpha_and_roundtrip(trained, wan21, tmp_path):
 
     transformer, trained_out = trained
     comfy_path = save_lora(tmp_path / "comfy.safetensors", transformer, rank=RANK, alpha=ALPHA,
-                           output_format="COMFY", metadata={"note": "x"}, dtype="fp32")
+                           output_format="COMFY", metadata={"note": "x"}, dtype="fp32",
+                           comfy_keys=diffusers_to_comfy)
     comfy = load_file(comfy_path)
     for key in comfy:
         assert any(p.match(key) for p in COMFY_KEY_PATTERNS), key
@@ -236,11 +238,11 @@ def test_expert_output_paths():
 def test_bad_paths_are_user_errors(trained, tmp_path):
     transformer, _ = trained
     with pytest.raises(UserError, match=r"\.safetensors"):
-        save_lora(tmp_path / "lora.pt", transformer, rank=RANK, alpha=ALPHA, output_format="COMFY", metadata=None)
+        save_lora(tmp_path / "lora.pt", transformer, rank=RANK, alpha=ALPHA, output_format="COMFY", metadata=None, comfy_keys=diffusers_to_comfy)
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     with pytest.raises(UserError, match="cannot create the folder") as info:
-        save_lora(blocker / "sub" / "lora.safetensors", transformer, rank=RANK, alpha=ALPHA, output_format="COMFY", metadata=None)
+        save_lora(blocker / "sub" / "lora.safetensors", transformer, rank=RANK, alpha=ALPHA, output_format="COMFY", metadata=None, comfy_keys=diffusers_to_comfy)
     assert "\n" not in str(info.value)
     with pytest.raises(UserError, match="format"):
         save_lora(tmp_path / "lora.safetensors", transformer, rank=RANK, alpha=ALPHA, output_format="KOHYA", metadata=None)
@@ -262,7 +264,7 @@ def test_failed_rename_leaves_no_file(trained, tmp_path, monkeypatch):
 
     target.write_bytes(b"the previous run's file")
     with pytest.raises(UserError, match="could not write"):
-        save_lora(target, transformer, rank=RANK, alpha=ALPHA, output_format="COMFY", metadata=None)
+        save_lora(target, transformer, rank=RANK, alpha=ALPHA, output_format="COMFY", metadata=None, comfy_keys=diffusers_to_comfy)
     assert target.read_bytes() == b"the previous run's file"
     assert os.listdir(target.parent) == ["lora.safetensors"]
 

@@ -8,14 +8,14 @@ and what the caller passes (initializer words, base model, step), JSON-encoded w
 Loaders that accept the file (tests/test_embedding.py checks each):
 - core.train.embedding.load_embedding(), into our sampler's tokenizer + text encoder (and for resuming);
 - diffusers' TextualInversionLoaderMixin.load_textual_inversion, on a pipeline class that has
-  the mixin and a UMT5 tokenizer + encoder, e.g. `class P(WanPipeline, TextualInversionLoaderMixin)`
-  (WanPipeline itself does not inherit the mixin, so `WanPipeline.load_textual_inversion` does
-  not exist). A one-token file loads by path: `pipe.load_textual_inversion("x.safetensors")`;
-  WanPipeline's own encode_prompt then gives the embeddings our sampler gives.
+  the mixin and the family's tokenizer + encoder, e.g. `class P(<Family>Pipeline,
+  TextualInversionLoaderMixin)` (a pipeline without the mixin has no `load_textual_inversion`).
+  A one-token file loads by path: `pipe.load_textual_inversion("x.safetensors")`; the pipeline's
+  own encode_prompt then gives the embeddings our sampler gives.
   A file with several tokens is refused by path (diffusers wants exactly one key per file);
   it loads as `pipe.load_textual_inversion([{k: v} for k, v in load_file(path).items()])`.
-  Note that diffusers resizes the embedding matrix to len(tokenizer) + n, which for Wan's padded
-  UMT5 vocabulary (256384 rows) drops the unused padding rows; outputs are unaffected.
+  Note that diffusers resizes the embedding matrix to len(tokenizer) + n, which for a vocabulary
+  padded beyond the tokenizer's length drops the unused padding rows; outputs are unaffected.
 Not tested: ComfyUI or other UIs' embedding loaders.
 """
 

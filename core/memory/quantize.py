@@ -4,7 +4,7 @@ Order in a run: load the transformer (compute dtype: bfloat16 for every quantize
 here, then add the LoRA (peft wraps the quantized layers and trains in float32 on top of them).
 
 - Which layers: by default every nn.Linear inside the transformer's blocks (`blocks.N....`): they
-  hold about 98% of a real Wan transformer's weights. The patch embedding, the condition embedder,
+  hold about 98% of a real video transformer's weights. The patch embedding, the condition embedder,
   the norms and proj_out stay in the compute dtype: small, and sensitive to rounding. `include`
   widens or narrows the choice.
 - FLOAT_8 / INT_8: one byte per weight plus one scale per output row (quanto qfloat8_e4m3fn / qint8).

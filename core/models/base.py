@@ -204,6 +204,11 @@ class ModelAdapter(ABC):
     def default_lora_targets(self) -> list[str]:
         """Module names (suffixes) that get LoRA when lora.target_layers is empty."""
 
+    def comfy_lora_keys(self) -> Any:
+        """The family's ComfyUI LoRA key map (core.export.lora.ComfyKeys), or None where ComfyUI has
+        no native format for it tested here: output_format COMFY is then refused by name."""
+        return None
+
     @abstractmethod
     def predict(
         self, transformer: Any, noisy: torch.Tensor, sigmas: torch.Tensor, batch: dict[str, Any],

@@ -378,6 +378,11 @@ class WanAdapter(ModelAdapter):
                 "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0",
                 "ffn.net.0.proj", "ffn.net.2"]
 
+    def comfy_lora_keys(self) -> Any:
+        from core.export.comfy_wan import diffusers_to_comfy  # the original Wan code's module names
+
+        return diffusers_to_comfy
+
     # -- sampling ----------------------------------------------------------------------------------
     def sample(self, denoisers: dict[str, Any], request: SampleRequest, *, device: torch.device | str,
                dtype: torch.dtype) -> Any:

@@ -49,7 +49,7 @@ def finetune_param_groups(
     """Param groups for FINE_TUNE: one per transformer (expert) at transformer.learning_rate, and the
     text encoder at text_encoder.learning_rate when text_encoder.train is on. Each group carries "name".
 
-    `transformers` are the ones that train (for Wan 2.2 A14B those experts.train chooses). A part whose
+    `transformers` are the ones that train (for a two-expert model those experts.train chooses). A part whose
     learning rate is 0 gets no group: it stays frozen and takes no optimizer memory.
     """
     groups: list[dict[str, Any]] = []

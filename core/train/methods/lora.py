@@ -77,5 +77,6 @@ class LoraParts(TrainedParts):
             if ema_suffix:
                 metadata["video_trainer.ema_decay"] = str(config["ema"]["decay"])
             saved.append(save_lora(paths[name], model, rank=lora["rank"], alpha=lora["alpha"],
-                                   output_format=config["output_format"], metadata=metadata))
+                                   output_format=config["output_format"], metadata=metadata,
+                                   comfy_keys=self.adapter.comfy_lora_keys()))
         return saved
