@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,14 +18,12 @@ from conftest import ROOT
 from core import identity
 from core.errors import UserError
 from core.models.registry import adapter_for, detect_family
-from core.models.tiny import build_tiny_model
 from core.models.wan import WanAdapter
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("tiny-models")
-    return {family: build_tiny_model(family, root / family) for family in ("wan21", "wan22_ti2v_5b", "wan22_a14b")}
+def models(tiny_model: Callable[[str], Path]) -> dict[str, Path]:
+    return {family: tiny_model(family) for family in ("wan21", "wan22_ti2v_5b", "wan22_a14b")}
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ that loads into the pipeline's matching transformer."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,6 @@ from core.config import load_preset, resolve
 from core.errors import ConfigError
 from core.export.lora import lora_state_dict
 from core.models.base import SampleRequest
-from core.models.tiny import build_tiny_model
 from core.train import loop as loop_module
 from core.train import optim as optim_module
 from core.train.events import TrainerCallbacks
@@ -28,8 +28,8 @@ BOUNDARY = 0.875  # the tiny A14B's model_index.json, as the real T2V model's
 
 
 @pytest.fixture(scope="module")
-def a14b(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_model("wan22_a14b", tmp_path_factory.mktemp("models") / "a14b")
+def a14b(tiny_model: Callable[[str], Path]) -> Path:
+    return tiny_model("wan22_a14b")
 
 
 @pytest.fixture(scope="module")
@@ -158,8 +158,9 @@ def test_a_boundary_setting_moves_the_split(a14b: Path, clip: Path, tmp_path: Pa
     assert all(500 <= r["timestep"] for r in records) and any(r["timestep"] < BOUNDARY * 1000 for r in records)
 
 
-def test_expert_settings_on_a_one_transformer_model_are_refused(clip: Path, tmp_path: Path) -> None:
-    wan21 = build_tiny_model("wan21", tmp_path / "wan21")
+def test_expert_settings_on_a_one_transformer_model_are_refused(clip: Path, tmp_path: Path,
+                                                                 tiny_model: Callable[[str], Path]) -> None:
+    wan21 = tiny_model("wan21")
     for experts, key in (({"train": "HIGH_NOISE"}, "experts.train"), ({"boundary": 0.5}, "experts.boundary")):
         with pytest.raises(ConfigError) as info:
             Trainer(_config(wan21, clip, tmp_path, experts=experts)).run()
@@ -195,8 +196,8 @@ def test_a_single_file_checkpoint_is_refused_for_two_experts(a14b: Path, clip: P
 
 
 @pytest.fixture(scope="module")
-def a14b_i2v(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_model("wan22_a14b_i2v", tmp_path_factory.mktemp("models") / "a14b_i2v")
+def a14b_i2v(tiny_model: Callable[[str], Path]) -> Path:
+    return tiny_model("wan22_a14b_i2v")
 
 
 def test_image_to_video_experts_learn_from_the_first_frame(a14b_i2v: Path, clip: Path, tmp_path: Path,

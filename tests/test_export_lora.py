@@ -24,7 +24,6 @@ from safetensors.torch import load_file
 from core.errors import UserError
 from core.export.comfy_wan import diffusers_to_comfy
 from core.export.lora import expert_output_paths, lora_state_dict, save_lora
-from core.models.tiny import build_tiny_model
 
 RANK, ALPHA = 4, 8
 BLOCK_TARGETS = ["attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
@@ -75,8 +74,8 @@ def _pipe(folder: Path):
 
 
 @pytest.fixture(scope="module")
-def wan21(tmp_path_factory) -> Path:
-    return build_tiny_model("wan21", tmp_path_factory.mktemp("tiny") / "wan21")
+def wan21(tiny_model) -> Path:
+    return tiny_model("wan21")
 
 
 @pytest.fixture(scope="module")
@@ -204,8 +203,8 @@ def test_comfy_keys_alpha_and_roundtrip(trained, wan21, tmp_path):
     torch.testing.assert_close(_out(pipe.transformer), trained_out, atol=1e-4, rtol=1e-4)
 
 
-def test_a14b_experts_get_their_own_files(tmp_path):
-    a14b = build_tiny_model("wan22_a14b", tmp_path / "a14b")
+def test_a14b_experts_get_their_own_files(tiny_model, tmp_path):
+    a14b = tiny_model("wan22_a14b")
     pipe = _pipe(a14b)
     _add_lora(pipe.transformer, BLOCK_TARGETS, seed=2)
     _add_lora(pipe.transformer_2, BLOCK_TARGETS, seed=3)

@@ -4,6 +4,7 @@ download into it), or a single-file transformer checkpoint in transformer.model_
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -13,13 +14,12 @@ from safetensors.torch import save_file
 from core.errors import ConfigError
 from core.models import registry
 from core.models.base import SampleRequest
-from core.models.tiny import build_tiny_model
 from core.models.wan import WanAdapter
 
 
 @pytest.fixture(scope="module")
-def wan21(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_model("wan21", tmp_path_factory.mktemp("models") / "wan21")
+def wan21(tiny_model: Callable[[str], Path]) -> Path:
+    return tiny_model("wan21")
 
 
 # diffusers -> the original Wan release's names: the inverse of diffusers' convert_wan_transformer_to_diffusers.

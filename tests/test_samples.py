@@ -6,6 +6,7 @@ import logging
 import os
 import random
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,6 @@ import torch
 from core.config.settings import defaults
 from core.export.video_file import read_video_frames, write_mp4
 from core.models.base import SampleRequest
-from core.models.tiny import build_tiny_model
 from core.models.wan import WanAdapter
 from core.train.samples import SampleMaker, sample_file_name, should_sample
 
@@ -27,9 +27,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("models")
-    return {family: build_tiny_model(family, root / family) for family in ("wan21", "wan22_ti2v_5b", "wan22_a14b", "wan22_a14b_i2v")}
+def models(tiny_model: Callable[[str], Path]) -> dict[str, Path]:
+    return {family: tiny_model(family) for family in ("wan21", "wan22_ti2v_5b", "wan22_a14b", "wan22_a14b_i2v")}
 
 
 def _config(prompts: list[str], **sampling: Any) -> dict[str, Any]:
