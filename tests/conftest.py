@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -51,6 +51,31 @@ def bin_dir(tmp_path: Path) -> Path:
     d = tmp_path / "bin"
     d.mkdir()
     return d
+
+
+def _listing(folder: Path) -> dict[str, tuple[int, int]]:
+    return {p.relative_to(folder).as_posix(): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[str], Path]]:
+    """tiny_model(family) -> the folder of that family's tiny model (core.models.tiny, seed 0), built
+    on first use and shared by the whole session. Tests only read it (copy it to change it): at the
+    session's end a folder whose files changed is an error, naming the family."""
+    from core.models.tiny import build_tiny_model
+
+    root = tmp_path_factory.mktemp("tiny-models")
+    built: dict[str, tuple[Path, dict[str, tuple[int, int]]]] = {}
+
+    def folder(family: str) -> Path:
+        if family not in built:
+            path = build_tiny_model(family, root / family)
+            built[family] = (path, _listing(path))
+        return built[family][0]
+
+    yield folder
+    changed = [family for family, (path, listing) in built.items() if _listing(path) != listing]
+    assert changed == [], f"tests changed the shared tiny models of {changed}; copy a model to change it"
 
 
 # The engine-settings harness (tests/engine_runs.py): one tiny model, clips and cache per test module.

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from core.errors import ConfigError, UserError
-from core.export.embedding import load_embedding, read_embedding, save_embedding
+from core.export.embedding import read_embedding, save_embedding
 from core.models.wan import WanAdapter
 from core.train.embedding import (
     TOKENS_KEY,
@@ -16,6 +16,7 @@ from core.train.embedding import (
     PlaceholderEmbeddings,
     add_placeholder_tokens,
     encode_captions_live,
+    load_embedding,
     merge_live_embeddings,
 )
 

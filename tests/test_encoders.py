@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,17 +15,15 @@ import pytest
 import torch
 
 from conftest import ROOT
+from core import identity
 from core.errors import UserError
-from core.models import base
 from core.models.registry import adapter_for, detect_family
-from core.models.tiny import build_tiny_model
 from core.models.wan import WanAdapter
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("tiny-models")
-    return {family: build_tiny_model(family, root / family) for family in ("wan21", "wan22_ti2v_5b", "wan22_a14b")}
+def models(tiny_model: Callable[[str], Path]) -> dict[str, Path]:
+    return {family: tiny_model(family) for family in ("wan21", "wan22_ti2v_5b", "wan22_a14b")}
 
 
 @pytest.fixture(scope="module")
@@ -143,18 +142,18 @@ def test_identity_changes_when_a_weight_file_changes(models: dict[str, Path], tm
 def test_big_files_are_hashed_by_size_head_and_tail(tmp_path: Path) -> None:
     big = tmp_path / "big.safetensors"
     with open(big, "wb") as handle:  # sparse: costs no disk
-        handle.truncate(base.FULL_HASH_LIMIT + 10)
-    first = base.file_digest(big)
+        handle.truncate(identity.FULL_HASH_LIMIT + 10)
+    first = identity.file_digest(big)
     with open(big, "r+b") as handle:
-        handle.seek(base.FULL_HASH_LIMIT // 2)
+        handle.seek(identity.FULL_HASH_LIMIT // 2)
         handle.write(b"x")  # the middle: not read, by design
     os.utime(big, ns=(0, 10**9))
-    assert base.file_digest(big) == first
+    assert identity.file_digest(big) == first
     with open(big, "r+b") as handle:
-        handle.seek(base.FULL_HASH_LIMIT + 5)
+        handle.seek(identity.FULL_HASH_LIMIT + 5)
         handle.write(b"x")
     os.utime(big, ns=(0, 2 * 10**9))
-    assert base.file_digest(big) != first
+    assert identity.file_digest(big) != first
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,8 @@ that loads into the pipeline's matching transformer."""
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +16,7 @@ from media_factory import make_clip
 from core.config import load_preset, resolve
 from core.errors import ConfigError
 from core.export.lora import lora_state_dict
-from core.models.tiny import build_tiny_model
+from core.models.base import SampleRequest
 from core.train import loop as loop_module
 from core.train import optim as optim_module
 from core.train.events import TrainerCallbacks
@@ -26,8 +28,8 @@ BOUNDARY = 0.875  # the tiny A14B's model_index.json, as the real T2V model's
 
 
 @pytest.fixture(scope="module")
-def a14b(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_model("wan22_a14b", tmp_path_factory.mktemp("models") / "a14b")
+def a14b(tiny_model: Callable[[str], Path]) -> Path:
+    return tiny_model("wan22_a14b")
 
 
 @pytest.fixture(scope="module")
@@ -156,8 +158,9 @@ def test_a_boundary_setting_moves_the_split(a14b: Path, clip: Path, tmp_path: Pa
     assert all(500 <= r["timestep"] for r in records) and any(r["timestep"] < BOUNDARY * 1000 for r in records)
 
 
-def test_expert_settings_on_a_one_transformer_model_are_refused(clip: Path, tmp_path: Path) -> None:
-    wan21 = build_tiny_model("wan21", tmp_path / "wan21")
+def test_expert_settings_on_a_one_transformer_model_are_refused(clip: Path, tmp_path: Path,
+                                                                 tiny_model: Callable[[str], Path]) -> None:
+    wan21 = tiny_model("wan21")
     for experts, key in (({"train": "HIGH_NOISE"}, "experts.train"), ({"boundary": 0.5}, "experts.boundary")):
         with pytest.raises(ConfigError) as info:
             Trainer(_config(wan21, clip, tmp_path, experts=experts)).run()
@@ -193,8 +196,8 @@ def test_a_single_file_checkpoint_is_refused_for_two_experts(a14b: Path, clip: P
 
 
 @pytest.fixture(scope="module")
-def a14b_i2v(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_model("wan22_a14b_i2v", tmp_path_factory.mktemp("models") / "a14b_i2v")
+def a14b_i2v(tiny_model: Callable[[str], Path]) -> Path:
+    return tiny_model("wan22_a14b_i2v")
 
 
 def test_image_to_video_experts_learn_from_the_first_frame(a14b_i2v: Path, clip: Path, tmp_path: Path,
@@ -249,10 +252,12 @@ def test_the_image_condition_reaches_the_model(a14b_i2v: Path) -> None:
         other = adapter.predict(transformer, latents, torch.tensor([0.95]), batch, condition=condition + 1)
     assert one.shape == latents.shape and not torch.allclose(one, other)
 
-    args = {"width": 32, "height": 32, "frames": 5, "steps": 2, "guidance_scale": 1.0, "seed": 0, "device": "cpu", "dtype": torch.float32}
+    request = SampleRequest("a red square", width=32, height=32, frames=5, steps=2, guidance_scale=1.0, seed=0)
+    args = {"device": "cpu", "dtype": torch.float32}
     from core.errors import UserError
 
     with pytest.raises(UserError, match="needs an image"):
-        adapter.sample({"transformer": transformer}, "a red square", **args)
-    video = adapter.sample({"transformer": transformer}, "a red square", image=torch.zeros(32, 32, 3, dtype=torch.uint8).numpy(), **args)
+        adapter.sample({"transformer": transformer}, request, **args)
+    image = torch.zeros(32, 32, 3, dtype=torch.uint8).numpy()
+    video = adapter.sample({"transformer": transformer}, dataclasses.replace(request, image=image), **args)
     assert video.shape == (5, 32, 32, 3)

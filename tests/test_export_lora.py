@@ -22,8 +22,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from core.errors import UserError
+from core.export.comfy_wan import diffusers_to_comfy
 from core.export.lora import expert_output_paths, lora_state_dict, save_lora
-from core.models.tiny import build_tiny_model
 
 RANK, ALPHA = 4, 8
 BLOCK_TARGETS = ["attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
@@ -74,8 +74,8 @@ def _pipe(folder: Path):
 
 
 @pytest.fixture(scope="module")
-def wan21(tmp_path_factory) -> Path:
-    return build_tiny_model("wan21", tmp_path_factory.mktemp("tiny") / "wan21")
+def wan21(tiny_model) -> Path:
+    return tiny_model("wan21")
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +157,7 @@ def test_bf16_is_the_default_and_close(trained, wan21, tmp_path):
     assert _max_rel_err(_out(pipe.transformer), trained_out) < 2e-2
 
     comfy = save_lora(tmp_path / "comfy.safetensors", transformer, rank=RANK, alpha=ALPHA,
-                      output_format="COMFY", metadata=None)
+                      output_format="COMFY", metadata=None, comfy_keys=diffusers_to_comfy)
     tensors = load_file(comfy)
     assert {t.dtype for k, t in tensors.items() if not k.endswith(".alpha")} == {torch.bfloat16}
     assert {t.dtype for k, t in tensors.items() if k.endswith(".alpha")} == {torch.float32}
@@ -173,7 +173,8 @@ def test_comfy_keys_alpha_and_roundtrip(trained, wan21, tmp_path):
 
     transformer, trained_out = trained
     comfy_path = save_lora(tmp_path / "comfy.safetensors", transformer, rank=RANK, alpha=ALPHA,
-                           output_format="COMFY", metadata={"note": "x"}, dtype="fp32")
+                           output_format="COMFY", metadata={"note": "x"}, dtype="fp32",
+                           comfy_keys=diffusers_to_comfy)
     comfy = load_file(comfy_path)
     for key in comfy:
         assert any(p.match(key) for p in COMFY_KEY_PATTERNS), key
@@ -202,8 +203,8 @@ def test_comfy_keys_alpha_and_roundtrip(trained, wan21, tmp_path):
     torch.testing.assert_close(_out(pipe.transformer), trained_out, atol=1e-4, rtol=1e-4)
 
 
-def test_a14b_experts_get_their_own_files(tmp_path):
-    a14b = build_tiny_model("wan22_a14b", tmp_path / "a14b")
+def test_a14b_experts_get_their_own_files(tiny_model, tmp_path):
+    a14b = tiny_model("wan22_a14b")
     pipe = _pipe(a14b)
     _add_lora(pipe.transformer, BLOCK_TARGETS, seed=2)
     _add_lora(pipe.transformer_2, BLOCK_TARGETS, seed=3)
@@ -236,11 +237,11 @@ def test_expert_output_paths():
 def test_bad_paths_are_user_errors(trained, tmp_path):
     transformer, _ = trained
     with pytest.raises(UserError, match=r"\.safetensors"):
-        save_lora(tmp_path / "lora.pt", transformer, rank=RANK, alpha=ALPHA, output_format="COMFY", metadata=None)
+        save_lora(tmp_path / "lora.pt", transformer, rank=RANK, alpha=ALPHA, output_format="COMFY", metadata=None, comfy_keys=diffusers_to_comfy)
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     with pytest.raises(UserError, match="cannot create the folder") as info:
-        save_lora(blocker / "sub" / "lora.safetensors", transformer, rank=RANK, alpha=ALPHA, output_format="COMFY", metadata=None)
+        save_lora(blocker / "sub" / "lora.safetensors", transformer, rank=RANK, alpha=ALPHA, output_format="COMFY", metadata=None, comfy_keys=diffusers_to_comfy)
     assert "\n" not in str(info.value)
     with pytest.raises(UserError, match="format"):
         save_lora(tmp_path / "lora.safetensors", transformer, rank=RANK, alpha=ALPHA, output_format="KOHYA", metadata=None)
@@ -262,7 +263,7 @@ def test_failed_rename_leaves_no_file(trained, tmp_path, monkeypatch):
 
     target.write_bytes(b"the previous run's file")
     with pytest.raises(UserError, match="could not write"):
-        save_lora(target, transformer, rank=RANK, alpha=ALPHA, output_format="COMFY", metadata=None)
+        save_lora(target, transformer, rank=RANK, alpha=ALPHA, output_format="COMFY", metadata=None, comfy_keys=diffusers_to_comfy)
     assert target.read_bytes() == b"the previous run's file"
     assert os.listdir(target.parent) == ["lora.safetensors"]
 

@@ -464,7 +464,7 @@ def test_a_sample_that_cannot_be_written_names_it_and_training_goes_on(tmp_path:
     from core.train.samples import SampleMaker
 
     class Adapter:  # draws a tiny video; writing its file fails
-        def sample(self, denoisers: Any, prompt: str, **kwargs: Any) -> Any:
+        def sample(self, denoisers: Any, request: Any, **kwargs: Any) -> Any:
             return np.zeros((3, 16, 16, 3), np.uint8)
 
         def unload_encoders(self) -> None:

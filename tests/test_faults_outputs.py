@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,20 +27,20 @@ from safetensors.torch import load, save_file
 import core.export.lora as lora_module
 from core.config import load_preset, resolve
 from core.errors import ConfigError, UserError
-from core.models.tiny import build_tiny_model
 from core.train import output_guard
 from core.train.backup import BackupFolder
 from core.train.events import TrainerCallbacks
 from core.train.loop import Loop
-from core.train.output_guard import WRITTEN_BY, Target, check_outputs, planned_targets
+from core.train.methods.base import WRITTEN_BY
+from core.train.output_guard import Target, check_outputs, planned_targets
 from core.train.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def tiny_wan(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_model("wan21", tmp_path_factory.mktemp("models") / "wan21")
+def tiny_wan(tiny_model: Callable[[str], Path]) -> Path:
+    return tiny_model("wan21")
 
 
 @pytest.fixture(scope="module")

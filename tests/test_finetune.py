@@ -9,6 +9,7 @@ import io
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,6 @@ from core.export.diffusers_folder import (
     recover_interrupted,
     save_diffusers_folder,
 )
-from core.models.tiny import build_tiny_model
 from core.models.wan import WanAdapter
 from core.train import optim_checks
 from core.train.finetune import finetune_param_groups, finetune_problems, make_trainable
@@ -239,13 +239,13 @@ def test_finetune_problems_name_their_keys(tmp_path: Path) -> None:
 
 # -- the diffusers folder ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def wan21(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_model("wan21", tmp_path_factory.mktemp("models") / "wan21")
+def wan21(tiny_model: Callable[[str], Path]) -> Path:
+    return tiny_model("wan21")
 
 
 @pytest.fixture(scope="module")
-def a14b(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_model("wan22_a14b", tmp_path_factory.mktemp("models") / "a14b")
+def a14b(tiny_model: Callable[[str], Path]) -> Path:
+    return tiny_model("wan22_a14b")
 
 
 def _digest(folder: Path) -> dict[str, str]:

@@ -4,6 +4,7 @@ image with timestep 0 on its tokens, and only the frames after it are learned.""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,6 @@ from media_factory import make_clip
 from core.config import load_preset, resolve
 from core.errors import ConfigError
 from core.models.objectives import expanded_timesteps
-from core.models.tiny import build_tiny_model
 from core.train.draws import sample_first_frame_fixed
 from core.train.objective import condition_first_frame, flow_matching_loss
 from core.train.trainer import Trainer
@@ -84,8 +84,9 @@ def _config(model: Path, data: Path, tmp_path: Path, share: float) -> dict[str, 
     })
 
 
-def test_ti2v_trains_image_to_video_and_other_models_refuse(clip: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    ti2v = build_tiny_model("wan22_ti2v_5b", tmp_path / "ti2v")
+def test_ti2v_trains_image_to_video_and_other_models_refuse(clip: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                            tiny_model: Callable[[str], Path]) -> None:
+    ti2v = tiny_model("wan22_ti2v_5b")
     seen: list[Any] = []
     from core.models.wan import WanAdapter
 
@@ -102,7 +103,7 @@ def test_ti2v_trains_image_to_video_and_other_models_refuse(clip: Path, tmp_path
     Trainer(_config(ti2v, clip, tmp_path, 0.0)).run()
     assert seen and all(f is None for f in seen)
 
-    wan21 = build_tiny_model("wan21", tmp_path / "wan21")
+    wan21 = tiny_model("wan21")
     with pytest.raises(ConfigError) as info:
         Trainer(_config(wan21, clip, tmp_path, 0.5)).run()
     assert info.value.key == "objective.image_to_video_share"

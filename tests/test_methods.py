@@ -4,6 +4,7 @@ files go, and the run's length) changed."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -11,20 +12,19 @@ import torch
 from media_factory import make_clip
 
 from core.config import load_preset, resolve
-from core.models.tiny import build_tiny_model
 from core.train.backup import BackupFolder
 from core.train.events import TrainerCallbacks, TrainerCommands
 from core.train.trainer import Trainer
 
 
 @pytest.fixture(scope="module")
-def tiny_wan(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_model("wan21", tmp_path_factory.mktemp("models") / "wan21")
+def tiny_wan(tiny_model: Callable[[str], Path]) -> Path:
+    return tiny_model("wan21")
 
 
 @pytest.fixture(scope="module")
-def tiny_ti2v(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_model("wan22_ti2v_5b", tmp_path_factory.mktemp("models") / "ti2v")
+def tiny_ti2v(tiny_model: Callable[[str], Path]) -> Path:
+    return tiny_model("wan22_ti2v_5b")
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +99,7 @@ def test_fine_tune_resumes_exactly(tiny_wan: Path, concept_clips: Path, tmp_path
 
 
 def test_embedding_trains_only_the_new_rows_and_loads_back(tiny_wan: Path, concept_clips: Path, tmp_path: Path) -> None:
-    from core.export.embedding import load_embedding
+    from core.train.embedding import load_embedding
     from core.models.wan import WanAdapter
 
     output = tmp_path / "out" / "concept.safetensors"

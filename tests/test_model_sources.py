@@ -4,6 +4,7 @@ download into it), or a single-file transformer checkpoint in transformer.model_
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -12,13 +13,13 @@ from safetensors.torch import save_file
 
 from core.errors import ConfigError
 from core.models import registry
-from core.models.tiny import build_tiny_model
+from core.models.base import SampleRequest
 from core.models.wan import WanAdapter
 
 
 @pytest.fixture(scope="module")
-def wan21(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_model("wan21", tmp_path_factory.mktemp("models") / "wan21")
+def wan21(tiny_model: Callable[[str], Path]) -> Path:
+    return tiny_model("wan21")
 
 
 # diffusers -> the original Wan release's names: the inverse of diffusers' convert_wan_transformer_to_diffusers.
@@ -144,10 +145,11 @@ def test_sampling_runs_the_familys_pipeline_around_the_trained_denoiser(wan21: P
 
     adapter = WanAdapter(wan21)
     transformer = adapter.load_transformer("transformer", "cpu", torch.float32)
-    args = {"width": 30, "height": 34, "frames": 6, "steps": 2, "guidance_scale": 1.0, "seed": 5, "device": "cpu", "dtype": torch.float32}
-    video = adapter.sample({"transformer": transformer}, "a red circle", **args)
+    request = SampleRequest("a red circle", width=30, height=34, frames=6, steps=2, guidance_scale=1.0, seed=5)
+    args = {"device": "cpu", "dtype": torch.float32}
+    video = adapter.sample({"transformer": transformer}, request, **args)
     assert video.dtype.name == "uint8" and video.shape == (5, 32, 16, 3)  # 4k+1 frames, multiples of 16
-    again = adapter.sample({"transformer": transformer}, "a red circle", **args)
+    again = adapter.sample({"transformer": transformer}, request, **args)
     assert (video == again).all(), "a seed must give the same sample"
 
     transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=adapter.default_lora_targets()))
@@ -155,6 +157,6 @@ def test_sampling_runs_the_familys_pipeline_around_the_trained_denoiser(wan21: P
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.5)  # a LoRA that has learned something
     transformer.train()
-    changed = adapter.sample({"transformer": transformer}, "a red circle", **args)
+    changed = adapter.sample({"transformer": transformer}, request, **args)
     assert (changed != video).any(), "the sample must come from the model as it is now"
     assert transformer.training, "sampling must leave the training mode as it was"

@@ -18,6 +18,7 @@ relative error of about U alpha_bar / (1 - alpha_bar), some 600 U for CogVideoX-
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -32,7 +33,6 @@ from core.data.dataset import CachedSample
 from core.errors import ConfigError
 from core.models.base import Denoiser
 from core.models.objectives import FlowMatching, VPrediction
-from core.models.tiny import build_tiny_model
 from core.train.objective import sample_sigmas, training_loss
 from core.train.trainer import Trainer
 from core.train.validation import Validator
@@ -272,8 +272,8 @@ def test_weightings_are_refused_by_name_for_the_other_objective():
         assert info.value.key == "objective.loss_weighting"
 
 
-def test_snr_on_a_flow_matching_model_is_refused_before_any_work(tmp_path: Path):
-    wan = build_tiny_model("wan21", tmp_path / "wan21")
+def test_snr_on_a_flow_matching_model_is_refused_before_any_work(tmp_path: Path, tiny_model: Callable[[str], Path]) -> None:
+    wan = tiny_model("wan21")
     config = resolve({
         "base_model": str(wan), "datasets": [{"path": str(tmp_path / "no clips here")}],
         "workspace_dir": str(tmp_path / "ws"), "cache_dir": str(tmp_path / "cache"),

@@ -8,6 +8,7 @@ offloading gets exactly the gradients it gets without.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,6 @@ from core.memory.offload import (
     offloaded_block_count,
     offloaded_block_indices,
 )
-from core.models.tiny import build_tiny_model
 from core.train.run_info import part_summary
 
 TARGETS = ["attn1.to_q", "attn1.to_v", "attn2.to_k", "ffn.net.2"]
@@ -34,8 +34,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def config(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    folder = build_tiny_model("wan21", tmp_path_factory.mktemp("models") / "wan21")
+def config(tiny_model: Callable[[str], Path]) -> dict:
+    folder = tiny_model("wan21")
     # The tiny model's own config with more blocks, so that a ring of 2 slots has work to do.
     return dict(json.loads((folder / "transformer" / "config.json").read_text()), num_layers=LAYERS)
 

@@ -4,6 +4,7 @@ computed, what is reused, what invalidates what, and what happens to files that 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,12 +21,11 @@ from core.data.plan import plan_data
 from core.data.precompute import fill_caches
 from core.errors import UserError
 from core.models.registry import adapter_for
-from core.models.tiny import build_tiny_model
 
 
 @pytest.fixture(scope="module")
-def tiny_wan(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_model("wan21", tmp_path_factory.mktemp("models") / "wan21")
+def tiny_wan(tiny_model: Callable[[str], Path]) -> Path:
+    return tiny_model("wan21")
 
 
 @pytest.fixture

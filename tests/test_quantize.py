@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -36,8 +37,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def wan21(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_model("wan21", tmp_path_factory.mktemp("models") / "wan21")
+def wan21(tiny_model: Callable[[str], Path]) -> Path:
+    return tiny_model("wan21")
 
 
 def _load(folder: Path, dtype: torch.dtype = torch.bfloat16) -> WanTransformer3DModel:

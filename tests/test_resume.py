@@ -5,6 +5,7 @@ weights of a run that was never interrupted, and a backup that does not belong t
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,6 @@ from safetensors.torch import load_file
 
 from core.config import load_preset, resolve
 from core.errors import UserError
-from core.models.tiny import build_tiny_model
 from core.train.backup import BackupFolder
 from core.train.events import TrainerCallbacks, TrainerCommands
 from core.train.metrics_reader import read_metrics
@@ -22,8 +22,8 @@ from core.train.trainer import Trainer
 
 
 @pytest.fixture(scope="module")
-def tiny_wan(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_model("wan21", tmp_path_factory.mktemp("models") / "wan21")
+def tiny_wan(tiny_model: Callable[[str], Path]) -> Path:
+    return tiny_model("wan21")
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ import logging
 import os
 import random
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import torch
 
 from core.config.settings import defaults
 from core.export.video_file import read_video_frames, write_mp4
-from core.models.tiny import build_tiny_model
+from core.models.base import SampleRequest
 from core.models.wan import WanAdapter
 from core.train.samples import SampleMaker, sample_file_name, should_sample
 
@@ -26,9 +27,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("models")
-    return {family: build_tiny_model(family, root / family) for family in ("wan21", "wan22_ti2v_5b", "wan22_a14b", "wan22_a14b_i2v")}
+def models(tiny_model: Callable[[str], Path]) -> dict[str, Path]:
+    return {family: tiny_model(family) for family in ("wan21", "wan22_ti2v_5b", "wan22_a14b", "wan22_a14b_i2v")}
 
 
 def _config(prompts: list[str], **sampling: Any) -> dict[str, Any]:
@@ -140,7 +140,7 @@ def test_samples_are_written_per_prompt_and_training_state_is_untouched(models: 
     assert seen == paths and all(p.parent == tmp_path / "samples" for p in paths)
     assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == sorted(p.name for p in paths)  # no temporary files
     # The video is the model's as it is now (the LoRA included), with the sampling settings.
-    expected = real(parts, prompts[0], width=32, height=32, frames=5, steps=2, guidance_scale=2.0, seed=3,
+    expected = real(parts, SampleRequest(prompts[0], width=32, height=32, frames=5, steps=2, guidance_scale=2.0, seed=3),
                     device="cpu", dtype=torch.float32)
     assert np.array_equal(made[0], expected)
     for path, video in zip(paths, made):
@@ -159,16 +159,16 @@ def test_one_failing_sample_is_logged_and_the_others_are_written(models: dict[st
     parts = _training_denoisers(adapter)
     real = adapter.sample
 
-    def misbehaving(denoisers: dict[str, Any], prompt: str, **kwargs: Any) -> Any:
+    def misbehaving(denoisers: dict[str, Any], request: SampleRequest, **kwargs: Any) -> Any:
         # Draws from every global RNG and flips every mode before failing: all of it must be undone.
         torch.rand(3), np.random.rand(), random.random()
         for module in denoisers.values():
             module.eval().requires_grad_(False)
-        if prompt == "explode":
+        if request.prompt == "explode":
             raise RuntimeError("the pipeline broke\nsecond line")
-        if prompt == "too big":
+        if request.prompt == "too big":
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-        return real(denoisers, prompt, **kwargs)
+        return real(denoisers, request, **kwargs)
 
     monkeypatch.setattr(adapter, "sample", misbehaving)
     maker = SampleMaker(adapter, _config(["first", "explode", "too big", "last"]), tmp_path, "cpu", torch.float32)

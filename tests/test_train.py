@@ -4,6 +4,7 @@ changes the pipeline's output, it reports what it does, and it refuses what it c
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,8 +21,8 @@ from core.train.trainer import Trainer
 
 
 @pytest.fixture(scope="module")
-def tiny_wan(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_model("wan21", tmp_path_factory.mktemp("models") / "wan21")
+def tiny_wan(tiny_model: Callable[[str], Path]) -> Path:
+    return tiny_model("wan21")
 
 
 @pytest.fixture(scope="module")
@@ -135,11 +136,11 @@ def test_a_compression_ratio_that_contradicts_the_vae_is_refused(tiny_wan: Path,
         Trainer(_config(tiny_wan, one_clip, tmp_path, video_config={"spatial_compression_ratio": 16})).run()
 
 
-def test_wan22_ti2v_5b_trains_with_per_token_timesteps(one_clip: Path, tmp_path: Path) -> None:
+def test_wan22_ti2v_5b_trains_with_per_token_timesteps(one_clip: Path, tmp_path: Path, tiny_model: Callable[[str], Path]) -> None:
     # The 48-channel VAE, 16x compression and expand_timesteps path of Wan 2.2 TI2V-5B.
     from diffusers import WanPipeline
 
-    model = build_tiny_model("wan22_ti2v_5b", tmp_path / "ti2v")
+    model = tiny_model("wan22_ti2v_5b")
     config = _config(model, one_clip, tmp_path, max_steps=3, model_type="AUTO", video_config={"spatial_compression_ratio": 16})
     result = Trainer(config).run()
     assert result.steps == 3 and result.final_loss is not None

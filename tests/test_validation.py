@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,6 @@ from core.data.precompute import fill_caches
 from core.models.base import Denoiser
 from core.models.objectives import FlowMatching, flow_target, noisy_inputs
 from core.models.registry import adapter_for
-from core.models.tiny import build_tiny_model
 from core.train.objective import flow_matching_loss
 from core.train.validation import PlateauWatch, Validator, quantile_key, should_validate
 
@@ -49,9 +49,8 @@ def _cache_clips(cache: Path, shapes: list[tuple[int, ...]], channels: int = 16)
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("models")
-    return {name: build_tiny_model(name, root / name) for name in ("wan21", "wan22_a14b")}
+def models(tiny_model: Callable[[str], Path]) -> dict[str, Path]:
+    return {name: tiny_model(name) for name in ("wan21", "wan22_a14b")}
 
 
 @pytest.fixture(scope="module")

@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 
 from core.errors import UserError
-
-# Listed here as well as in core.models.tiny so that --help does not import torch.
-FAMILIES = ("wan21", "wan22_ti2v_5b", "wan22_a14b", "wan22_a14b_i2v", "hunyuan_video", "cogvideox", "hidream")
+from core.models.tiny import TINY_FAMILIES  # torch-free at import (tests/test_tiny_models.py), so --help stays light
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -17,7 +15,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         description="Write a diffusers-format folder (model_index.json, transformer/, vae/, text_encoder/, "
         "tokenizer/, scheduler/) of a tiny, randomly initialised model built from the real classes, offline.",
     )
-    tiny.add_argument("--family", required=True, choices=FAMILIES, help="the model family")
+    tiny.add_argument("--family", required=True, choices=TINY_FAMILIES, help="the model family")
     tiny.add_argument("--out", required=True, metavar="DIR", help="the folder to create (must not exist or be empty)")
     tiny.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
     tiny.set_defaults(func=tiny_model_command)

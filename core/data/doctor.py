@@ -53,8 +53,8 @@ CONSERVATIVE, MODERATE, HIGH, RISKY = "conservative", "moderate", "high", "risky
 
 def size_divisor(config: dict[str, Any]) -> int:
     """What bucket heights and widths are multiples of: the VAE's spatial compression times the
-    transformer's patch size. Patch size 2 holds for the Wan family (and Hunyuan, CogVideoX); the
-    model adapter knows the loaded model's exact value and takes over from this estimate."""
+    transformer's patch size. Patch size 2 holds for every family known today; the model
+    adapter knows the loaded model's exact value and takes over from this estimate."""
     return int(config["video_config"]["spatial_compression_ratio"]) * 2
 
 

@@ -6,16 +6,16 @@ safetensors metadata holds "placeholder_tokens" (JSON list: the order the tokens
 and what the caller passes (initializer words, base model, step), JSON-encoded where not a string.
 
 Loaders that accept the file (tests/test_embedding.py checks each):
-- load_embedding() below, into our sampler's tokenizer + text encoder (and for resuming);
+- core.train.embedding.load_embedding(), into our sampler's tokenizer + text encoder (and for resuming);
 - diffusers' TextualInversionLoaderMixin.load_textual_inversion, on a pipeline class that has
-  the mixin and a UMT5 tokenizer + encoder, e.g. `class P(WanPipeline, TextualInversionLoaderMixin)`
-  (WanPipeline itself does not inherit the mixin, so `WanPipeline.load_textual_inversion` does
-  not exist). A one-token file loads by path: `pipe.load_textual_inversion("x.safetensors")`;
-  WanPipeline's own encode_prompt then gives the embeddings our sampler gives.
+  the mixin and the family's tokenizer + encoder, e.g. `class P(<Family>Pipeline,
+  TextualInversionLoaderMixin)` (a pipeline without the mixin has no `load_textual_inversion`).
+  A one-token file loads by path: `pipe.load_textual_inversion("x.safetensors")`; the pipeline's
+  own encode_prompt then gives the embeddings our sampler gives.
   A file with several tokens is refused by path (diffusers wants exactly one key per file);
   it loads as `pipe.load_textual_inversion([{k: v} for k, v in load_file(path).items()])`.
-  Note that diffusers resizes the embedding matrix to len(tokenizer) + n, which for Wan's padded
-  UMT5 vocabulary (256384 rows) drops the unused padding rows; outputs are unaffected.
+  Note that diffusers resizes the embedding matrix to len(tokenizer) + n, which for a vocabulary
+  padded beyond the tokenizer's length drops the unused padding rows; outputs are unaffected.
 Not tested: ComfyUI or other UIs' embedding loaders.
 """
 
@@ -26,7 +26,7 @@ import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from core.atomic import write_bytes_atomic
 from core.errors import UserError
@@ -34,14 +34,18 @@ from core.errors import UserError
 if TYPE_CHECKING:
     import torch
 
-    from core.train.embedding import PlaceholderEmbeddings
-
 logger = logging.getLogger(__name__)
 
 TOKENS_METADATA = "placeholder_tokens"
 
 
-def save_embedding(path: str | os.PathLike, embeddings: PlaceholderEmbeddings | Mapping[str, torch.Tensor],
+class HasVectors(Protocol):
+    """What save_embedding takes besides a plain mapping: core.train.embedding's PlaceholderEmbeddings."""
+
+    def vectors(self) -> dict[str, torch.Tensor]: ...
+
+
+def save_embedding(path: str | os.PathLike, embeddings: HasVectors | Mapping[str, torch.Tensor],
                    metadata: Mapping[str, Any] | None = None) -> Path:
     """Write {token: (1, D) float32} with metadata, atomically; returns the path."""
     from safetensors.torch import save
@@ -89,20 +93,3 @@ def read_embedding(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], di
     if not vectors:
         raise UserError(f"{path}: the file holds no embedding vectors")
     return vectors, metadata
-
-
-def load_embedding(path: str | os.PathLike, tokenizer: Any, text_encoder: Any) -> PlaceholderEmbeddings:
-    """Add the file's tokens to tokenizer + text_encoder with the file's vectors (sampling, resuming)."""
-    import torch
-
-    from core.train.embedding import install_placeholders
-
-    vectors, _ = read_embedding(path)
-    width = int(text_encoder.get_input_embeddings().weight.shape[1])
-    for token, vector in vectors.items():
-        if vector.shape[0] != width:
-            raise UserError(
-                f"{path}: {token!r} has {vector.shape[0]} values but this text encoder's embeddings have {width}; "
-                "the embedding was trained for another model"
-            )
-    return install_placeholders(tokenizer, text_encoder, list(vectors), torch.stack(list(vectors.values())))

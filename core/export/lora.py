@@ -1,22 +1,23 @@
-"""Write a trained Wan LoRA to one .safetensors file, for diffusers or for ComfyUI.
+"""Write a trained LoRA of a transformer to one .safetensors file, for diffusers or for ComfyUI.
 
 Two formats (docs/training.md, "LoRA files"):
 
-- DIFFUSERS: exactly what ``WanPipeline.save_lora_weights(dir, transformer_lora_layers=...,
+- DIFFUSERS: exactly what a diffusers pipeline's ``save_lora_weights(dir, transformer_lora_layers=...,
   transformer_lora_adapter_metadata=...)`` writes, built with diffusers' own helpers
   (``pack_weights`` and the ``lora_adapter_metadata`` header): peft keys prefixed ``transformer.``
   (``transformer.blocks.0.attn1.to_q.lora_A.weight``), and the adapter's peft LoraConfig as JSON in
-  the safetensors metadata, so ``WanPipeline.load_lora_weights`` restores lora_alpha, the rank and
+  the safetensors metadata, so the pipeline's ``load_lora_weights`` restores lora_alpha, the rank and
   the targets (without it diffusers would assume lora_alpha = rank).
-- COMFY: ComfyUI's native Wan names (``diffusion_model.blocks.0.self_attn.q.lora_A.weight``) with a
-  scalar ``.alpha`` per block module; see core/export/comfy_wan.py. diffusers loads it too.
+- COMFY: ComfyUI's native names for the family, from the key map its adapter names
+  (``ModelAdapter.comfy_lora_keys``: one module per family, core/export/comfy_<family>.py), with a
+  scalar ``.alpha`` per block module. A family without one cannot be saved as COMFY.
 
 Weights are stored in bfloat16 by default: half the size of float32, and the precision LoRA files
 are usually shared in (ComfyUI computes the update in float32 from them either way); bf16 keeps
 float32's range, so small lora_B values do not underflow as they can in float16. Pass
 ``dtype="fp32"`` for a bit-exact copy of the trained weights. Alpha scalars are always float32.
 
-Wan 2.2 A14B trains two experts; each gets its own file, named by expert_output_paths().
+A two-expert model trains two denoisers; each gets its own file, named by expert_output_paths().
 """
 
 from __future__ import annotations
@@ -24,25 +25,29 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from core.atomic import write_bytes_atomic, write_failure
 from core.errors import UserError
 
-from . import comfy_wan
-
 if TYPE_CHECKING:
     import torch
+
+# A family's ComfyUI key map: (peft state dict, module -> alpha / rank scale) -> ComfyUI's tensors.
+# It raises ValueError for a module that has no name in ComfyUI's format.
+ComfyKeys = Callable[[Mapping[str, "torch.Tensor"], Mapping[str, float]], dict[str, "torch.Tensor"]]
 
 OUTPUT_FORMATS = ("DIFFUSERS", "COMFY")
 SAVE_DTYPES = ("bf16", "fp16", "fp32")
 
-# Wan 2.2 A14B: pipeline component -> file name suffix. transformer is the high-noise expert
+# A two-expert model: pipeline component -> file name suffix. transformer is the high-noise expert
 # (early, noisy steps; used while t >= boundary_ratio * 1000), transformer_2 the low-noise one.
 EXPERT_SUFFIXES: dict[str, str] = {"transformer": "_high_noise", "transformer_2": "_low_noise"}
 
+# The prefix of a pipeline's transformer in its LoRA files (diffusers' pipelines' transformer_name).
+TRANSFORMER_PREFIX = "transformer"
 # safetensors header keys this module writes itself.
 _RESERVED_METADATA = ("format", "lora_adapter_metadata")
 
@@ -58,7 +63,7 @@ def _checked_path(path: str | os.PathLike) -> Path:
 
 
 def expert_output_paths(output_path: str | os.PathLike, experts: list[str]) -> dict[str, Path]:
-    """The file of each Wan 2.2 A14B expert: "transformer" -> STEM_high_noise.safetensors,
+    """The file of each expert of a two-expert model: "transformer" -> STEM_high_noise.safetensors,
     "transformer_2" -> STEM_low_noise.safetensors, next to output_path (STEM.safetensors).
 
     For a model with one transformer, save to output_path itself. Raises UserError for an output
@@ -128,10 +133,9 @@ def _header(metadata: Mapping[str, Any] | None) -> dict[str, str]:
 
 def _adapter_metadata_json(config: Any) -> str:
     """The peft config as save_lora_weights stores it: keys prefixed "transformer.", JSON, sorted."""
-    from diffusers import WanPipeline
     from diffusers.loaders.lora_base import _pack_dict_with_prefix
 
-    packed = _pack_dict_with_prefix(config.to_dict(), WanPipeline.transformer_name)
+    packed = _pack_dict_with_prefix(config.to_dict(), TRANSFORMER_PREFIX)
     for key, value in packed.items():
         if isinstance(value, set):  # target_modules; diffusers writes list(value), we sort it
             packed[key] = sorted(value, key=str)
@@ -143,6 +147,7 @@ def build_lora_tensors(
     output_format: str,
     dtype: str = "bf16",
     adapter_name: str | None = None,
+    comfy_keys: ComfyKeys | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(tensors, format-specific safetensors metadata) of the file save_lora writes."""
     import torch
@@ -158,18 +163,19 @@ def build_lora_tensors(
     if not state:
         raise ValueError("the transformer's LoRA adapter has no weights")
 
+    if output_format == "COMFY" and comfy_keys is None:
+        raise UserError("this model family has no ComfyUI LoRA format here; set output_format to DIFFUSERS")
     if output_format == "DIFFUSERS":
-        from diffusers import WanPipeline
-        from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
+        from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY, LoraBaseMixin
 
         layers = {key: tensor.to(save_dtype) for key, tensor in state.items()}
-        tensors = WanPipeline.pack_weights(layers, WanPipeline.transformer_name)
+        tensors = LoraBaseMixin.pack_weights(layers, TRANSFORMER_PREFIX)
         extra = {LORA_ADAPTER_METADATA_KEY: _adapter_metadata_json(transformer.peft_config[name])}
     else:
         # No lora_adapter_metadata here: diffusers' loader bakes each .alpha into the weights it
         # converts, and a LoraConfig from metadata would scale them a second time.
         try:
-            comfy = comfy_wan.diffusers_to_comfy(state, lora_scales(transformer, name))
+            comfy = comfy_keys(state, lora_scales(transformer, name))
         except ValueError as e:
             raise UserError(f"the LoRA cannot be saved as COMFY: {e}; save it as DIFFUSERS or train other layers") from None
         tensors = {k: v if k.endswith(".alpha") else v.to(save_dtype) for k, v in comfy.items()}
@@ -187,12 +193,14 @@ def save_lora(
     metadata: Mapping[str, Any] | None = None,
     dtype: str = "bf16",
     adapter_name: str | None = None,
+    comfy_keys: ComfyKeys | None = None,
 ) -> Path:
     """Write the transformer's LoRA to the .safetensors file path, atomically, and return the path.
 
-    transformer: a diffusers WanTransformer3DModel (any Wan, either A14B expert) carrying one peft
+    transformer: a diffusers transformer (either expert of a two-expert model) carrying one peft
     adapter (or name it with adapter_name). rank and alpha are the run's settings; they must be
-    the adapter's r and lora_alpha. output_format: "DIFFUSERS" or "COMFY" (module docstring).
+    the adapter's r and lora_alpha. output_format: "DIFFUSERS" or "COMFY" (module docstring);
+    COMFY needs the family's key map, comfy_keys (ModelAdapter.comfy_lora_keys()).
     metadata: extra safetensors header entries (non-string values are stored as JSON); "format"
     and "lora_adapter_metadata" are reserved. dtype: "bf16" (default), "fp16" or "fp32".
 
@@ -214,7 +222,7 @@ def save_lora(
     if config.r != rank or config.lora_alpha != alpha:
         raise ValueError(f"rank {rank} / alpha {alpha} differ from the adapter's r {config.r} / lora_alpha {config.lora_alpha}")
 
-    tensors, extra = build_lora_tensors(transformer, output_format, dtype, adapter_name)
+    tensors, extra = build_lora_tensors(transformer, output_format, dtype, adapter_name, comfy_keys)
     header.update(extra)
     data = safetensors_save(tensors, metadata=header)
     try:
@@ -226,6 +234,8 @@ def save_lora(
 
 __all__ = [
     "EXPERT_SUFFIXES",
+    "TRANSFORMER_PREFIX",
+    "ComfyKeys",
     "OUTPUT_FORMATS",
     "SAVE_DTYPES",
     "build_lora_tensors",

@@ -8,7 +8,7 @@ torch.autograd.graph.save_on_cpu does (its pack/unpack functions do the copying 
 changes for this use:
 
 - a tensor saved several times is copied once: every block saves the same text embeddings,
-  timestep projection and rotary tables (for Wan 2.2 TI2V-5B the per-token timestep projection is
+  timestep projection and rotary tables (for a model with per-token timesteps that projection is
   tokens x 6 x width, as large as the residual stream), so save_on_cpu would hold N copies;
 - parameters are not copied: a frozen weight saved outside the blocks is on the GPU anyway;
 - it counts what it moved (offloaded_tensors, offloaded_bytes), for telemetry and tests.

@@ -6,7 +6,8 @@ It predicts torch.cuda.max_memory_allocated() of a training step, split into fou
   weight_dtype): every transformer block not offloaded, the parts outside the blocks, `slots`
   offloaded blocks in flight, and the text encoder when it is in the graph (EMBEDDING, or trained);
 - trainable_state: trained parameters in float32, their float32 gradients and the optimizer state;
-- activations: what autograd holds at the peak of the backward pass (activation_bytes below);
+- activations: what autograd holds at the peak of the backward pass (activation_bytes below, from
+  the per-block counts of model_sizes.py);
 - workspace: the transient dequantized weight of the largest quantized layer, the autocast copies
   of fully trained weights, the optimizer step's temporaries and the latent-sized loss tensors.
 
@@ -27,14 +28,16 @@ from .model_sizes import (
     DTYPE_BYTES,
     QUANTIZED,
     TransformerSizes,
+    block_activation_bytes,
     compute_bytes,
+    text_encoder_activation_bytes,
     text_encoder_sizes,
-    wan_transformer_sizes,
+    transformer_sizes,
 )
 
 GIB = 2**30
 DEFAULT_SLOTS = 2  # offload.DEFAULT_SLOTS, without importing torch
-TEXT_TOKENS = 512  # Wan's text length: the cached embeddings are padded to it
+TEXT_TOKENS = 512  # the known models' text length (model_sizes.py): the cached embeddings are padded to it
 # Measured on a CPU (tests/test_estimate.py, TensorMemoryProbe): the backward pass of one block
 # holds, on top of its recomputed activations, gradients and temporaries of 0.33-0.38 times their size.
 BACKWARD_EXTRA = 0.4
@@ -67,40 +70,9 @@ class Estimate:
 # Activations
 
 
-def block_activation_bytes(t: TransformerSizes, tokens: int, text_tokens: int, b: int, *, lora_rank: int = 0,
-                           per_token_timesteps: bool = False) -> int:
-    """Bytes autograd saves in one Wan block's forward for one sample (compute dtype of b bytes).
-
-    Counted from the tensors diffusers' WanTransformerBlock saves (torch 2.13, with a LoRA on the
-    family's default targets, flash-style attention that saves q, k, v, out and the logsumexp):
-    per token x width 6 float32 tensors and 13 in the compute dtype (9 in float32 training, where
-    some .float() copies are the tensor itself); 2 per token x ffn_dim; 4-5 per text token x width;
-    norm statistics per token; the LoRA's rank-r intermediates; the per-token timestep projection
-    of Wan 2.2 TI2V-5B adds 8 float32 tensors per token x width.
-    """
-    L, T, D, F = tokens, text_tokens, t.dim, t.ffn_dim
-    per_token_width = 24 + (13 * b if b < 4 else 36)
-    total = L * D * per_token_width + L * F * 2 * b + T * D * (4 + 4 * b if b < 4 else 16)
-    total += L * t.heads * 8 + L * 36 + T * 4 + D * 12
-    if per_token_timesteps:
-        total += L * D * 32
-    if lora_rank:
-        total += lora_rank * b * (8 * L + 2 * T)
-    return total
-
-
 def lora_weight_cast_bytes(t: TransformerSizes, targets: list[tuple[int, int]], rank: int, b: int) -> int:
     """Autocast's compute-dtype copies of one block's LoRA matrices (only when computing below float32)."""
     return 0 if b >= 4 else sum(rank * (i + o) * b for i, o in targets)
-
-
-def text_encoder_activation_bytes(config: dict[str, Any], tokens: int, b: int) -> int:
-    """Bytes a T5-family encoder saves for one caption (all layers; it is not checkpointed):
-    per layer 4 q/k/v/out, 6 gated feed-forward, ~15 bytes per token x width, and one position bias
-    of heads x tokens^2 (from the tensors UMT5EncoderModel saves, torch 2.13)."""
-    te = text_encoder_sizes(config)
-    per_layer = tokens * (4 * te.heads * te.d_kv * b + 6 * te.d_ff * b + 15 * te.d_model) + te.heads * tokens**2 * b
-    return te.layers * (per_layer + 4 * te.heads * tokens + 10 * tokens)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -122,7 +94,7 @@ def estimate_memory(config: dict[str, Any], configs: ModelConfigs | None = None)
     from .offload import offloaded_block_count  # torch-free at import
 
     configs = configs or model_configs(config["base_model"])
-    transformers = [wan_transformer_sizes(c) for c in configs.transformers]
+    transformers = [transformer_sizes(c) for c in configs.transformers]
     t = transformers[0]
     spatial = int(configs.vae.get("scale_factor_spatial", config["video_config"]["spatial_compression_ratio"]))
     temporal = int(configs.vae.get("scale_factor_temporal", config["video_config"]["temporal_compression_ratio"]))
@@ -230,7 +202,7 @@ def estimate_memory(config: dict[str, Any], configs: ModelConfigs | None = None)
 
 def _lora_targets(config: dict[str, Any], t: TransformerSizes) -> list[tuple[int, int]]:
     """(in, out) of each LoRA'd Linear in one block: lora.target_layers (name suffixes), else the
-    Wan adapter's defaults (attention projections and the feed-forward pair)."""
+    adapter's defaults for the known models (attention projections and the feed-forward pair)."""
     shapes = t.linear_shapes()
     wanted = config["lora"]["target_layers"] or [name for name in shapes if not name.startswith("attn2.add_")]
     return [shape for name, shape in shapes.items() if any(name == w or name.endswith("." + w) or w.endswith(name) for w in wanted)]

@@ -86,7 +86,7 @@ def configs_from_folder(folder: Path) -> ModelConfigs:
 
 def model_configs(base_model: str) -> ModelConfigs:
     """The configs for base_model: its local folder's (or local hub cache's), else the built-in ones."""
-    from core.models.registry import resolve_model_folder
+    from core.model_folder import resolve_model_folder
 
     text = str(base_model).strip()
     try:

@@ -170,6 +170,41 @@ def wan_transformer_sizes(config: dict[str, Any]) -> TransformerSizes:
     return sizes
 
 
+# A denoiser's config.json names its class (_class_name, as diffusers writes it); the built-in
+# configs of known_models.py name none and are Wan's.
+TRANSFORMER_SIZES = {"WanTransformer3DModel": wan_transformer_sizes}
+
+
+def transformer_sizes(config: dict[str, Any]) -> TransformerSizes:
+    """The tensors of the denoiser a config.json describes, by the class it names."""
+    name = str(config.get("_class_name") or "WanTransformer3DModel")
+    if name not in TRANSFORMER_SIZES:
+        raise ValueError(f"the VRAM estimate has no size table for {name}; it knows {', '.join(TRANSFORMER_SIZES)}")
+    return TRANSFORMER_SIZES[name](config)
+
+
+def block_activation_bytes(t: TransformerSizes, tokens: int, text_tokens: int, b: int, *, lora_rank: int = 0,
+                           per_token_timesteps: bool = False) -> int:
+    """Bytes autograd saves in one Wan block's forward for one sample (compute dtype of b bytes).
+
+    Counted from the tensors diffusers' WanTransformerBlock saves (torch 2.13, with a LoRA on the
+    family's default targets, flash-style attention that saves q, k, v, out and the logsumexp):
+    per token x width 6 float32 tensors and 13 in the compute dtype (9 in float32 training, where
+    some .float() copies are the tensor itself); 2 per token x ffn_dim; 4-5 per text token x width;
+    norm statistics per token; the LoRA's rank-r intermediates; the per-token timestep projection
+    of Wan 2.2 TI2V-5B adds 8 float32 tensors per token x width.
+    """
+    L, T, D, F = tokens, text_tokens, t.dim, t.ffn_dim
+    per_token_width = 24 + (13 * b if b < 4 else 36)
+    total = L * D * per_token_width + L * F * 2 * b + T * D * (4 + 4 * b if b < 4 else 16)
+    total += L * t.heads * 8 + L * 36 + T * 4 + D * 12
+    if per_token_timesteps:
+        total += L * D * 32
+    if lora_rank:
+        total += lora_rank * b * (8 * L + 2 * T)
+    return total
+
+
 @dataclass
 class TextEncoderSizes:
     """A T5-family encoder (UMT5EncoderModel) from its config.json."""
@@ -208,3 +243,12 @@ def text_encoder_sizes(config: dict[str, Any]) -> TextEncoderSizes:
         vocab=int(config.get("vocab_size", 256384)), buckets=int(config.get("relative_attention_num_buckets", 32)),
         gated=feed_forward.startswith("gated") or bool(config.get("is_gated_act", False)),
     )
+
+
+def text_encoder_activation_bytes(config: dict[str, Any], tokens: int, b: int) -> int:
+    """Bytes a T5-family encoder saves for one caption (all layers; it is not checkpointed):
+    per layer 4 q/k/v/out, 6 gated feed-forward, ~15 bytes per token x width, and one position bias
+    of heads x tokens^2 (from the tensors UMT5EncoderModel saves, torch 2.13)."""
+    te = text_encoder_sizes(config)
+    per_layer = tokens * (4 * te.heads * te.d_kv * b + 6 * te.d_ff * b + 15 * te.d_model) + te.heads * tokens**2 * b
+    return te.layers * (per_layer + 4 * te.heads * tokens + 10 * tokens)

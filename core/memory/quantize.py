@@ -172,7 +172,7 @@ def quantize_model(module: Any, weight_dtype: str, *, include: Include | None = 
     it is slow, about 10 M weights per second); the layers stay where they were. The quanto types
     quantize where the weights are. Raises UserError if the library a type needs is missing.
     """
-    from core.train.run_info import part_summary
+    from core.memory.storage import part_summary
 
     if not is_quantized_dtype(weight_dtype):
         raise ValueError(f"{weight_dtype} is not a quantized weight_dtype ({', '.join(QUANTIZED_WEIGHT_DTYPES)})")

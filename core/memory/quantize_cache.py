@@ -7,7 +7,7 @@ Loading it builds the model from its config.json with empty weights (accelerate'
 init_empty_weights: parameters on the meta device, buffers real), swaps in the quantized layer
 classes and assigns the stored tensors, so the full-precision weights are never read.
 
-The file name carries a key over: the model folder's identity (core.models.base.folder_identity:
+The file name carries a key over: the model folder's identity (core.identity.folder_identity:
 its config and the digests of its weight files), the weight_dtype, the layer filter's identity (the
 family's name pattern: a changed filter never reuses a file quantized under the old one), the
 quantized layer names, and the major.minor versions of torch and the quantizing library (their storage formats are what is
@@ -63,7 +63,7 @@ def quantized_cache_path(cache_dir: str | os.PathLike, component_folder: str | o
                          layer_names: list[str], layer_filter: str = "") -> Path:
     """Where the quantized state of the model part in component_folder (e.g. MODEL/transformer) goes;
     layer_filter is the identity of the layer choice (quantize.filter_identity)."""
-    from core.models.base import folder_identity
+    from core.identity import folder_identity
 
     folder = Path(component_folder)
     identity = folder_identity(f"quantized-{folder.name}", folder)
@@ -175,7 +175,7 @@ def load_quantized_part(folder: str | os.PathLike, subfolder: str, weight_dtype:
             except Exception as e:  # noqa: BLE001  (a damaged or foreign file, whatever the error: quantize again)
                 log.warning("quantization cache %s is unusable (%s); quantizing again", path, e)
             else:
-                from core.train.run_info import part_summary
+                from core.memory.storage import part_summary
 
                 size = part_summary(module)["weight_bytes"]
                 report = QuantizeReport(weight_dtype, quantized, bytes_before=size, bytes_after=size,

@@ -10,11 +10,7 @@ torch is imported lazily (only for type hints here), so computing an identity st
 
 from __future__ import annotations
 
-import hashlib
-import json
-import logging
 import os
-import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,72 +26,6 @@ if TYPE_CHECKING:
     from .conditions import ConditionSpec
     from .objectives import Objective
 
-logger = logging.getLogger(__name__)
-
-# Files at or below this size are hashed in full. Above it, only (size, first MiB, last MiB): a
-# text encoder's weights are 10+ GB and hashing them in full at every start would cost minutes of
-# disk reads. A safetensors file starts with a header naming every tensor with its dtype, shape
-# and offsets, so any re-export, re-quantisation, truncation or different checkpoint changes the
-# head, the tail or the size; only a same-size edit of the middle bytes would go unnoticed.
-FULL_HASH_LIMIT = 64 * 1024 * 1024
-PARTIAL_HASH_SPAN = 1024 * 1024
-
-# Per process: (absolute path, size, mtime_ns) -> digest. Identities are asked for many times.
-_DIGESTS: dict[tuple[str, int, int], str] = {}
-_DIGESTS_LOCK = threading.Lock()
-
-
-def file_digest(path: str | os.PathLike) -> str:
-    """sha256 hex of a file's bytes (a partial hash above FULL_HASH_LIMIT), memoised per process."""
-    p = Path(path).absolute()
-    st = p.stat()
-    memo_key = (str(p), st.st_size, st.st_mtime_ns)
-    with _DIGESTS_LOCK:
-        cached = _DIGESTS.get(memo_key)
-    if cached is not None:
-        return cached
-    h = hashlib.sha256()
-    with open(p, "rb") as handle:
-        if st.st_size <= FULL_HASH_LIMIT:
-            for chunk in iter(lambda: handle.read(1024 * 1024), b""):
-                h.update(chunk)
-        else:
-            h.update(f"partial:{st.st_size}:".encode())
-            h.update(handle.read(PARTIAL_HASH_SPAN))
-            handle.seek(st.st_size - PARTIAL_HASH_SPAN)
-            h.update(handle.read(PARTIAL_HASH_SPAN))
-    digest = h.hexdigest()
-    with _DIGESTS_LOCK:
-        _DIGESTS[memo_key] = digest
-    return digest
-
-
-def folder_identity(label: str, *folders: Path, extra: dict[str, Any] | None = None) -> str:
-    """A stable string for the files of some component folders: their names, sizes and digests.
-
-    config.json is hashed by its parsed content (so key order and whitespace do not count); every
-    other non-hidden file (weights, shard index, tokenizer files) by its bytes.
-    """
-    h = hashlib.sha256()
-    for folder in folders:
-        if not folder.is_dir():
-            raise FileNotFoundError(f"{folder} is missing")
-        h.update(f"folder:{folder.name}\n".encode())
-        for file in sorted(p for p in folder.rglob("*") if p.is_file()):
-            rel = file.relative_to(folder).as_posix()
-            if any(part.startswith(".") for part in rel.split("/")):
-                continue  # editor, OS and download-lock files say nothing about the model
-            if rel == "config.json":
-                config = json.loads(file.read_text(encoding="utf-8"))
-                config.pop("_diffusers_version", None)  # the saving library's version changes no weight
-                config.pop("transformers_version", None)
-                h.update(b"config:" + json.dumps(config, sort_keys=True).encode() + b"\n")
-            else:
-                h.update(f"file:{rel}:{file.stat().st_size}:{file_digest(file)}\n".encode())
-    if extra:
-        h.update(b"extra:" + json.dumps(extra, sort_keys=True).encode())
-    return f"{label}:{h.hexdigest()}"
-
 
 @dataclass(frozen=True)
 class Denoiser:
@@ -107,6 +37,21 @@ class Denoiser:
     role: str  # what users call it: "transformer", "high-noise expert", "low-noise expert"
     low: float
     high: float
+
+
+@dataclass(frozen=True)
+class SampleRequest:
+    """One sample to make with a family's pipeline: what is asked for, whatever the family."""
+
+    prompt: str
+    width: int
+    height: int
+    frames: int
+    steps: int
+    guidance_scale: float
+    seed: int
+    negative_prompt: str = ""
+    image: Any = None  # the first frame for an image_conditioned model: a PIL image or (H, W, 3) uint8
 
 
 class ModelAdapter(ABC):
@@ -127,6 +72,13 @@ class ModelAdapter(ABC):
 
     def __init__(self, folder: str | os.PathLike) -> None:
         self.folder = Path(folder).expanduser().absolute()
+
+    @classmethod
+    def detect(cls, index: dict[str, Any]) -> str | None:
+        """Which of this adapter's families a diffusers folder holds, from its model_index.json (the
+        pipeline class, the components, flags such as expand_timesteps); None for none of them. The
+        registry asks it where several of its rows share one pipeline class."""
+        return None
 
     # -- sizes --------------------------------------------------------------------------------
     @property
@@ -191,6 +143,10 @@ class ModelAdapter(ABC):
     @abstractmethod
     def unload_encoders(self) -> None:
         """Drop the VAE and the text encoders, so that training with warm caches holds none."""
+
+    def clean_caption(self, caption: str) -> str:
+        """A caption as the family's text path cleans it before tokenizing (as is, by default)."""
+        return caption
 
     @abstractmethod
     def vae_identity(self) -> str:
@@ -276,12 +232,11 @@ class ModelAdapter(ABC):
         offloading streams their blocks one by one, layer_offload_fraction counted over all of them."""
 
     @abstractmethod
-    def sample(self, denoisers: dict[str, Any], prompt: str, *, width: int, height: int, frames: int, steps: int,
-               guidance_scale: float, seed: int, device: torch.device | str, dtype: torch.dtype,
-               negative_prompt: str = "", image: Any = None) -> Any:
-        """A video for `prompt` from the given denoisers as they are now (LoRA active), with the
-        family's pipeline: a (frames, height, width, 3) uint8 numpy array. `image` is the first
-        frame for an image_conditioned model."""
+    def sample(self, denoisers: dict[str, Any], request: SampleRequest, *, device: torch.device | str,
+               dtype: torch.dtype) -> Any:
+        """A video for the request from the given denoisers as they are now (LoRA active), with the
+        family's pipeline: a (frames, height, width, 3) uint8 numpy array. `request.image` is the
+        first frame for an image_conditioned model."""
 
     @abstractmethod
     def set_frame_local_attention(self, transformer: Any) -> None:
@@ -291,6 +246,11 @@ class ModelAdapter(ABC):
     @abstractmethod
     def default_lora_targets(self) -> list[str]:
         """Module names (suffixes) that get LoRA when lora.target_layers is empty."""
+
+    def comfy_lora_keys(self) -> Any:
+        """The family's ComfyUI LoRA key map (core.export.lora.ComfyKeys), or None where ComfyUI has
+        no native format for it tested here: output_format COMFY is then refused by name."""
+        return None
 
     @abstractmethod
     def predict(

@@ -26,7 +26,9 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .base import Denoiser, ModelAdapter, folder_identity
+from core.identity import folder_identity
+
+from .base import Denoiser, ModelAdapter, SampleRequest
 from .conditions import ConditionSpec
 from .wan_attention import FrameLocalAttention
 
@@ -45,6 +47,11 @@ TWO_EXPERTS = ("wan22_a14b", "wan22_a14b_i2v")
 
 def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _has_component(index: dict[str, Any], name: str) -> bool:
+    value = index.get(name)
+    return isinstance(value, list) and len(value) == 2 and value[0] is not None and value[1] is not None
 
 
 def _place(module: Any, device: torch.device | str, dtype: torch.dtype) -> None:
@@ -79,9 +86,7 @@ class WanAdapter(ModelAdapter):
     def __init__(self, folder: str | os.PathLike, family: str | None = None) -> None:
         super().__init__(folder)
         if family is None:
-            from .registry import detect_family
-
-            family = detect_family(self.folder)
+            family = self.detect(_read_json(self.folder / "model_index.json"))
         if family not in WAN_FAMILIES:
             raise ValueError(f"{family!r} is not a Wan family; expected one of {', '.join(WAN_FAMILIES)}")
         self.family = family
@@ -90,6 +95,20 @@ class WanAdapter(ModelAdapter):
         self._tokenizer: Any = None
         self._text_quantized: str | None = None
         self._identities: dict[str, str] = {}
+
+    @classmethod
+    def detect(cls, index: dict[str, Any]) -> str | None:
+        """The Wan variant a model_index.json describes: TI2V-5B by its per-token timesteps, A14B by
+        its second expert (transformer_2); the image-to-video pipeline of 2.1 or of 2.2 A14B."""
+        pipeline = str(index.get("_class_name", ""))
+        two_experts = _has_component(index, "transformer_2")
+        if pipeline == "WanPipeline":
+            if index.get("expand_timesteps"):
+                return "wan22_ti2v_5b"
+            return "wan22_a14b" if two_experts else "wan21"
+        if pipeline == "WanImageToVideoPipeline":
+            return "wan22_a14b_i2v" if two_experts else "wan21_i2v"
+        return None
 
     # -- configs (read without loading any weights) ---------------------------------------------
     @cached_property
@@ -214,6 +233,11 @@ class WanAdapter(ModelAdapter):
 
     def unload_encoders(self) -> None:
         self._vae = self._text_encoder = self._tokenizer = None
+
+    def clean_caption(self, caption: str) -> str:
+        from diffusers.pipelines.wan.pipeline_wan import prompt_clean  # what encode_text applies
+
+        return prompt_clean(caption)
 
     # -- encoding --------------------------------------------------------------------------------
     def encode_video(
@@ -374,26 +398,17 @@ class WanAdapter(ModelAdapter):
                 "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0",
                 "ffn.net.0.proj", "ffn.net.2"]
 
+    def comfy_lora_keys(self) -> Any:
+        from core.export.comfy_wan import diffusers_to_comfy  # the original Wan code's module names
+
+        return diffusers_to_comfy
+
     # -- sampling ----------------------------------------------------------------------------------
-    def sample(
-        self,
-        denoisers: dict[str, Any],
-        prompt: str,
-        *,
-        width: int,
-        height: int,
-        frames: int,
-        steps: int,
-        guidance_scale: float,
-        seed: int,
-        device: torch.device | str,
-        dtype: torch.dtype,
-        negative_prompt: str = "",
-        image: Any = None,
-    ) -> Any:
-        """A video for `prompt` from the model as it is now: (frames, height, width, 3) uint8.
-        An image-to-video model (image_conditioned) also needs `image`, a PIL image or an (H, W, 3)
-        uint8 array, for its first frame.
+    def sample(self, denoisers: dict[str, Any], request: SampleRequest, *, device: torch.device | str,
+               dtype: torch.dtype) -> Any:
+        """A video for the request from the model as it is now: (frames, height, width, 3) uint8.
+        An image-to-video model (image_conditioned) also needs `request.image`, a PIL image or an
+        (H, W, 3) uint8 array, for its first frame.
 
         Runs the family's own pipeline (WanPipeline with the folder's scheduler, boundary and
         timestep form) around the given denoisers, trained LoRA layers active; a denoiser not given
@@ -402,11 +417,7 @@ class WanAdapter(ModelAdapter):
         """
         from .wan_sampling import sample_video
 
-        return sample_video(
-            self, denoisers, prompt, width=width, height=height, frames=frames, steps=steps,
-            guidance_scale=guidance_scale, seed=seed, device=device, dtype=dtype,
-            negative_prompt=negative_prompt, image=image,
-        )
+        return sample_video(self, denoisers, request, device=device, dtype=dtype)
 
     @property
     def image_conditioned(self) -> bool:  # type: ignore[override]

@@ -1,7 +1,7 @@
 """Textual inversion (training_method EMBEDDING): new placeholder tokens with trainable embedding rows.
 
 add_placeholder_tokens() adds each placeholder to the tokenizer as one new token id and swaps the
-text encoder's input embedding (UMT5: `shared`, shared with `encoder.embed_tokens`) for a
+text encoder's input embedding (a T5 encoder's `shared`, shared with `encoder.embed_tokens`) for a
 PlaceholderLookup: old ids read the original, frozen table; the new ids read a small float32
 (n, D) Parameter. Only that Parameter trains. The original table is neither copied nor resized,
 so it stays bit-identical and memory does not grow by a vocabulary's worth of rows; new ids may
@@ -13,20 +13,22 @@ Trainer integration (captions with a placeholder are not served from the text ca
   grad=True for the captions that contain a placeholder), then `merge_live_embeddings(batch, live,
   adapter.condition_layout())` puts those rows into every condition key of the batch, each on its
   own pad axis; the loss then reaches the rows;
-- backups: `placeholders.state_dict()` / `load_state_dict()`; output: core.export.embedding;
+- backups: `placeholders.state_dict()` / `load_state_dict()`; output: core.export.embedding, read back
+  into a tokenizer and text encoder by load_embedding();
 - cleanup: `placeholders.remove()` restores the original module and tokenizer.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from core.errors import ConfigError
+from core.errors import ConfigError, UserError
 from core.models.conditions import TEXT_LAYOUT, ConditionSpec, pad_axis_to, used_length
 
 logger = logging.getLogger(__name__)
@@ -131,12 +133,10 @@ def _config_error(message: str, key: str) -> ConfigError:
     return ConfigError(message, key=key)
 
 
-def _check_new_token(tokenizer: Any, token: str) -> None:
-    from diffusers.pipelines.wan.pipeline_wan import prompt_clean
-
+def _check_new_token(tokenizer: Any, token: str, clean_caption: Callable[[str], str] | None) -> None:
     if not token.strip() or any(ch.isspace() for ch in token):
         raise _config_error(f"placeholder token {token!r} must be one word without spaces, such as <concept>", TOKENS_KEY)
-    if prompt_clean(token) != token:
+    if clean_caption is not None and clean_caption(token) != token:
         raise _config_error(f"placeholder token {token!r} is changed by caption cleaning; use plain characters, such as <concept>", TOKENS_KEY)
     vocab = tokenizer.get_vocab()
     if token in vocab or f"\u2581{token}" in vocab:  # \u2581: SentencePiece's word-start mark
@@ -172,8 +172,11 @@ def _initializer_words(tokens: list[str], words: Sequence[str]) -> list[str]:
 
 
 def add_placeholder_tokens(tokenizer: Any, text_encoder: Any, placeholder_tokens: Sequence[str],
-                           initializer_words: Sequence[str]) -> PlaceholderEmbeddings:
-    """Add the tokens, with rows initialised from the initializer words' embeddings (see module doc)."""
+                           initializer_words: Sequence[str],
+                           clean_caption: Callable[[str], str] | None = None) -> PlaceholderEmbeddings:
+    """Add the tokens, with rows initialised from the initializer words' embeddings (see module doc).
+    clean_caption: the family's caption cleaning (ModelAdapter.clean_caption); a token it would
+    change could never be matched in a cleaned caption, so it is refused."""
     tokens = list(placeholder_tokens)
     if not tokens:
         raise _config_error("no placeholder tokens; give at least one, such as <concept>", TOKENS_KEY)
@@ -181,16 +184,17 @@ def add_placeholder_tokens(tokenizer: Any, text_encoder: Any, placeholder_tokens
     table = text_encoder.get_input_embeddings().weight
     with torch.no_grad():
         init = torch.stack([_word_vector(tokenizer, table, w) for w in words])
-    return install_placeholders(tokenizer, text_encoder, tokens, init)
+    return install_placeholders(tokenizer, text_encoder, tokens, init, clean_caption)
 
 
-def install_placeholders(tokenizer: Any, text_encoder: Any, tokens: Sequence[str], vectors: torch.Tensor) -> PlaceholderEmbeddings:
+def install_placeholders(tokenizer: Any, text_encoder: Any, tokens: Sequence[str], vectors: torch.Tensor,
+                         clean_caption: Callable[[str], str] | None = None) -> PlaceholderEmbeddings:
     """Add tokens as single new ids and swap in a PlaceholderLookup whose rows start as `vectors` (n, D)."""
     tokens = list(tokens)
     if len(set(tokens)) != len(tokens):
         raise _config_error(f"placeholder tokens {tokens} repeat a token; give each once", TOKENS_KEY)
     for token in tokens:
-        _check_new_token(tokenizer, token)
+        _check_new_token(tokenizer, token, clean_caption)
     original = text_encoder.get_input_embeddings()
     table = original.weight
     if vectors.shape != (len(tokens), table.shape[1]):
@@ -278,3 +282,18 @@ def merge_live_embeddings(batch: Mapping[str, Any], live: Mapping[str, Any],
             new = pad_axis_to(new, dim, old.shape[dim], spec.pad_value)
         out[name] = old.index_copy(0, torch.tensor(indices, device=old.device), new)
     return out
+
+
+def load_embedding(path: str | os.PathLike, tokenizer: Any, text_encoder: Any) -> PlaceholderEmbeddings:
+    """Add the file's tokens to tokenizer + text_encoder with the file's vectors (sampling, resuming)."""
+    from core.export.embedding import read_embedding
+
+    vectors, _ = read_embedding(path)
+    width = int(text_encoder.get_input_embeddings().weight.shape[1])
+    for token, vector in vectors.items():
+        if vector.shape[0] != width:
+            raise UserError(
+                f"{path}: {token!r} has {vector.shape[0]} values but this text encoder's embeddings have {width}; "
+                "the embedding was trained for another model"
+            )
+    return install_placeholders(tokenizer, text_encoder, list(vectors), torch.stack(list(vectors.values())))

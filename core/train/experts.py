@@ -1,4 +1,4 @@
-"""Which denoisers a run trains, and which one each optimizer step trains (Wan 2.2 A14B's experts).
+"""Which denoisers a run trains, and which one each optimizer step trains (a two-expert model's).
 
 A model with two experts splits the noise levels at a boundary: the high-noise expert serves sigma in
 [boundary, 1], the low-noise one [0, boundary), as its pipeline does when sampling. Each optimizer
@@ -28,7 +28,7 @@ from core.models.base import Denoiser, ModelAdapter
 
 from .objective import sample_sigmas
 
-_ONE_TRANSFORMER = "applies to Wan 2.2 A14B's two experts, and this model has one transformer"
+_ONE_TRANSFORMER = "applies to a model with two experts (a high-noise and a low-noise denoiser), and this model has one transformer"
 
 
 def chosen_denoisers(config: dict[str, Any], adapter: ModelAdapter) -> list[Denoiser]:

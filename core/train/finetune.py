@@ -52,7 +52,7 @@ def finetune_param_groups(
     the adapter's text_encoder_names that train) says train, at that section's learning_rate. Each
     group carries "name".
 
-    `transformers` are the ones that train (for Wan 2.2 A14B those experts.train chooses). A part whose
+    `transformers` are the ones that train (for a two-expert model those experts.train chooses). A part whose
     learning rate is 0 gets no group: it stays frozen and takes no optimizer memory.
     """
     groups: list[dict[str, Any]] = []

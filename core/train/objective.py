@@ -5,8 +5,8 @@ noise trained): the distributions here draw it, ``objective.min_timestep`` / ``m
 bound it, a two-expert model's denoisers split it, and validation fixes it at quantiles. What s
 means for a model (its noisy input, target, loss weight and timestep input) is the family's
 objective, core/models/objectives.py, which the adapter names (``ModelAdapter.objective``): flow
-matching for Wan, where s is the flow sigma itself; DDPM v-prediction for CogVideoX, where s maps
-to the schedule's integer timesteps. This module keeps what is the same for every objective: the
+matching, where s is the flow sigma itself, or DDPM v-prediction, where s maps to the schedule's
+integer timesteps. This module keeps what is the same for every objective: the
 draws, the validation quantiles and the loss composition (the weighted MSE, the temporal
 consistency term, leaving out a clean first frame).
 
@@ -57,7 +57,7 @@ def _settings(objective: dict[str, Any]) -> dict[str, Any]:
 
 
 def _shift(u: torch.Tensor, shift: float) -> torch.Tensor:
-    # The flow-shift of FlowMatchEulerDiscreteScheduler (and Wan's/SD3's samplers):
+    # The flow-shift of FlowMatchEulerDiscreteScheduler (and the flow-matching families' samplers):
     # sigma' = shift * sigma / (1 + (shift - 1) * sigma). Monotonic, keeps 0 -> 0 and 1 -> 1, and
     # above 1 moves mass towards high noise, where a sampler with the same shift spends its steps.
     return shift * u / (1.0 + (shift - 1.0) * u)
@@ -174,8 +174,8 @@ def loss_weights(sigmas: torch.Tensor, objective: dict[str, Any]) -> torch.Tenso
 
 def condition_first_frame(noisy: torch.Tensor, latents: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
     """Image-to-video training input: for the samples where ``fixed`` (B,) is True the first latent
-    frame is the clean latent (the conditioning image), as WanImageToVideoPipeline feeds Wan 2.2
-    TI2V-5B (``latents = (1 - first_frame_mask) * condition + first_frame_mask * latents``)."""
+    frame is the clean latent (the conditioning image), as an image-to-video pipeline with per-token
+    timesteps feeds it (``latents = (1 - first_frame_mask) * condition + first_frame_mask * latents``)."""
     keep = fixed.to(device=noisy.device, dtype=torch.bool).reshape(-1, 1, 1, 1, 1)
     first = torch.arange(noisy.shape[2], device=noisy.device).reshape(1, 1, -1, 1, 1) == 0
     return torch.where(keep & first, latents.to(noisy.dtype), noisy)

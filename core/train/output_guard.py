@@ -35,9 +35,9 @@ from core.errors import ConfigError, UserError
 
 log = logging.getLogger(__name__)
 
-# The mark in the safetensors header of every LoRA and embedding file the app writes. LoRA files of
-# earlier versions carry other `video_trainer.` keys (steps, base model), which count as the mark too.
-WRITTEN_BY = {"video_trainer.written_by": "Video Trainer"}
+# Every LoRA and embedding file the app writes carries methods.base.WRITTEN_BY in its safetensors
+# header. LoRA files of earlier versions carry other `video_trainer.` keys (steps, base model), which
+# count as the mark too.
 _MARK_PREFIX = "video_trainer."
 # The mark of a fine-tuned model folder (written with every save, see methods/finetune.py).
 FOLDER_MARK = "video_trainer.json"
@@ -358,7 +358,6 @@ def _keep_weights(run: Any, result: Any, backups: Any) -> tuple[Path | None, str
 __all__ = [
     "FOLDER_MARK",
     "REQUIRED_PATHS",
-    "WRITTEN_BY",
     "Target",
     "check_outputs",
     "check_paths_set",

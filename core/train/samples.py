@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from core.models.base import SampleRequest
+
 logger = logging.getLogger(__name__)
 
 SAMPLES_DIR_NAME = "samples"
@@ -150,7 +152,7 @@ class SampleMaker:
         args = {
             "width": int(sampling["width"]), "height": int(sampling["height"]), "frames": int(sampling["frames"]),
             "steps": int(sampling["inference_steps"]), "guidance_scale": float(sampling["guidance_scale"]),
-            "seed": int(sampling["seed"]), "device": self.device, "dtype": self.dtype,
+            "seed": int(sampling["seed"]),
         }
         # Text encoders that training holds (fine-tuned, or carrying textual-inversion tokens) are
         # sampled as they are and their flags are restored like the denoisers'.
@@ -185,7 +187,8 @@ class SampleMaker:
         started = time.perf_counter()
         failure, out_of_memory = None, False
         try:
-            video = self.adapter.sample(denoisers, prompt, image=image, **args)
+            request = SampleRequest(prompt, image=image, **args)
+            video = self.adapter.sample(denoisers, request, device=self.device, dtype=self.dtype)
             target = self.folder / sample_file_name(step, index, prompt)
             with explained_write_errors(target, "the sample video", key="workspace_dir"):
                 path = write_mp4(target, video, fps)

@@ -11,6 +11,8 @@ from typing import Any
 from core.config.settings import get_value, lookup
 from core.errors import ConfigError
 from core.memory.offload import offload_config_problem
+from core.models.base import ModelAdapter
+from core.models.registry import family_name
 
 FLOAT_WEIGHT_DTYPES = ("FLOAT_32", "BFLOAT_16", "FLOAT_16")
 
@@ -53,6 +55,26 @@ def refusals(config: dict[str, Any], family: str, *, world_size: int = 1, cuda: 
         out.append(offload)
     if method in ("LORA", "EMBEDDING") and not str(config["output_path"]).lower().endswith(".safetensors"):
         refuse("output_path", f"output_path {config['output_path']} must be a .safetensors file for {method}")
+    return out
+
+
+def capability_refusals(config: dict[str, Any], adapter: ModelAdapter) -> list[ConfigError]:
+    """Settings that ask the model for something its family cannot do, in the family's own name."""
+    out = []
+    name = family_name(adapter.family)
+    if config["objective"]["image_to_video_share"] > 0 and not adapter.image_to_video:
+        out.append(ConfigError(
+            f"objective.image_to_video_share: {name} cannot learn image-to-video from a clip's first frame "
+            "(only a model whose timesteps can leave the first frame clean can); set it to 0",
+            key="objective.image_to_video_share"))
+    if config["transformer"]["model_path"] and len(adapter.transformer_names()) > 1:
+        out.append(ConfigError(
+            f"transformer.model_path replaces the transformer of a one-transformer model; {name} has "
+            f"{len(adapter.transformer_names())} experts: point base_model at a diffusers folder holding "
+            "them all, or leave it empty", key="transformer.model_path"))
+    if config["training_method"] == "LORA" and config["output_format"] == "COMFY" and adapter.comfy_lora_keys() is None:
+        out.append(ConfigError(f"output_format COMFY: {name} has no ComfyUI LoRA format here; set it to DIFFUSERS",
+                               key="output_format"))
     return out
 
 

@@ -52,7 +52,7 @@ from .run_backups import (
     restore,
     set_earlier_runs_aside,
 )
-from .support import refusals, size_refusals
+from .support import capability_refusals, refusals, size_refusals
 from .workspace_lock import hold_workspace
 
 log = logging.getLogger(__name__)
@@ -168,14 +168,7 @@ class Trainer:
             adapter.objective(self.config["objective"])  # a weighting of another objective is refused here
         except ConfigError as e:
             problems.append(e)
-        if self.config["objective"]["image_to_video_share"] > 0 and not adapter.image_to_video:
-            problems.append(ConfigError(
-                f"objective.image_to_video_share: {adapter.family} cannot learn image-to-video from a clip's first "
-                "frame (Wan 2.2 TI2V-5B can); set it to 0", key="objective.image_to_video_share"))
-        if self.config["transformer"]["model_path"] and len(adapter.transformer_names()) > 1:
-            problems.append(ConfigError(
-                "transformer.model_path replaces the transformer of a one-transformer model; Wan 2.2 A14B has two "
-                "experts: point base_model at a diffusers folder holding both, or leave it empty", key="transformer.model_path"))
+        problems += capability_refusals(self.config, adapter)
         problems += size_refusals(self.config, adapter.size_divisor)
         if problems:
             raise problems[0]

@@ -10,7 +10,8 @@ next, nothing in it is random:
 - the noise is fixed per (run seed, clip, quantile): drawn from a CPU generator seeded by the clip's
   cache key (its content and settings) and the quantile, never from the global RNG or the step;
 - each clip is read as its variant 0 (the plain frame selection, no temporal augmentation), and
-  Wan 2.2 TI2V-5B validates as plain text-to-video (no clean first frame).
+  a model that also learns image-to-video (adapter.image_to_video) validates as plain
+  text-to-video (no clean first frame).
 
 The loss is the plain mean squared error between the prediction and the target of the family's
 objective (adapter.objective: noise - latents for flow matching, v for v-prediction), NOT the
@@ -22,7 +23,7 @@ equals the plain v error, so validation and training measure the same thing.) Th
 values are reported as well, so a change confined to some noise levels stays visible. val_loss is
 the mean over quantiles of the mean over clips.
 
-A two-expert model (Wan 2.2 A14B) routes each quantile to the expert serving its sigma, as the
+A two-expert model routes each quantile to the expert serving its sigma, as the
 pipeline does when sampling (sigma >= boundary: high-noise expert). A quantile that falls to an
 expert this run does not train (experts.train HIGH_NOISE or LOW_NOISE) is left out: that expert
 is frozen, so its loss could not change.

@@ -9,6 +9,10 @@ from typing import Any
 
 from core.models.base import Denoiser, ModelAdapter
 
+# The mark in the safetensors header of every LoRA and embedding file the app writes; the output
+# guard (core/train/output_guard.py) overwrites only files that carry it.
+WRITTEN_BY = {"video_trainer.written_by": "Video Trainer"}
+
 
 class TrainedParts(ABC):
     """The trained parameters of a run, the denoisers they live in or feed, and how they are saved.

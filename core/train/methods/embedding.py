@@ -28,7 +28,7 @@ from ..embedding import (
     encode_captions_live,
     merge_live_embeddings,
 )
-from .base import TrainedParts, ema_path
+from .base import WRITTEN_BY, TrainedParts, ema_path
 
 
 class EmbeddingParts(TrainedParts):
@@ -44,7 +44,7 @@ class EmbeddingParts(TrainedParts):
         for name in self.adapter.placeholder_encoders:
             tokenizer, text_encoder = parts[name]
             placeholders = add_placeholder_tokens(tokenizer, text_encoder, embedding["placeholder_tokens"],
-                                                  embedding["initializer_words"])
+                                                  embedding["initializer_words"], self.adapter.clean_caption)
             rows = placeholders.rows
             if rows.device != self.device:
                 rows.data = rows.data.to(self.device)
@@ -101,8 +101,6 @@ class EmbeddingParts(TrainedParts):
 
     def save(self, models: list[Any], steps: int, *, ema_suffix: str = "") -> list[Path]:
         from core.export.embedding import save_embedding
-
-        from ..output_guard import WRITTEN_BY
 
         embedding = self.config["embedding"]
         metadata = {**WRITTEN_BY, "initializer_words": embedding["initializer_words"],

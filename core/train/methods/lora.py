@@ -10,7 +10,7 @@ from core.errors import UserError
 from core.models.base import Denoiser, ModelAdapter
 from core.models.dtypes import compute_dtype
 
-from .base import TrainedParts, ema_path
+from .base import WRITTEN_BY, TrainedParts, ema_path
 
 
 class LoraParts(TrainedParts):
@@ -66,8 +66,6 @@ class LoraParts(TrainedParts):
         """One LoRA file, or one per trained expert of a two-expert model (_high_noise, _low_noise)."""
         from core.export.lora import save_lora
 
-        from ..output_guard import WRITTEN_BY
-
         config, lora = self.config, self.config["lora"]
         names = [d.name for d in self.denoisers]
         paths = self._named_paths(config, self.adapter, names, ema_suffix)
@@ -79,5 +77,6 @@ class LoraParts(TrainedParts):
             if ema_suffix:
                 metadata["video_trainer.ema_decay"] = str(config["ema"]["decay"])
             saved.append(save_lora(paths[name], model, rank=lora["rank"], alpha=lora["alpha"],
-                                   output_format=config["output_format"], metadata=metadata))
+                                   output_format=config["output_format"], metadata=metadata,
+                                   comfy_keys=self.adapter.comfy_lora_keys()))
         return saved

@@ -1,0 +1,79 @@
+"""From base_model to a local model folder: a path as it is, or a Hugging Face hub id from the local
+hub cache (downloaded into it first when missing).
+
+Below the model families on purpose: the VRAM estimate (core/memory) reads a model's configs from its
+folder without loading any family's code.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from core.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+WHAT_TO_DO = (
+    "set base_model to a local diffusers model folder (the one holding model_index.json, "
+    "vae/, text_encoder/, tokenizer/ and transformer/), or download the model first"
+)
+
+
+# What a diffusers model repository holds that training and sampling need; other files (the original
+# release's checkpoints, which some repositories carry beside the diffusers folders, images) are not fetched.
+HUB_PATTERNS = ("model_index.json", "*/config.json", "*/*.safetensors", "*/*.safetensors.index.json",
+                "tokenizer/*", "*/*.txt", "*/*.model", "*/*.json")
+
+
+def _looks_like_hub_id(text: str, path: Path) -> bool:
+    return text.count("/") == 1 and not path.is_absolute() and not text.startswith((".", "~"))
+
+
+def resolve_model_folder(base_model: str, *, download: bool = True) -> Path:
+    """base_model as a local folder: a path, or a Hugging Face hub id: taken from the local Hugging
+    Face cache, and downloaded into it first when missing (unless `download` is False or the hub is
+    switched off with HF_HUB_OFFLINE=1)."""
+    text = str(base_model).strip()
+    if not text:
+        raise ConfigError(f"base_model is empty; {WHAT_TO_DO}", key="base_model")
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return path.absolute()
+    if path.is_file():
+        raise ConfigError(
+            f"base_model {text} is a single file; put a single-file transformer checkpoint in transformer.model_path "
+            f"and set base_model to the diffusers model it belongs to ({WHAT_TO_DO})",
+            key="base_model",
+        )
+    if not _looks_like_hub_id(text, path):
+        raise ConfigError(f"base_model folder {path.absolute()} does not exist; {WHAT_TO_DO}", key="base_model")
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+    except ImportError as exc:  # pragma: no cover - a dependency of diffusers
+        raise ConfigError(f"base_model {text} is a hub id, but huggingface_hub cannot be imported ({exc})", key="base_model") from exc
+    try:
+        return Path(snapshot_download(text, local_files_only=True, allow_patterns=list(HUB_PATTERNS)))
+    except LocalEntryNotFoundError:
+        logger.debug("hub id %s is not in the local cache", text)
+    except Exception as exc:  # a damaged cache entry: say so rather than download over it blindly
+        logger.debug("hub id %s: local cache unusable: %s", text, exc)
+    from huggingface_hub import constants
+
+    if not download or constants.HF_HUB_OFFLINE:
+        raise ConfigError(
+            f"base_model {text} is not in the local Hugging Face cache and downloading is off "
+            f"(HF_HUB_OFFLINE); download it once with an internet connection, or {WHAT_TO_DO}",
+            key="base_model",
+        )
+    logger.info("downloading %s from the Hugging Face hub into %s (once; later runs use the copy)", text, constants.HF_HUB_CACHE)
+    try:
+        return Path(snapshot_download(text, allow_patterns=list(HUB_PATTERNS)))
+    except Exception as exc:  # no network, unknown repository, gated model, full disk: one line each
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(
+            f"base_model {text} could not be downloaded ({reason}); check the id and the internet connection "
+            f"(gated models need `huggingface-cli login`), or {WHAT_TO_DO}",
+            key="base_model",
+        ) from exc
