@@ -91,8 +91,8 @@ class CachedSampleDataset(Dataset):
 
     def load(self, sample_id: Hashable, variant: int) -> dict[str, Any]:
         """{"latents": (C, f, h, w), each condition key as stored, PADDING: how to pad them} of one
-        variant, such as Wan's prompt_embeds (tokens, D), trimmed to the caption's tokens (the
-        collate pads them to the 512 the encoder gave), and prompt_mask (512,).
+        variant, such as a prompt_embeds (tokens, D) trimmed to the caption's tokens (the collate pads
+        it back to the length the encoder gave) and a fixed-size prompt_mask.
         """
         sample = self.samples[sample_id]  # type: ignore[index]
         latent_key = sample.latent_keys[variant]

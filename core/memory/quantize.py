@@ -7,7 +7,7 @@ here, then add the LoRA (peft wraps the quantized layers and trains in float32 o
   pattern per model part), because families call their blocks differently (`blocks.N`,
   `transformer_blocks.N`, two stacks of dual- and single-stream blocks). Without one, every nn.Linear inside
   the module's top-level nn.ModuleLists (its block stacks, whatever they are called): about 98% of
-  a real Wan transformer's weights. The patch embedding, the condition embedder, the norms and
+  a real video transformer's weights. The patch embedding, the condition embedder, the norms and
   proj_out stay in the compute dtype: small, and sensitive to rounding. A choice that matches no
   layer is an error: quantizing nothing would train in full precision while the settings say otherwise.
 - FLOAT_8 / INT_8: one byte per weight plus one scale per output row (quanto qfloat8_e4m3fn / qint8).

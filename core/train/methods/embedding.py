@@ -76,7 +76,7 @@ class EmbeddingParts(TrainedParts):
             # the optimizer skips a parameter without one (no momentum, no weight decay).
             batch = dict(batch)
             layout = self.adapter.condition_layout()
-            name = next(k for k in layout if batch[k].is_floating_point())  # Wan: prompt_embeds
+            name = next(k for k in layout if batch[k].is_floating_point())  # e.g. prompt_embeds
             batch[name] = batch[name].detach().requires_grad_(True)
             return batch
         return merge_live_embeddings(batch, live, self.adapter.condition_layout())
