@@ -337,6 +337,7 @@ class Trainer:
         finally:
             run.metrics.close()
             offloaders.detach()
+            loader.close()  # the workers end with the steps, also on Stop, an exception or Ctrl+C
 
         if accelerator.is_main_process and result.steps > 0:
             result.output_paths.extend(parts.save(models, result.steps))
