@@ -33,6 +33,8 @@ from core.models.tiny import build_tiny_model
 from core.train.metrics_reader import read_metrics
 from core.train.draws import sample_noise
 
+pytestmark = pytest.mark.numerics  # results depend on float kernels: docs/testing.md
+
 ROOT = Path(__file__).resolve().parent.parent
 PRESET = ROOT / "presets" / "#demo tiny wan LoRA.json"
 STEPS = 6

@@ -20,6 +20,8 @@ from core.models.registry import adapter_for, detect_family
 from core.models.tiny import build_tiny_model
 from core.models.wan import WanAdapter
 
+pytestmark = pytest.mark.numerics  # results depend on float kernels: docs/testing.md
+
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:

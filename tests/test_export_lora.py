@@ -27,6 +27,8 @@ from core.errors import UserError
 from core.export.lora import expert_output_paths, lora_state_dict, save_lora
 from core.models.tiny import build_tiny_model
 
+pytestmark = pytest.mark.numerics  # results depend on float kernels: docs/testing.md
+
 RANK, ALPHA = 4, 8
 BLOCK_TARGETS = ["attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
                  "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0",

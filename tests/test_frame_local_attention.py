@@ -17,6 +17,8 @@ from numerics import forward_tolerance
 from core.models.tiny import build_tiny_model
 from core.models.wan import WanAdapter
 
+pytestmark = pytest.mark.numerics  # results depend on float kernels: docs/testing.md
+
 
 @pytest.fixture(scope="module", params=["wan21", "wan22_ti2v_5b"])
 def model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[WanAdapter, Path]:

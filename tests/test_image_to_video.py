@@ -19,6 +19,8 @@ from core.train.draws import sample_first_frame_fixed
 from core.train.objective import condition_first_frame, expanded_timesteps, flow_matching_loss
 from core.train.trainer import Trainer
 
+pytestmark = pytest.mark.numerics  # results depend on float kernels: docs/testing.md
+
 OBJECTIVE = {"loss_weighting": "NONE"}
 
 

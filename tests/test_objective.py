@@ -27,6 +27,8 @@ from core.train.objective import (
     validation_sigmas,
 )
 
+pytestmark = pytest.mark.numerics  # results depend on float kernels: docs/testing.md
+
 torch.set_num_threads(2)
 
 

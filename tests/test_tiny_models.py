@@ -192,6 +192,7 @@ def test_tokenizers_load_with_autotokenizer(built, family, subfolder):
     assert tokenizer.decode(ids, skip_special_tokens=True).strip() == PROMPT
 
 
+@pytest.mark.numerics  # random init through the CPU's kernels: docs/testing.md
 def test_same_seed_same_weights(built, tmp_path):
     again = build_tiny_model("wan22_a14b", tmp_path / "again", seed=0)
     other = build_tiny_model("wan22_a14b", tmp_path / "other", seed=1)
@@ -275,6 +276,7 @@ def _same_build(ours: torch.Tensor, fresh: torch.Tensor) -> bool:
     return bool((ours.double() - fresh.double()).abs().max() <= tolerance)
 
 
+@pytest.mark.numerics  # random init through the CPU's kernels: docs/testing.md
 def test_bundled_demo_model_is_what_the_command_builds(built):
     """resources/tiny_wan21 (the demo preset's model) is `tiny-model --family wan21`, seed 0 (to the
     rounding of the CPU's kernels), and the demo preset's relative path reaches it through the normal
