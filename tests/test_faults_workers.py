@@ -1,7 +1,7 @@
 """The data-loading worker processes end with their run, however the run ends: killed with SIGKILL
-(the CLI process gone at once), finished normally, or ended by an exception in a process that lives
-on (the window, whose engine runs on a thread). See core/data/workers.py for why a worker outlived a
-killed run before.
+(the CLI process gone at once), interrupted with Ctrl+C, finished normally, ended by an exception,
+or stopped on a thread of a process that lives on (the window). See core/data/workers.py for why a
+worker outlived a killed run before.
 
 Runs use dataloader_threads 2, the setting that starts two worker processes; the steps of the tiny
 model are slower than the workers' loading, so each worker has batches queued when the run ends.
@@ -67,39 +67,66 @@ def _config(runs: Runs, name: str, **changes: object) -> dict:
     return config
 
 
-@pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL is POSIX")
-def test_the_workers_of_a_killed_run_end(runs: Runs, tmp_path: Path) -> None:
-    # A run far longer than the test, started as a user would; killed once it is stepping.
-    config = _config(runs, "killed", max_steps=100_000)
+def _start_run(runs: Runs, tmp_path: Path, name: str) -> tuple[subprocess.Popen, list[psutil.Process]]:
+    """A run far longer than the test, started as a user would (in its own session, as a terminal's
+    foreground job), once it is stepping: the process and its worker processes."""
+    config = _config(runs, name, max_steps=100_000)
     path = tmp_path / "config.json"
     path.write_text(json.dumps(config), encoding="utf-8")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     trainer = subprocess.Popen([sys.executable, "main.py", "train", "--config", str(path)], cwd=ROOT, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
     main = psutil.Process(trainer.pid)
     workers: list[psutil.Process] = []
+    metrics = Path(config["workspace_dir"]) / "metrics.jsonl"
+    end = time.monotonic() + START_DEADLINE_S
+    # A few steps done: the workers run and are ahead of the steps, their batches queued.
+    while time.monotonic() < end and trainer.poll() is None:
+        if metrics.is_file() and len(read_metrics(metrics)) >= 3:
+            workers = main.children()
+            if len(workers) >= WORKERS:
+                break
+        time.sleep(0.2)
+    return trainer, workers
+
+
+def _end(trainer: subprocess.Popen, workers: list[psutil.Process]) -> None:
+    """Clean up what a test started, by pid, whatever the assertions said."""
+    if trainer.poll() is None:
+        trainer.kill()
+        trainer.wait()
+    trainer.stderr.close()
+    _kill(workers)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL is POSIX")
+def test_the_workers_of_a_killed_run_end(runs: Runs, tmp_path: Path) -> None:
+    trainer, workers = _start_run(runs, tmp_path, "killed")
     try:
-        metrics = Path(config["workspace_dir"]) / "metrics.jsonl"
-        end = time.monotonic() + START_DEADLINE_S
-        # A few steps done: the workers run and are ahead of the steps, their batches queued.
-        while time.monotonic() < end and trainer.poll() is None:
-            if metrics.is_file() and len(read_metrics(metrics)) >= 3:
-                workers = main.children()
-                if len(workers) >= WORKERS:
-                    break
-            time.sleep(0.2)
-        assert trainer.poll() is None, f"the run ended by itself: {trainer.stderr.read().decode()[-3000:]}"
+        assert trainer.poll() is None, f"the run ended by itself: {trainer.stderr.read()[-3000:]}"
         assert len(workers) == WORKERS, [w.cmdline() for w in workers]
         trainer.send_signal(signal.SIGKILL)
         assert trainer.wait(timeout=60) == -signal.SIGKILL
         left = _wait_until_gone(workers, END_DEADLINE_S)
         assert not left, f"{len(left)} of {WORKERS} worker processes outlived the killed run by {END_DEADLINE_S:.0f} s"
     finally:
-        if trainer.poll() is None:
-            trainer.kill()
-            trainer.wait()
-        trainer.stderr.close()
-        _kill(workers)
+        _end(trainer, workers)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="a process group's SIGINT is POSIX")
+def test_ctrl_c_stops_the_run_once_and_its_workers_end(runs: Runs, tmp_path: Path) -> None:
+    trainer, workers = _start_run(runs, tmp_path, "interrupted")
+    try:
+        assert trainer.poll() is None, f"the run ended by itself: {trainer.stderr.read()[-3000:]}"
+        assert len(workers) == WORKERS, [w.cmdline() for w in workers]
+        os.killpg(trainer.pid, signal.SIGINT)  # what Ctrl+C in a terminal does: the whole foreground group
+        _, stderr = trainer.communicate(timeout=START_DEADLINE_S)
+        assert trainer.returncode == 0, stderr[-3000:]
+        # The run stopped after its step, said so once (not once more per worker), and saved.
+        assert stderr.count("stopping after this step") == 1, stderr[-3000:]
+        assert _wait_until_gone(workers, END_DEADLINE_S) == []
+    finally:
+        _end(trainer, workers)
 
 
 def _new_children(before: set[int]) -> list[psutil.Process]:

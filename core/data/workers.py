@@ -12,9 +12,10 @@ open itself (inherited from the fork). So the worker waits forever, holding its 
 watches the process that made the loader and ends the worker with os._exit (no finalizers, no
 join) once that process is gone; on Linux the kernel also sends the worker SIGKILL the moment the
 thread that started it ends (PR_SET_PDEATHSIG). It draws nothing from any random generator, so
-the workers' seeding (and with it resume's exactness) is unchanged. Ends that leave the creating
-process alive (the window's Stop, an exception) are the loader's own business: the trainer shuts
-the workers down in a finally (core.data.dataset.BatchLoader.close).
+the workers' seeding (and with it resume's exactness) is unchanged. Workers ignore Ctrl+C, which is
+the training process's to handle. Ends that leave the creating process alive (the window's Stop, an
+exception) are the loader's own business: the trainer shuts the workers down in a finally
+(core.data.dataset.BatchLoader.close).
 """
 
 from __future__ import annotations
@@ -42,6 +43,11 @@ class WorkerLifeline:
         self.creator_pid = os.getpid() if creator_pid is None else int(creator_pid)
 
     def __call__(self, worker_id: int) -> None:
+        # Ctrl+C reaches the whole foreground process group. It is the training process's to handle
+        # (the CLI stops after the step at the first, at once at the second) and then to end the
+        # workers; a forked worker would otherwise run the CLI's handler too (its message printed
+        # once per worker) or, at the second, leave its loop while the run still wants batches.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         watch_creator(self.creator_pid)
 
 
