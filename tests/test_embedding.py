@@ -20,6 +20,8 @@ from core.train.embedding import (
     merge_live_embeddings,
 )
 
+pytestmark = pytest.mark.numerics  # results depend on float kernels: docs/testing.md
+
 CAPTION = "a <concept> walking through a green field"
 PLAIN = "a red car moving left across a city street"
 

@@ -20,6 +20,8 @@ from core.errors import UserError
 from core.models.registry import adapter_for, detect_family
 from core.models.wan import WanAdapter
 
+pytestmark = pytest.mark.numerics  # results depend on float kernels: docs/testing.md
+
 
 @pytest.fixture(scope="module")
 def models(tiny_model: Callable[[str], Path]) -> dict[str, Path]:

@@ -24,6 +24,8 @@ from core.train.experts import denoiser_objective, route
 from core.train.metrics_reader import read_metrics
 from core.train.trainer import Trainer
 
+pytestmark = pytest.mark.numerics  # results depend on float kernels: docs/testing.md
+
 BOUNDARY = 0.875  # the tiny A14B's model_index.json, as the real T2V model's
 
 

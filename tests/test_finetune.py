@@ -33,7 +33,8 @@ from core.train.optim import build_optimizer, build_scheduler
 from core.train.optim_checks import optimizer_problem
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+# numerics: results depend on float kernels (docs/testing.md)
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.numerics]
 
 
 # -- fused backward --------------------------------------------------------------------------------

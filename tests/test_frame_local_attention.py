@@ -12,9 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from numerics import forward_tolerance
 
 from core.models.tiny import build_tiny_model
 from core.models.wan import WanAdapter
+
+pytestmark = pytest.mark.numerics  # results depend on float kernels: docs/testing.md
 
 
 @pytest.fixture(scope="module", params=["wan21", "wan22_ti2v_5b"])
@@ -66,4 +69,7 @@ def test_frame_local_attention_on_frame_zero_equals_the_frame_alone(model: tuple
     latents = torch.randn(2, local.config.in_channels, 3, size, size, generator=torch.Generator().manual_seed(1))
     whole = _predict(adapter, local, latents)
     alone = _predict(adapter, full, latents[:, :, 0:1])
-    torch.testing.assert_close(whole[:, :, 0:1], alone, rtol=1e-5, atol=1e-5)
+    # Folded, the frames are 3x the batch: other matrix shapes, for which the CPU's kernels may sum
+    # in other orders. A leak from other frames moves frame 0 by far more (see the test above).
+    tolerance = forward_tolerance(full) * alone.abs().max().item()
+    torch.testing.assert_close(whole[:, :, 0:1], alone, rtol=0, atol=tolerance)

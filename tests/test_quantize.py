@@ -33,7 +33,8 @@ TARGETS = ["attn1.to_q", "attn1.to_v", "attn2.to_k", "ffn.net.0.proj", "ffn.net.
 BLOCK_LAYER = re.compile(r"blocks\.\d+\.")
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+# numerics: results depend on float kernels (docs/testing.md)
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.numerics]
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,8 @@ from core.train.events import TrainerCallbacks, TrainerCommands
 from core.train.metrics_reader import read_metrics
 from core.train.trainer import Trainer
 
+pytestmark = pytest.mark.numerics  # results depend on float kernels: docs/testing.md
+
 
 @pytest.fixture(scope="module")
 def tiny_wan(tiny_model: Callable[[str], Path]) -> Path:

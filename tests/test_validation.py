@@ -25,6 +25,8 @@ from core.models.registry import adapter_for
 from core.train.objective import flow_matching_loss
 from core.train.validation import PlateauWatch, Validator, quantile_key, should_validate
 
+pytestmark = pytest.mark.numerics  # results depend on float kernels: docs/testing.md
+
 KEYS = {"val_loss", "val_loss_q10", "val_loss_q30", "val_loss_q50", "val_loss_q70", "val_loss_q90"}
 WHOLE = Denoiser("transformer", "transformer", 0.0, 1.0)
 

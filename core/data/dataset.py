@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from .augment import drop_frames
 from .cache import LatentCache, StoredCondition, TextCache, stored_conditions
+from .workers import WorkerLifeline
 
 # An item's key for its caption's condition padding ({key: (spec, length)}, from the text cache),
 # which the collate pads each condition by; it does not reach the batch.
@@ -271,6 +272,22 @@ class BatchLoader:
         for batch in batches:
             yield batch.unpack() if isinstance(batch, PackedBatch) else batch
 
+    def close(self) -> None:
+        """End the worker processes now; the next iteration would start new ones.
+
+        Persistent workers otherwise live as long as the DataLoader's iterator, which outlives the run
+        wherever something still holds it: a reference cycle, or the traceback of the run's exception
+        that a window keeps for its error dialog.
+        """
+        iterator = getattr(self.loader, "_iterator", None)
+        if iterator is None:
+            return
+        self.loader._iterator = None
+        # torch has no public way to end a persistent iterator's workers; this is what its __del__ calls.
+        shutdown = getattr(iterator, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+
 
 def collate_batch(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack one bucket's samples, without frame dropout."""
@@ -314,13 +331,15 @@ def make_loader(
     """A DataLoader over the cache (as .loader): one batch per item of batch_sampler, loaded ahead.
 
     num_workers > 0 keeps the workers alive between iterations and has each hold prefetch_factor
-    batches ready, so a training step never waits for a warm cache. Memory is pinned only where
-    CUDA is available (it does nothing elsewhere but warn).
+    batches ready, so a training step never waits for a warm cache; they end with the process that
+    iterates the loader, however it ends (core.data.workers), or at close(). Memory is pinned only
+    where CUDA is available (it does nothing elsewhere but warn).
     """
     workers = max(0, int(num_workers))
     options: dict[str, Any] = {}
     if workers > 0:
-        options.update(persistent_workers=True, prefetch_factor=max(1, int(prefetch_factor)))
+        options.update(persistent_workers=True, prefetch_factor=max(1, int(prefetch_factor)),
+                       worker_init_fn=WorkerLifeline())
         if multiprocessing_context:
             options["multiprocessing_context"] = multiprocessing_context
     return BatchLoader(DataLoader(

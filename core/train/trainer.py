@@ -344,6 +344,7 @@ class Trainer:
         finally:
             run.metrics.close()
             offloaders.detach()
+            loader.close()  # the workers end with the steps, also on Stop, an exception or Ctrl+C
 
         if accelerator.is_main_process and result.steps > 0:
             # Finite weights only; a save that fails keeps them in a backup and says how to finish it.
