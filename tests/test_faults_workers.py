@@ -20,7 +20,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from engine_runs import Runs, _Recorder, _reset_accelerate, Outcome
+from engine_runs import Outcome, Runs, _Recorder, _reset_accelerate
 
 from core.train.events import TrainerCommands
 from core.train.metrics_reader import read_metrics
@@ -63,8 +63,7 @@ def _kill(processes: list[psutil.Process]) -> None:
 
 
 def _config(runs: Runs, name: str, **changes: object) -> dict:
-    config = runs.config({"dataloader_threads": WORKERS, **changes}, name=name)
-    return config
+    return runs.config({"dataloader_threads": WORKERS, **changes}, name=name)
 
 
 def _start_run(runs: Runs, tmp_path: Path, name: str) -> tuple[subprocess.Popen, list[psutil.Process]]:
