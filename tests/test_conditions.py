@@ -264,7 +264,7 @@ def _config_with_second_encoder(tmp_path: Path, **sections: dict) -> dict:
 
 
 def test_textual_inversion_adds_the_tokens_to_every_placeholder_encoder(two_encoders: Path, tmp_path: Path) -> None:
-    from core.export.embedding import load_embedding
+    from core.train.embedding import load_embedding
     from core.train.methods.embedding import EmbeddingParts
 
     adapter = _two_encoder_adapter(two_encoders)

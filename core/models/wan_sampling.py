@@ -47,7 +47,7 @@ def sample_video(adapter: ModelAdapter, denoisers: dict[str, Any], request: Samp
 
         pipeline_type = WanImageToVideoPipeline
         extra["image"] = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, dtype=np.uint8))
-    tokenizer, text_encoder = adapter.text_parts()
+    tokenizer, text_encoder = adapter.text_parts()["text_encoder"]
     pipe = pipeline_type(
         tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
         scheduler=scheduler_type.from_pretrained(adapter.folder, subfolder="scheduler"),
