@@ -171,8 +171,13 @@ class InterleavedLoader:
         self.summary_writers: list[Any] = []  # the engine's TensorBoard writers (see __iter__)
 
     def __call__(self, *args: Any, **kwargs: Any) -> InterleavedLoader:
-        self.batches = list(self.real(*args, **kwargs))
+        real = self.real(*args, **kwargs)
+        self.batches = list(real)
+        real.close()  # its workers are done: every batch is in memory
         return self
+
+    def close(self) -> None:
+        """What the trainer calls when its steps end (the real loader ends its workers there)."""
 
     def __len__(self) -> int:
         return len(self.batches)
