@@ -239,3 +239,33 @@ def test_sample_runs_the_pipeline(tiny_cog: Path) -> None:
     video = adapter.sample({"transformer": transformer}, SampleRequest("a cat", 70, 64, 10, 2, 6.0, 0),
                            device="cpu", dtype=torch.float32)
     assert video.shape == (9, 64, 64, 3) and video.dtype.name == "uint8"
+
+
+PRESETS = ["#cogvideox LoRA", "#cogvideox LoRA 12GB", "#cogvideox Finetune"]
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_presets_train_the_tiny_model_with_only_model_data_and_output_changed(tiny_cog: Path, one_clip: Path,
+                                                                              tmp_path: Path, preset: str) -> None:
+    from core.config import list_presets, load_preset
+
+    info = {p.name: p for p in list_presets()}[preset]
+    assert info.bundled and info.error is None and info.description
+    loaded = load_preset(preset)
+    assert loaded["model_type"] == "COGVIDEOX" and loaded["base_model"] == "THUDM/CogVideoX-5b"
+    assert loaded["objective"]["timestep_distribution"] == "UNIFORM" and loaded["objective"]["loss_weighting"] == "SNR"
+    output = tmp_path / "out" / ("ft" if loaded["training_method"] == "FINE_TUNE" else "lora.safetensors")
+    config = resolve(dict(loaded), {
+        "base_model": str(tiny_cog),
+        "datasets": [{"path": str(one_clip), "repeats": 1}],
+        "output_path": str(output),
+        # Where files go and the run's length, as the other preset tests set them.
+        "workspace_dir": str(tmp_path / "workspace"),
+        "cache_dir": str(tmp_path / "cache"),
+        "dataloader_threads": 0,
+        "max_steps": 2,
+        "sampling": {"every_n_steps": 0},
+        "backup": {"every_n_steps": 0},
+    })
+    result = Trainer(config).run()
+    assert result.steps == 2 and result.final_loss is not None and result.output_paths == [output]
