@@ -314,6 +314,13 @@ class CogVideoXAdapter(ModelAdapter):
         if not transformer.config.use_rotary_positional_embeddings:
             return None
         key = (latent_frames, latent_height, latent_width, str(device))
+        config = transformer.config
+        if config.patch_size_t is not None and (latent_height > config.sample_height or latent_width > config.sample_width):
+            # 1.5 slices its rotary tables from the size it was trained at; beyond it diffusers fails in torch.cat.
+            from core.errors import UserError
+
+            raise UserError(f"CogVideoX 1.5 takes frames of at most {config.sample_height * self.spatial_ratio}x"
+                            f"{config.sample_width * self.spatial_ratio} pixels (height x width); lower the resolution")
         if key not in self._rotary:
             from diffusers import CogVideoXPipeline
 
