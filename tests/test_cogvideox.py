@@ -307,3 +307,12 @@ def test_the_1_5_layout_takes_its_frame_counts_its_rotary_embeddings_and_trains(
     config = cog_config(folder, one_clip, tmp_path, frames=13, video_config={"max_frames": 13})
     result = Trainer(config).run()
     assert result.steps == 3 and result.final_loss is not None
+
+
+def test_the_estimate_says_it_has_no_size_table_for_cogvideox(tiny_cog: Path) -> None:
+    from core.memory.estimate import estimate_memory
+    from core.memory.known_models import configs_from_folder
+
+    with pytest.raises(ConfigError, match="no size table for CogVideoXTransformer3DModel") as caught:
+        estimate_memory(cog_config(tiny_cog, tiny_cog, tiny_cog), configs_from_folder(tiny_cog))
+    assert caught.value.key == "base_model"
