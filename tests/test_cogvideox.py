@@ -316,3 +316,25 @@ def test_the_estimate_says_it_has_no_size_table_for_cogvideox(tiny_cog: Path) ->
     with pytest.raises(ConfigError, match="no size table for CogVideoXTransformer3DModel") as caught:
         estimate_memory(cog_config(tiny_cog, tiny_cog, tiny_cog), configs_from_folder(tiny_cog))
     assert caught.value.key == "base_model"
+
+
+def test_embedding_trains_a_t5_placeholder_that_loads_back(tiny_cog: Path, tmp_path: Path) -> None:
+    from core.train.embedding import load_embedding
+
+    data = tmp_path / "concept"
+    data.mkdir()
+    make_clip(data / "clip.mp4", width=64, height=64, fps=16, seconds=1.0)
+    (data / "clip.txt").write_text("a photo of <concept> moving right", encoding="utf-8")
+    output = tmp_path / "out" / "concept.safetensors"
+    config = cog_config(tiny_cog, data, tmp_path, training_method="EMBEDDING", output_path=str(output),
+                        transformer={"train": False}, embedding_learning_rate=0.05,
+                        embedding={"placeholder_tokens": ["<concept>"], "initializer_words": ["square"]})
+    result = Trainer(config).run()
+    assert result.output_paths == [output]
+    adapter = _loaded(tiny_cog)
+    adapter.load_text_encoder("cpu", torch.float32)
+    tokenizer, encoder = adapter.text_parts()["text_encoder"]
+    start = encoder.get_input_embeddings().weight[tokenizer("square", add_special_tokens=False).input_ids].float().mean(0)
+    placeholders = load_embedding(output, tokenizer, encoder)
+    assert placeholders.tokens == ["<concept>"]
+    assert not torch.allclose(placeholders.rows[0].float(), start, atol=1e-4)  # the row trained
