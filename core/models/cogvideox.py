@@ -31,7 +31,9 @@ from core.identity import folder_identity
 from .base import ModelAdapter, SampleRequest
 from .conditions import ConditionSpec
 from .frame_rule import FrameRule
-from .wan import _place, _quiet_transformers, _read_json
+from .loading import place as _place
+from .loading import quiet_transformers as _quiet_transformers
+from .loading import read_json as _read_json
 
 if TYPE_CHECKING:
     import torch
