@@ -338,3 +338,21 @@ def test_embedding_trains_a_t5_placeholder_that_loads_back(tiny_cog: Path, tmp_p
     placeholders = load_embedding(output, tokenizer, encoder)
     assert placeholders.tokens == ["<concept>"]
     assert not torch.allclose(placeholders.rows[0].float(), start, atol=1e-4)  # the row trained
+
+
+def test_validation_loss_and_samples_during_training(tiny_cog: Path, tmp_path: Path) -> None:
+    data = tmp_path / "two"
+    data.mkdir()
+    for name, caption in (("a", "a square moving"), ("b", "a box at rest")):
+        make_clip(data / f"{name}.mp4", width=64, height=64, fps=16, seconds=1.0)
+        (data / f"{name}.txt").write_text(caption, encoding="utf-8")
+    config = cog_config(tiny_cog, data, tmp_path, max_steps=2,
+                        validation={"every_n_steps": 2, "holdout_fraction": 0.5},
+                        sampling={"every_n_steps": 2, "prompts": ["a cat"], "width": 64, "height": 64, "frames": 9,
+                                  "inference_steps": 2})
+    result = Trainer(config).run()
+    assert result.steps == 2
+    records = read_metrics(tmp_path / "workspace" / "metrics.jsonl")
+    values = [r["val_loss"] for r in records if "val_loss" in r]
+    assert values and all(v == v and 0 < v < 100 for v in values)  # finite, positive
+    assert list((tmp_path / "workspace" / "samples").glob("step-000002-*.mp4"))
