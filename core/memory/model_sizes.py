@@ -179,7 +179,12 @@ def transformer_sizes(config: dict[str, Any]) -> TransformerSizes:
     """The tensors of the denoiser a config.json describes, by the class it names."""
     name = str(config.get("_class_name") or "WanTransformer3DModel")
     if name not in TRANSFORMER_SIZES:
-        raise ValueError(f"the VRAM estimate has no size table for {name}; it knows {', '.join(TRANSFORMER_SIZES)}")
+        # A user's answer, not a crash: the model trains, only its memory cannot be estimated yet.
+        from core.errors import ConfigError
+
+        raise ConfigError(f"the VRAM estimate has no size table for {name} yet (it knows {', '.join(TRANSFORMER_SIZES)}); "
+                          "the model trains, but its memory is not estimated: try a short run and watch the memory plot",
+                          key="base_model")
     return TRANSFORMER_SIZES[name](config)
 
 

@@ -238,6 +238,10 @@ class ModelAdapter(ABC):
         family's pipeline: a (frames, height, width, 3) uint8 numpy array. `request.image` is the
         first frame for an image_conditioned model."""
 
+    # Whether set_frame_local_attention can restrict the denoiser's attention to one latent frame;
+    # where it cannot, video_config.use_temporal_attention false is refused by name before any work.
+    frame_local_attention: bool = True
+
     @abstractmethod
     def set_frame_local_attention(self, transformer: Any) -> None:
         """Restrict the denoiser's self-attention to tokens of the same latent frame

@@ -17,6 +17,7 @@ from core.errors import ConfigError
 from core.model_folder import WHAT_TO_DO, resolve_model_folder
 
 from .base import ModelAdapter
+from .cogvideox import CogVideoXAdapter
 from .wan import WanAdapter
 
 logger = logging.getLogger(__name__)
@@ -41,7 +42,9 @@ FAMILIES: dict[str, Family] = {
     "wan22_a14b_i2v": Family("WAN_2_2_A14B_I2V", "Wan 2.2 A14B image-to-video", ("WanImageToVideoPipeline",), WanAdapter),
     "wan21_i2v": Family("", "Wan 2.1 image-to-video", ("WanImageToVideoPipeline",)),
     "hunyuan_video": Family("HUNYUAN_VIDEO", "HunyuanVideo", ("HunyuanVideoPipeline",)),
-    "cogvideox": Family("COGVIDEOX", "CogVideoX", ("CogVideoXPipeline",)),
+    "cogvideox": Family("COGVIDEOX", "CogVideoX", ("CogVideoXPipeline",), CogVideoXAdapter),
+    # Its image latents on the channel axis (and 1.5's ofs embedding) are not trained here yet.
+    "cogvideox_i2v": Family("", "CogVideoX image-to-video", ("CogVideoXImageToVideoPipeline",)),
     "hidream": Family("HIDREAM", "HiDream", ("HiDreamImagePipeline",)),
 }
 TRAINABLE = tuple(family for family, row in FAMILIES.items() if row.adapter is not None)

@@ -17,11 +17,8 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
-import json
 import logging
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,6 +27,9 @@ from core.identity import folder_identity
 
 from .base import Denoiser, ModelAdapter, SampleRequest
 from .conditions import ConditionSpec
+from .loading import place as _place
+from .loading import quiet_transformers as _quiet_transformers
+from .loading import read_json as _read_json
 from .wan_attention import FrameLocalAttention
 
 if TYPE_CHECKING:
@@ -45,37 +45,9 @@ WAN_FAMILIES = ("wan21", "wan22_ti2v_5b", "wan22_a14b", "wan22_a14b_i2v")
 TWO_EXPERTS = ("wan22_a14b", "wan22_a14b_i2v")
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
 def _has_component(index: dict[str, Any], name: str) -> bool:
     value = index.get(name)
     return isinstance(value, list) and len(value) == 2 and value[0] is not None and value[1] is not None
-
-
-def _place(module: Any, device: torch.device | str, dtype: torch.dtype) -> None:
-    """Move a module only when it is elsewhere: a no-op .to() still makes diffusers warn."""
-    import torch
-
-    param, want = next(module.parameters()), torch.device(device)
-    same_device = param.device.type == want.type and want.index in (None, param.device.index)
-    if not same_device or param.dtype != dtype:
-        module.to(device=device, dtype=dtype)
-
-
-@contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    """transformers draws a "Loading weights" progress bar per model: noise in a log."""
-    from transformers.utils import logging as hf_logging
-
-    bars_were_on = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if bars_were_on:
-            hf_logging.enable_progress_bar()
 
 
 class WanAdapter(ModelAdapter):

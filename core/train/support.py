@@ -72,6 +72,10 @@ def capability_refusals(config: dict[str, Any], adapter: ModelAdapter) -> list[C
             f"transformer.model_path replaces the transformer of a one-transformer model; {name} has "
             f"{len(adapter.transformer_names())} experts: point base_model at a diffusers folder holding "
             "them all, or leave it empty", key="transformer.model_path"))
+    if not config["video_config"]["use_temporal_attention"] and not adapter.frame_local_attention:
+        out.append(ConfigError(
+            f"video_config.use_temporal_attention: {name} cannot restrict its attention to one frame here; turn it on",
+            key="video_config.use_temporal_attention"))
     if config["training_method"] == "LORA" and config["output_format"] == "COMFY" and adapter.comfy_lora_keys() is None:
         out.append(ConfigError(f"output_format COMFY: {name} has no ComfyUI LoRA format here; set it to DIFFUSERS",
                                key="output_format"))

@@ -1,0 +1,362 @@
+"""The CogVideoX family, text-to-video (CogVideoX-2b, CogVideoX-5b, CogVideoX1.5-5B): diffusers folders.
+
+What differs between the variants comes from the folder's own configs: the 2b has sinusoidal 3D
+positional embeddings, the 5b and 1.5 rotary ones (use_rotary_positional_embeddings), and 1.5 also
+patches time (patch_size_t = 2), which narrows the frame counts it takes (frame_rule).
+
+Latents: as CogVideoXPipeline decodes them (latents / vae.config.scaling_factor) and CogVideo's own
+trainer encodes them (finetune/trainer.py: ``latent_dist.sample() * vae.config.scaling_factor``):
+a posterior sample, scaled, seeded for a reproducible cache entry. The VAE works on (B, C, F, H, W)
+and the cache keeps that layout; the transformer takes (B, F, C, H, W), so predict permutes in and out.
+
+Text: T5, padded to the transformer's max_text_seq_length (226) and encoded *without* an attention
+mask, exactly as CogVideoXPipeline._get_t5_prompt_embeds does; the padded positions keep what T5
+makes of its pad tokens (not zeros), and the transformer gets no mask either.
+
+The objective is DDPM v-prediction over the folder's own scheduler (core/models/objectives.py), the
+model timestep its integer t.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from functools import cached_property
+from pathlib import Path
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any
+
+from core.identity import folder_identity
+
+from .base import ModelAdapter, SampleRequest
+from .conditions import ConditionSpec
+from .frame_rule import FrameRule
+from .loading import place as _place
+from .loading import quiet_transformers as _quiet_transformers
+from .loading import read_json as _read_json
+
+if TYPE_CHECKING:
+    import torch
+
+    from core.memory.quantize import LayerFilter
+
+    from .objectives import Objective, VPrediction
+
+logger = logging.getLogger(__name__)
+
+COGVIDEOX_FAMILIES = ("cogvideox",)
+# diffusers' train_cogvideox_lora.py and CogVideo's lora trainer: the attention projections.
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+class CogVideoXAdapter(ModelAdapter):
+    """A CogVideoX text-to-video model in a local diffusers folder (model_index.json, transformer/, vae/,
+    text_encoder/, tokenizer/, scheduler/)."""
+
+    # Self-attention over text and video tokens together (the transformer concatenates them), so
+    # restricting it to one latent frame is not done here: refused by name (core/train/support.py).
+    frame_local_attention = False
+
+    def __init__(self, folder: str | os.PathLike, family: str | None = None) -> None:
+        super().__init__(folder)
+        if family is None:
+            family = self.detect(_read_json(self.folder / "model_index.json"))
+        if family not in COGVIDEOX_FAMILIES:
+            raise ValueError(f"{family!r} is not a CogVideoX text-to-video family; expected one of {', '.join(COGVIDEOX_FAMILIES)}")
+        self.family = family
+        self.max_text_length = int(self.transformer_config.get("max_text_seq_length", 226))
+        self._vae: Any = None
+        self._text_encoder: Any = None
+        self._tokenizer: Any = None
+        self._text_quantized: str | None = None
+        self._identities: dict[str, str] = {}
+        self._rotary: dict[tuple[Any, ...], Any] = {}
+
+    @classmethod
+    def detect(cls, index: dict[str, Any]) -> str | None:
+        """CogVideoXPipeline folders; the image-to-video pipeline is another registry row (not trainable)."""
+        return "cogvideox" if str(index.get("_class_name", "")) == "CogVideoXPipeline" else None
+
+    # -- configs (read without loading any weights) ---------------------------------------------
+    @cached_property
+    def transformer_config(self) -> dict[str, Any]:
+        path = self.folder / "transformer" / "config.json"
+        return _read_json(path) if path.is_file() else {}
+
+    @cached_property
+    def vae_config(self) -> dict[str, Any]:
+        """vae/config.json with AutoencoderKLCogVideoX's defaults filled in, as from_pretrained would."""
+        import inspect
+
+        from diffusers import AutoencoderKLCogVideoX
+
+        config = _read_json(self.folder / "vae" / "config.json")
+        for name, param in inspect.signature(AutoencoderKLCogVideoX.__init__).parameters.items():
+            if param.default is not inspect.Parameter.empty:
+                config.setdefault(name, param.default)
+        return config
+
+    @property
+    def spatial_ratio(self) -> int:
+        # CogVideoXPipeline's vae_scale_factor_spatial: one halving per down block after the first.
+        return 2 ** (len(self.vae_config["block_out_channels"]) - 1)
+
+    @property
+    def temporal_ratio(self) -> int:
+        return int(self.vae_config["temporal_compression_ratio"])
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.vae_config["latent_channels"])
+
+    @property
+    def patch_size(self) -> int:
+        return int(self.transformer_config.get("patch_size", 2))
+
+    @property
+    def patch_size_t(self) -> int | None:
+        value = self.transformer_config.get("patch_size_t")
+        return None if value is None else int(value)
+
+    @property
+    def size_divisor(self) -> int:
+        return self.spatial_ratio * self.patch_size
+
+    @property
+    def frame_rule(self) -> FrameRule:
+        # CogVideoX 1.5 patches time by patch_size_t: its latent frame count must be a multiple of it.
+        if self.patch_size_t:
+            return FrameRule.latent_multiple(self.temporal_ratio, self.patch_size_t)
+        return super().frame_rule
+
+    # -- identities ------------------------------------------------------------------------------
+    def vae_identity(self) -> str:
+        if "vae" not in self._identities:
+            self._identities["vae"] = folder_identity("cogvideox-vae", self.folder / "vae")
+        return self._identities["vae"]
+
+    def text_identity(self) -> str:
+        if "text" not in self._identities:
+            self._identities["text"] = folder_identity(
+                "cogvideox-text", self.folder / "text_encoder", self.folder / "tokenizer",
+                extra={"max_text_length": self.max_text_length},
+            )
+        return self._identities["text"]
+
+    # -- loading ---------------------------------------------------------------------------------
+    def _component(self, name: str) -> Path:
+        path = self.folder / name
+        if not path.is_dir():
+            from core.errors import UserError
+
+            raise UserError(f"{self.folder} has no {name}/ folder; point base_model at a complete diffusers model folder")
+        return path
+
+    def load_vae(self, device: torch.device | str, dtype: torch.dtype) -> Any:
+        if self._vae is None:
+            from diffusers import AutoencoderKLCogVideoX
+
+            self._component("vae")
+            logger.info("loading the VAE of %s", self.folder)
+            self._vae = AutoencoderKLCogVideoX.from_pretrained(self.folder, subfolder="vae", torch_dtype=dtype)
+            self._vae.requires_grad_(False).eval()
+        _place(self._vae, device, dtype)
+        return self._vae
+
+    def load_text_encoder(self, device: torch.device | str, dtype: torch.dtype, weight_dtype: str | None = None,
+                          *, name: str = "text_encoder") -> Any:
+        from core.memory.quantize import is_quantized_dtype
+
+        if name != "text_encoder":
+            raise ValueError(f"{self.family} has one text encoder, text_encoder; there is no {name!r}")
+        quantized = weight_dtype if weight_dtype is not None and is_quantized_dtype(weight_dtype) else None
+        if self._text_encoder is not None and quantized != self._text_quantized:
+            self._text_encoder = None  # asked for another storage: load again
+        if self._text_encoder is None:
+            from transformers import AutoTokenizer, T5EncoderModel
+
+            self._component("text_encoder")
+            self._component("tokenizer")
+            logger.info("loading the text encoder of %s", self.folder)
+            self._tokenizer = AutoTokenizer.from_pretrained(self.folder, subfolder="tokenizer")
+            with _quiet_transformers():
+                self._text_encoder = T5EncoderModel.from_pretrained(self.folder, subfolder="text_encoder", dtype=dtype)
+            self._text_encoder.requires_grad_(False).eval()
+            self._text_quantized = quantized
+            if quantized:
+                self._quantize_text_encoder(quantized, device)
+        if quantized:
+            self._text_encoder.to(device)  # the quantized storage moves as it is; no dtype cast
+        else:
+            _place(self._text_encoder, device, dtype)
+        return self._text_encoder
+
+    def _quantize_text_encoder(self, weight_dtype: str, device: torch.device | str) -> None:
+        import torch
+
+        from core.memory.quantize import quantize_model
+
+        work = device if torch.device(device).type == "cuda" else None
+        quantize_model(self._text_encoder, weight_dtype, include=self.quantize_filter("text_encoder", weight_dtype), work_device=work)
+
+    def text_parts(self) -> dict[str, tuple[Any, Any]]:
+        return {"text_encoder": (self._tokenizer, self._text_encoder)}
+
+    def condition_layout(self) -> dict[str, ConditionSpec]:
+        # T5's (226, D) embeddings, the pad tokens' positions included (they are not zero, so the
+        # cache keeps all 226 and padding never applies); no mask: the transformer takes none.
+        return {"prompt_embeds": ConditionSpec(0, 0.0)}
+
+    def unload_encoders(self) -> None:
+        self._vae = self._text_encoder = self._tokenizer = None
+
+    # -- encoding --------------------------------------------------------------------------------
+    def encode_video(
+        self, frames: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None = None
+    ) -> torch.Tensor:
+        """(B, 3, F, H, W) in [-1, 1] -> float32 (B, 16, (F-1)/4+1, H/8, W/8): a posterior sample
+        times vae.config.scaling_factor (seed 0 when no generator, so it is reproducible either way)."""
+        import torch
+
+        if self._vae is None:
+            raise RuntimeError("load_vae() must be called before encode_video()")
+        if frames.ndim != 5 or frames.shape[1] != 3:
+            raise ValueError(f"expected frames of shape (B, 3, F, H, W), got {tuple(frames.shape)}")
+        if generator is None:
+            generator = torch.Generator(device="cpu").manual_seed(0)
+        param = next(self._vae.parameters())
+        with torch.no_grad():
+            dist = self._vae.encode(frames.to(device=param.device, dtype=param.dtype)).latent_dist
+            latents = dist.sample(generator=generator).float()
+        return latents * float(self._vae.config.scaling_factor)
+
+    def encode_text(self, captions: list[str], grad: bool = False) -> dict[str, torch.Tensor]:
+        """As CogVideoXPipeline._get_t5_prompt_embeds: pad to max_text_length, encode without a mask."""
+        import torch
+
+        if self._text_encoder is None:
+            raise RuntimeError("load_text_encoder() must be called before encode_text()")
+        if isinstance(captions, str):
+            captions = [captions]
+        inputs = self._tokenizer(
+            list(captions), padding="max_length", max_length=self.max_text_length, truncation=True,
+            add_special_tokens=True, return_tensors="pt",
+        )
+        device = next(self._text_encoder.parameters()).device
+        with torch.enable_grad() if grad else torch.no_grad():
+            embeds = self._text_encoder(inputs.input_ids.to(device))[0]
+        return {"prompt_embeds": embeds}
+
+    # -- training ----------------------------------------------------------------------------------
+    def transformer_names(self) -> tuple[str, ...]:
+        return ("transformer",)
+
+    def load_transformer(self, name: str, device: torch.device | str, dtype: torch.dtype, checkpoint: str | None = None) -> Any:
+        from diffusers import CogVideoXTransformer3DModel
+
+        if name != "transformer":
+            raise ValueError(f"{self.family} has one transformer; there is no {name!r}")
+        if checkpoint:
+            from core.errors import ConfigError
+
+            # diffusers has no single-file loader for CogVideoXTransformer3DModel.
+            raise ConfigError(f"transformer.model_path: CogVideoX loads its transformer from the diffusers folder only, "
+                              f"not from {checkpoint}; leave it empty", key="transformer.model_path")
+        self._component(name)
+        logger.info("loading the %s of %s", name, self.folder)
+        transformer = CogVideoXTransformer3DModel.from_pretrained(self.folder, subfolder=name, torch_dtype=dtype)
+        transformer.requires_grad_(False).eval()
+        _place(transformer, device, dtype)
+        return transformer
+
+    def _scheduler_config(self) -> dict[str, Any]:
+        return _read_json(self.folder / "scheduler" / "scheduler_config.json")
+
+    def objective(self, config_objective: dict[str, Any]) -> Objective:
+        from .objectives import VPrediction, configured_weighting
+
+        return VPrediction.from_config(self._scheduler_config(), configured_weighting(config_objective))
+
+    @cached_property
+    def _timesteps(self) -> VPrediction:
+        """The objective's s -> t mapping for predict (the same scheduler config as objective())."""
+        from .objectives import VPrediction
+
+        return VPrediction.from_config(self._scheduler_config())
+
+    def set_frame_local_attention(self, transformer: Any) -> None:
+        from core.errors import ConfigError
+
+        raise ConfigError("video_config.use_temporal_attention: CogVideoX cannot restrict its attention to one "
+                          "frame here (text and video tokens attend jointly); turn it on", key="video_config.use_temporal_attention")
+
+    def quantize_filter(self, part: str, weight_dtype: str) -> LayerFilter:
+        from core.memory.quantize import LayerFilter
+
+        if part == "text_encoder":
+            # Every Linear of T5; for NFLOAT_4 not the feed-forward's `wo`: T5's DenseReluDense casts its
+            # input to wo.weight.dtype, uint8 for bitsandbytes' packed weights (as in UMT5).
+            return LayerFilter(self.family, part, r".+", exclude=r".+\.wo" if weight_dtype == "NFLOAT_4" else None)
+        if part != "transformer":
+            raise ValueError(f"{self.family} has no quantizable part {part!r}")
+        # Every Linear inside transformer_blocks; patch embedding, time embedding, norms and proj_out stay.
+        return LayerFilter(self.family, part, r"transformer_blocks\.\d+\..+", setting="transformer.weight_dtype")
+
+    def block_stacks(self, transformer: Any) -> list[Any]:
+        return [transformer.transformer_blocks]
+
+    def default_lora_targets(self) -> list[str]:
+        return list(LORA_TARGETS)
+
+    def rotary_embeddings(self, transformer: Any, latent_frames: int, latent_height: int, latent_width: int,
+                          device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The 3D rotary embeddings for latents of this size, built by CogVideoXPipeline's own
+        _prepare_rotary_positional_embeddings (for pixel sizes latent size x spatial ratio); None for
+        a transformer without them (the 2b). Kept per size and device: the same for every step."""
+        if not transformer.config.use_rotary_positional_embeddings:
+            return None
+        key = (latent_frames, latent_height, latent_width, str(device))
+        config = transformer.config
+        if config.patch_size_t is not None and (latent_height > config.sample_height or latent_width > config.sample_width):
+            # 1.5 slices its rotary tables from the size it was trained at; beyond it diffusers fails in torch.cat.
+            from core.errors import UserError
+
+            raise UserError(f"CogVideoX 1.5 takes frames of at most {config.sample_height * self.spatial_ratio}x"
+                            f"{config.sample_width * self.spatial_ratio} pixels (height x width); lower the resolution")
+        if key not in self._rotary:
+            from diffusers import CogVideoXPipeline
+
+            owner = SimpleNamespace(transformer=transformer, vae_scale_factor_spatial=self.spatial_ratio)
+            self._rotary[key] = CogVideoXPipeline._prepare_rotary_positional_embeddings(
+                owner, latent_height * self.spatial_ratio, latent_width * self.spatial_ratio, latent_frames, device)
+        return self._rotary[key]
+
+    def predict(
+        self, transformer: Any, noisy: torch.Tensor, sigmas: torch.Tensor, batch: dict[str, Any],
+        first_frame_fixed: torch.Tensor | None = None, condition: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """(B, C, F, H, W) noisy latents -> the v prediction in the same layout. The transformer gets
+        (B, F, C, H, W), the int64 timestep t of the objective and the pipeline's rotary embeddings."""
+        if first_frame_fixed is not None and bool(first_frame_fixed.any()):
+            raise ValueError(f"{self.family} has no first-frame conditioning")
+        batch_size, _, frames, height, width = noisy.shape
+        dtype = transformer.patch_embed.proj.weight.dtype
+        timestep = self._timesteps.timesteps(sigmas).to(noisy.device)
+        rotary = self.rotary_embeddings(transformer, frames, height, width, noisy.device)
+        out = transformer(
+            hidden_states=noisy.permute(0, 2, 1, 3, 4).to(dtype),
+            encoder_hidden_states=batch["prompt_embeds"].to(dtype),
+            timestep=timestep,
+            image_rotary_emb=rotary,
+            return_dict=False,
+        )[0]
+        return out.permute(0, 2, 1, 3, 4)
+
+    # -- sampling ----------------------------------------------------------------------------------
+    def sample(self, denoisers: dict[str, Any], request: SampleRequest, *, device: torch.device | str,
+               dtype: torch.dtype) -> Any:
+        """A video from CogVideoXPipeline around the given transformer as it is (LoRA active):
+        (frames, height, width, 3) uint8. Sizes round down to what the model takes."""
+        from .cogvideox_sampling import sample_video
+
+        return sample_video(self, denoisers, request, device=device, dtype=dtype)
