@@ -37,7 +37,7 @@ from .model_sizes import (
 
 GIB = 2**30
 DEFAULT_SLOTS = 2  # offload.DEFAULT_SLOTS, without importing torch
-TEXT_TOKENS = 512  # the known models' text length (model_sizes.py): the cached embeddings are padded to it
+TEXT_TOKENS = 512  # Wan's text length; each family's is TransformerSizes.text_tokens (model_sizes.py)
 # Measured on a CPU (tests/test_estimate.py, TensorMemoryProbe): the backward pass of one block
 # holds, on top of its recomputed activations, gradients and temporaries of 0.33-0.38 times their size.
 BACKWARD_EXTRA = 0.4
@@ -165,10 +165,14 @@ def estimate_memory(config: dict[str, Any], configs: ModelConfigs | None = None)
 
     # activations (per sample, times the batch; shared per-step tensors once)
     per_token_ts = configs.expand_timesteps
-    act_block = block_activation_bytes(t, L, TEXT_TOKENS, train_b, lora_rank=rank, per_token_timesteps=per_token_ts)
+    text_tokens = t.text_tokens
+    # A joint-attention block (text and video in one sequence) is counted as a block over L + text
+    # tokens with no cross-attention; its text stream is part of each block's input.
+    block_L, cross_T = (L + text_tokens, 0) if t.joint_text else (L, text_tokens)
+    act_block = block_activation_bytes(t, block_L, cross_T, train_b, lora_rank=rank, per_token_timesteps=per_token_ts)
     casts = lora_weight_cast_bytes(t, targets, rank, train_b)
-    block_inputs = L * t.dim * train_b
-    shared = TEXT_TOKENS * t.dim * train_b + (L if per_token_ts else 1) * 6 * t.dim * train_b
+    block_inputs = block_L * t.dim * train_b
+    shared = text_tokens * t.dim * train_b + (L if per_token_ts else 1) * 6 * t.dim * train_b
     outside = L * t.dim * 4
     if checkpointing == "OFF":
         stored = t.n_blocks * act_block * batch + t.n_blocks * casts
@@ -178,7 +182,7 @@ def estimate_memory(config: dict[str, Any], configs: ModelConfigs | None = None)
         stored = block_inputs * batch + act_block * batch + casts
     activations = stored + shared * batch + outside * batch + 8 * L * t.head_dim + int(BACKWARD_EXTRA * act_block * batch)
     if text_in_graph:
-        activations += text_encoder_activation_bytes(configs.text_encoder, TEXT_TOKENS, train_b) * batch
+        activations += text_encoder_activation_bytes(configs.text_encoder, text_tokens, train_b) * batch
     details["checkpointing"] = checkpointing
 
     # workspace
@@ -204,7 +208,8 @@ def _lora_targets(config: dict[str, Any], t: TransformerSizes) -> list[tuple[int
     """(in, out) of each LoRA'd Linear in one block: lora.target_layers (name suffixes), else the
     adapter's defaults for the known models (attention projections and the feed-forward pair)."""
     shapes = t.linear_shapes()
-    wanted = config["lora"]["target_layers"] or [name for name in shapes if not name.startswith("attn2.add_")]
+    defaults = list(t.lora_defaults) if t.lora_defaults is not None else [n for n in shapes if not n.startswith("attn2.add_")]
+    wanted = config["lora"]["target_layers"] or defaults
     return [shape for name, shape in shapes.items() if any(name == w or name.endswith("." + w) or w.endswith(name) for w in wanted)]
 
 

@@ -12,6 +12,16 @@ Sources of the numbers:
   (d_model 4096, d_ff 10240, 24 layers, 64 heads of 64, vocabulary 256384, gated-gelu).
 - VAE compression: Wan 2.1's VAE 8x spatial / 4x temporal, 16 latent channels; Wan 2.2's (TI2V-5B)
   16x spatial (8x plus a 2x2 patchify) / 4x temporal, 48 channels (wan/configs vae_stride).
+- CogVideoX transformers: diffusers' scripts/convert_cogvideox_to_diffusers.py (huggingface/diffusers
+  at 01337da7633c4c663e76e75550e6f9d94fa7dc97), get_args: "For CogVideoX-2B, num_layers is 30. For 5B,
+  it is 42", num_attention_heads 30 / 48, use_rotary_positional_embeddings False for 2B / True for 5B;
+  the rest (attention_head_dim 64, time_embed_dim 512, text_embed_dim 4096, patch_size 2, 49 frames,
+  60x90 latents, max_text_seq_length 226) are CogVideoXTransformer3DModel.__init__'s defaults, which
+  the script keeps. CogVideoX1.5-5B is left out: no stored source of its config could be cited.
+- CogVideoX text encoder: the same script loads google/t5-v1_1-xxl (T5EncoderModel; d_model 4096,
+  d_ff 10240, 24 layers, 64 heads of 64, vocabulary 32128, gated-gelu).
+- CogVideoX VAE: 8x spatial / 4x temporal, 16 latent channels (AutoencoderKLCogVideoX,
+  temporal_compression_ratio 4, latent_channels 16; the transformer's 60x90 latents of 480x720 video).
 """
 
 from __future__ import annotations
@@ -35,6 +45,14 @@ WAN22_A14B_T2V = dict(WAN21_14B)
 WAN22_A14B_I2V = {**WAN21_14B, "in_channels": 36}
 UMT5_XXL = {"d_model": 4096, "d_ff": 10240, "d_kv": 64, "num_heads": 64, "num_layers": 24, "vocab_size": 256384,
             "relative_attention_num_buckets": 32, "feed_forward_proj": "gated-gelu"}
+_COG_COMMON = {"_class_name": "CogVideoXTransformer3DModel", "attention_head_dim": 64, "in_channels": 16,
+               "out_channels": 16, "time_embed_dim": 512, "text_embed_dim": 4096, "patch_size": 2,
+               "max_text_seq_length": 226, "sample_frames": 49, "sample_height": 60, "sample_width": 90}
+COGVIDEOX_2B = {**_COG_COMMON, "num_layers": 30, "num_attention_heads": 30, "use_rotary_positional_embeddings": False}
+COGVIDEOX_5B = {**_COG_COMMON, "num_layers": 42, "num_attention_heads": 48, "use_rotary_positional_embeddings": True}
+T5_V1_1_XXL = {"model_type": "t5", "d_model": 4096, "d_ff": 10240, "d_kv": 64, "num_heads": 64, "num_layers": 24,
+               "vocab_size": 32128, "relative_attention_num_buckets": 32, "feed_forward_proj": "gated-gelu"}
+COGVIDEOX_VAE = {"z_dim": 16, "scale_factor_spatial": 8, "scale_factor_temporal": 4}
 WAN21_VAE = {"z_dim": 16, "scale_factor_spatial": 8, "scale_factor_temporal": 4}
 WAN22_VAE = {"z_dim": 48, "scale_factor_spatial": 16, "scale_factor_temporal": 4}
 
@@ -57,6 +75,8 @@ KNOWN_MODELS: dict[str, ModelConfigs] = {
     "Wan-AI/Wan2.2-TI2V-5B-Diffusers": ModelConfigs("Wan 2.2 TI2V-5B", "", [WAN22_TI2V_5B], UMT5_XXL, WAN22_VAE, True),
     "Wan-AI/Wan2.2-T2V-A14B-Diffusers": ModelConfigs("Wan 2.2 T2V A14B", "", [WAN22_A14B_T2V, WAN22_A14B_T2V], UMT5_XXL, WAN21_VAE),
     "Wan-AI/Wan2.2-I2V-A14B-Diffusers": ModelConfigs("Wan 2.2 I2V A14B", "", [WAN22_A14B_I2V, WAN22_A14B_I2V], UMT5_XXL, WAN21_VAE),
+    "THUDM/CogVideoX-2b": ModelConfigs("CogVideoX 2B", "", [COGVIDEOX_2B], T5_V1_1_XXL, COGVIDEOX_VAE),
+    "THUDM/CogVideoX-5b": ModelConfigs("CogVideoX 5B", "", [COGVIDEOX_5B], T5_V1_1_XXL, COGVIDEOX_VAE),
 }
 
 

@@ -86,6 +86,9 @@ class TransformerSizes:
     outside_linears: list[tuple[str, int, int, bool]] = field(default_factory=list)  # (name, in, out, float32)
     outside_other: list[tuple[str, int, bool]] = field(default_factory=list)
     buffer_bytes: int = 0  # rotary tables, float32
+    text_tokens: int = 512  # the text length the cached embeddings are padded to
+    joint_text: bool = False  # text tokens join the video tokens in one self-attention (no cross-attention)
+    lora_defaults: tuple[str, ...] | None = None  # the adapter's default LoRA targets; None: every block Linear
 
     def block_bytes(self, weight_dtype: str, quantize_blocks: bool = True) -> int:
         """Bytes of one block with its Linear layers in weight_dtype (others in the compute dtype)."""
@@ -170,9 +173,66 @@ def wan_transformer_sizes(config: dict[str, Any]) -> TransformerSizes:
     return sizes
 
 
+def cogvideox_transformer_sizes(config: dict[str, Any]) -> TransformerSizes:
+    """The tensors of diffusers' CogVideoXTransformer3DModel (0.42, transformer_cogvideox_3d.py) for a
+    config.json, defaults as its __init__. Per block: norm1/norm2 (CogVideoXLayerNormZero: a Linear
+    time_embed_dim -> 6 x dim and a LayerNorm), attn1 (to_q/k/v/out with bias, LayerNorm q/k per head),
+    ff (GELU proj dim -> 4 dim, dim -> 4 dim back). Outside: patch_embed (Conv2d p x p, or a Linear of
+    in x p x p x p_t when patch_size_t is set, the 1.5 models) and its text_proj, time_embedding
+    (inner_dim -> time_embed_dim -> time_embed_dim), optional ofs_embedding, norm_final, norm_out
+    (AdaLayerNorm), proj_out; the sincos positional table (a buffer, counted as float32) when the model
+    has no rotary embeddings or learns its positions. No module is kept in float32. Text joins the video in one attention."""
+    heads = int(config.get("num_attention_heads", 30))
+    head_dim = int(config.get("attention_head_dim", 64))
+    dim = heads * head_dim
+    time_dim = int(config.get("time_embed_dim", 512))
+    text_dim = int(config.get("text_embed_dim", 4096))
+    p = int(config.get("patch_size", 2))
+    p_t = config.get("patch_size_t")
+    in_channels = int(config.get("in_channels", 16))
+    out_channels = int(config.get("out_channels") or 16)
+    text_len = int(config.get("max_text_seq_length", 226))
+    affine = bool(config.get("norm_elementwise_affine", True))
+    sizes = TransformerSizes(dict(config), int(config.get("num_layers", 30)), dim, heads, head_dim, 4 * dim, text_dim,
+                             (int(p_t or 1), p, p), in_channels, out_channels, text_tokens=text_len, joint_text=True,
+                             lora_defaults=("to_q", "to_k", "to_v", "to_out.0"))
+    for proj in ("to_q", "to_k", "to_v", "to_out.0"):
+        sizes.block_linears.append((f"attn1.{proj}", dim, dim))
+    sizes.block_linears += [("ff.net.0.proj", dim, 4 * dim), ("ff.net.2", 4 * dim, dim),
+                            ("norm1.linear", time_dim, 6 * dim), ("norm2.linear", time_dim, 6 * dim)]
+    if affine:
+        sizes.block_other += [(f"{n}.{w}", dim, False) for n in ("norm1.norm", "norm2.norm") for w in ("weight", "bias")]
+    sizes.block_other += [(f"attn1.{n}.{w}", head_dim, False) for n in ("norm_q", "norm_k") for w in ("weight", "bias")]
+
+    if p_t is None:
+        sizes.outside_other.append(("patch_embed.proj.weight", in_channels * dim * p * p, False))
+        if config.get("patch_bias", True):
+            sizes.outside_other.append(("patch_embed.proj.bias", dim, False))
+        proj_out = p * p * out_channels
+    else:  # diffusers builds this Linear with a bias whatever patch_bias says
+        sizes.outside_linears.append(("patch_embed.proj", in_channels * p * p * int(p_t), dim, False))
+        proj_out = p * p * int(p_t) * out_channels
+    sizes.outside_linears += [("patch_embed.text_proj", text_dim, dim, False),
+                              ("time_embedding.linear_1", dim, time_dim, False),
+                              ("time_embedding.linear_2", time_dim, time_dim, False),
+                              ("norm_out.linear", time_dim, 2 * dim, False), ("proj_out", dim, proj_out, False)]
+    ofs = config.get("ofs_embed_dim")
+    if ofs:
+        sizes.outside_linears += [("ofs_embedding.linear_1", int(ofs), int(ofs), False),
+                                  ("ofs_embedding.linear_2", int(ofs), int(ofs), False)]
+    if affine:
+        sizes.outside_other += [("norm_final", 2 * dim, False), ("norm_out.norm", 2 * dim, False)]
+    if not config.get("use_rotary_positional_embeddings", False) or config.get("use_learned_positional_embeddings", False):
+        frames = (int(config.get("sample_frames", 49)) - 1) // int(config.get("temporal_compression_ratio", 4)) + 1
+        patches = (int(config.get("sample_height", 60)) // p) * (int(config.get("sample_width", 90)) // p) * frames
+        sizes.buffer_bytes = (text_len + patches) * dim * 4
+    return sizes
+
+
 # A denoiser's config.json names its class (_class_name, as diffusers writes it); the built-in
 # configs of known_models.py name none and are Wan's.
-TRANSFORMER_SIZES = {"WanTransformer3DModel": wan_transformer_sizes}
+TRANSFORMER_SIZES = {"WanTransformer3DModel": wan_transformer_sizes,
+                     "CogVideoXTransformer3DModel": cogvideox_transformer_sizes}
 
 
 def transformer_sizes(config: dict[str, Any]) -> TransformerSizes:
