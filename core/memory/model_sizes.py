@@ -272,7 +272,7 @@ def block_activation_bytes(t: TransformerSizes, tokens: int, text_tokens: int, b
 
 @dataclass
 class TextEncoderSizes:
-    """A T5-family encoder (UMT5EncoderModel) from its config.json."""
+    """A T5-family encoder (UMT5EncoderModel, T5EncoderModel) from its config.json."""
 
     d_model: int
     d_ff: int
@@ -282,12 +282,13 @@ class TextEncoderSizes:
     vocab: int
     buckets: int
     gated: bool
+    bias_layers: int = 0  # layers with a relative-position table: all in UMT5, the first only in T5
 
     def parameters(self) -> int:
         inner = self.heads * self.d_kv
-        per_layer = 4 * self.d_model * inner + self.buckets * self.heads + 2 * self.d_model
+        per_layer = 4 * self.d_model * inner + 2 * self.d_model
         per_layer += (3 if self.gated else 2) * self.d_model * self.d_ff
-        return self.vocab * self.d_model + self.layers * per_layer + self.d_model
+        return self.vocab * self.d_model + self.layers * per_layer + self.bias_layers * self.buckets * self.heads + self.d_model
 
     def weight_bytes(self, weight_dtype: str) -> int:
         # Linear layers without bias; quantized types keep the embedding and norms in bfloat16.
@@ -296,8 +297,8 @@ class TextEncoderSizes:
         inner = self.heads * self.d_kv
         linears = [(self.d_model, inner)] * 4 + [(self.d_model, self.d_ff)] * (2 if self.gated else 1) + [(self.d_ff, self.d_model)]
         per_layer = sum(linear_bytes(i, o, False, weight_dtype) for i, o in linears)
-        other = (self.buckets * self.heads + 2 * self.d_model) * 2
-        return self.layers * (per_layer + other) + (self.vocab * self.d_model + self.d_model) * 2
+        other = 2 * self.d_model * 2
+        return self.layers * (per_layer + other) + (self.bias_layers * self.buckets * self.heads + self.vocab * self.d_model + self.d_model) * 2
 
 
 def text_encoder_sizes(config: dict[str, Any]) -> TextEncoderSizes:
@@ -307,6 +308,7 @@ def text_encoder_sizes(config: dict[str, Any]) -> TextEncoderSizes:
         heads=int(config.get("num_heads", 64)), layers=int(config.get("num_layers", 24)),
         vocab=int(config.get("vocab_size", 256384)), buckets=int(config.get("relative_attention_num_buckets", 32)),
         gated=feed_forward.startswith("gated") or bool(config.get("is_gated_act", False)),
+        bias_layers=1 if config.get("model_type") == "t5" else int(config.get("num_layers", 24)),
     )
 
 
