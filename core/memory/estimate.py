@@ -37,7 +37,7 @@ from .model_sizes import (
 
 GIB = 2**30
 DEFAULT_SLOTS = 2  # offload.DEFAULT_SLOTS, without importing torch
-TEXT_TOKENS = 512  # Wan's text length; each family's is TransformerSizes.text_tokens (model_sizes.py)
+TEXT_TOKENS = 512  # the default text length; each family's is TransformerSizes.text_tokens (model_sizes.py)
 # Measured on a CPU (tests/test_estimate.py, TensorMemoryProbe): the backward pass of one block
 # holds, on top of its recomputed activations, gradients and temporaries of 0.33-0.38 times their size.
 BACKWARD_EXTRA = 0.4
