@@ -317,13 +317,21 @@ def test_the_1_5_layout_takes_its_frame_counts_its_rotary_embeddings_and_trains(
     assert result.steps == 3 and result.final_loss is not None
 
 
-def test_the_estimate_says_it_has_no_size_table_for_cogvideox(tiny_cog: Path) -> None:
+def test_the_estimate_counts_the_tiny_cogvideox_folder(tiny_cog: Path) -> None:
+    from diffusers import CogVideoXTransformer3DModel
+    from transformers import T5EncoderModel
+
     from core.memory.estimate import estimate_memory
     from core.memory.known_models import configs_from_folder
+    from core.memory.model_sizes import text_encoder_sizes, transformer_sizes
 
-    with pytest.raises(ConfigError, match="no size table for CogVideoXTransformer3DModel") as caught:
-        estimate_memory(cog_config(tiny_cog, tiny_cog, tiny_cog), configs_from_folder(tiny_cog))
-    assert caught.value.key == "base_model"
+    configs = configs_from_folder(tiny_cog)
+    estimate = estimate_memory(cog_config(tiny_cog, tiny_cog, tiny_cog), configs)
+    assert estimate.peak_bytes == sum(estimate.parts.values()) > 0
+    model = CogVideoXTransformer3DModel.from_pretrained(tiny_cog / "transformer")
+    assert transformer_sizes(configs.transformers[0]).parameters() == sum(p.numel() for p in model.parameters())
+    encoder = T5EncoderModel.from_pretrained(tiny_cog / "text_encoder")
+    assert text_encoder_sizes(configs.text_encoder).parameters() == sum(p.numel() for p in encoder.parameters())
 
 
 def test_embedding_trains_a_t5_placeholder_that_loads_back(tiny_cog: Path, tmp_path: Path) -> None:
