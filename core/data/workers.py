@@ -46,7 +46,7 @@ class WorkerLifeline:
         # Ctrl+C reaches the whole foreground process group. It is the training process's to handle
         # (the CLI stops after the step at the first, at once at the second) and then to end the
         # workers; a forked worker would otherwise run the CLI's handler too (its message printed
-        # once per worker) or, at the second, leave its loop while the run still wants batches.
+        # once per worker) or, at the second, leave its loop while the run still needs batches.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         watch_creator(self.creator_pid)
 

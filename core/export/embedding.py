@@ -12,7 +12,7 @@ Loaders that accept the file (tests/test_embedding.py checks each):
   TextualInversionLoaderMixin)` (a pipeline without the mixin has no `load_textual_inversion`).
   A one-token file loads by path: `pipe.load_textual_inversion("x.safetensors")`; the pipeline's
   own encode_prompt then gives the embeddings our sampler gives.
-  A file with several tokens is refused by path (diffusers wants exactly one key per file);
+  A file with several tokens is refused by path (diffusers needs exactly one key per file);
   it loads as `pipe.load_textual_inversion([{k: v} for k, v in load_file(path).items()])`.
   Note that diffusers resizes the embedding matrix to len(tokenizer) + n, which for a vocabulary
   padded beyond the tokenizer's length drops the unused padding rows; outputs are unaffected.

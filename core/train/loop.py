@@ -61,7 +61,7 @@ class RunParts:
     validator: Any = None  # validation.Validator
     plateau: Any = None  # validation.PlateauWatch
     samples: Any = None  # samples.SampleMaker (main process only)
-    samples_wanted: bool = False  # prompts are set: every process pauses while the main one samples
+    samples_requested: bool = False  # prompts are set: every process pauses while the main one samples
     backup: Callable[[int, int, int], Any] | None = None  # (step, batch step, epoch) -> path
     rng_to_restore: dict[str, Any] | None = None
 
@@ -71,16 +71,16 @@ class Loop:
         self.run = run
         self.result = result
 
-    def _requests(self, *wanted: bool) -> list[bool]:
+    def _requests(self, *asked: bool) -> list[bool]:
         """Flags raised in any process, the same in every process: all of them stop, sample and back
         up after the same step (a process going its own way would leave the others waiting in the
         gradient all-reduce). One all-reduce for all flags."""
         accelerator = self.run.accelerator
         if accelerator.num_processes == 1:
-            return list(wanted)
+            return list(asked)
         import torch
 
-        flags = torch.tensor([1.0 if w else 0.0 for w in wanted], device=accelerator.device)
+        flags = torch.tensor([1.0 if w else 0.0 for w in asked], device=accelerator.device)
         return [bool(v > 0) for v in accelerator.reduce(flags, reduction="sum").tolist()]
 
     def run_steps(self) -> TrainResult:
@@ -183,14 +183,14 @@ class Loop:
             r.callbacks.on_progress(step, r.total_steps, epoch, eta)
             sample_due = every["sampling"] > 0 and step % every["sampling"] == 0
             sample_asked = r.commands.take_sample_request()
-            if sample_asked and not r.samples_wanted:
+            if sample_asked and not r.samples_requested:
                 r.callbacks.on_log(logging.WARNING, "no sample made: sampling.prompts is empty; add a prompt (sampling tab)")
-            stop, sample, wanted_backup = self._requests(
+            stop, sample, backup_asked = self._requests(
                 r.commands.stop_requested, sample_due or sample_asked, r.commands.take_backup_request())
-            if sample and r.samples_wanted:
+            if sample and r.samples_requested:
                 self._sample(step)
             due = bool(every["backup"]) and step % every["backup"] == 0
-            if r.backup is not None and (wanted_backup or due or (stop and step < r.total_steps)):
+            if r.backup is not None and (backup_asked or due or (stop and step < r.total_steps)):
                 r.backup(step, batch_step, epoch)
             window_loss, window_count, samples_since, last = 0.0, 0, 0, time.perf_counter()
             if stop:

@@ -225,8 +225,8 @@ def training_loss(
     if sigmas.ndim != 1 or sigmas.shape[0] != prediction.shape[0]:
         raise ValueError(f"sigmas must have shape ({prediction.shape[0]},) for a batch of {tuple(prediction.shape)}, "
                          f"got {tuple(sigmas.shape)}")
-    compared, wanted = objective.loss_pair(prediction.float(), target.float(), latents, noisy, sigmas)
-    pred, tgt = compared.float(), wanted.float()
+    compared, expected = objective.loss_pair(prediction.float(), target.float(), latents, noisy, sigmas)
+    pred, tgt = compared.float(), expected.float()
     weights = objective.weight(sigmas)
     reduce_dims = tuple(range(1, pred.ndim))
 

@@ -383,8 +383,8 @@ class Trainer:
 
     def _add_samples(self, run: RunParts, plan: Any, workspace: Path) -> None:
         config = self.config
-        run.samples_wanted = bool(config["sampling"]["prompts"])
-        if not run.samples_wanted or not run.accelerator.is_main_process:
+        run.samples_requested = bool(config["sampling"]["prompts"])
+        if not run.samples_requested or not run.accelerator.is_main_process:
             return
         from core.models.dtypes import compute_dtype
 
