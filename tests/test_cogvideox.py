@@ -229,16 +229,6 @@ def test_what_cogvideox_cannot_do_is_refused_by_name(tiny_cog: Path, one_clip: P
         assert "CogVideoX" in str(caught.value)
 
 
-def test_image_to_video_folders_are_refused_by_name(tiny_cog: Path, tmp_path: Path) -> None:
-    folder = tmp_path / "i2v"
-    shutil.copytree(tiny_cog, folder)
-    index = json.loads((folder / "model_index.json").read_text())
-    index["_class_name"] = "CogVideoXImageToVideoPipeline"
-    (folder / "model_index.json").write_text(json.dumps(index))
-    with pytest.raises(ConfigError, match="CogVideoX image-to-video.*not supported yet"):
-        adapter_for({"base_model": str(folder), "model_type": "AUTO"})
-
-
 def test_sample_runs_the_pipeline(tiny_cog: Path) -> None:
     from core.models.base import SampleRequest
 
@@ -279,28 +269,13 @@ def test_presets_train_the_tiny_model_with_only_model_data_and_output_changed(ti
     assert result.steps == 2 and result.final_loss is not None and result.output_paths == [output]
 
 
-def _variant_1_5(tiny_cog: Path, folder: Path) -> Path:
-    """A CogVideoX 1.5-like copy: temporal patch 2 and rotary embeddings (its T2V layout)."""
-    from diffusers import CogVideoXTransformer3DModel
-
-    shutil.copytree(tiny_cog, folder)
-    config = json.loads((folder / "transformer" / "config.json").read_text())
-    config = {k: v for k, v in config.items() if not k.startswith("_")}
-    # sample_height/width bound 1.5's rotary tables: 8 latent cells, 64 pixels.
-    config.update(use_rotary_positional_embeddings=True, patch_size_t=2, sample_frames=13, sample_height=8, sample_width=8)
-    torch.manual_seed(0)
-    CogVideoXTransformer3DModel(**config).save_pretrained(folder / "transformer")
-    return folder
-
-
-def test_the_1_5_layout_takes_its_frame_counts_its_rotary_embeddings_and_trains(tiny_cog: Path, one_clip: Path,
-                                                                                 tmp_path: Path) -> None:
+def test_the_1_5_layout_takes_its_frame_counts_its_rotary_embeddings_and_trains(tiny_model: Callable[[str], Path],
+                                                                                 one_clip: Path, tmp_path: Path) -> None:
     from diffusers import CogVideoXPipeline
 
-    folder = _variant_1_5(tiny_cog, tmp_path / "cog15")
+    folder = tiny_model("cogvideox15")
     adapter = _loaded(folder)
-    # Latent frames a multiple of 2: 5, 13, 21, ... pixel frames (8k + 5), no single image.
-    assert [n for n in range(1, 30) if adapter.frame_rule.accepts(n)] == [5, 13, 21, 29]
+    assert adapter.patch_size_t == 2 and [n for n in range(1, 30) if adapter.frame_rule.accepts(n)] == [1, 9, 17, 25]
     transformer = adapter.load_transformer("transformer", "cpu", torch.float32)
     spy = _Spy(transformer)
     adapter.predict(spy, torch.randn(1, 16, 4, 4, 4), torch.tensor([0.5]), {"prompt_embeds": torch.zeros(1, 226, 32)})
@@ -308,12 +283,18 @@ def test_the_1_5_layout_takes_its_frame_counts_its_rotary_embeddings_and_trains(
     assert expected[0].shape[0] == 2 * 2 * 2  # (4 latent frames / 2) x 2 x 2 patches
     for ours, theirs in zip(spy.calls[0]["image_rotary_emb"], expected, strict=True):
         torch.testing.assert_close(ours, theirs)
+    # 1.5 slices its rotary tables from sample_height x sample_width; beyond them it is refused in pixels.
+    small = tmp_path / "small"
+    shutil.copytree(folder, small)
+    config_path = small / "transformer" / "config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "sample_height": 8, "sample_width": 8}))
+    narrow = _loaded(small)
     from core.errors import UserError
 
-    with pytest.raises(UserError, match="at most 64x64 pixels"):  # beyond its rotary tables, said in pixels
-        adapter.predict(transformer, torch.randn(1, 16, 2, 10, 10), torch.tensor([0.5]), {"prompt_embeds": torch.zeros(1, 226, 32)})
-    config = cog_config(folder, one_clip, tmp_path, frames=13, video_config={"max_frames": 13})
-    result = Trainer(config).run()
+    with pytest.raises(UserError, match="at most 64x64 pixels"):
+        narrow.predict(narrow.load_transformer("transformer", "cpu", torch.float32), torch.randn(1, 16, 2, 10, 10),
+                       torch.tensor([0.5]), {"prompt_embeds": torch.zeros(1, 226, 32)})
+    result = Trainer(cog_config(folder, one_clip, tmp_path / "run")).run()
     assert result.steps == 3 and result.final_loss is not None
 
 

@@ -48,7 +48,7 @@ def test_known_cogvideox_configs_build_the_real_class() -> None:
     from transformers import T5Config, T5EncoderModel
 
     counts = {}
-    for hub_id in ("THUDM/CogVideoX-2b", "THUDM/CogVideoX-5b"):
+    for hub_id in ("THUDM/CogVideoX-2b", "THUDM/CogVideoX-5b", "THUDM/CogVideoX-5b-I2V"):
         config = KNOWN_MODELS[hub_id].transformers[0]
         with torch.device("meta"):
             model = CogVideoXTransformer3DModel.from_config(config)
@@ -56,6 +56,8 @@ def test_known_cogvideox_configs_build_the_real_class() -> None:
         assert counts[hub_id] == transformer_sizes(config).parameters(), hub_id
     assert 1.6e9 < counts["THUDM/CogVideoX-2b"] < 1.8e9  # "2b" (1.69 B)
     assert 5.5e9 < counts["THUDM/CogVideoX-5b"] < 5.6e9  # "5b" (5.57 B)
+    # The I2V's wider patch embedding (32 input channels) and its learned positional embeddings (a buffer).
+    assert 0 < counts["THUDM/CogVideoX-5b-I2V"] - counts["THUDM/CogVideoX-5b"] < 1e6
     text = KNOWN_MODELS["THUDM/CogVideoX-5b"].text_encoder
     with torch.device("meta"):
         encoder = T5EncoderModel(T5Config(**text))
@@ -76,3 +78,13 @@ def test_cogvideox_presets_fit_their_gpus() -> None:
     assert small.needed_bytes < 12 * GIB and 5 * GIB < small.needed_bytes < 6 * GIB
     assert 18 * GIB < full.needed_bytes < 20 * GIB and full.fits(24 * GIB)
     assert full.details["trained_parameters"] == transformer_sizes(KNOWN_MODELS["THUDM/CogVideoX-5b"].transformers[0]).parameters()
+
+
+def test_the_i2v_preset_counts_the_models_one_size_and_fits_24_gb() -> None:
+    # The 5b-I2V trains every clip at 480x720 (60x90 latent cells, 30x45 patches) whatever resolution says.
+    estimate = estimate_memory(_preset("#cogvideox I2V LoRA"))
+    assert (estimate.details["height"], estimate.details["width"]) == (30, 45)
+    assert estimate.details["tokens"] == 13 * 30 * 45
+    assert 23 * GIB < estimate.needed_bytes < 24 * GIB and estimate.fits(24 * GIB)
+    t2v = estimate_memory(_preset("#cogvideox LoRA"))  # 480x480: fewer tokens, less memory
+    assert t2v.details["height"] == t2v.details["width"] == 30 and t2v.needed_bytes < estimate.needed_bytes

@@ -209,7 +209,8 @@ def test_offloading_streams_every_stack_and_trains_the_same() -> None:
 
 # ------------------------------------------------------------------------------ frame counts
 
-COG15 = FrameRule.latent_multiple(4, 2)  # CogVideoX 1.5: latent frames a multiple of its temporal patch 2
+# A rule with a shortest clip and no still images: latent frames a multiple of 2 (8k + 5 pixel frames).
+EVEN_LATENTS = FrameRule.latent_multiple(4, 2)
 
 
 def test_the_default_rule_is_wans_4k_plus_1() -> None:
@@ -219,28 +220,28 @@ def test_the_default_rule_is_wans_4k_plus_1() -> None:
 
 
 def test_a_temporal_patch_of_2_accepts_even_latent_frame_counts() -> None:
-    accepted = [n for n in range(1, 60) if COG15.accepts(n)]
+    accepted = [n for n in range(1, 60) if EVEN_LATENTS.accepts(n)]
     assert accepted == [5, 13, 21, 29, 37, 45, 53]
     assert all(((n - 1) // 4 + 1) % 2 == 0 for n in accepted)
-    assert [COG15.round_down(n) for n in (4, 5, 12, 13, 49, 81)] == [None, 5, 5, 13, 45, 77]
-    assert COG15.round_down(1) is None and not COG15.accepts(1)
-    assert "8k + 5" in COG15.describe()
+    assert [EVEN_LATENTS.round_down(n) for n in (4, 5, 12, 13, 49, 81)] == [None, 5, 5, 13, 45, 77]
+    assert EVEN_LATENTS.round_down(1) is None and not EVEN_LATENTS.accepts(1)
+    assert "8k + 5" in EVEN_LATENTS.describe()
 
 
 def test_frame_plans_round_down_or_refuse() -> None:
     info = MediaInfo(Path("clip.mp4"), "video", 64, 64, 0, 16.0, 3.0, 48, "h264", False, 1000, 1)
     vc = {"max_frames": 64, "target_fps": 16.0, "frame_sample_strategy": "uniform"}
-    assert len(plan_frames(info, frames=33, video_config=vc, frame_rule=COG15).times) == 29
+    assert len(plan_frames(info, frames=33, video_config=vc, frame_rule=EVEN_LATENTS).times) == 29
     assert len(plan_frames(info, frames=33, video_config=vc).times) == 33  # no rule: 4k + 1 as before
     short = MediaInfo(Path("short.mp4"), "video", 64, 64, 0, 16.0, 0.25, 4, "h264", False, 1000, 1)  # 4 frames to pick from
     with pytest.raises(NoAcceptedFrameCount, match=r"4 frames to pick from.*8k \+ 5"):
-        plan_frames(short, frames=33, video_config=vc, frame_rule=COG15)
+        plan_frames(short, frames=33, video_config=vc, frame_rule=EVEN_LATENTS)
 
 
-class _Cog15Frames(WanAdapter):
+class _EvenLatentFrames(WanAdapter):
     @property
     def frame_rule(self) -> FrameRule:
-        return COG15
+        return EVEN_LATENTS
 
 
 def test_the_data_plan_rounds_to_the_adapters_rule_and_names_what_it_leaves_out(tmp_path: Path) -> None:
@@ -255,7 +256,7 @@ def test_the_data_plan_rounds_to_the_adapters_rule_and_names_what_it_leaves_out(
     settings = {"base_model": str(model), "datasets": [{"path": str(clips), "repeats": 1}], "cache_dir": str(tmp_path / "cache"),
                 "resolution": 64, "frames": 17, "video_config": {"max_frames": 17, "target_fps": 16.0}}
     config = resolve(settings)
-    plan = plan_data(config, _Cog15Frames(model), ContentHasher(config["cache_dir"]))
+    plan = plan_data(config, _EvenLatentFrames(model), ContentHasher(config["cache_dir"]))
     assert [(s.item.path.name, len(s.plans[0].times)) for s in plan.train] == [("long.mp4", 13)]
     reasons = {issue.path.name: issue.reason for issue in plan.issues}
     assert "too short for wan21" in reasons["short.mp4"] and "8k + 5" in reasons["short.mp4"]
@@ -265,8 +266,8 @@ def test_the_data_plan_rounds_to_the_adapters_rule_and_names_what_it_leaves_out(
     assert sorted((s.item.path.name, len(s.plans[0].times)) for s in wan_plan.train) == [
         ("long.mp4", 17), ("short.mp4", 1), ("still.png", 1)]
     with pytest.raises(ConfigError, match=r"frames 3: wan21 accepts 5, 13, 21, 29, \.\.\. \(8k \+ 5\)") as caught:
-        plan_data(resolve({**settings, "frames": 3}), _Cog15Frames(model), ContentHasher(config["cache_dir"]))
+        plan_data(resolve({**settings, "frames": 3}), _EvenLatentFrames(model), ContentHasher(config["cache_dir"]))
     assert caught.value.key == "frames"
     with pytest.raises(UserError, match="strict_data: 2 file"):
-        plan_data(resolve({**settings, "strict_data": True}), _Cog15Frames(model), ContentHasher(config["cache_dir"]))
+        plan_data(resolve({**settings, "strict_data": True}), _EvenLatentFrames(model), ContentHasher(config["cache_dir"]))
 

@@ -36,6 +36,9 @@ PIPELINES = {
     "wan22_a14b_i2v": "WanImageToVideoPipeline",
     "hunyuan_video": "HunyuanVideoPipeline",
     "cogvideox": "CogVideoXPipeline",
+    "cogvideox_i2v": "CogVideoXImageToVideoPipeline",
+    "cogvideox15": "CogVideoXPipeline",
+    "cogvideox15_i2v": "CogVideoXImageToVideoPipeline",
     "hidream": "HiDreamImagePipeline",
 }
 # Smallest sizes that still exercise every level of the VAE and more than one latent patch.
@@ -45,7 +48,10 @@ VIDEO_CALLS = {
     "wan22_a14b": dict(height=32, width=32, num_frames=5),
     "wan22_a14b_i2v": dict(height=32, width=32, num_frames=5),
     "hunyuan_video": dict(height=32, width=32, num_frames=5),
-    "cogvideox": dict(height=32, width=32, num_frames=9),  # CogVideoX 1.0 wants 4k+1 frames
+    "cogvideox": dict(height=32, width=32, num_frames=9),  # CogVideoX's VAE round-trips 8k+1 frames
+    "cogvideox_i2v": dict(height=64, width=64, num_frames=9),  # its learned positions: one size only
+    "cogvideox15": dict(height=32, width=32, num_frames=9),
+    "cogvideox15_i2v": dict(height=32, width=32, num_frames=9),
 }
 
 
@@ -135,6 +141,16 @@ def test_pipeline_loads_and_runs(built, family):
         return
 
     call = dict(VIDEO_CALLS[family])
+    if family.startswith("cogvideox"):
+        image_to_video = PIPELINES[family] == "CogVideoXImageToVideoPipeline"
+        # Noisy latents, then the image latents, on the channel axis; 1.5 patches time by 2.
+        assert pipe.transformer.config.in_channels == (2 if image_to_video else 1) * pipe.vae.config.latent_channels
+        assert (pipe.transformer.config.patch_size_t == 2) == family.startswith("cogvideox15")
+        assert (pipe.transformer.config.ofs_embed_dim is not None) == (family == "cogvideox15_i2v")
+        if image_to_video:
+            from PIL import Image
+
+            call["image"] = Image.new("RGB", (call["width"], call["height"]), (200, 30, 30))
     if family == "wan22_a14b_i2v":
         from PIL import Image
 
@@ -147,7 +163,7 @@ def test_pipeline_loads_and_runs(built, family):
         call["prompt_embeds"], call["negative_prompt_embeds"] = text_pipe.encode_prompt(PROMPT, "")
         out = pipe(num_inference_steps=2, generator=generator, output_type="np", **call)
     else:
-        out = pipe(PROMPT, num_inference_steps=2, generator=generator, output_type="np", **call)
+        out = pipe(prompt=PROMPT, num_inference_steps=2, generator=generator, output_type="np", **call)
     frames = out.frames
     assert frames.shape == (1, call["num_frames"], call["height"], call["width"], 3)
     assert torch.isfinite(torch.from_numpy(frames)).all()

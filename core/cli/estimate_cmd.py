@@ -68,7 +68,7 @@ def estimate_command(args: argparse.Namespace) -> int:
 
     d = result.details
     print(f"Estimate for {d['model']} ({d['configs_from']})")
-    print(f"  sample: {d['frames']} frames -> {d['latent_frames']} latent frames x {d['side']} x {d['side']} patches = "
+    print(f"  sample: {d['frames']} frames -> {d['latent_frames']} latent frames x {d['height']} x {d['width']} patches = "
           f"{d['tokens']} tokens, batch {d['batch']}")
     notes = {
         "weights": f"{d['weight_dtype']}, {d['offloaded_blocks']} of {d['blocks']} blocks offloaded"

@@ -30,6 +30,7 @@ MODEL_TYPES = (
     "WAN_2_2_A14B_I2V",
     "HUNYUAN_VIDEO",
     "COGVIDEOX",
+    "COGVIDEOX_I2V",
     "HIDREAM",
 )
 TRAIN_DTYPES = ("FLOAT_32", "FLOAT_16", "BFLOAT_16")
@@ -348,7 +349,8 @@ SCHEMA = Section(
             "resolution",
             512,
             "Training size: clips are scaled to about resolution x resolution pixels, keeping their aspect ratio. "
-            "A multiple of the model's size step: 16 for Wan 2.1 and 2.2 A14B, 32 for Wan 2.2 TI2V-5B.",
+            "A multiple of the model's size step: 16 for Wan 2.1, 2.2 A14B and CogVideoX, 32 for Wan 2.2 TI2V-5B. "
+            "A model that takes one size only (CogVideoX-5b-I2V: 480x720) gets every clip scaled and cropped to it.",
             lo=64,
             hi=4096,
         ),

@@ -130,7 +130,10 @@ def plan_samples(
                 f"too short for {adapter.family}: {e}; use a longer clip, or raise video_config.max_frames or "
                 "video_config.max_duration if they cut it")))
             continue
-        bucket = assign_bucket(info.width, info.height, len(plans[0].times), config["resolution"], adapter.size_divisor)
+        if adapter.fixed_size is not None:  # one size only: every clip scaled and cropped to it
+            bucket = Bucket(len(plans[0].times), *adapter.fixed_size)
+        else:
+            bucket = assign_bucket(info.width, info.height, len(plans[0].times), config["resolution"], adapter.size_divisor)
         keys = tuple(
             latent_key(
                 content,

@@ -85,8 +85,12 @@ def tokens_per_sample(config: dict[str, Any], t: TransformerSizes, spatial: int,
     frames = (frames - 1) // temporal * temporal + 1  # rounded down to k * ratio + 1
     latent_frames = (frames - 1) // temporal + 1
     side = max(1, config["resolution"] // (spatial * t.patch[1]))
-    return {"frames": frames, "latent_frames": latent_frames, "side": side,
-            "tokens": math.ceil(latent_frames / t.patch[0]) * side * side}
+    height = width = side
+    if t.config.get("use_learned_positional_embeddings"):
+        # Positional embeddings learned for one size (sample_height x sample_width latent cells): every clip trains at it.
+        height, width = int(t.config["sample_height"]) // t.patch[1], int(t.config["sample_width"]) // t.patch[2]
+    return {"frames": frames, "latent_frames": latent_frames, "side": side, "height": height, "width": width,
+            "tokens": math.ceil(latent_frames / t.patch[0]) * height * width}
 
 
 def estimate_memory(config: dict[str, Any], configs: ModelConfigs | None = None) -> Estimate:
@@ -102,7 +106,7 @@ def estimate_memory(config: dict[str, Any], configs: ModelConfigs | None = None)
     # Videos come video_batch_size_multiplier times batch_size at a time, images (one frame) batch_size
     # at a time: the larger of the two (tokens x samples) sets the activations.
     video_batch = max(1, round(config["batch_size"] * config["video_config"]["video_batch_size_multiplier"]))
-    image_tokens = shape["side"] * shape["side"]
+    image_tokens = shape["height"] * shape["width"]
     if shape["frames"] > 1 and video_batch * shape["tokens"] >= config["batch_size"] * image_tokens:
         L, batch = shape["tokens"], video_batch
     else:
@@ -187,7 +191,7 @@ def estimate_memory(config: dict[str, Any], configs: ModelConfigs | None = None)
 
     # workspace
     channels = t.out_channels
-    latent_elements = batch * channels * shape["latent_frames"] * (shape["side"] * t.patch[1]) ** 2
+    latent_elements = batch * channels * shape["latent_frames"] * shape["height"] * t.patch[1] * shape["width"] * t.patch[2]
     workspace = latent_elements * 4 * 6  # latents, noise, noisy input, target, prediction, its gradient (float32)
     if wdtype in QUANTIZED and not full_transformer:
         workspace += t.max_linear_elements() * compute_bytes(wdtype)  # one layer dequantized at a time

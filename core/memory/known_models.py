@@ -17,7 +17,9 @@ Sources of the numbers:
   it is 42", num_attention_heads 30 / 48, use_rotary_positional_embeddings False for 2B / True for 5B;
   the rest (attention_head_dim 64, time_embed_dim 512, text_embed_dim 4096, patch_size 2, 49 frames,
   60x90 latents, max_text_seq_length 226) are CogVideoXTransformer3DModel.__init__'s defaults, which
-  the script keeps. CogVideoX1.5-5B is left out: no stored source of its config could be cited.
+  the script keeps. CogVideoX-5b-I2V: the same script's --i2v (same commit's convert_transformer:
+  in_channels 32, use_learned_positional_embeddings). CogVideoX1.5-5B (and its I2V) is left out: no
+  stored source of its config could be cited.
 - CogVideoX text encoder: the same script loads google/t5-v1_1-xxl (T5EncoderModel; d_model 4096,
   d_ff 10240, 24 layers, 64 heads of 64, vocabulary 32128, gated-gelu).
 - CogVideoX VAE: 8x spatial / 4x temporal, 16 latent channels (AutoencoderKLCogVideoX,
@@ -50,6 +52,7 @@ _COG_COMMON = {"_class_name": "CogVideoXTransformer3DModel", "attention_head_dim
                "max_text_seq_length": 226, "sample_frames": 49, "sample_height": 60, "sample_width": 90}
 COGVIDEOX_2B = {**_COG_COMMON, "num_layers": 30, "num_attention_heads": 30, "use_rotary_positional_embeddings": False}
 COGVIDEOX_5B = {**_COG_COMMON, "num_layers": 42, "num_attention_heads": 48, "use_rotary_positional_embeddings": True}
+COGVIDEOX_5B_I2V = {**COGVIDEOX_5B, "in_channels": 32, "use_learned_positional_embeddings": True}
 T5_V1_1_XXL = {"model_type": "t5", "d_model": 4096, "d_ff": 10240, "d_kv": 64, "num_heads": 64, "num_layers": 24,
                "vocab_size": 32128, "relative_attention_num_buckets": 32, "feed_forward_proj": "gated-gelu"}
 COGVIDEOX_VAE = {"z_dim": 16, "scale_factor_spatial": 8, "scale_factor_temporal": 4}
@@ -77,6 +80,7 @@ KNOWN_MODELS: dict[str, ModelConfigs] = {
     "Wan-AI/Wan2.2-I2V-A14B-Diffusers": ModelConfigs("Wan 2.2 I2V A14B", "", [WAN22_A14B_I2V, WAN22_A14B_I2V], UMT5_XXL, WAN21_VAE),
     "THUDM/CogVideoX-2b": ModelConfigs("CogVideoX 2B", "", [COGVIDEOX_2B], T5_V1_1_XXL, COGVIDEOX_VAE),
     "THUDM/CogVideoX-5b": ModelConfigs("CogVideoX 5B", "", [COGVIDEOX_5B], T5_V1_1_XXL, COGVIDEOX_VAE),
+    "THUDM/CogVideoX-5b-I2V": ModelConfigs("CogVideoX 5B I2V", "", [COGVIDEOX_5B_I2V], T5_V1_1_XXL, COGVIDEOX_VAE),
 }
 
 

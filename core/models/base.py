@@ -101,6 +101,13 @@ class ModelAdapter(ABC):
     def size_divisor(self) -> int:
         """What bucket heights and widths are multiples of: VAE compression x transformer patch size."""
 
+    @property
+    def fixed_size(self) -> tuple[int, int] | None:
+        """(height, width) in pixels where the denoiser takes one frame size only (positional
+        embeddings learned for it): every clip is then scaled and cropped to it, and `resolution`
+        is not used. None: any multiple of size_divisor."""
+        return None
+
     def latent_frames(self, frames: int) -> int:
         """Latent frames for a clip of `frames` pixel frames (k * temporal_ratio + 1 -> k + 1)."""
         return (frames - 1) // self.temporal_ratio + 1
@@ -108,8 +115,8 @@ class ModelAdapter(ABC):
     @property
     def frame_rule(self) -> FrameRule:
         """The pixel frame counts the denoiser accepts; the data plan rounds clips down to them.
-        By default every count the VAE compresses whole: k * temporal_ratio + 1. A family whose
-        transformer also patches time (CogVideoX 1.5) narrows it (FrameRule.latent_multiple)."""
+        By default every count the VAE compresses whole: k * temporal_ratio + 1; a family whose VAE
+        round-trips fewer counts narrows it (CogVideoX: 8k + 1)."""
         return FrameRule.latent_multiple(self.temporal_ratio)
 
     # -- encoders -----------------------------------------------------------------------------

@@ -1,8 +1,17 @@
-"""The CogVideoX family, text-to-video (CogVideoX-2b, CogVideoX-5b, CogVideoX1.5-5B): diffusers folders.
+"""The CogVideoX family: CogVideoX-2b, CogVideoX-5b and CogVideoX1.5-5B (text-to-video), CogVideoX-5b-I2V
+and CogVideoX1.5-5B-I2V (image-to-video), in diffusers folders.
 
 What differs between the variants comes from the folder's own configs: the 2b has sinusoidal 3D
-positional embeddings, the 5b and 1.5 rotary ones (use_rotary_positional_embeddings), and 1.5 also
-patches time (patch_size_t = 2), which narrows the frame counts it takes (frame_rule).
+positional embeddings, the 5b and 1.5 rotary ones (use_rotary_positional_embeddings); the 5b-I2V
+also learned positional embeddings for one frame size (fixed_size); 1.5 patches time by
+patch_size_t = 2; the image-to-video models take the image latents after the noisy ones on the
+channel axis, and 1.5-I2V an ofs embedding.
+
+Frames: the VAE encodes 8k + 1 pixel frames into 2k + 1 latent frames and decodes those back into
+8k + 1; other counts do not round-trip (13 frames encode to 4 latents, which decode to 16), so the
+frame rule is 8k + 1 for every variant, CogVideo's own (its finetune README and datasets). 1.5's
+transformer needs an even latent count: as CogVideo's trainers do (compute_loss), the cache puts a
+copy of the first latent frame in front, and CogVideoXPipeline pads the same place when it samples.
 
 Latents: as CogVideoXPipeline decodes them (latents / vae.config.scaling_factor) and CogVideo's own
 trainer encodes them (finetune/trainer.py: ``latent_dist.sample() * vae.config.scaling_factor``):
@@ -12,6 +21,12 @@ and the cache keeps that layout; the transformer takes (B, F, C, H, W), so predi
 Text: T5, padded to the transformer's max_text_seq_length (226) and encoded *without* an attention
 mask, exactly as CogVideoXPipeline._get_t5_prompt_embeds does; the padded positions keep what T5
 makes of its pad tokens (not zeros), and the transformer gets no mask either.
+
+Image-to-video: the image is the clip's first frame, encoded as CogVideoXImageToVideoPipeline.prepare_latents
+does (a posterior sample times the scaling factor, or divided by it where vae.config.invert_scale_latents,
+1.5), cached after the video's latent frames (split_latents), and given to the transformer padded with
+zero frames to the video's length. CogVideo's trainer also adds a little pixel noise to the image
+before encoding it each step; here it is encoded once, clean, as the pipeline feeds it when sampling.
 
 The objective is DDPM v-prediction over the folder's own scheduler (core/models/objectives.py), the
 model timestep its integer t.
@@ -44,13 +59,16 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-COGVIDEOX_FAMILIES = ("cogvideox",)
+COGVIDEOX_FAMILIES = ("cogvideox", "cogvideox_i2v")
+PIPELINES = {"CogVideoXPipeline": "cogvideox", "CogVideoXImageToVideoPipeline": "cogvideox_i2v"}
+# What CogVideoXImageToVideoPipeline (and CogVideo's trainer) passes as 1.5-I2V's ofs.
+OFS = 2.0
 # diffusers' train_cogvideox_lora.py and CogVideo's lora trainer: the attention projections.
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
 class CogVideoXAdapter(ModelAdapter):
-    """A CogVideoX text-to-video model in a local diffusers folder (model_index.json, transformer/, vae/,
+    """A CogVideoX model in a local diffusers folder (model_index.json, transformer/, vae/,
     text_encoder/, tokenizer/, scheduler/)."""
 
     # Self-attention over text and video tokens together (the transformer concatenates them), so
@@ -62,7 +80,7 @@ class CogVideoXAdapter(ModelAdapter):
         if family is None:
             family = self.detect(_read_json(self.folder / "model_index.json"))
         if family not in COGVIDEOX_FAMILIES:
-            raise ValueError(f"{family!r} is not a CogVideoX text-to-video family; expected one of {', '.join(COGVIDEOX_FAMILIES)}")
+            raise ValueError(f"{family!r} is not a CogVideoX family; expected one of {', '.join(COGVIDEOX_FAMILIES)}")
         self.family = family
         self.max_text_length = int(self.transformer_config.get("max_text_seq_length", 226))
         self._vae: Any = None
@@ -74,8 +92,8 @@ class CogVideoXAdapter(ModelAdapter):
 
     @classmethod
     def detect(cls, index: dict[str, Any]) -> str | None:
-        """CogVideoXPipeline folders; the image-to-video pipeline is another registry row (not trainable)."""
-        return "cogvideox" if str(index.get("_class_name", "")) == "CogVideoXPipeline" else None
+        """CogVideoXPipeline folders are text-to-video, CogVideoXImageToVideoPipeline ones image-to-video."""
+        return PIPELINES.get(str(index.get("_class_name", "")))
 
     # -- configs (read without loading any weights) ---------------------------------------------
     @cached_property
@@ -124,15 +142,37 @@ class CogVideoXAdapter(ModelAdapter):
 
     @property
     def frame_rule(self) -> FrameRule:
-        # CogVideoX 1.5 patches time by patch_size_t: its latent frame count must be a multiple of it.
-        if self.patch_size_t:
-            return FrameRule.latent_multiple(self.temporal_ratio, self.patch_size_t)
-        return super().frame_rule
+        # 8k + 1 (1, 9, 17, ..., 49): the counts the VAE decodes back to as many frames (module docstring).
+        return FrameRule(step=2 * self.temporal_ratio)
+
+    def latent_frames(self, frames: int) -> int:
+        count = super().latent_frames(frames)
+        return count + self._time_padding(count)
+
+    def _time_padding(self, latent_frames: int) -> int:
+        """Copies of the first latent frame that make the count a multiple of 1.5's patch_size_t."""
+        return -latent_frames % self.patch_size_t if self.patch_size_t else 0
+
+    @property
+    def fixed_size(self) -> tuple[int, int] | None:
+        # The 5b-I2V learned its positional embeddings for one size; diffusers takes no other.
+        if not self.transformer_config.get("use_learned_positional_embeddings"):
+            return None
+        cells = self.transformer_config
+        return int(cells["sample_height"]) * self.spatial_ratio, int(cells["sample_width"]) * self.spatial_ratio
+
+    @property
+    def image_conditioned(self) -> bool:  # type: ignore[override]
+        return self.family == "cogvideox_i2v"
 
     # -- identities ------------------------------------------------------------------------------
     def vae_identity(self) -> str:
         if "vae" not in self._identities:
-            self._identities["vae"] = folder_identity("cogvideox-vae", self.folder / "vae")
+            # What else shapes a cache entry: 1.5's leading copy and the image latents after the video's.
+            self._identities["vae"] = folder_identity(
+                "cogvideox-vae", self.folder / "vae",
+                extra={"time_patch": self.patch_size_t or 1, "image": self.image_conditioned, "frames": "8k+1"},
+            )
         return self._identities["vae"]
 
     def text_identity(self) -> str:
@@ -214,8 +254,10 @@ class CogVideoXAdapter(ModelAdapter):
     def encode_video(
         self, frames: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None = None
     ) -> torch.Tensor:
-        """(B, 3, F, H, W) in [-1, 1] -> float32 (B, 16, (F-1)/4+1, H/8, W/8): a posterior sample
-        times vae.config.scaling_factor (seed 0 when no generator, so it is reproducible either way)."""
+        """(B, 3, F, H, W) in [-1, 1] -> float32 (B, 16, latent_frames(F), H/8, W/8): a posterior sample
+        times vae.config.scaling_factor (seed 0 when no generator, so it is reproducible either way),
+        1.5's first latent frame repeated in front; an image-to-video model's image latents follow
+        as one more frame (split_latents)."""
         import torch
 
         if self._vae is None:
@@ -225,10 +267,20 @@ class CogVideoXAdapter(ModelAdapter):
         if generator is None:
             generator = torch.Generator(device="cpu").manual_seed(0)
         param = next(self._vae.parameters())
+        scale = float(self._vae.config.scaling_factor)
         with torch.no_grad():
             dist = self._vae.encode(frames.to(device=param.device, dtype=param.dtype)).latent_dist
-            latents = dist.sample(generator=generator).float()
-        return latents * float(self._vae.config.scaling_factor)
+            latents = dist.sample(generator=generator).float() * scale
+            padding = self._time_padding(latents.shape[2])
+            if padding:
+                latents = torch.cat([latents[:, :, :1].expand(-1, -1, padding, -1, -1), latents], dim=2)
+            if not self.image_conditioned:
+                return latents
+            # CogVideoXImageToVideoPipeline.prepare_latents: the first picture alone through the VAE.
+            image = self._vae.encode(frames[:, :, :1].to(device=param.device, dtype=param.dtype)).latent_dist
+            image = image.sample(generator=generator).float()
+            image = image / scale if self._vae.config.invert_scale_latents else image * scale
+        return torch.cat([latents, image], dim=2)
 
     def encode_text(self, captions: list[str], grad: bool = False) -> dict[str, torch.Tensor]:
         """As CogVideoXPipeline._get_t5_prompt_embeds: pad to max_text_length, encode without a mask."""
@@ -331,22 +383,42 @@ class CogVideoXAdapter(ModelAdapter):
                 owner, latent_height * self.spatial_ratio, latent_width * self.spatial_ratio, latent_frames, device)
         return self._rotary[key]
 
+    def split_latents(self, cached: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The cache entry's video latents and, for image-to-video, its last frame: the image latents."""
+        if not self.image_conditioned:
+            return cached, None
+        return cached[:, :, :-1], cached[:, :, -1:]
+
     def predict(
         self, transformer: Any, noisy: torch.Tensor, sigmas: torch.Tensor, batch: dict[str, Any],
         first_frame_fixed: torch.Tensor | None = None, condition: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """(B, C, F, H, W) noisy latents -> the v prediction in the same layout. The transformer gets
-        (B, F, C, H, W), the int64 timestep t of the objective and the pipeline's rotary embeddings."""
+        (B, F, C, H, W) (image-to-video: the image latents padded with zero frames after them on the
+        channel axis, and 1.5's ofs), the int64 timestep t of the objective and the pipeline's rotary
+        embeddings."""
+        import torch
+
         if first_frame_fixed is not None and bool(first_frame_fixed.any()):
             raise ValueError(f"{self.family} has no first-frame conditioning")
         batch_size, _, frames, height, width = noisy.shape
         dtype = transformer.patch_embed.proj.weight.dtype
+        hidden = noisy.permute(0, 2, 1, 3, 4).to(dtype)
+        ofs = None
+        if self.image_conditioned:
+            if condition is None:
+                raise ValueError(f"{self.family} needs the image latents (split_latents) to predict")
+            image = torch.cat([condition, condition.new_zeros(batch_size, condition.shape[1], frames - 1, height, width)], dim=2)
+            hidden = torch.cat([hidden, image.permute(0, 2, 1, 3, 4).to(dtype)], dim=2)
+            if transformer.config.ofs_embed_dim is not None:
+                ofs = noisy.new_full((batch_size,), OFS)
         timestep = self._timesteps.timesteps(sigmas).to(noisy.device)
         rotary = self.rotary_embeddings(transformer, frames, height, width, noisy.device)
         out = transformer(
-            hidden_states=noisy.permute(0, 2, 1, 3, 4).to(dtype),
+            hidden_states=hidden,
             encoder_hidden_states=batch["prompt_embeds"].to(dtype),
             timestep=timestep,
+            ofs=ofs,
             image_rotary_emb=rotary,
             return_dict=False,
         )[0]

@@ -20,7 +20,7 @@ def sample_video(adapter: ModelAdapter, denoisers: dict[str, Any], request: Samp
     import diffusers
     import numpy as np
     import torch
-    from diffusers import CogVideoXDDIMScheduler, CogVideoXPipeline
+    from diffusers import CogVideoXDDIMScheduler, CogVideoXImageToVideoPipeline, CogVideoXPipeline
 
     transformer = denoisers.get("transformer") or adapter.load_transformer("transformer", device, dtype)
     index = json.loads((adapter.folder / "model_index.json").read_text(encoding="utf-8"))
@@ -32,11 +32,22 @@ def sample_video(adapter: ModelAdapter, denoisers: dict[str, Any], request: Samp
     # so the VAE computes in the same dtype as the embeddings.
     vae = adapter.load_vae(device, dtype)
     tokenizer, text_encoder = adapter.text_parts()["text_encoder"]
-    pipe = CogVideoXPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
-                             scheduler=scheduler_type.from_pretrained(adapter.folder, subfolder="scheduler"))
+    pipeline_type = CogVideoXImageToVideoPipeline if adapter.image_conditioned else CogVideoXPipeline
+    pipe = pipeline_type(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                         scheduler=scheduler_type.from_pretrained(adapter.folder, subfolder="scheduler"))
     pipe.set_progress_bar_config(disable=True)
     divisor = adapter.size_divisor
     width, height = max(divisor, request.width // divisor * divisor), max(divisor, request.height // divisor * divisor)
+    if adapter.fixed_size is not None:
+        height, width = adapter.fixed_size
+    extra: dict[str, Any] = {}
+    if adapter.image_conditioned:
+        if request.image is None:
+            raise ValueError(f"{adapter.family} needs request.image, the first frame to start from")
+        from PIL import Image
+
+        image = request.image
+        extra["image"] = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, dtype=np.uint8))
     frames = adapter.frame_rule.round_down(request.frames) or adapter.frame_rule.first
     generator = torch.Generator(device="cpu").manual_seed(request.seed)
     was_training = transformer.training
@@ -48,7 +59,7 @@ def sample_video(adapter: ModelAdapter, denoisers: dict[str, Any], request: Samp
             video = pipe(
                 prompt_embeds=texts[:1], negative_prompt_embeds=texts[1:], width=width, height=height, num_frames=frames,
                 num_inference_steps=request.steps, guidance_scale=request.guidance_scale, generator=generator,
-                output_type="np",
+                output_type="np", **extra,
             ).frames[0]
     finally:
         transformer.train(was_training)

@@ -1,11 +1,12 @@
 """Which pixel frame counts a model family's denoiser accepts (ModelAdapter.frame_rule).
 
 A video VAE with temporal compression r turns 1 + k*r pixel frames into 1 + k latent frames, so
-most families accept 1, 1 + r, 1 + 2r, ... (Wan, Hunyuan Video, CogVideoX 1.0: 4k + 1). A
-transformer that also patches time by p_t needs the latent frame count to be a multiple of p_t
-(CogVideoX 1.5: p_t = 2, so 5, 13, 21, ... pixel frames: 8k + 5). diffusers' CogVideoXPipeline
-pads its latents up to such a count when it samples; for training, the data plan rounds each
-clip's frame count down to an accepted one instead (core/data/frames.py), so no frame is invented.
+most families accept 1, 1 + r, 1 + 2r, ... (Wan, Hunyuan Video: 4k + 1). A VAE that round-trips
+fewer counts narrows that: CogVideoX's decodes 2k + 1 latent frames back into 8k + 1 pixel frames
+but an even count into more frames than were encoded, so CogVideoX takes 8k + 1. A rule may also
+start above 1 (latent_multiple: latent counts a multiple of m, for a transformer that patches time
+and pads nothing). The data plan rounds each clip's frame count down to an accepted one
+(core/data/frames.py), so no frame is invented.
 
 No torch here: the data plan uses it while planning, before any model is loaded.
 """

@@ -43,8 +43,7 @@ FAMILIES: dict[str, Family] = {
     "wan21_i2v": Family("", "Wan 2.1 image-to-video", ("WanImageToVideoPipeline",)),
     "hunyuan_video": Family("HUNYUAN_VIDEO", "HunyuanVideo", ("HunyuanVideoPipeline",)),
     "cogvideox": Family("COGVIDEOX", "CogVideoX", ("CogVideoXPipeline",), CogVideoXAdapter),
-    # Its image latents on the channel axis (and 1.5's ofs embedding) are not trained here yet.
-    "cogvideox_i2v": Family("", "CogVideoX image-to-video", ("CogVideoXImageToVideoPipeline",)),
+    "cogvideox_i2v": Family("COGVIDEOX_I2V", "CogVideoX image-to-video", ("CogVideoXImageToVideoPipeline",), CogVideoXAdapter),
     "hidream": Family("HIDREAM", "HiDream", ("HiDreamImagePipeline",)),
 }
 TRAINABLE = tuple(family for family, row in FAMILIES.items() if row.adapter is not None)

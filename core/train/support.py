@@ -76,6 +76,13 @@ def capability_refusals(config: dict[str, Any], adapter: ModelAdapter) -> list[C
         out.append(ConfigError(
             f"video_config.use_temporal_attention: {name} cannot restrict its attention to one frame here; turn it on",
             key="video_config.use_temporal_attention"))
+    fixed = adapter.fixed_size
+    if fixed is not None and config["sampling"]["prompts"]:
+        for key, side in (("sampling.height", fixed[0]), ("sampling.width", fixed[1])):
+            if int(get_value(config, key)) != side:
+                out.append(ConfigError(
+                    f"{key} {get_value(config, key)}: {name} makes videos of {fixed[1]}x{fixed[0]} pixels (width x height) "
+                    f"only, the size its positional embeddings were learned at; set {key} to {side}", key=key))
     if config["training_method"] == "LORA" and config["output_format"] == "COMFY" and adapter.comfy_lora_keys() is None:
         out.append(ConfigError(f"output_format COMFY: {name} has no ComfyUI LoRA format here; set it to DIFFUSERS",
                                key="output_format"))

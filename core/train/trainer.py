@@ -29,7 +29,7 @@ from typing import Any
 from core.data.buckets import BucketBatchSampler, ShardedBatchSampler, total_batches
 from core.data.dataset import CachedSampleDataset, make_loader
 from core.errors import ConfigError
-from core.models.registry import adapter_for
+from core.models.registry import adapter_for, family_name
 
 from .data_prep import prepare_data
 from .events import TrainerCallbacks, TrainerCommands
@@ -172,6 +172,10 @@ class Trainer:
         problems += size_refusals(self.config, adapter.size_divisor)
         if problems:
             raise problems[0]
+        if adapter.fixed_size is not None:
+            height, width = adapter.fixed_size
+            self.callbacks.on_log(logging.INFO, f"{family_name(adapter.family)} takes frames of {width}x{height} pixels only: "
+                                  f"every clip is scaled and cropped to that size, and resolution is not used")
         ratios = self.config["video_config"]
         wrong = [key for key, actual in (("spatial_compression_ratio", adapter.spatial_ratio),
                                          ("temporal_compression_ratio", adapter.temporal_ratio))
