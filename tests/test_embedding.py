@@ -61,7 +61,7 @@ def _train(adapter: WanAdapter, placeholders: PlaceholderEmbeddings, steps: int 
 
 def test_tokens_get_one_new_id_each_and_rows_start_at_their_words(folder: Path) -> None:
     adapter = _adapter(folder)
-    tokenizer, encoder = adapter._tokenizer, adapter._text_encoder
+    tokenizer, encoder = adapter.text_parts()["text_encoder"]
     before, table = len(tokenizer), encoder.get_input_embeddings().weight
     placeholders = add_placeholder_tokens(tokenizer, encoder, ["<concept>", "<style>", "<zz>"], ["person", "cat", "zzq"])
     assert placeholders.tokens == ["<concept>", "<style>", "<zz>"]
@@ -78,7 +78,7 @@ def test_tokens_get_one_new_id_each_and_rows_start_at_their_words(folder: Path) 
     assert len(pieces) == 3 and torch.allclose(placeholders.rows[2], table[pieces].mean(0))
     # One word for all tokens.
     other = _adapter(folder)
-    shared = add_placeholder_tokens(other._tokenizer, other._text_encoder, ["<a>", "<b>"], ["person"])
+    shared = add_placeholder_tokens(*other.text_parts()["text_encoder"], ["<a>", "<b>"], ["person"])
     assert torch.equal(shared.rows[0], shared.rows[1]) and torch.equal(shared.rows[0], table[person])
     assert placeholders.contains_placeholder(CAPTION) and not placeholders.contains_placeholder(PLAIN)
 
@@ -98,7 +98,7 @@ def test_tokens_get_one_new_id_each_and_rows_start_at_their_words(folder: Path) 
 )
 def test_bad_settings_are_config_errors_that_change_nothing(folder: Path, tokens: list[str], words: list[str], key: str, says: str) -> None:
     adapter = _adapter(folder)
-    tokenizer, encoder = adapter._tokenizer, adapter._text_encoder
+    tokenizer, encoder = adapter.text_parts()["text_encoder"]
     size, module = len(tokenizer), encoder.get_input_embeddings()
     with pytest.raises(ConfigError, match=says) as caught:
         add_placeholder_tokens(tokenizer, encoder, tokens, words)
@@ -108,10 +108,10 @@ def test_bad_settings_are_config_errors_that_change_nothing(folder: Path, tokens
 
 def test_training_moves_only_the_rows(folder: Path) -> None:
     adapter = _adapter(folder)
-    encoder = adapter._text_encoder
+    encoder = adapter.text_parts()["text_encoder"][1]
     weights = {name: p.detach().clone() for name, p in encoder.state_dict().items()}
     plain_before = _embeds(adapter, PLAIN)
-    placeholders = add_placeholder_tokens(adapter._tokenizer, encoder, ["<concept>"], ["person"])
+    placeholders = add_placeholder_tokens(adapter.text_parts()["text_encoder"][0], encoder, ["<concept>"], ["person"])
     assert not any(p.requires_grad for p in encoder.parameters())
     assert list(placeholders.parameters()) == [placeholders.rows]
     start, concept_before = placeholders.rows.detach().clone(), _embeds(adapter, CAPTION)
@@ -128,13 +128,13 @@ def test_training_moves_only_the_rows(folder: Path) -> None:
     after = encoder.state_dict()
     assert after.keys() == weights.keys() and all(torch.equal(after[k], v) for k, v in weights.items())
     assert encoder.shared.weight is table
-    assert "<concept>" not in adapter._tokenizer.get_vocab()
+    assert "<concept>" not in adapter.text_parts()["text_encoder"][0].get_vocab()
     assert torch.equal(_embeds(adapter, PLAIN), plain_before)
 
 
 def test_live_encodings_merge_into_a_cached_batch_and_carry_gradients(folder: Path) -> None:
     adapter = _adapter(folder)
-    placeholders = add_placeholder_tokens(adapter._tokenizer, adapter._text_encoder, ["<concept>"], ["person"])
+    placeholders = add_placeholder_tokens(*adapter.text_parts()["text_encoder"], ["<concept>"], ["person"])
     captions = [PLAIN, CAPTION, PLAIN]
     cached = adapter.encode_text(captions)  # as the text cache would serve them (16 tokens wide here)
     batch = {"prompt_embeds": cached["prompt_embeds"][:, :16].clone(), "prompt_mask": cached["prompt_mask"], "step": 0}
@@ -159,14 +159,14 @@ def test_live_encodings_merge_into_a_cached_batch_and_carry_gradients(folder: Pa
 
 def test_save_and_load_give_identical_encodings(folder: Path, tmp_path: Path) -> None:
     adapter = _adapter(folder)
-    placeholders = add_placeholder_tokens(adapter._tokenizer, adapter._text_encoder, ["<style>", "<concept>"], ["cat", "person"])
+    placeholders = add_placeholder_tokens(*adapter.text_parts()["text_encoder"], ["<style>", "<concept>"], ["cat", "person"])
     _train(adapter, placeholders, steps=2)
     path = save_embedding(tmp_path / "out" / "concept.safetensors", placeholders, {"initializer_words": ["cat", "person"], "base_model": str(folder), "step": 2})
     vectors, metadata = read_embedding(path)
     assert list(vectors) == ["<style>", "<concept>"] and metadata["step"] == "2" and metadata["base_model"] == str(folder)
     assert all(torch.equal(vectors[t], v) for t, v in placeholders.vectors().items())
     fresh = _adapter(folder)
-    loaded = load_embedding(path, fresh._tokenizer, fresh._text_encoder)
+    loaded = load_embedding(path, *fresh.text_parts()["text_encoder"])
     assert loaded.token_ids == placeholders.token_ids
     for caption in (CAPTION, "<style> <concept>", PLAIN):
         assert torch.equal(_embeds(fresh, caption), _embeds(adapter, caption))
@@ -182,11 +182,11 @@ def test_bad_embedding_files_are_user_errors(folder: Path, tmp_path: Path) -> No
     adapter = _adapter(folder)
     wrong = save_embedding(tmp_path / "wide.safetensors", {"<concept>": torch.zeros(64)})
     with pytest.raises(UserError, match="another model"):
-        load_embedding(wrong, adapter._tokenizer, adapter._text_encoder)
+        load_embedding(wrong, *adapter.text_parts()["text_encoder"])
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"not a safetensors file")
     with pytest.raises(UserError, match="cannot read"):
-        load_embedding(junk, adapter._tokenizer, adapter._text_encoder)
+        load_embedding(junk, *adapter.text_parts()["text_encoder"])
 
 
 def test_diffusers_textual_inversion_loader_accepts_the_file(folder: Path, tmp_path: Path) -> None:
@@ -199,14 +199,14 @@ def test_diffusers_textual_inversion_loader_accepts_the_file(folder: Path, tmp_p
 
     def pipeline() -> Pipeline:
         fresh = _adapter(folder)
-        return Pipeline(tokenizer=fresh._tokenizer, text_encoder=fresh._text_encoder, vae=None,
+        return Pipeline(tokenizer=fresh.text_parts()["text_encoder"][0], text_encoder=fresh.text_parts()["text_encoder"][1], vae=None,
                         scheduler=FlowMatchEulerDiscreteScheduler(), transformer=None)
 
     def diffusers_embeds(pipe: Pipeline, caption: str) -> torch.Tensor:
         return pipe.encode_prompt(caption, do_classifier_free_guidance=False, max_sequence_length=512, device="cpu")[0]
 
     adapter = _adapter(folder)
-    one = add_placeholder_tokens(adapter._tokenizer, adapter._text_encoder, ["<concept>"], ["person"])
+    one = add_placeholder_tokens(*adapter.text_parts()["text_encoder"], ["<concept>"], ["person"])
     _train(adapter, one, steps=2)
     single = save_embedding(tmp_path / "one.safetensors", one)
     pipe = pipeline()
@@ -214,7 +214,7 @@ def test_diffusers_textual_inversion_loader_accepts_the_file(folder: Path, tmp_p
     assert torch.equal(diffusers_embeds(pipe, CAPTION), _embeds(adapter, CAPTION))
 
     two_adapter = _adapter(folder)
-    two = add_placeholder_tokens(two_adapter._tokenizer, two_adapter._text_encoder, ["<style>", "<concept>"], ["cat", "person"])
+    two = add_placeholder_tokens(*two_adapter.text_parts()["text_encoder"], ["<style>", "<concept>"], ["cat", "person"])
     _train(two_adapter, two, steps=1)
     double = save_embedding(tmp_path / "two.safetensors", two)
     pipe = pipeline()
@@ -229,14 +229,14 @@ def test_rows_train_on_a_quantized_encoder(folder: Path, weight_dtype: str, tmp_
     from core.memory.quantize import quantized_layer_names
 
     adapter = _adapter(folder, weight_dtype)
-    assert quantized_layer_names(adapter._text_encoder)  # the tiny widths are all quantizable
+    assert quantized_layer_names(adapter.text_parts()["text_encoder"][1])  # the tiny widths are all quantizable
     plain_before = _embeds(adapter, PLAIN)
-    placeholders = add_placeholder_tokens(adapter._tokenizer, adapter._text_encoder, ["<concept>"], ["person"])
+    placeholders = add_placeholder_tokens(*adapter.text_parts()["text_encoder"], ["<concept>"], ["person"])
     start = placeholders.rows.detach().clone()
     _train(adapter, placeholders, steps=2)
     assert not torch.equal(placeholders.rows, start) and torch.isfinite(placeholders.rows).all()
     assert torch.equal(_embeds(adapter, PLAIN), plain_before)
     path = save_embedding(tmp_path / "q.safetensors", placeholders)
     fresh = _adapter(folder, weight_dtype)
-    load_embedding(path, fresh._tokenizer, fresh._text_encoder)
+    load_embedding(path, *fresh.text_parts()["text_encoder"])
     assert torch.equal(_embeds(fresh, CAPTION), _embeds(adapter, CAPTION))

@@ -87,7 +87,7 @@ def test_encode_text_matches_wan_pipeline(wan21: WanAdapter) -> None:
         assert mask[row, :n].all() and not mask[row, n:].any()
         assert (embeds[row, n:] == 0).all() and (embeds[row, :n].abs().sum(dim=1) > 0).all()
     # The pipeline's own method, run on the same tokenizer and encoder.
-    fake_pipe = SimpleNamespace(tokenizer=wan21._tokenizer, text_encoder=wan21._text_encoder, _execution_device=torch.device("cpu"))
+    fake_pipe = SimpleNamespace(tokenizer=wan21.text_parts()["text_encoder"][0], text_encoder=wan21.text_parts()["text_encoder"][1], _execution_device=torch.device("cpu"))
     expected = WanPipeline._get_t5_prompt_embeds(fake_pipe, captions, max_sequence_length=512)
     torch.testing.assert_close(embeds, expected)
 
@@ -199,7 +199,8 @@ def test_other_families_are_not_supported_yet(tmp_path: Path) -> None:
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "HunyuanVideoPipeline"}))
     with pytest.raises(UserError, match="HunyuanVideo.*not supported yet for training"):
         adapter_for({"model_type": "AUTO", "base_model": str(tmp_path)})
-    # CogVideoX text-to-video trains (tests/test_cogvideox.py); its image-to-video models not yet.
-    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "CogVideoXImageToVideoPipeline"}))
-    with pytest.raises(UserError, match="CogVideoX image-to-video model, which is not supported yet for training"):
+    # Wan 2.1's image-to-video folders (a CLIP image encoder) are recognised, not trained.
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "WanImageToVideoPipeline",
+                                                           "image_encoder": ["transformers", "CLIPVisionModel"]}))
+    with pytest.raises(UserError, match="Wan 2.1 image-to-video model, which is not supported yet for training"):
         adapter_for({"model_type": "AUTO", "base_model": str(tmp_path)})

@@ -134,7 +134,7 @@ def test_samples_are_written_per_prompt_and_training_state_is_untouched(models: 
     before = _state(parts)
     paths = maker.make(20, parts)
     _assert_same_state(before, _state(parts))
-    assert adapter._vae is None and adapter._text_encoder is None, "encoders loaded for sampling are dropped after"
+    assert adapter._vae is None and adapter.text_parts()["text_encoder"] == (None, None), "encoders loaded for sampling are dropped after"
 
     assert [p.name for p in paths] == ["step-000020-0-a-red-circle-moving-left.mp4", "step-000020-1-a-blue-square.mp4"]
     assert seen == paths and all(p.parent == tmp_path / "samples" for p in paths)

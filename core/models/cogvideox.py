@@ -46,8 +46,8 @@ from core.identity import folder_identity
 from .base import ModelAdapter, SampleRequest
 from .conditions import ConditionSpec
 from .frame_rule import FrameRule
+from .loading import FrozenTextEncoder, component, load_frozen_vae
 from .loading import place as _place
-from .loading import quiet_transformers as _quiet_transformers
 from .loading import read_json as _read_json
 
 if TYPE_CHECKING:
@@ -84,9 +84,7 @@ class CogVideoXAdapter(ModelAdapter):
         self.family = family
         self.max_text_length = int(self.transformer_config.get("max_text_seq_length", 226))
         self._vae: Any = None
-        self._text_encoder: Any = None
-        self._tokenizer: Any = None
-        self._text_quantized: str | None = None
+        self._text = FrozenTextEncoder(self.folder, "T5EncoderModel")
         self._identities: dict[str, str] = {}
         self._rotary: dict[tuple[Any, ...], Any] = {}
 
@@ -184,63 +182,20 @@ class CogVideoXAdapter(ModelAdapter):
         return self._identities["text"]
 
     # -- loading ---------------------------------------------------------------------------------
-    def _component(self, name: str) -> Path:
-        path = self.folder / name
-        if not path.is_dir():
-            from core.errors import UserError
-
-            raise UserError(f"{self.folder} has no {name}/ folder; point base_model at a complete diffusers model folder")
-        return path
-
     def load_vae(self, device: torch.device | str, dtype: torch.dtype) -> Any:
         if self._vae is None:
-            from diffusers import AutoencoderKLCogVideoX
-
-            self._component("vae")
-            logger.info("loading the VAE of %s", self.folder)
-            self._vae = AutoencoderKLCogVideoX.from_pretrained(self.folder, subfolder="vae", torch_dtype=dtype)
-            self._vae.requires_grad_(False).eval()
+            self._vae = load_frozen_vae(self.folder, "AutoencoderKLCogVideoX", dtype)
         _place(self._vae, device, dtype)
         return self._vae
 
     def load_text_encoder(self, device: torch.device | str, dtype: torch.dtype, weight_dtype: str | None = None,
                           *, name: str = "text_encoder") -> Any:
-        from core.memory.quantize import is_quantized_dtype
-
         if name != "text_encoder":
             raise ValueError(f"{self.family} has one text encoder, text_encoder; there is no {name!r}")
-        quantized = weight_dtype if weight_dtype is not None and is_quantized_dtype(weight_dtype) else None
-        if self._text_encoder is not None and quantized != self._text_quantized:
-            self._text_encoder = None  # asked for another storage: load again
-        if self._text_encoder is None:
-            from transformers import AutoTokenizer, T5EncoderModel
-
-            self._component("text_encoder")
-            self._component("tokenizer")
-            logger.info("loading the text encoder of %s", self.folder)
-            self._tokenizer = AutoTokenizer.from_pretrained(self.folder, subfolder="tokenizer")
-            with _quiet_transformers():
-                self._text_encoder = T5EncoderModel.from_pretrained(self.folder, subfolder="text_encoder", dtype=dtype)
-            self._text_encoder.requires_grad_(False).eval()
-            self._text_quantized = quantized
-            if quantized:
-                self._quantize_text_encoder(quantized, device)
-        if quantized:
-            self._text_encoder.to(device)  # the quantized storage moves as it is; no dtype cast
-        else:
-            _place(self._text_encoder, device, dtype)
-        return self._text_encoder
-
-    def _quantize_text_encoder(self, weight_dtype: str, device: torch.device | str) -> None:
-        import torch
-
-        from core.memory.quantize import quantize_model
-
-        work = device if torch.device(device).type == "cuda" else None
-        quantize_model(self._text_encoder, weight_dtype, include=self.quantize_filter("text_encoder", weight_dtype), work_device=work)
+        return self._text.load(device, dtype, weight_dtype, lambda dtype_name: self.quantize_filter("text_encoder", dtype_name))
 
     def text_parts(self) -> dict[str, tuple[Any, Any]]:
-        return {"text_encoder": (self._tokenizer, self._text_encoder)}
+        return {"text_encoder": (self._text.tokenizer, self._text.encoder)}
 
     def condition_layout(self) -> dict[str, ConditionSpec]:
         # T5's (226, D) embeddings, the pad tokens' positions included (they are not zero, so the
@@ -248,7 +203,8 @@ class CogVideoXAdapter(ModelAdapter):
         return {"prompt_embeds": ConditionSpec(0, 0.0)}
 
     def unload_encoders(self) -> None:
-        self._vae = self._text_encoder = self._tokenizer = None
+        self._vae = None
+        self._text.unload()
 
     # -- encoding --------------------------------------------------------------------------------
     def encode_video(
@@ -286,17 +242,18 @@ class CogVideoXAdapter(ModelAdapter):
         """As CogVideoXPipeline._get_t5_prompt_embeds: pad to max_text_length, encode without a mask."""
         import torch
 
-        if self._text_encoder is None:
+        tokenizer, encoder = self._text.tokenizer, self._text.encoder
+        if encoder is None:
             raise RuntimeError("load_text_encoder() must be called before encode_text()")
         if isinstance(captions, str):
             captions = [captions]
-        inputs = self._tokenizer(
+        inputs = tokenizer(
             list(captions), padding="max_length", max_length=self.max_text_length, truncation=True,
             add_special_tokens=True, return_tensors="pt",
         )
-        device = next(self._text_encoder.parameters()).device
+        device = next(encoder.parameters()).device
         with torch.enable_grad() if grad else torch.no_grad():
-            embeds = self._text_encoder(inputs.input_ids.to(device))[0]
+            embeds = encoder(inputs.input_ids.to(device))[0]
         return {"prompt_embeds": embeds}
 
     # -- training ----------------------------------------------------------------------------------
@@ -314,7 +271,7 @@ class CogVideoXAdapter(ModelAdapter):
             # diffusers has no single-file loader for CogVideoXTransformer3DModel.
             raise ConfigError(f"transformer.model_path: CogVideoX loads its transformer from the diffusers folder only, "
                               f"not from {checkpoint}; leave it empty", key="transformer.model_path")
-        self._component(name)
+        component(self.folder, name)
         logger.info("loading the %s of %s", name, self.folder)
         transformer = CogVideoXTransformer3DModel.from_pretrained(self.folder, subfolder=name, torch_dtype=dtype)
         transformer.requires_grad_(False).eval()

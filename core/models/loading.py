@@ -1,4 +1,5 @@
-"""Small loading helpers every family adapter shares (reading configs, placing modules, quiet loads).
+"""Loading helpers every family adapter shares: reading configs, placing modules, quiet loads, and the
+frozen VAE and text encoders.
 
 torch and transformers are imported inside the functions, so reading a config stays light.
 """
@@ -6,13 +7,18 @@ torch and transformers are imported inside the functions, so reading a config st
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import logging
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
+
+    from core.memory.quantize import LayerFilter
+
+logger = logging.getLogger(__name__)
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -41,3 +47,70 @@ def quiet_transformers() -> Iterator[None]:
     finally:
         if bars_were_on:
             hf_logging.enable_progress_bar()
+
+
+def component(folder: Path, name: str) -> Path:
+    """folder/name, which must be a folder: a clear message where a download stopped short."""
+    path = folder / name
+    if not path.is_dir():
+        from core.errors import UserError
+
+        raise UserError(f"{folder} has no {name}/ folder; point base_model at a complete diffusers model folder")
+    return path
+
+
+def load_frozen_vae(folder: Path, vae_class: str, dtype: torch.dtype) -> Any:
+    """The folder's vae/ as the diffusers class `vae_class`, frozen, in eval mode."""
+    import diffusers
+
+    component(folder, "vae")
+    logger.info("loading the VAE of %s", folder)
+    vae = getattr(diffusers, vae_class).from_pretrained(folder, subfolder="vae", torch_dtype=dtype)
+    return vae.requires_grad_(False).eval()
+
+
+class FrozenTextEncoder:
+    """One tokenizer / text encoder pair of a diffusers folder, loaded once, frozen, and loaded again
+    only when asked for another quantized storage (the quantized Linear layers cannot be undone)."""
+
+    def __init__(self, folder: Path, encoder_class: str, *, subfolder: str = "text_encoder",
+                 tokenizer_subfolder: str = "tokenizer") -> None:
+        self.folder, self.encoder_class = folder, encoder_class
+        self.subfolder, self.tokenizer_subfolder = subfolder, tokenizer_subfolder
+        self.tokenizer: Any = None
+        self.encoder: Any = None
+        self.quantized: str | None = None
+
+    def load(self, device: torch.device | str, dtype: torch.dtype, weight_dtype: str | None,
+             layer_filter: Callable[[str], LayerFilter]) -> Any:
+        """The encoder on `device`, computing in `dtype`; a quantized `weight_dtype` (FLOAT_8, INT_8,
+        INT_4, NFLOAT_4) stores the Linear layers `layer_filter(weight_dtype)` matches quantized."""
+        import torch
+        import transformers
+
+        from core.memory.quantize import is_quantized_dtype, quantize_model
+
+        quantized = weight_dtype if weight_dtype is not None and is_quantized_dtype(weight_dtype) else None
+        if self.encoder is not None and quantized != self.quantized:
+            self.encoder = None  # asked for another storage: load again
+        if self.encoder is None:
+            component(self.folder, self.subfolder)
+            component(self.folder, self.tokenizer_subfolder)
+            logger.info("loading the %s of %s", self.subfolder.replace("_", " "), self.folder)
+            self.tokenizer = transformers.AutoTokenizer.from_pretrained(self.folder, subfolder=self.tokenizer_subfolder)
+            with quiet_transformers():
+                self.encoder = getattr(transformers, self.encoder_class).from_pretrained(
+                    self.folder, subfolder=self.subfolder, dtype=dtype)
+            self.encoder.requires_grad_(False).eval()
+            self.quantized = quantized
+            if quantized:
+                work = device if torch.device(device).type == "cuda" else None
+                quantize_model(self.encoder, quantized, include=layer_filter(quantized), work_device=work)
+        if quantized:
+            self.encoder.to(device)  # the quantized storage moves as it is; no dtype cast
+        else:
+            place(self.encoder, device, dtype)
+        return self.encoder
+
+    def unload(self) -> None:
+        self.tokenizer = self.encoder = None

@@ -27,8 +27,8 @@ from core.identity import folder_identity
 
 from .base import Denoiser, ModelAdapter, SampleRequest
 from .conditions import ConditionSpec
+from .loading import FrozenTextEncoder, component, load_frozen_vae
 from .loading import place as _place
-from .loading import quiet_transformers as _quiet_transformers
 from .loading import read_json as _read_json
 from .wan_attention import FrameLocalAttention
 
@@ -63,9 +63,7 @@ class WanAdapter(ModelAdapter):
             raise ValueError(f"{family!r} is not a Wan family; expected one of {', '.join(WAN_FAMILIES)}")
         self.family = family
         self._vae: Any = None
-        self._text_encoder: Any = None
-        self._tokenizer: Any = None
-        self._text_quantized: str | None = None
+        self._text = FrozenTextEncoder(self.folder, "UMT5EncoderModel")
         self._identities: dict[str, str] = {}
 
     @classmethod
@@ -138,65 +136,21 @@ class WanAdapter(ModelAdapter):
         return self._identities["text"]
 
     # -- loading ---------------------------------------------------------------------------------
-    def _component(self, name: str) -> Path:
-        path = self.folder / name
-        if not path.is_dir():
-            from core.errors import UserError
-
-            raise UserError(f"{self.folder} has no {name}/ folder; point base_model at a complete diffusers model folder")
-        return path
-
     def load_vae(self, device: torch.device | str, dtype: torch.dtype) -> Any:
         if self._vae is None:
-            from diffusers import AutoencoderKLWan
-
-            self._component("vae")
-            logger.info("loading the VAE of %s", self.folder)
-            self._vae = AutoencoderKLWan.from_pretrained(self.folder, subfolder="vae", torch_dtype=dtype)
-            self._vae.requires_grad_(False).eval()
+            self._vae = load_frozen_vae(self.folder, "AutoencoderKLWan", dtype)
         _place(self._vae, device, dtype)
         return self._vae
 
     def load_text_encoder(self, device: torch.device | str, dtype: torch.dtype, weight_dtype: str | None = None,
                           *, name: str = "text_encoder") -> Any:
-        from core.memory.quantize import is_quantized_dtype
-
         if name != "text_encoder":
             raise ValueError(f"{self.family} has one text encoder, text_encoder; there is no {name!r}")
-
-        quantized = weight_dtype if weight_dtype is not None and is_quantized_dtype(weight_dtype) else None
-        if self._text_encoder is not None and quantized != self._text_quantized:
-            self._text_encoder = None  # asked for another storage: load again
-        if self._text_encoder is None:
-            from transformers import AutoTokenizer, UMT5EncoderModel
-
-            self._component("text_encoder")
-            self._component("tokenizer")
-            logger.info("loading the text encoder of %s", self.folder)
-            self._tokenizer = AutoTokenizer.from_pretrained(self.folder, subfolder="tokenizer")
-            with _quiet_transformers():
-                self._text_encoder = UMT5EncoderModel.from_pretrained(self.folder, subfolder="text_encoder", dtype=dtype)
-            self._text_encoder.requires_grad_(False).eval()
-            self._text_quantized = quantized
-            if quantized:
-                self._quantize_text_encoder(quantized, device)
-        if quantized:
-            self._text_encoder.to(device)  # the quantized storage moves as it is; no dtype cast
-        else:
-            _place(self._text_encoder, device, dtype)
-        return self._text_encoder
-
-    def _quantize_text_encoder(self, weight_dtype: str, device: torch.device | str) -> None:
-        import torch
-
-        from core.memory.quantize import quantize_model
-
-        work = device if torch.device(device).type == "cuda" else None
-        quantize_model(self._text_encoder, weight_dtype, include=self.quantize_filter("text_encoder", weight_dtype), work_device=work)
+        return self._text.load(device, dtype, weight_dtype, lambda dtype_name: self.quantize_filter("text_encoder", dtype_name))
 
     def text_parts(self) -> dict[str, tuple[Any, Any]]:
         """{"text_encoder": (tokenizer, text encoder)} as load_text_encoder left them (None, None before)."""
-        return {"text_encoder": (self._tokenizer, self._text_encoder)}
+        return {"text_encoder": (self._text.tokenizer, self._text.encoder)}
 
     def condition_layout(self) -> dict[str, ConditionSpec]:
         # UMT5's (512, D) embeddings zeroed past each caption's tokens, padded back in the collate,
@@ -204,7 +158,8 @@ class WanAdapter(ModelAdapter):
         return {"prompt_embeds": ConditionSpec(0, 0.0), "prompt_mask": ConditionSpec(None, False)}
 
     def unload_encoders(self) -> None:
-        self._vae = self._text_encoder = self._tokenizer = None
+        self._vae = None
+        self._text.unload()
 
     def clean_caption(self, caption: str) -> str:
         from diffusers.pipelines.wan.pipeline_wan import prompt_clean  # what encode_text applies
@@ -255,12 +210,13 @@ class WanAdapter(ModelAdapter):
         import torch
         from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 
-        if self._text_encoder is None:
+        tokenizer, encoder = self._text.tokenizer, self._text.encoder
+        if encoder is None:
             raise RuntimeError("load_text_encoder() must be called before encode_text()")
         if isinstance(captions, str):
             captions = [captions]
         length = self.max_text_length
-        inputs = self._tokenizer(
+        inputs = tokenizer(
             [prompt_clean(c) for c in captions],
             padding="max_length",
             max_length=length,
@@ -269,10 +225,10 @@ class WanAdapter(ModelAdapter):
             return_attention_mask=True,
             return_tensors="pt",
         )
-        device = next(self._text_encoder.parameters()).device
+        device = next(encoder.parameters()).device
         ids, mask = inputs.input_ids.to(device), inputs.attention_mask.to(device)
         with torch.enable_grad() if grad else torch.no_grad():
-            hidden = self._text_encoder(ids, mask).last_hidden_state
+            hidden = encoder(ids, mask).last_hidden_state
             seq_lens = mask.gt(0).sum(dim=1)
             # Keep each caption's tokens, zero the rest: the transformer gets no mask, only these zeros.
             keep = torch.arange(length, device=device)[None, :] < seq_lens[:, None]
@@ -303,7 +259,7 @@ class WanAdapter(ModelAdapter):
     def load_transformer(self, name: str, device: torch.device | str, dtype: torch.dtype, checkpoint: str | None = None) -> Any:
         from diffusers import WanTransformer3DModel
 
-        self._component(name)
+        component(self.folder, name)
         if checkpoint:
             transformer = self._load_single_file(name, Path(checkpoint).expanduser(), dtype)
         else:
