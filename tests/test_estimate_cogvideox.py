@@ -88,3 +88,15 @@ def test_the_i2v_preset_counts_the_models_one_size_and_fits_24_gb() -> None:
     assert 23 * GIB < estimate.needed_bytes < 24 * GIB and estimate.fits(24 * GIB)
     t2v = estimate_memory(_preset("#cogvideox LoRA"))  # 480x480: fewer tokens, less memory
     assert t2v.details["height"] == t2v.details["width"] == 30 and t2v.needed_bytes < estimate.needed_bytes
+
+
+def test_a_temporal_patch_counts_the_adapters_leading_copy(tiny_model) -> None:
+    """CogVideoX 1.5 (patch_size_t 2): 9 frames are 3 latent frames, padded to 4 as the cache holds them."""
+    from core.memory.known_models import configs_from_folder
+    from core.models.registry import adapter_for
+
+    folder = tiny_model("cogvideox15")
+    config = resolve({"base_model": str(folder), "resolution": 64, "frames": 9, "video_config": {"max_frames": 9}})
+    estimate = estimate_memory(config, configs_from_folder(folder))
+    assert estimate.details["latent_frames"] == adapter_for(config).latent_frames(9) == 4
+    assert estimate.details["tokens"] == 4 // 2 * 4 * 4

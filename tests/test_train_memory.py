@@ -220,10 +220,17 @@ def test_the_8gb_preset_trains_the_tiny_ti2v_model(runs: Runs, monkeypatch: pyte
     config = resolve(preset, {"base_model": str(model), "datasets": [{"path": str(runs.clip)}],
                               "workspace_dir": str(tmp_path / "workspace"), "cache_dir": str(tmp_path / "cache"),
                               "output_path": str(tmp_path / "out" / "lora.safetensors"), "max_steps": 2})
+    import core.memory.quantize as quantize_module
+
     text_quantized: list[str] = []
-    real = WanAdapter._quantize_text_encoder
-    monkeypatch.setattr(WanAdapter, "_quantize_text_encoder",
-                        lambda self, weight_dtype, device: text_quantized.append(weight_dtype) or real(self, weight_dtype, device))
+    real = quantize_module.quantize_model
+
+    def spy(model: Any, weight_dtype: str, *args: Any, **kwargs: Any) -> Any:
+        if type(model).__name__ == "UMT5EncoderModel":
+            text_quantized.append(weight_dtype)
+        return real(model, weight_dtype, *args, **kwargs)
+
+    monkeypatch.setattr(quantize_module, "quantize_model", spy)
     result = Trainer(config).run()
     assert result.steps == 2 and result.output_paths[0].is_file()
     assert text_quantized == ["FLOAT_8"]  # the preset's text_encoder.weight_dtype, while caching

@@ -84,6 +84,9 @@ def tokens_per_sample(config: dict[str, Any], t: TransformerSizes, spatial: int,
     frames = max(1, config["frames"])
     frames = (frames - 1) // temporal * temporal + 1  # rounded down to k * ratio + 1
     latent_frames = (frames - 1) // temporal + 1
+    # A transformer that patches time takes a multiple of its temporal patch: the adapter pads the
+    # latents in front up to it (copies of the first latent frame).
+    latent_frames += -latent_frames % t.patch[0]
     side = max(1, config["resolution"] // (spatial * t.patch[1]))
     height = width = side
     if t.config.get("use_learned_positional_embeddings"):
