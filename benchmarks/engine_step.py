@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
+import json
 import math
 import os
 import pstats
@@ -183,9 +184,10 @@ def engine_round(case: Case, work: Path, model: Path, clip: Path, steps: int, na
 
 def same_first_loss(case: Case, work: Path, model: Path, clip: Path) -> dict[str, Any]:
     """The check that both sides do the same work: the engine's first step and a new hand loop's, on
-    the same batch with the noise and noise levels the engine drew, give the same loss (the LoRA's
-    up-projection starts at zero, so the first loss is the base model's on both sides, whatever the
-    random down-projection). Stops the script if they differ; returns the batch."""
+    the same batch with the noise and noise levels the engine drew, give the same loss, and both
+    train as many LoRA parameters (the LoRA's up-projection starts at zero, so the first loss is the
+    base model's on both sides whatever the LoRA; its size says it sits on the same layers). Stops
+    the script if they differ; returns the batch."""
     drawn: list[tuple[torch.Tensor, torch.Tensor]] = []
     real_sample_noise = loop_module.sample_noise
 
@@ -202,12 +204,16 @@ def same_first_loss(case: Case, work: Path, model: Path, clip: Path) -> dict[str
         loop_module.sample_noise = real_sample_noise
     sigmas, noise = drawn[0]
     objective = case.adapter_class(model).objective(case.engine_objective)
-    hand = case(model).step(loader.batches[0], 0, (noise, case.levels(objective, sigmas)))
+    hand_loop = case(model)
+    hand = hand_loop.step(loader.batches[0], 0, (noise, case.levels(objective, sigmas)))
     engine = times.loss[0]
     difference = abs(engine - hand) / abs(hand)
+    info = json.loads((work / "check" / "workspace" / "run_info.json").read_text(encoding="utf-8"))
+    trained = (info["parts"]["transformer"]["trainable_parameters"], sum(p.numel() for p in hand_loop.params))
     print(f"{case.family}: first step on the same batch and draws: engine loss {engine:.9g}, hand loss {hand:.9g}, "
-          f"relative difference {difference:.2e} (allowed {LOSS_RTOL:.0e})", flush=True)
-    if not difference <= LOSS_RTOL:
+          f"relative difference {difference:.2e} (allowed {LOSS_RTOL:.0e}); LoRA parameters {trained[0]} and "
+          f"{trained[1]}", flush=True)
+    if not difference <= LOSS_RTOL or trained[0] != trained[1]:
         raise SystemExit(f"{case.family}: the engine and the hand loop do not compute the same loss; timing them "
                          "would compare different work")
     return loader.batches[0]
