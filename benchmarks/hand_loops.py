@@ -139,9 +139,10 @@ class WanHandLoop(HandLoop):
         t = self._mark("noise and noise levels", since)
         s = sigmas.view(-1, 1, 1, 1, 1)
         noisy = (1 - s) * latents + s * noise
+        t = self._mark("noisy input", t)
         prediction = self.transformer(hidden_states=noisy, timestep=sigmas * 1000, encoder_hidden_states=embeds,
                                       return_dict=False)[0]
-        t = self._mark("noisy input and forward", t)
+        t = self._mark("forward", t)
         loss = torch.nn.functional.mse_loss(prediction.float(), (noise - latents).float())
         return loss, self._mark("loss", t)
 
@@ -201,10 +202,11 @@ class CogVideoXHandLoop(HandLoop):
             noise, timesteps = draws[0].permute(0, 2, 1, 3, 4), draws[1]
         t = self._mark("noise and timesteps", since)
         noisy = self.scheduler.add_noise(latents, noise, timesteps)
+        t = self._mark("noisy input", t)
         _, frames, _, height, width = noisy.shape
         v_pred = self.transformer(hidden_states=noisy, encoder_hidden_states=embeds, timestep=timesteps,
                                   image_rotary_emb=self.rotary(frames, height, width), return_dict=False)[0]
-        t = self._mark("noisy input and forward", t)
+        t = self._mark("forward", t)
         x0_pred = self.scheduler.get_velocity(v_pred, noisy, timesteps)  # alpha_t x_t - sigma_t v_pred
         # alphas_cumprod is float64; CogVideo's trainer lets the weight promote the whole loss to
         # float64. Rounded to float32 once here, as the engine does, so both sides do float32 work.
