@@ -236,8 +236,8 @@ def report(title: str, rounds: dict[str, list[dict[str, list[float]]]], kind: st
 
 
 def engine_parts(case: Case, work: Path, model: Path, clip: Path, steps: int, warmup: int) -> None:
-    """Mean ms per step of each function the engine's loop calls, timed by wrapping it, and of the
-    hand loop's lines (means, so that the parts add up to the step)."""
+    """ms per step of each function the engine's loop calls, timed by wrapping it, and of the hand
+    loop's lines: means (so that the parts add up to the step) and medians."""
     import functools
 
     import accelerate
@@ -287,15 +287,19 @@ def engine_parts(case: Case, work: Path, model: Path, clip: Path, steps: int, wa
             setattr(owner, name, real)
     for title, table, step_times in (("engine", parts, times["engine wall"]), ("hand-written loop", hand_parts, times["hand wall"])):
         total = statistics.fmean(step_times[warmup:])
-        print(f"\n{case.family}: parts of the {title}'s step, mean ms per step over {steps - warmup} steps")
+        # Means add up to the step; medians leave out the odd slow call (a garbage collection,
+        # another job taking the core), which a mean spreads over all 60 steps.
+        print(f"\n{case.family}: parts of the {title}'s step, ms per step over {steps - warmup} steps\n"
+              f"  {'':60} {'mean':>8} {'median':>8}")
         counted = 0.0
         for label, values in table.items():
             per_step = len(values) / steps
-            value = statistics.fmean(values[round(warmup * per_step):]) * per_step
+            kept = values[round(warmup * per_step):]
+            value = statistics.fmean(kept) * per_step
             counted += value
-            print(f"  {label:45} {value * 1e3:7.2f}")
-        print(f"  {'everything else':45} {(total - counted) * 1e3:7.2f}")
-        print(f"  {'step':45} {total * 1e3:7.2f}")
+            print(f"  {label:60} {value * 1e3:8.2f} {statistics.median(kept) * per_step * 1e3:8.2f}")
+        print(f"  {'everything else':60} {(total - counted) * 1e3:8.2f}")
+        print(f"  {'step':60} {total * 1e3:8.2f} {statistics.median(step_times[warmup:]) * 1e3:8.2f}")
 
 
 def same_step_twice(case: Case, model: Path, batch: dict[str, Any], steps: int, warmup: int) -> None:
