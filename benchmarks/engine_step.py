@@ -25,10 +25,8 @@ the step record with its memory snapshot, the metrics.jsonl and TensorBoard writ
 it leaves out reading batches from the cache, which benchmarks/cache_load.py measures (about 1.4 ms
 per batch here) and which the hand loop has no counterpart of.
 
-With --what-if, each round also runs the engine once more with TensorBoard off, and for a family
-trained with the SNR weighting (CogVideoX) once more without the v target its loss never reads
-(objective.target returns x0 as it is): patched from outside in this process only, core/ unchanged,
-to show what each costs.
+With --what-if, each round also runs the engine once more with TensorBoard off (patched from
+outside in this process only, core/ unchanged), to show what TensorBoard's events cost.
 
 --parts times the pieces of each side's step separately (each function the engine's loop calls is
 wrapped with a timer; the hand loop times its own lines), to say where a difference comes from.
@@ -136,12 +134,8 @@ def run_engine(case: Case, work: Path, model: Path, clip: Path, steps: int, name
     """One Trainer run of `steps` steps with `loader` as its data loader and `times` as its callbacks."""
     from core.train import telemetry
 
-    real_tensorboard, real_target = telemetry._open_summary_writer, case.objective_class.target
+    real_tensorboard = telemetry._open_summary_writer
     trainer_module.make_loader = loader
-    if "target" in what_if:
-        # SNR compares the x0 estimate with x0 (VPrediction.loss_pair): the loop's v target is made
-        # and dropped. Only its shape is checked, which x0 has.
-        case.objective_class.target = lambda self, x0, noise, s: x0  # type: ignore[method-assign]
     if "tensorboard" in what_if:
         telemetry._open_summary_writer = lambda *args: None
     else:
@@ -158,7 +152,6 @@ def run_engine(case: Case, work: Path, model: Path, clip: Path, steps: int, name
     finally:
         trainer_module.make_loader = loader.real
         telemetry._open_summary_writer = real_tensorboard
-        case.objective_class.target = real_target  # type: ignore[method-assign]
     assert result.steps == steps and result.skipped_steps == 0, result
 
 
@@ -349,8 +342,6 @@ def bench_family(case: Case, work: Path, args: argparse.Namespace) -> None:
     sides: dict[str, tuple[str, ...]] = {"engine": ()}
     if args.what_if:
         sides.update({"engine, no TensorBoard": ("tensorboard",)})
-        if case.engine_objective.get("loss_weighting") == "SNR":
-            sides.update({"engine, no unused v target": ("target",)})
     names = list(sides)
     rounds: dict[str, list[dict[str, list[float]]]] = {name: [] for name in names}
     load_before = load_average()

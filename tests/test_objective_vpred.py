@@ -336,3 +336,28 @@ def test_validation_compares_the_prediction_with_v(tmp_path: Path):
     assert set(result) == {"val_loss", "val_loss_q10", "val_loss_q30", "val_loss_q50", "val_loss_q70", "val_loss_q90"}
     # x_t is off by a few U of its terms (|x| < 6), which the division by sigma >= 0.3 at most triples.
     assert all(0.0 <= value < (3 * 8 * U * 6) ** 2 for value in result.values()), result
+
+
+def test_the_snr_loss_needs_no_v_target_and_the_others_ask_for_theirs():
+    """The loop computes objective.target only where the loss reads it (needs_target)."""
+    x0, eps, prediction = _data()
+    s = _levels()
+    snr, plain = _objective("2b", "SNR"), _objective("2b", "NONE")
+    assert not snr.needs_target and plain.needs_target and FlowMatching().needs_target
+    noisy = snr.noisy(x0, eps, s)
+    with_target, _ = training_loss(prediction, snr.target(x0, eps, s), s, snr, latents=x0, noisy=noisy)
+    without, _ = training_loss(prediction, None, s, snr, latents=x0, noisy=noisy)
+    assert torch.equal(with_target, without)
+    for objective in (plain, FlowMatching()):
+        with pytest.raises(ValueError, match="give the target"):
+            training_loss(prediction, None, s, objective, latents=x0, noisy=noisy)
+
+
+def test_one_steps_timesteps_are_mapped_once_and_new_levels_again():
+    objective = _objective("2b", "SNR")
+    s = _levels()
+    first = objective.timesteps(s)
+    assert objective.timesteps(s) is first  # the same noise levels: the same tensor
+    other = s.clone()
+    assert objective.timesteps(other) is not first and torch.equal(objective.timesteps(other), first)
+    assert objective.timesteps(torch.zeros_like(s)).tolist() == [0] * len(s)

@@ -12,7 +12,8 @@ model, as functions of s:
 - ``model_timestep(s)``: the transformer's timestep input, (B,);
 - ``loss_pair(prediction, target, x0, noisy, s)``: the two tensors whose squared difference
   ``weight(s)`` multiplies. That is (prediction, target) unless a weighting is defined on another
-  quantity (SNR: the x0 estimate, as CogVideo's trainer computes it).
+  quantity (SNR: the x0 estimate, as CogVideo's trainer computes it); ``needs_target`` says whether
+  the loss reads the target at all, so a step does not compute one it drops.
 
 Two implementations. ``FlowMatching`` (Wan, and the later flow families): s is the flow sigma
 itself. ``VPrediction`` (CogVideoX): DDPM's v-prediction over a diffusers scheduler's
@@ -181,9 +182,16 @@ class Objective(ABC):
     def model_timestep(self, s: torch.Tensor) -> torch.Tensor:
         """The transformer's timestep input for noise levels s, (B,)."""
 
-    def loss_pair(self, prediction: torch.Tensor, target: torch.Tensor, x0: torch.Tensor | None,
+    @property
+    def needs_target(self) -> bool:
+        """Whether loss_pair compares the prediction with target(); False: it may be given None."""
+        return True
+
+    def loss_pair(self, prediction: torch.Tensor, target: torch.Tensor | None, x0: torch.Tensor | None,
                   noisy: torch.Tensor | None, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The two tensors whose squared difference weight(s) multiplies in the training loss."""
+        if target is None:
+            raise ValueError(f"the {self.name} loss compares the prediction with its target: give the target")
         return prediction, target
 
 
@@ -263,6 +271,9 @@ class VPrediction(Objective):
             raise ValueError(f"{type(scheduler).__name__} predicts {prediction_type!r}, not 'v_prediction'")
         self.scheduler = scheduler
         self.num_train_timesteps = int(scheduler.config.num_train_timesteps)
+        # The last (s, t): a step maps the same noise levels for its input, weight, loss and the
+        # transformer's timestep; s is held, so its identity cannot pass to another tensor.
+        self._last: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
     def from_config(cls, scheduler_config: Mapping[str, Any], loss_weighting: str = "NONE") -> VPrediction:
@@ -284,9 +295,12 @@ class VPrediction(Objective):
         an edge counts as on it. Then every t / T maps back to t (a quantile of 0.7 trains t 700),
         and the bins keep their width 1 / T but for that 2^-24 at the ends.
         """
+        if self._last is not None and self._last[0] is s:
+            return self._last[1]
         total = self.num_train_timesteps
-        t = torch.floor(s.detach().double() * total + total * 2.0**-24).long()
-        return t.clamp(0, total - 1)
+        t = torch.floor(s.detach().double() * total + total * 2.0**-24).long().clamp(0, total - 1)
+        self._last = (s, t)
+        return t
 
     def noisy(self, x0: torch.Tensor, noise: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         _same_shape(x0, noise)
@@ -313,10 +327,14 @@ class VPrediction(Objective):
     def model_timestep(self, s: torch.Tensor) -> torch.Tensor:
         return self.timesteps(s)
 
-    def loss_pair(self, prediction: torch.Tensor, target: torch.Tensor, x0: torch.Tensor | None,
+    @property
+    def needs_target(self) -> bool:
+        return self.loss_weighting != "SNR"  # SNR compares x0 estimates, not v
+
+    def loss_pair(self, prediction: torch.Tensor, target: torch.Tensor | None, x0: torch.Tensor | None,
                   noisy: torch.Tensor | None, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.loss_weighting != "SNR":
-            return prediction, target
+            return super().loss_pair(prediction, target, x0, noisy, s)
         if x0 is None or noisy is None:
             raise ValueError("the SNR weighting compares x0 estimates: give the clean latents and the noisy input")
         # get_velocity(sample, noise, t) = alpha_t noise - sigma_t sample; with the prediction as

@@ -130,7 +130,8 @@ class Loop:
             with accelerator.accumulate(*accumulated):
                 with accelerator.autocast(), activation_offload(config["gradient_checkpointing"]):
                     prediction = adapter.predict(view, noisy, sigmas, batch, first_frame_fixed=fixed, condition=condition)
-                loss, parts = training_loss(prediction.float(), objective.target(latents, noise, sigmas), sigmas, objective, weight,
+                target = objective.target(latents, noise, sigmas) if objective.needs_target else None
+                loss, parts = training_loss(prediction.float(), target, sigmas, objective, weight,
                                             first_frame_fixed=fixed, latents=latents, noisy=noisy)
                 # Every process decides on the same losses, so all skip a step or none does.
                 losses = gather(loss.detach())

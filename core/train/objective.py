@@ -193,7 +193,7 @@ def _weighted_mean(per_sample: torch.Tensor, weights: torch.Tensor) -> torch.Ten
 
 def training_loss(
     prediction: torch.Tensor,
-    target: torch.Tensor,
+    target: torch.Tensor | None,
     sigmas: torch.Tensor,
     objective: Objective,
     temporal_consistency_weight: float = 0.0,
@@ -206,7 +206,8 @@ def training_loss(
 
     The objective says which two tensors are compared (``loss_pair``: the prediction and
     ``target``, or for SNR the x0 estimate and the clean ``latents``, which needs ``noisy``, the
-    input the denoiser saw) and their per-sample weights (``weight(sigmas)``).
+    input the denoiser saw) and their per-sample weights (``weight(sigmas)``). ``target`` may be
+    None where the objective does not read it (``objective.needs_target``).
 
     mse: per-sample mean squared error over (C, F, H, W), times the weight, mean over the batch.
     temporal: ``temporal_consistency_weight`` times the same weighted MSE between the
@@ -220,12 +221,12 @@ def training_loss(
     ``first_frame_fixed`` (B,) bool: the samples trained as image-to-video, whose first latent frame
     was given clean; their first frame is left out of both terms (there is nothing to learn there).
     """
-    if prediction.shape != target.shape:
+    if target is not None and prediction.shape != target.shape:
         raise ValueError(f"prediction {tuple(prediction.shape)} and target {tuple(target.shape)} differ in shape")
     if sigmas.ndim != 1 or sigmas.shape[0] != prediction.shape[0]:
         raise ValueError(f"sigmas must have shape ({prediction.shape[0]},) for a batch of {tuple(prediction.shape)}, "
                          f"got {tuple(sigmas.shape)}")
-    compared, expected = objective.loss_pair(prediction.float(), target.float(), latents, noisy, sigmas)
+    compared, expected = objective.loss_pair(prediction.float(), None if target is None else target.float(), latents, noisy, sigmas)
     pred, tgt = compared.float(), expected.float()
     weights = objective.weight(sigmas)
     reduce_dims = tuple(range(1, pred.ndim))
