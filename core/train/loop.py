@@ -25,6 +25,24 @@ from .placement import activation_offload
 MAX_BAD_STEPS = 5  # non-finite losses in a row before the run stops
 
 
+def zero_grad_of(optimizer: Any, accelerator: Any) -> Callable[[], None]:
+    """What accelerate's AcceleratedOptimizer.zero_grad(set_to_none=True) does: zero (drop) the
+    gradients once an optimizer step is due, not between accumulated micro-batches. The wrapper
+    inspects the wrapped optimizer's signature on every call (0.1 ms, a step of the tiny model's
+    1 %); here it is asked once. Anything else is called as it is."""
+    import inspect
+
+    inner = getattr(optimizer, "optimizer", None)
+    if inner is None or "set_to_none" not in inspect.signature(inner.zero_grad).parameters:
+        return lambda: optimizer.zero_grad(set_to_none=True)
+
+    def zero_grad() -> None:
+        if accelerator.sync_gradients:
+            inner.zero_grad(set_to_none=True)
+
+    return zero_grad
+
+
 @dataclass
 class TrainResult:
     steps: int
@@ -104,6 +122,7 @@ class Loop:
         every = {name: config[name]["every_n_steps"] for name in ("backup", "validation", "sampling")}
         # One process has nothing to gather; accelerate's gather still walks its helpers each call.
         gather = accelerator.gather if world_size > 1 else (lambda tensor: tensor)
+        zero_grad = zero_grad_of(r.optimizer, accelerator)
         batches = iter(r.loader)
         if r.rng_to_restore is not None:
             # After the iterator exists: creating it drew from the global generator in the
@@ -140,7 +159,7 @@ class Loop:
                     result.skipped_steps += 1
                     r.callbacks.on_log(logging.WARNING, f"loss is {losses.mean().item()} at step {result.steps + 1}; step skipped")
                     if not r.fused:
-                        r.optimizer.zero_grad(set_to_none=True)
+                        zero_grad()
                     if bad_in_a_row >= MAX_BAD_STEPS:
                         raise UserError(
                             f"the loss was not a number for {MAX_BAD_STEPS} steps in a row at step {result.steps}; "
@@ -156,7 +175,7 @@ class Loop:
                 if accelerator.sync_gradients and (r.fused or not accelerator.optimizer_step_was_skipped):
                     r.scheduler.step()
                 if not r.fused:
-                    r.optimizer.zero_grad(set_to_none=True)
+                    zero_grad()
             window_loss += losses.mean().item()
             window_count += 1
             samples_since += latents.shape[0] * world_size

@@ -21,6 +21,7 @@ on first use, not with this module.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -39,11 +40,17 @@ def _training_utils() -> Any:
     return training_utils
 
 
-def _settings(objective: dict[str, Any]) -> dict[str, Any]:
-    """The objective section with every key present, checked; missing keys take the schema's defaults."""
+@functools.lru_cache(maxsize=1)
+def _objective_defaults() -> dict[str, Any]:
+    # Once per process: section_defaults copies the schema's values, and every step draws.
     from core.config.settings import lookup, section_defaults
 
-    merged = {**section_defaults(lookup("objective")), **objective}  # type: ignore[arg-type]
+    return section_defaults(lookup("objective"))  # type: ignore[arg-type]
+
+
+def _settings(objective: dict[str, Any]) -> dict[str, Any]:
+    """The objective section with every key present, checked; missing keys take the schema's defaults."""
+    merged = {**_objective_defaults(), **objective}
     if merged["timestep_distribution"] not in DISTRIBUTIONS:
         raise ValueError(
             f"objective.timestep_distribution is {merged['timestep_distribution']!r}; expected one of {', '.join(DISTRIBUTIONS)}"
@@ -72,6 +79,7 @@ def _to_range(u: torch.Tensor, settings: dict[str, Any]) -> torch.Tensor:
     return (lo + u * (hi - lo)).clamp(*_float32_bounds(lo, hi))
 
 
+@functools.lru_cache(maxsize=64)
 def _float32_bounds(lo: float, hi: float) -> tuple[float, float]:
     # The float32 values nearest to [lo, hi] from inside: float32(0.1) is 0.10000000149 > 0.1, so
     # clamping to float32(hi) could still exceed the configured max by a rounding step.
