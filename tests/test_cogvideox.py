@@ -242,9 +242,10 @@ def test_sample_runs_the_pipeline(tiny_cog: Path) -> None:
 PRESETS = ["#cogvideox LoRA", "#cogvideox LoRA 12GB", "#cogvideox Finetune"]
 
 
+@pytest.mark.parametrize("family", ["cogvideox", "cogvideox15"])
 @pytest.mark.parametrize("preset", PRESETS)
-def test_presets_train_the_tiny_model_with_only_model_data_and_output_changed(tiny_cog: Path, one_clip: Path,
-                                                                              tmp_path: Path, preset: str) -> None:
+def test_presets_train_the_tiny_model_with_only_model_data_and_output_changed(tiny_model: Callable[[str], Path], one_clip: Path,
+                                                                              tmp_path: Path, preset: str, family: str) -> None:
     from core.config import list_presets, load_preset
 
     info = {p.name: p for p in list_presets()}[preset]
@@ -254,7 +255,7 @@ def test_presets_train_the_tiny_model_with_only_model_data_and_output_changed(ti
     assert loaded["objective"]["timestep_distribution"] == "UNIFORM" and loaded["objective"]["loss_weighting"] == "SNR"
     output = tmp_path / "out" / ("ft" if loaded["training_method"] == "FINE_TUNE" else "lora.safetensors")
     config = resolve(dict(loaded), {
-        "base_model": str(tiny_cog),
+        "base_model": str(tiny_model(family)),
         "datasets": [{"path": str(one_clip), "repeats": 1}],
         "output_path": str(output),
         # Where files go and the run's length, as the other preset tests set them.
