@@ -11,7 +11,7 @@ and closes popups), Ctrl+S saves the preset, Ctrl+Shift+S saves it under a new n
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PySide6.QtCore import QByteArray, Qt
 from PySide6.QtGui import QAction, QCloseEvent, QIcon, QKeySequence
@@ -38,23 +38,17 @@ from .preset_bar import PresetBar
 from .run_area import RunArea
 from .sample_viewer import SampleViewer
 from .settings_form import SettingsForm
-from .side_panel import SidePanel
+from .side_panel import PROBLEM_COLOUR, SidePanel, set_text_colour
 from .tab_layout import TABS
 from .train_worker import RunOutcome
 from .window_state import fit_and_center, save_last_settings, window_settings
 
+if TYPE_CHECKING:
+    from .plots import TrainingPlots
+
 log = logging.getLogger(__name__)
 
 DEFAULT_SIZE = (1120, 800)
-STYLE_SHEET = """
-QLineEdit[invalid="true"], QPlainTextEdit[invalid="true"], QComboBox[invalid="true"], QTableWidget[invalid="true"] {
-    border: 1px solid #d9534f; border-radius: 3px; background-color: #fff4f4; color: #222;
-}
-QAbstractSpinBox[invalid="true"] { background-color: #ffe3e3; color: #222; }
-QCheckBox[invalid="true"] { color: #c9302c; }
-QLabel#problems { color: #c9302c; }
-QLabel#modified { color: #a15c00; font-style: italic; }
-"""
 SIDE_PANEL_SHARE = 0.42  # of a tab's width, for the panel beside the settings at first start
 
 
@@ -93,7 +87,7 @@ class MainWindow(PresetActions, QMainWindow):
         self._close_when_stopped = False  # the user closed the window during a run and said stop
         # Settings above, the run below: the run panel beside the plots, all resizable.
         self.run_area = RunArea(lambda: self.config, self.invalid_settings)
-        self.run_panel, self.plots = self.run_area.panel, self.run_area.plots
+        self.run_panel = self.run_area.panel
         self.run_panel.run_finished.connect(self._run_finished)
         self.run_panel.run_started.connect(self._run_started)
         self.run_panel.engine_ready.connect(self.estimate_panel.engine_loaded)
@@ -114,8 +108,8 @@ class MainWindow(PresetActions, QMainWindow):
 
         self.problems_label = QLabel()
         self.problems_label.setObjectName("problems")
+        set_text_colour(self.problems_label, PROBLEM_COLOUR)
         self.statusBar().addWidget(self.problems_label, 1)
-        self.setStyleSheet(STYLE_SHEET)
 
         self.state.edited.connect(self._state_changed)
         self.state.replaced.connect(self._config_replaced)
@@ -139,6 +133,11 @@ class MainWindow(PresetActions, QMainWindow):
     def config(self) -> dict[str, Any]:
         return self.state.config
 
+    @property
+    def plots(self) -> TrainingPlots:
+        """The live plots (built after the window's first paint, or now if asked for before)."""
+        return self.run_area.plots
+
     def invalid_settings(self) -> list[Problem]:
         """What is wrong with the settings, (key, message) each; a run must not start unless empty."""
         return self.state.problems()
@@ -153,6 +152,7 @@ class MainWindow(PresetActions, QMainWindow):
 
     def settle(self, timeout_ms: int = 30_000) -> None:
         """Let the visible side panel finish its background work (for screenshots and tests)."""
+        self.run_area.build_plots()
         page = self.tabs.currentWidget()
         for panel in self.side_panels.values():
             if panel.isVisible() and page.isAncestorOf(panel):

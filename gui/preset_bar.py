@@ -21,6 +21,8 @@ from PySide6.QtWidgets import (
 
 from core.config.presets import PresetInfo, list_presets
 
+from .side_panel import NOTE_COLOUR, set_text_colour
+
 log = logging.getLogger(__name__)
 
 NAME_ROLE = Qt.ItemDataRole.UserRole
@@ -59,7 +61,11 @@ class PresetBar(QWidget):
         self.save_as_button.clicked.connect(self.save_as_requested)
 
         self.modified_label = QLabel("")
-        self.modified_label.setObjectName("modified")  # styled by the window
+        self.modified_label.setObjectName("modified")
+        set_text_colour(self.modified_label, NOTE_COLOUR)
+        font = self.modified_label.font()
+        font.setItalic(True)
+        self.modified_label.setFont(font)
 
         row.addWidget(label)
         row.addWidget(self.combo, 1)

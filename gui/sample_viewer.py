@@ -25,7 +25,7 @@ from PySide6.QtWidgets import (
 )
 
 from core.train.samples import (
-    SAMPLES_DIR_NAME,  # standard library and numpy only: no torch on the GUI thread
+    SAMPLES_DIR_NAME,  # standard library only: no torch (nor numpy) before the first paint
 )
 
 from .config_state import ConfigState
