@@ -30,10 +30,35 @@ def _looks_like_hub_id(text: str, path: Path) -> bool:
     return text.count("/") == 1 and not path.is_absolute() and not text.startswith((".", "~"))
 
 
-def resolve_model_folder(base_model: str, *, download: bool = True) -> Path:
+def hub_download_needed(base_model: str) -> bool:
+    """Whether base_model is a hub id that is not in the local cache and would be downloaded now
+    (the hub not switched off). Never downloads; an unusable base_model is False here (and a
+    ConfigError from resolve_model_folder)."""
+    text = str(base_model).strip()
+    path = Path(text).expanduser()
+    if not text or path.exists() or not _looks_like_hub_id(text, path):
+        return False
+    try:
+        resolve_model_folder(text, download=False)
+    except ConfigError:
+        from huggingface_hub import constants
+
+        return not constants.HF_HUB_OFFLINE
+    return False
+
+
+def hub_is_offline() -> bool:
+    """Whether downloading from the Hugging Face hub is switched off (HF_HUB_OFFLINE=1)."""
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def resolve_model_folder(base_model: str, *, download: bool = True, progress: type | None = None) -> Path:
     """base_model as a local folder: a path, or a Hugging Face hub id: taken from the local Hugging
     Face cache, and downloaded into it first when missing (unless `download` is False or the hub is
-    switched off with HF_HUB_OFFLINE=1)."""
+    switched off with HF_HUB_OFFLINE=1). progress: a tqdm class for the download's progress
+    (huggingface_hub's tqdm_class), e.g. one that reports to the window."""
     text = str(base_model).strip()
     if not text:
         raise ConfigError(f"base_model is empty; {WHAT_TO_DO}", key="base_model")
@@ -69,7 +94,8 @@ def resolve_model_folder(base_model: str, *, download: bool = True) -> Path:
         )
     logger.info("downloading %s from the Hugging Face hub into %s (once; later runs use the copy)", text, constants.HF_HUB_CACHE)
     try:
-        return Path(snapshot_download(text, allow_patterns=list(HUB_PATTERNS)))
+        extra = {"tqdm_class": progress} if progress is not None else {}
+        return Path(snapshot_download(text, allow_patterns=list(HUB_PATTERNS), **extra))
     except Exception as exc:  # no network, unknown repository, gated model, full disk: one line each
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(

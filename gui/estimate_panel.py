@@ -119,14 +119,30 @@ class EstimatePanel(SidePanel):
         self.body.addWidget(self.model_label)
         self.body.addWidget(self.error_label)
         self.body.addStretch(1)
+        self._asked: dict[str, Any] | None = None  # the settings of the last estimate asked for
         self.state.edited.connect(lambda _key: self.settings_changed())
         self.state.replaced.connect(self.settings_changed)
+        # The start check's findings arrive after the edit: an estimate may become refused, or allowed.
+        self.state.problems_changed.connect(self.settings_changed)
         self._show()
 
     # -- following the settings ------------------------------------------------------------------
 
     def refresh(self) -> None:
-        self.job.request(copy.deepcopy(self.state.config))
+        # The same values Start refuses get no estimate (the data folders do not change the memory).
+        blockers = [p for p in self.state.start_blockers() if p.key != "datasets"]
+        if blockers:
+            self.job.cancel()
+            self._asked = None
+            self.estimate, self.error = None, f"fix the settings first: {blockers[0].message}"
+            self._show()
+            return
+        if self._asked == self.state.config and (self.estimate is not None or self.error is not None or self.job.is_busy()):
+            return  # only the problems changed, not the settings: the estimate stands
+        self._asked = copy.deepcopy(self.state.config)
+        if self.error is not None and self.error.startswith("fix the settings first"):
+            self.error = None
+        self.job.request(self._asked)
 
     def engine_loaded(self) -> None:
         """torch is imported (the engine's warm-up ended): the GPU's capacity can be asked for."""

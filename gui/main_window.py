@@ -33,12 +33,14 @@ from core.config.presets import LoadedPreset
 from .config_state import ConfigState, Problem
 from .doctor_panel import DoctorPanel
 from .estimate_panel import EstimatePanel
+from .labels import wrapped_tooltip
 from .preset_actions import APP_TITLE, PresetActions
 from .preset_bar import PresetBar
 from .run_area import RunArea
 from .sample_viewer import SampleViewer
 from .settings_form import SettingsForm
 from .side_panel import PROBLEM_COLOUR, SidePanel, set_text_colour
+from .start_check import StartCheck
 from .tab_layout import TABS
 from .train_worker import RunOutcome
 from .window_state import fit_and_center, save_last_settings, window_settings
@@ -86,11 +88,16 @@ class MainWindow(PresetActions, QMainWindow):
 
         self._close_when_stopped = False  # the user closed the window during a run and said stop
         # Settings above, the run below: the run panel beside the plots, all resizable.
-        self.run_area = RunArea(lambda: self.config, self.invalid_settings)
+        self.run_area = RunArea(lambda: self.config, self.start_blockers)
         self.run_panel = self.run_area.panel
         self.run_panel.run_finished.connect(self._run_finished)
         self.run_panel.run_started.connect(self._run_started)
         self.run_panel.engine_ready.connect(self.estimate_panel.engine_loaded)
+        # What a run would refuse, checked while editing: marks fields and disables Start (gui/start_check.py).
+        self.start_check = StartCheck(self.state, self)
+        self.run_panel.engine_ready.connect(self.start_check.engine_loaded)
+        self.doctor_panel.reported.connect(self.start_check.doctor_reported)
+        self.start_check.request()
         self.splitter = QSplitter(Qt.Orientation.Vertical)
         self.splitter.addWidget(self.tabs)
         self.splitter.addWidget(self.run_area)
@@ -139,8 +146,13 @@ class MainWindow(PresetActions, QMainWindow):
         return self.run_area.plots
 
     def invalid_settings(self) -> list[Problem]:
-        """What is wrong with the settings, (key, message) each; a run must not start unless empty."""
+        """What is wrong with the settings, (key, message) each; a preset is not saved unless empty."""
         return self.state.problems()
+
+    def start_blockers(self) -> list[Problem]:
+        """invalid_settings() and what the start check found a run would refuse: Start is disabled
+        unless empty."""
+        return self.state.start_blockers()
 
     def select_tab(self, name: str) -> bool:
         """Show the tab of that name (as in gui.launch.TAB_NAMES); False if it is hidden."""
@@ -153,6 +165,7 @@ class MainWindow(PresetActions, QMainWindow):
     def settle(self, timeout_ms: int = 30_000) -> None:
         """Let the visible side panel finish its background work (for screenshots and tests)."""
         self.run_area.build_plots()
+        self.start_check.settle(timeout_ms)
         page = self.tabs.currentWidget()
         for panel in self.side_panels.values():
             if panel.isVisible() and page.isAncestorOf(panel):
@@ -179,7 +192,9 @@ class MainWindow(PresetActions, QMainWindow):
         self._show_problems()
 
     def _show_problems(self) -> None:
-        problems = self.invalid_settings()
+        problems = self.start_blockers()
+        for form in self.forms.values():
+            form.show_problems()
         self.run_panel.set_problems(problems)
         keys = {p.key for p in problems}
         warning = self.style().standardIcon(QStyle.StandardPixmap.SP_MessageBoxWarning)
@@ -192,7 +207,7 @@ class MainWindow(PresetActions, QMainWindow):
             return
         more = f"  (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         self.problems_label.setText(problems[0].message + more)
-        self.problems_label.setToolTip("\n".join(p.message for p in problems))
+        self.problems_label.setToolTip(wrapped_tooltip("\n".join(p.message for p in problems)))
 
     # -- the run -------------------------------------------------------------------------------
 
@@ -289,6 +304,7 @@ class MainWindow(PresetActions, QMainWindow):
             self.hide()  # the background import cannot be interrupted: wait for it out of sight
         for panel in self.side_panels.values():
             panel.shutdown()
+        self.start_check.shutdown()
         self.run_panel.shutdown()
         event.accept()
 

@@ -35,6 +35,7 @@ from core.errors import ConfigError
 from core.log_setup import log_file_path
 
 from .config_state import Problem
+from .labels import wrapped_tooltip
 from .train_worker import EngineWarmUp, RunError, RunOutcome, TrainThread
 
 log = logging.getLogger(__name__)
@@ -391,7 +392,7 @@ class RunPanel(QWidget):
         self.continue_button.setEnabled(not problems and self._has_backup())
         if problems:
             more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-            self.start_button.setToolTip("Fix the settings first:\n" + "\n".join(p.message for p in problems))
+            self.start_button.setToolTip(wrapped_tooltip("Fix the settings first:\n" + "\n".join(p.message for p in problems)))
             self._set_status(f"Fix the settings first: {problems[0].message}{more}")
             return
         self.start_button.setToolTip("Start training with these settings (Ctrl+Return)")

@@ -46,6 +46,7 @@ from core.config.fields import (
 from core.config.settings import get_value
 
 from .config_state import ConfigState
+from .labels import wrapped_tooltip
 
 INT32_MAX = 2**31 - 1
 NUMBER_WIDTH = 180  # numbers and short choices do not need the full width of the form
@@ -136,8 +137,8 @@ class SettingField(abc.ABC):
         self.editor: QWidget = self._build()
         self.widget: QWidget = self._container()
         self.tooltip = setting_tooltip(key, setting) if isinstance(setting, Setting) else setting.help
-        self.widget.setToolTip(self.tooltip)
-        self.editor.setToolTip(self.tooltip)
+        self.widget.setToolTip(wrapped_tooltip(self.tooltip))
+        self.editor.setToolTip(wrapped_tooltip(self.tooltip))
         self.refresh()
 
     @abc.abstractmethod
@@ -165,7 +166,7 @@ class SettingField(abc.ABC):
 
     def show_problem(self, message: str | None) -> None:
         mark_invalid(self.marked_widget(), message is not None)
-        tooltip = f"{message}\n\n{self.tooltip}" if message else self.tooltip
+        tooltip = wrapped_tooltip(f"{message}\n\n{self.tooltip}" if message else self.tooltip)
         self.editor.setToolTip(tooltip)
         self.marked_widget().setToolTip(tooltip)
 
