@@ -8,7 +8,10 @@ folder without loading any family's code.
 from __future__ import annotations
 
 import logging
+import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from core.errors import ConfigError
 
@@ -54,11 +57,43 @@ def hub_is_offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE)
 
 
-def resolve_model_folder(base_model: str, *, download: bool = True, progress: type | None = None) -> Path:
+DownloadProgress = Callable[[int, "int | None"], None]  # (bytes done, bytes in all or None while unknown)
+
+
+def _progress_class(report: DownloadProgress) -> type:
+    """A tqdm class for huggingface_hub's tqdm_class that prints nothing and reports the bytes of
+    the download: snapshot_download makes byte bars (unit "B") whose totals grow as files start;
+    the largest count and total of them are reported."""
+    from huggingface_hub.utils import tqdm as hub_tqdm
+
+    lock = threading.Lock()
+    bars: dict[int, tuple[int, int | None]] = {}
+
+    class Reporter(hub_tqdm):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            self._bytes = kwargs.get("unit") == "B"
+            self._count = int(kwargs.get("initial") or 0)
+            kwargs["disable"] = True  # the window shows it; nothing on the terminal
+            super().__init__(*args, **kwargs)
+
+        def update(self, n: float | None = 1) -> bool | None:
+            self._count += int(n or 0)
+            if self._bytes:
+                with lock:
+                    bars[id(self)] = (self._count, int(self.total) if self.total else None)
+                    done = max(count for count, _ in bars.values())
+                    totals = [total for _, total in bars.values() if total]
+                report(done, max(totals) if totals else None)
+            return super().update(n)
+
+    return Reporter
+
+
+def resolve_model_folder(base_model: str, *, download: bool = True, progress: DownloadProgress | None = None) -> Path:
     """base_model as a local folder: a path, or a Hugging Face hub id: taken from the local Hugging
     Face cache, and downloaded into it first when missing (unless `download` is False or the hub is
-    switched off with HF_HUB_OFFLINE=1). progress: a tqdm class for the download's progress
-    (huggingface_hub's tqdm_class), e.g. one that reports to the window."""
+    switched off with HF_HUB_OFFLINE=1). progress(done, total): the download's bytes, as they come
+    (from huggingface_hub's threads)."""
     text = str(base_model).strip()
     if not text:
         raise ConfigError(f"base_model is empty; {WHAT_TO_DO}", key="base_model")
@@ -94,7 +129,7 @@ def resolve_model_folder(base_model: str, *, download: bool = True, progress: ty
         )
     logger.info("downloading %s from the Hugging Face hub into %s (once; later runs use the copy)", text, constants.HF_HUB_CACHE)
     try:
-        extra = {"tqdm_class": progress} if progress is not None else {}
+        extra = {"tqdm_class": _progress_class(progress)} if progress is not None else {}
         return Path(snapshot_download(text, allow_patterns=list(HUB_PATTERNS), **extra))
     except Exception as exc:  # no network, unknown repository, gated model, full disk: one line each
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -32,26 +32,17 @@ from PySide6.QtWidgets import (
 
 from core.config.settings import resolve
 from core.errors import ConfigError
-from core.log_setup import log_file_path
 
 from .config_state import Problem
 from .labels import wrapped_tooltip
+from .run_messages import download_text, error_box, format_duration
 from .train_worker import EngineWarmUp, RunError, RunOutcome, TrainThread
 
 log = logging.getLogger(__name__)
 
 LOG_LINES = 5000  # the log view keeps the last lines only: a long run must not grow it without end
 DETAIL_LINES = 30  # log lines put behind "Show Details" of an error
-
-
-def format_duration(seconds: float | None) -> str:
-    """1:02:03, 2:03, or '?' without an estimate."""
-    if seconds is None:
-        return "?"
-    total = max(0, round(seconds))
-    hours, rest = divmod(total, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}:{minutes:02}:{secs:02}" if hours else f"{minutes}:{secs:02}"
+DOWNLOAD_SCALE = 1000  # the progress bar's steps while the base model downloads
 
 
 class RunPanel(QWidget):
@@ -184,6 +175,7 @@ class RunPanel(QWidget):
         thread.log_line.connect(self._on_log, queued)
         thread.sample.connect(self._on_sample, queued)
         thread.done.connect(self._on_done, queued)
+        thread.download.connect(self._on_download, queued)
         thread.device.connect(self._on_device, queued)
         thread.vram_estimate.connect(self.vram_estimate_known, queued)
         thread.outcome.connect(self._on_outcome, queued)
@@ -273,6 +265,25 @@ class RunPanel(QWidget):
         for path in paths:
             self._append(logging.INFO, f"Saved {path}")
 
+    def _on_download(self, name: str, done: int, total: int | None) -> None:
+        """The base model (a hub id) downloads before the run loads it: its bytes on the bar."""
+        if total and done >= total:  # downloaded: loading and caching follow
+            self.progress.setRange(0, 0)
+            self.progress.setFormat("preparing")
+            self._append(logging.INFO, f"Downloaded {name}.")
+            self._set_status("Starting: loading the model and caching the data...")
+            return
+        if done == 0 and not total:
+            self._append(logging.INFO, f"Downloading {name} from the Hugging Face hub (once; later runs use the copy).")
+        if total:
+            self.progress.setRange(0, DOWNLOAD_SCALE)
+            self.progress.setValue(min(DOWNLOAD_SCALE, round(DOWNLOAD_SCALE * done / total)))
+        else:
+            self.progress.setRange(0, 0)
+        bar, status = download_text(name, done, total)
+        self.progress.setFormat(bar)
+        self._set_status(status)
+
     def _on_device(self, info: dict[str, Any]) -> None:
         self.device_found.emit(info)
 
@@ -339,20 +350,7 @@ class RunPanel(QWidget):
 
     def _show_error(self, error: RunError, title: str) -> None:
         """The one-line reason, with details behind "Show Details"; not modal to the app's loop."""
-        box = QMessageBox(self)
-        box.setWindowTitle(title)
-        box.setText(error.message)
-        if error.bug:
-            box.setIcon(QMessageBox.Icon.Critical)
-            box.setInformativeText(f"This is a bug in Video Trainer. The details are also in the log file:\n{log_file_path()}")
-            box.setDetailedText(error.details)
-        else:
-            box.setIcon(QMessageBox.Icon.Warning)
-            box.setInformativeText("Fix this and press Start again.")
-            recent = "\n".join(self._recent)
-            settings = f"Settings: {', '.join(error.keys)}\n\n" if error.keys else ""
-            box.setDetailedText(f"{settings}The run's last messages:\n{recent}\n\nLog file: {log_file_path()}")
-        box.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
+        box = error_box(self, error, title, list(self._recent))
         self.error_box = box
         box.finished.connect(self._error_box_closed)
         box.open()  # window-modal without a nested event loop: the run's last signals keep flowing
