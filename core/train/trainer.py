@@ -28,7 +28,6 @@ from typing import Any
 
 from core.data.buckets import BucketBatchSampler, ShardedBatchSampler, total_batches
 from core.data.dataset import CachedSampleDataset, make_loader
-from core.errors import ConfigError
 from core.models.registry import adapter_for
 
 from .data_prep import prepare_data
