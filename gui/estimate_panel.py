@@ -30,6 +30,7 @@ PARTS = (
     ("workspace", "Workspace"),
 )
 FITS_COLOUR, NO_FIT_COLOUR = "#2e7d32", "#c9302c"
+OWN_ANSWER = ("datasets", "base_model", "model_type")  # problems the estimate does not refuse for
 
 
 def _estimate(config: dict[str, Any], _control: JobControl) -> Estimate:
@@ -129,8 +130,10 @@ class EstimatePanel(SidePanel):
     # -- following the settings ------------------------------------------------------------------
 
     def refresh(self) -> None:
-        # The same values Start refuses get no estimate (the data folders do not change the memory).
-        blockers = [p for p in self.state.start_blockers() if p.key != "datasets"]
+        # The same values Start refuses get no estimate. Not counted: the data folders (they do not
+        # change the memory) and the model (the estimate says itself whether it can read its sizes:
+        # the built-in ones of the known models need no download).
+        blockers = [p for p in self.state.start_blockers() if p.key not in OWN_ANSWER]
         if blockers:
             self.job.cancel()
             self._asked = None

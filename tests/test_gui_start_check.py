@@ -120,3 +120,17 @@ def test_tooltips_wrap(window: MainWindow) -> None:
     tip = field(window, "model", "layer_offload_fraction").editor.toolTip()
     assert tip.startswith("<qt>") and len(tip) > 200
     assert window.forms["model"].fields["gradient_checkpointing"].widget.toolTip().startswith("<qt>")
+
+
+def test_the_estimate_still_shows_for_a_known_model_not_downloaded(window: MainWindow, qtbot, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Offline, a hub id not in the cache blocks Start, but the estimate knows the model's sizes."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    window.state.edit("base_model", "Wan-AI/Wan2.2-TI2V-5B-Diffusers")
+    window.state.edit("model_type", "AUTO")
+    window.start_check.settle()
+    assert window.state.problem_for("base_model") is not None and not window.run_panel.start_button.isEnabled()
+    assert window.select_tab("model")
+    window.settle()
+    assert window.estimate_panel.estimate is not None, window.estimate_panel.error_label.text()
