@@ -26,6 +26,11 @@ class Problem(NamedTuple):
     message: str
 
 
+def messages(problems: list[Problem]) -> list[str]:
+    """The problems' messages, each once (a rule across settings is one problem per field it marks)."""
+    return list(dict.fromkeys(p.message for p in problems))
+
+
 class ConfigState(QObject):
     """The edited config; `edited(key)` after every change by a widget, `replaced()` after a load."""
 

@@ -30,7 +30,7 @@ from PySide6.QtWidgets import (
 
 from core.config.presets import LoadedPreset
 
-from .config_state import ConfigState, Problem
+from .config_state import ConfigState, Problem, messages
 from .doctor_panel import DoctorPanel
 from .estimate_panel import EstimatePanel
 from .labels import wrapped_tooltip
@@ -205,9 +205,10 @@ class MainWindow(PresetActions, QMainWindow):
             self.problems_label.setText("")
             self.problems_label.setToolTip("")
             return
-        more = f"  (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        self.problems_label.setText(problems[0].message + more)
-        self.problems_label.setToolTip(wrapped_tooltip("\n".join(p.message for p in problems)))
+        lines = messages(problems)
+        more = f"  (and {len(lines) - 1} more)" if len(lines) > 1 else ""
+        self.problems_label.setText(lines[0] + more)
+        self.problems_label.setToolTip(wrapped_tooltip("\n".join(lines)))
 
     # -- the run -------------------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ from core.config.presets import (
 )
 from core.errors import ConfigError
 
+from .config_state import messages
 from .window_state import load_last_settings, window_settings
 
 if TYPE_CHECKING:
@@ -167,7 +168,7 @@ class PresetActions:
         # A preset with a broken setting would not load again; say what to fix instead.
         problems = self.invalid_settings()
         if problems:
-            QMessageBox.warning(self, "Save preset", "Fix these settings first:\n\n" + "\n".join(p.message for p in problems))
+            QMessageBox.warning(self, "Save preset", "Fix these settings first:\n\n" + "\n".join(messages(problems)))
         return not problems
 
     def _suggested_name(self) -> str:

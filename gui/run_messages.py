@@ -1,13 +1,17 @@
-"""The run panel's words: durations, the download's progress, and the dialog of a failed run."""
+"""The run panel's words: durations, the download's progress, how a run ended, and the dialog of a
+failed run."""
 
 from __future__ import annotations
 
-from PySide6.QtCore import Qt
+import html
+from pathlib import Path
+
+from PySide6.QtCore import Qt, QUrl
 from PySide6.QtWidgets import QMessageBox, QWidget
 
 from core.log_setup import log_file_path
 
-from .train_worker import RunError
+from .train_worker import RunError, RunOutcome
 
 GIB = 2**30
 
@@ -55,3 +59,21 @@ def error_box(parent: QWidget, error: RunError, title: str, recent: list[str]) -
         box.setDetailedText(f"{settings}The run's last messages:\n" + "\n".join(recent) + f"\n\nLog file: {log_file_path()}")
     box.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
     return box
+
+
+def outcome_text(outcome: RunOutcome) -> tuple[str, str]:
+    """(the progress bar's text, the status line) once a run has ended."""
+    loss = f", final loss {outcome.final_loss:.4f}" if outcome.final_loss is not None else ""
+    skipped = f", {outcome.skipped_steps} step(s) skipped (loss not finite)" if outcome.skipped_steps else ""
+    if outcome.error is not None:
+        return "failed", f"Failed: {outcome.error.message}"
+    if outcome.stopped_early:
+        return (f"stopped at step {outcome.steps} / {outcome.total_steps}",
+                f"Stopped after {outcome.steps} of {outcome.total_steps} steps{loss}{skipped}.")
+    return (f"done: {outcome.steps} / {outcome.total_steps} steps",
+            f"Finished {outcome.steps} of {outcome.total_steps} steps{loss}{skipped}.")
+
+
+def output_links(paths: list[str]) -> str:
+    """The files a run wrote, each a link that opens its folder."""
+    return "<br>".join(f'<a href="{QUrl.fromLocalFile(str(Path(p).parent)).toString()}">{html.escape(p)}</a>' for p in paths)

@@ -8,16 +8,14 @@ Sample now and Backup now only set core's TrainerCommands flags, which the engin
 
 from __future__ import annotations
 
-import html
 import logging
 import sys
 import time
 from collections import deque
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-from PySide6.QtCore import Qt, QUrl, Signal
+from PySide6.QtCore import Qt, Signal
 from PySide6.QtGui import QFontDatabase
 from PySide6.QtWidgets import (
     QHBoxLayout,
@@ -33,9 +31,9 @@ from PySide6.QtWidgets import (
 from core.config.settings import resolve
 from core.errors import ConfigError
 
-from .config_state import Problem
+from .config_state import Problem, messages
 from .labels import wrapped_tooltip
-from .run_messages import download_text, error_box, format_duration
+from .run_messages import download_text, error_box, format_duration, outcome_text, output_links
 from .train_worker import EngineWarmUp, RunError, RunOutcome, TrainThread
 
 log = logging.getLogger(__name__)
@@ -158,7 +156,7 @@ class RunPanel(QWidget):
         if problems:
             self._update_controls(problems)
             QMessageBox.warning(
-                self, "Start training", "Training cannot start until these settings are fixed:\n\n" + "\n".join(p.message for p in problems)
+                self, "Start training", "Training cannot start until these settings are fixed:\n\n" + "\n".join(messages(problems))
             )
             return False
         try:
@@ -328,22 +326,12 @@ class RunPanel(QWidget):
         else:
             self.progress.setRange(0, 1)
             self.progress.setValue(0)
-        loss = f", final loss {outcome.final_loss:.4f}" if outcome.final_loss is not None else ""
-        skipped = f", {outcome.skipped_steps} step(s) skipped (loss not finite)" if outcome.skipped_steps else ""
-        if outcome.error is not None:
-            self.progress.setFormat("failed")
-            self._set_status(f"Failed: {outcome.error.message}")
-        elif outcome.stopped_early:
-            self.progress.setFormat(f"stopped at step {outcome.steps} / {outcome.total_steps}")
-            self._set_status(f"Stopped after {outcome.steps} of {outcome.total_steps} steps{loss}{skipped}.")
-        else:
-            self.progress.setFormat(f"done: {outcome.steps} / {outcome.total_steps} steps")
-            self._set_status(f"Finished {outcome.steps} of {outcome.total_steps} steps{loss}{skipped}.")
+        bar, status = outcome_text(outcome)
+        self.progress.setFormat(bar)
+        self._set_status(status)
         self._append(logging.INFO, self.status_label.text())
         if outcome.output_paths:
-            links = "<br>".join(
-                f'<a href="{QUrl.fromLocalFile(str(Path(p).parent)).toString()}">{html.escape(p)}</a>' for p in outcome.output_paths
-            )
+            links = output_links(outcome.output_paths)
             self.output_label.setText(f"Saved: {links}")
             self.output_label.setToolTip("Click to open the folder")
             self.output_label.show()
@@ -389,9 +377,10 @@ class RunPanel(QWidget):
         self.start_button.setEnabled(not problems)
         self.continue_button.setEnabled(not problems and self._has_backup())
         if problems:
-            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-            self.start_button.setToolTip(wrapped_tooltip("Fix the settings first:\n" + "\n".join(p.message for p in problems)))
-            self._set_status(f"Fix the settings first: {problems[0].message}{more}")
+            lines = messages(problems)
+            more = f" (and {len(lines) - 1} more)" if len(lines) > 1 else ""
+            self.start_button.setToolTip(wrapped_tooltip("Fix the settings first:\n" + "\n".join(lines)))
+            self._set_status(f"Fix the settings first: {lines[0]}{more}")
             return
         self.start_button.setToolTip("Start training with these settings (Ctrl+Return)")
         if self._warm_up is not None and self._warm_up.isRunning():

@@ -134,3 +134,10 @@ def test_the_estimate_still_shows_for_a_known_model_not_downloaded(window: MainW
     assert window.select_tab("model")
     window.settle()
     assert window.estimate_panel.estimate is not None, window.estimate_panel.error_label.text()
+
+
+def test_a_rule_over_two_fields_counts_once(window: MainWindow, qtbot) -> None:
+    type_into(qtbot, field(window, "model", "layer_offload_fraction").editor, "0.5")
+    window.start_check.settle()
+    assert {p.key for p in window.start_blockers()} == {"gradient_checkpointing", "layer_offload_fraction"}
+    assert "more)" not in window.run_panel.status_label.text() and "more)" not in window.problems_label.text()
