@@ -20,7 +20,6 @@ from PySide6.QtWidgets import (
     QMainWindow,
     QMessageBox,
     QSplitter,
-    QStyle,
     QTabWidget,
     QVBoxLayout,
     QWidget,
@@ -246,10 +245,9 @@ class MainWindow(PresetActions, QMainWindow):
             form.show_problems()
         self.run_panel.set_problems(problems)
         keys = {p.key for p in problems}
-        warning = self.style().standardIcon(QStyle.StandardPixmap.SP_MessageBoxWarning)
         for index, spec in enumerate(TABS):
             has_problem = any(key in keys for key in self.pages.keys[spec.name])
-            self.tabs.setTabIcon(index, warning if has_problem else QIcon())
+            self.tabs.setTabIcon(index, self._warning_icon() if has_problem else QIcon())
         if not problems:
             self.problems_label.setText("")
             self.problems_label.setToolTip("")
@@ -258,6 +256,12 @@ class MainWindow(PresetActions, QMainWindow):
         more = f"  (and {len(lines) - 1} more)" if len(lines) > 1 else ""
         self.problems_label.setText(lines[0] + more)
         self.problems_label.setToolTip(wrapped_tooltip("\n".join(lines)))
+
+    def _warning_icon(self) -> QIcon:
+        # QStyle is imported when first needed: making its Python enums costs 10 ms before the first paint.
+        from PySide6.QtWidgets import QStyle
+
+        return self.style().standardIcon(QStyle.StandardPixmap.SP_MessageBoxWarning)
 
     # -- the run -------------------------------------------------------------------------------
 

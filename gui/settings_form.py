@@ -22,7 +22,6 @@ from core.config.fields import Section, SectionList, Setting
 from core.config.settings import applies_key, lookup
 
 from .config_state import ConfigState
-from .dataset_table import DatasetsField
 from .labels import wrapped_tooltip
 from .setting_fields import SettingField, make_field
 
@@ -114,7 +113,12 @@ class SettingsForm(QWidget):
             self._add_row(form, child_key, child)
 
     def _add_row(self, form: QFormLayout, key: str, node: Setting | SectionList) -> None:
-        field: SettingField = DatasetsField(key, node, self.state) if isinstance(node, SectionList) else make_field(key, node, self.state)
+        if isinstance(node, SectionList):
+            from .dataset_table import DatasetsField  # its table classes: when the Data tab is built
+
+            field: SettingField = DatasetsField(key, node, self.state)
+        else:
+            field = make_field(key, node, self.state)
         label = QLabel(node.title)
         label.setToolTip(wrapped_tooltip(field.tooltip))
         label.setBuddy(field.editor)
