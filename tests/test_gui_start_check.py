@@ -141,3 +141,23 @@ def test_a_rule_over_two_fields_counts_once(window: MainWindow, qtbot) -> None:
     window.start_check.settle()
     assert {p.key for p in window.start_blockers()} == {"gradient_checkpointing", "layer_offload_fraction"}
     assert "more)" not in window.run_panel.status_label.text() and "more)" not in window.problems_label.text()
+
+
+def test_the_doctors_verdict_blocks_start_when_every_clip_is_broken(window: MainWindow, tmp_path: Path) -> None:
+    """The file names look fine (a captioned clip), but the doctor's probing finds nothing usable."""
+    folder = tmp_path / "broken clips"
+    folder.mkdir()
+    (folder / "clip.mp4").write_bytes(b"not a video at all" * 10)
+    (folder / "clip.txt").write_text("a caption", encoding="utf-8")
+    window.state.edit("datasets", [{"path": str(folder), "repeats": 1}])
+    window.start_check.settle()
+    assert window.run_panel.start_button.isEnabled()  # from the listing alone it could train
+    assert window.select_tab("data")
+    assert window.doctor_panel.settle()
+    window.start_check.settle()
+    status = window.run_panel.status_label.text()
+    assert not window.run_panel.start_button.isEnabled()
+    assert "Nothing to train on" in status and "dataset doctor" in status
+    window.state.edit("datasets", window.state.baseline["datasets"])  # other dataset settings: the verdict no longer holds
+    window.start_check.settle()
+    assert window.run_panel.start_button.isEnabled()
