@@ -2,8 +2,8 @@
 
 The plots (pyqtgraph, with numpy) are the heaviest import of the window, about half a second, so
 they are not built with it: an empty placeholder holds their place until the window's first paint,
-and they are built just after it (or as soon as anything asks for `plots`). The window thus appears
-about as fast as a bare Qt window would (docs/benchmarks.md, "Window: launch to first paint").
+and they are built just after it (or as soon as anything asks for `plots`), which halved the time to
+the window's first paint (docs/benchmarks.md, "Window: launch to first paint").
 """
 
 from __future__ import annotations
