@@ -16,7 +16,9 @@ def main(argv: list[str] | None = None) -> int:
     from core.cli import build_parser, run
     from gui.launch import register_gui_command
 
-    parser, commands = build_parser()
+    # Opening the window ('gui' or no command, without --help): the headless commands are not needed.
+    window = (not argv or argv[0] == "gui") and not {"-h", "--help"} & set(argv)
+    parser, commands = build_parser(headless=not window)
     register_gui_command(commands)
     return run(parser, argv or ["gui"])
 

@@ -8,7 +8,10 @@ folder without loading any family's code.
 from __future__ import annotations
 
 import logging
+import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from core.errors import ConfigError
 
@@ -30,10 +33,67 @@ def _looks_like_hub_id(text: str, path: Path) -> bool:
     return text.count("/") == 1 and not path.is_absolute() and not text.startswith((".", "~"))
 
 
-def resolve_model_folder(base_model: str, *, download: bool = True) -> Path:
+def hub_download_needed(base_model: str) -> bool:
+    """Whether base_model is a hub id that is not in the local cache and would be downloaded now
+    (the hub not switched off). Never downloads; an unusable base_model is False here (and a
+    ConfigError from resolve_model_folder)."""
+    text = str(base_model).strip()
+    path = Path(text).expanduser()
+    if not text or path.exists() or not _looks_like_hub_id(text, path):
+        return False
+    try:
+        resolve_model_folder(text, download=False)
+    except ConfigError:
+        from huggingface_hub import constants
+
+        return not constants.HF_HUB_OFFLINE
+    return False
+
+
+def hub_is_offline() -> bool:
+    """Whether downloading from the Hugging Face hub is switched off (HF_HUB_OFFLINE=1)."""
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+DownloadProgress = Callable[[int, "int | None"], None]  # (bytes done, bytes in all or None while unknown)
+
+
+def _progress_class(report: DownloadProgress) -> type:
+    """A tqdm class for huggingface_hub's tqdm_class that prints nothing and reports the bytes of
+    the download: snapshot_download makes byte bars (unit "B") whose totals grow as files start;
+    the largest count and total of them are reported."""
+    from huggingface_hub.utils import tqdm as hub_tqdm
+
+    lock = threading.Lock()
+    bars: dict[int, tuple[int, int | None]] = {}
+
+    class Reporter(hub_tqdm):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            self._bytes = kwargs.get("unit") == "B"
+            self._count = int(kwargs.get("initial") or 0)
+            kwargs["disable"] = True  # the window shows it; nothing on the terminal
+            super().__init__(*args, **kwargs)
+
+        def update(self, n: float | None = 1) -> bool | None:
+            self._count += int(n or 0)
+            if self._bytes:
+                with lock:
+                    bars[id(self)] = (self._count, int(self.total) if self.total else None)
+                    done = max(count for count, _ in bars.values())
+                    totals = [total for _, total in bars.values() if total]
+                report(done, max(totals) if totals else None)
+            return super().update(n)
+
+    return Reporter
+
+
+def resolve_model_folder(base_model: str, *, download: bool = True, progress: DownloadProgress | None = None) -> Path:
     """base_model as a local folder: a path, or a Hugging Face hub id: taken from the local Hugging
     Face cache, and downloaded into it first when missing (unless `download` is False or the hub is
-    switched off with HF_HUB_OFFLINE=1)."""
+    switched off with HF_HUB_OFFLINE=1). progress(done, total): the download's bytes, as they come
+    (from huggingface_hub's threads)."""
     text = str(base_model).strip()
     if not text:
         raise ConfigError(f"base_model is empty; {WHAT_TO_DO}", key="base_model")
@@ -69,7 +129,8 @@ def resolve_model_folder(base_model: str, *, download: bool = True) -> Path:
         )
     logger.info("downloading %s from the Hugging Face hub into %s (once; later runs use the copy)", text, constants.HF_HUB_CACHE)
     try:
-        return Path(snapshot_download(text, allow_patterns=list(HUB_PATTERNS)))
+        extra = {"tqdm_class": _progress_class(progress)} if progress is not None else {}
+        return Path(snapshot_download(text, allow_patterns=list(HUB_PATTERNS), **extra))
     except Exception as exc:  # no network, unknown repository, gated model, full disk: one line each
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(

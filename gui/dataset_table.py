@@ -27,6 +27,7 @@ from core.config.fields import SectionList, Setting
 from core.config.settings import fill_item
 
 from .config_state import ConfigState
+from .labels import wrapped_tooltip
 from .setting_fields import SettingField, setting_tooltip
 
 PATH_COLUMN, REPEATS_COLUMN = 0, 1
@@ -50,9 +51,9 @@ class DatasetsField(SettingField):
         header = table.horizontalHeader()
         header.setSectionResizeMode(PATH_COLUMN, QHeaderView.ResizeMode.Stretch)
         header.setSectionResizeMode(REPEATS_COLUMN, QHeaderView.ResizeMode.ResizeToContents)
-        table.horizontalHeaderItem(PATH_COLUMN).setToolTip(setting_tooltip(f"{self.key}[].path", self._path_setting))
+        table.horizontalHeaderItem(PATH_COLUMN).setToolTip(wrapped_tooltip(setting_tooltip(f"{self.key}[].path", self._path_setting)))
         table.horizontalHeaderItem(REPEATS_COLUMN).setToolTip(
-            setting_tooltip(f"{self.key}[].repeats", self._repeats_setting)
+            wrapped_tooltip(setting_tooltip(f"{self.key}[].repeats", self._repeats_setting))
         )
         table.verticalHeader().setVisible(False)
         table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from PySide6.QtCore import Qt
+from PySide6.QtCore import Qt, Signal
 from PySide6.QtGui import QColor
 from PySide6.QtWidgets import (
     QAbstractItemView,
@@ -104,6 +104,8 @@ def _fill(table: QTableWidget, rows: list[tuple[list[str], str, QColor | None]])
 
 
 class DoctorPanel(SidePanel):
+    reported = Signal(object, object)  # (the settings checked, their DatasetReport): the start check reads it
+
     def __init__(self, state: ConfigState, parent: QWidget | None = None) -> None:
         super().__init__("Dataset doctor", parent)
         self.state = state
@@ -202,6 +204,7 @@ class DoctorPanel(SidePanel):
         self._checked_at = time.monotonic()
         current = self.state.config
         self._show(replan(report, current) if probe_inputs(current) == self._report_inputs else report)
+        self.reported.emit(config, report)
 
     def _failed(self, _config: dict[str, Any], message: str) -> None:
         self.error = message

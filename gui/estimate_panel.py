@@ -30,6 +30,7 @@ PARTS = (
     ("workspace", "Workspace"),
 )
 FITS_COLOUR, NO_FIT_COLOUR = "#2e7d32", "#c9302c"
+OWN_ANSWER = ("datasets", "base_model", "model_type")  # problems the estimate does not refuse for
 
 
 def _estimate(config: dict[str, Any], _control: JobControl) -> Estimate:
@@ -119,14 +120,32 @@ class EstimatePanel(SidePanel):
         self.body.addWidget(self.model_label)
         self.body.addWidget(self.error_label)
         self.body.addStretch(1)
+        self._asked: dict[str, Any] | None = None  # the settings of the last estimate asked for
         self.state.edited.connect(lambda _key: self.settings_changed())
         self.state.replaced.connect(self.settings_changed)
+        # The start check's findings arrive after the edit: an estimate may become refused, or allowed.
+        self.state.problems_changed.connect(self.settings_changed)
         self._show()
 
     # -- following the settings ------------------------------------------------------------------
 
     def refresh(self) -> None:
-        self.job.request(copy.deepcopy(self.state.config))
+        # The same values Start refuses get no estimate. Not counted: the data folders (they do not
+        # change the memory) and the model (the estimate says itself whether it can read its sizes:
+        # the built-in ones of the known models need no download).
+        blockers = [p for p in self.state.start_blockers() if p.key not in OWN_ANSWER]
+        if blockers:
+            self.job.cancel()
+            self._asked = None
+            self.estimate, self.error = None, f"fix the settings first: {blockers[0].message}"
+            self._show()
+            return
+        if self._asked == self.state.config and (self.estimate is not None or self.error is not None or self.job.is_busy()):
+            return  # only the problems changed, not the settings: the estimate stands
+        self._asked = copy.deepcopy(self.state.config)
+        if self.error is not None and self.error.startswith("fix the settings first"):
+            self.error = None
+        self.job.request(self._asked)
 
     def engine_loaded(self) -> None:
         """torch is imported (the engine's warm-up ended): the GPU's capacity can be asked for."""

@@ -11,51 +11,44 @@ and closes popups), Ctrl+S saves the preset, Ctrl+Shift+S saves it under a new n
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from PySide6.QtCore import QByteArray, Qt
+from PySide6.QtCore import QByteArray, QEvent, QObject, Qt, QTimer
 from PySide6.QtGui import QAction, QCloseEvent, QIcon, QKeySequence
 from PySide6.QtWidgets import (
-    QFrame,
     QLabel,
     QMainWindow,
     QMessageBox,
-    QScrollArea,
     QSplitter,
-    QStyle,
     QTabWidget,
     QVBoxLayout,
     QWidget,
 )
 
 from core.config.presets import LoadedPreset
+from core.config.settings import applies_key
 
-from .config_state import ConfigState, Problem
-from .doctor_panel import DoctorPanel
-from .estimate_panel import EstimatePanel
+from .config_state import ConfigState, Problem, messages
+from .labels import wrapped_tooltip
 from .preset_actions import APP_TITLE, PresetActions
 from .preset_bar import PresetBar
 from .run_area import RunArea
-from .sample_viewer import SampleViewer
-from .settings_form import SettingsForm
-from .side_panel import SidePanel
+from .side_panel import PROBLEM_COLOUR, SidePanel, set_text_colour
+from .start_check import StartCheck
 from .tab_layout import TABS
+from .tab_pages import LazyForms, TabPages
 from .train_worker import RunOutcome
 from .window_state import fit_and_center, save_last_settings, window_settings
+
+if TYPE_CHECKING:
+    from .doctor_panel import DoctorPanel
+    from .estimate_panel import EstimatePanel
+    from .plots import TrainingPlots
+    from .sample_viewer import SampleViewer
 
 log = logging.getLogger(__name__)
 
 DEFAULT_SIZE = (1120, 800)
-STYLE_SHEET = """
-QLineEdit[invalid="true"], QPlainTextEdit[invalid="true"], QComboBox[invalid="true"], QTableWidget[invalid="true"] {
-    border: 1px solid #d9534f; border-radius: 3px; background-color: #fff4f4; color: #222;
-}
-QAbstractSpinBox[invalid="true"] { background-color: #ffe3e3; color: #222; }
-QCheckBox[invalid="true"] { color: #c9302c; }
-QLabel#problems { color: #c9302c; }
-QLabel#modified { color: #a15c00; font-style: italic; }
-"""
-SIDE_PANEL_SHARE = 0.42  # of a tab's width, for the panel beside the settings at first start
 
 
 class MainWindow(PresetActions, QMainWindow):
@@ -65,38 +58,30 @@ class MainWindow(PresetActions, QMainWindow):
         self.remember = remember
         self.loaded: LoadedPreset | None = None
         self.state = ConfigState(self)
-        self.forms: dict[str, SettingsForm] = {}
+        self._engine_loaded = False  # the engine's background import has ended (the GPU can be asked)
 
         self.preset_bar = PresetBar()
         self.preset_bar.load_requested.connect(self._load_requested)
         self.preset_bar.save_requested.connect(self.save)
         self.preset_bar.save_as_requested.connect(self.save_as)
 
-        # Panels beside the settings they follow: the doctor, the VRAM estimate, the samples.
-        self.doctor_panel = DoctorPanel(self.state)
-        self.estimate_panel = EstimatePanel(self.state)
-        self.sample_viewer = SampleViewer(self.state)
-        self.side_panels: dict[str, SidePanel] = {"data": self.doctor_panel, "model": self.estimate_panel, "sampling": self.sample_viewer}
-        self.side_splitters: dict[str, QSplitter] = {}
-
+        # One tab per group of settings; a tab's page (its form, and beside the Data, Model and
+        # Sampling tabs' settings the doctor, the VRAM estimate, the samples) is built when first shown.
         self.tabs = QTabWidget()
         self.tabs.setDocumentMode(True)
-        for spec in TABS:
-            form = SettingsForm(spec.entries, self.state)
-            scroll = QScrollArea()
-            scroll.setWidgetResizable(True)
-            scroll.setFrameShape(QFrame.Shape.NoFrame)
-            scroll.setWidget(form)
-            self.tabs.addTab(self._with_side_panel(spec.name, scroll), spec.title)
-            self.forms[spec.name] = form
+        self.pages = TabPages(self.tabs, self.state, self._make_side_panel, self._remembered, DEFAULT_SIZE[0])
+        self.forms = LazyForms(self.pages)
 
         self._close_when_stopped = False  # the user closed the window during a run and said stop
         # Settings above, the run below: the run panel beside the plots, all resizable.
-        self.run_area = RunArea(lambda: self.config, self.invalid_settings)
-        self.run_panel, self.plots = self.run_area.panel, self.run_area.plots
+        self.run_area = RunArea(lambda: self.config, self.start_blockers)
+        self.run_panel = self.run_area.panel
         self.run_panel.run_finished.connect(self._run_finished)
         self.run_panel.run_started.connect(self._run_started)
-        self.run_panel.engine_ready.connect(self.estimate_panel.engine_loaded)
+        # What a run would refuse, checked while editing: marks fields and disables Start (gui/start_check.py).
+        self.start_check = StartCheck(self.state, self)
+        self.run_panel.engine_ready.connect(self._engine_ready)
+        self.start_check.request()
         self.splitter = QSplitter(Qt.Orientation.Vertical)
         self.splitter.addWidget(self.tabs)
         self.splitter.addWidget(self.run_area)
@@ -114,24 +99,87 @@ class MainWindow(PresetActions, QMainWindow):
 
         self.problems_label = QLabel()
         self.problems_label.setObjectName("problems")
+        set_text_colour(self.problems_label, PROBLEM_COLOUR)
         self.statusBar().addWidget(self.problems_label, 1)
-        self.setStyleSheet(STYLE_SHEET)
 
         self.state.edited.connect(self._state_changed)
         self.state.replaced.connect(self._config_replaced)
         self.state.problems_changed.connect(self._show_problems)
+        self.pages.build_current()
         self._config_replaced()
         self.resize(*DEFAULT_SIZE)
         if remember:
             geometry = window_settings().value("geometry")
             if not (isinstance(geometry, QByteArray) and self.restoreGeometry(geometry)):
                 fit_and_center(self)
-            splitters = [("splitter", self.splitter), ("run_area", self.run_area)]
-            splitters += [(f"side_{name}", splitter) for name, splitter in self.side_splitters.items()]
-            for key, splitter in splitters:
-                state = window_settings().value(key)
-                if isinstance(state, QByteArray):
+            for key, splitter in (("splitter", self.splitter), ("run_area", self.run_area)):
+                state = self._remembered(key)
+                if state is not None:
                     splitter.restoreState(state)
+        self.installEventFilter(self)  # the first paint: then the hidden tabs are built
+
+    # -- the tabs' pages, built when first shown -------------------------------------------------
+
+    def _remembered(self, key: str) -> QByteArray | None:
+        """A divider's state from window.ini (None without one, or in a window that does not remember)."""
+        if not self.remember:
+            return None
+        state = window_settings().value(key)
+        return state if isinstance(state, QByteArray) else None
+
+    def _make_side_panel(self, name: str) -> SidePanel | None:
+        """The panel beside a tab's settings, made with its page (their modules imported then too)."""
+        if name == "data":
+            from .doctor_panel import DoctorPanel
+
+            doctor = DoctorPanel(self.state)
+            doctor.reported.connect(self.start_check.doctor_reported)
+            return doctor
+        if name == "model":
+            from .estimate_panel import EstimatePanel
+
+            estimate = EstimatePanel(self.state)
+            if self._engine_loaded:
+                estimate.engine_loaded()
+            return estimate
+        if name == "sampling":
+            from .sample_viewer import SampleViewer
+
+            return SampleViewer(self.state)
+        return None
+
+    @property
+    def side_panels(self) -> dict[str, SidePanel]:
+        """The side panels built so far, by tab."""
+        return self.pages.side_panels
+
+    @property
+    def side_splitters(self) -> dict[str, QSplitter]:
+        return self.pages.side_splitters
+
+    @property
+    def doctor_panel(self) -> DoctorPanel:
+        return self.pages.panel("data")  # type: ignore[return-value]
+
+    @property
+    def estimate_panel(self) -> EstimatePanel:
+        return self.pages.panel("model")  # type: ignore[return-value]
+
+    @property
+    def sample_viewer(self) -> SampleViewer:
+        return self.pages.panel("sampling")  # type: ignore[return-value]
+
+    def eventFilter(self, watched: QObject, event: QEvent) -> bool:  # noqa: N802 (Qt's name)
+        if watched is self and event.type() == QEvent.Type.Paint:
+            self.removeEventFilter(self)
+            QTimer.singleShot(0, self.pages.build_rest_later)  # once this paint is on the screen
+        return False
+
+    def _engine_ready(self) -> None:
+        self._engine_loaded = True
+        self.start_check.engine_loaded()
+        if "model" in self.side_panels:
+            self.estimate_panel.engine_loaded()
 
     # -- what other parts use ------------------------------------------------------------------
 
@@ -139,9 +187,19 @@ class MainWindow(PresetActions, QMainWindow):
     def config(self) -> dict[str, Any]:
         return self.state.config
 
+    @property
+    def plots(self) -> TrainingPlots:
+        """The live plots (built after the window's first paint, or now if asked for before)."""
+        return self.run_area.plots
+
     def invalid_settings(self) -> list[Problem]:
-        """What is wrong with the settings, (key, message) each; a run must not start unless empty."""
+        """What is wrong with the settings, (key, message) each; a preset is not saved unless empty."""
         return self.state.problems()
+
+    def start_blockers(self) -> list[Problem]:
+        """invalid_settings() and what the start check found a run would refuse: Start is disabled
+        unless empty."""
+        return self.state.start_blockers()
 
     def select_tab(self, name: str) -> bool:
         """Show the tab of that name (as in gui.launch.TAB_NAMES); False if it is hidden."""
@@ -153,6 +211,8 @@ class MainWindow(PresetActions, QMainWindow):
 
     def settle(self, timeout_ms: int = 30_000) -> None:
         """Let the visible side panel finish its background work (for screenshots and tests)."""
+        self.run_area.build_plots()
+        self.start_check.settle(timeout_ms)
         page = self.tabs.currentWidget()
         for panel in self.side_panels.values():
             if panel.isVisible() and page.isAncestorOf(panel):
@@ -161,16 +221,17 @@ class MainWindow(PresetActions, QMainWindow):
     # -- reacting to the config ----------------------------------------------------------------
 
     def _config_replaced(self) -> None:
-        for form in self.forms.values():
+        for form in self.pages.built.values():
             form.refresh()
         self._state_changed()
 
     def _state_changed(self, _key: str = "") -> None:
-        for form in self.forms.values():
+        for form in self.pages.built.values():
             form.update_state()
+        config = self.config
         for index, spec in enumerate(TABS):
             # Tabs of sections that do not apply (LoRA for a fine-tune) go away altogether.
-            self.tabs.setTabVisible(index, self.forms[spec.name].applies())
+            self.tabs.setTabVisible(index, any(applies_key(key, config) for key in self.pages.keys[spec.name]))
         modified = self.state.is_modified()
         name = self.loaded.name if self.loaded is not None else "Default settings"
         self.setWindowTitle(f"{name}[*] - {APP_TITLE}")
@@ -179,37 +240,30 @@ class MainWindow(PresetActions, QMainWindow):
         self._show_problems()
 
     def _show_problems(self) -> None:
-        problems = self.invalid_settings()
+        problems = self.start_blockers()
+        for form in self.pages.built.values():
+            form.show_problems()
         self.run_panel.set_problems(problems)
         keys = {p.key for p in problems}
-        warning = self.style().standardIcon(QStyle.StandardPixmap.SP_MessageBoxWarning)
         for index, spec in enumerate(TABS):
-            has_problem = any(key in keys for key in self.forms[spec.name].fields)
-            self.tabs.setTabIcon(index, warning if has_problem else QIcon())
+            has_problem = any(key in keys for key in self.pages.keys[spec.name])
+            self.tabs.setTabIcon(index, self._warning_icon() if has_problem else QIcon())
         if not problems:
             self.problems_label.setText("")
             self.problems_label.setToolTip("")
             return
-        more = f"  (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        self.problems_label.setText(problems[0].message + more)
-        self.problems_label.setToolTip("\n".join(p.message for p in problems))
+        lines = messages(problems)
+        more = f"  (and {len(lines) - 1} more)" if len(lines) > 1 else ""
+        self.problems_label.setText(lines[0] + more)
+        self.problems_label.setToolTip(wrapped_tooltip("\n".join(lines)))
+
+    def _warning_icon(self) -> QIcon:
+        # QStyle is imported when first needed: making its Python enums costs 10 ms before the first paint.
+        from PySide6.QtWidgets import QStyle
+
+        return self.style().standardIcon(QStyle.StandardPixmap.SP_MessageBoxWarning)
 
     # -- the run -------------------------------------------------------------------------------
-
-    def _with_side_panel(self, name: str, page: QWidget) -> QWidget:
-        panel = self.side_panels.get(name)
-        if panel is None:
-            return page
-        splitter = QSplitter(Qt.Orientation.Horizontal)
-        splitter.setChildrenCollapsible(False)
-        splitter.addWidget(page)
-        splitter.addWidget(panel)
-        splitter.setStretchFactor(0, 3)
-        splitter.setStretchFactor(1, 2)
-        width = DEFAULT_SIZE[0]
-        splitter.setSizes([round(width * (1 - SIDE_PANEL_SHARE)), round(width * SIDE_PANEL_SHARE)])
-        self.side_splitters[name] = splitter
-        return splitter
 
     def _run_started(self, config: dict[str, Any]) -> None:
         thread = self.run_panel.thread
@@ -227,10 +281,9 @@ class MainWindow(PresetActions, QMainWindow):
     def show_setting(self, key: str) -> bool:
         """Bring the tab holding this setting forward and focus its field; False if none shows it."""
         for index, spec in enumerate(TABS):
-            field = self.forms[spec.name].fields.get(key)
-            if field is not None and self.tabs.isTabVisible(index):
+            if key in self.pages.keys[spec.name] and self.tabs.isTabVisible(index):
                 self.tabs.setCurrentIndex(index)
-                field.editor.setFocus()
+                self.forms[spec.name].fields[key].editor.setFocus()
                 return True
         return False
 
@@ -289,6 +342,7 @@ class MainWindow(PresetActions, QMainWindow):
             self.hide()  # the background import cannot be interrupted: wait for it out of sight
         for panel in self.side_panels.values():
             panel.shutdown()
+        self.start_check.shutdown()
         self.run_panel.shutdown()
         event.accept()
 

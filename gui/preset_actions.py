@@ -14,6 +14,7 @@ from PySide6.QtWidgets import QInputDialog, QMessageBox, QStatusBar
 
 from core.config.presets import (
     BUNDLED_PREFIX,
+    DEMO_PRESET,
     LoadedPreset,
     check_user_preset_name,
     open_preset,
@@ -22,6 +23,7 @@ from core.config.presets import (
 )
 from core.errors import ConfigError
 
+from .config_state import messages
 from .window_state import load_last_settings, window_settings
 
 if TYPE_CHECKING:
@@ -31,6 +33,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 APP_TITLE = "Video Trainer"
+FIRST_START_NOTE = (
+    "First start: the demo preset is loaded. Press Start to train it offline (the bundled tiny model on "
+    "the bundled clips, nothing downloaded, a minute or two on a CPU), or pick another preset above."
+)
 
 
 class PresetActions:
@@ -56,6 +62,7 @@ class PresetActions:
 
     def apply(self, loaded: LoadedPreset) -> None:
         self.loaded = loaded
+        self.preset_bar.set_note("")  # the first start's note is about the demo, loaded before this
         self.state.replace(loaded.config)
         self.preset_bar.select(loaded.name if loaded.listed else None)
         log.info("loaded %s", loaded.path)
@@ -64,9 +71,13 @@ class PresetActions:
 
     def restore_last_settings(self) -> None:
         """The settings as the window was closed with, over the preset they were based on (shown as
-        modified against it); without them the last preset loaded; else the defaults stay."""
+        modified against it); without them the last preset loaded; at the very first start (neither)
+        the demo preset, with a line saying that Start trains it offline."""
         last = load_last_settings()
         name = last[1] if last is not None else window_settings().value("last_preset")
+        if last is None and not name:
+            self.load_first_start()
+            return
         if isinstance(name, str) and name:
             try:
                 self.load(name)
@@ -75,6 +86,15 @@ class PresetActions:
                 self.statusBar().showMessage(f"The last preset, '{name}', could not be loaded: {e}", 15000)
         if last is not None:
             self.state.restore(last[0])
+
+    def load_first_start(self) -> None:
+        """The very first start: the demo preset and one line about it (defaults if it is missing)."""
+        try:
+            self.load(DEMO_PRESET)
+        except ConfigError as e:
+            log.warning("the demo preset was not loaded at the first start: %s", e)
+            return
+        self.preset_bar.set_note(FIRST_START_NOTE)
 
     def _load_requested(self, name: str) -> None:
         if not self._confirm_discard():
@@ -148,7 +168,7 @@ class PresetActions:
         # A preset with a broken setting would not load again; say what to fix instead.
         problems = self.invalid_settings()
         if problems:
-            QMessageBox.warning(self, "Save preset", "Fix these settings first:\n\n" + "\n".join(p.message for p in problems))
+            QMessageBox.warning(self, "Save preset", "Fix these settings first:\n\n" + "\n".join(messages(problems)))
         return not problems
 
     def _suggested_name(self) -> str:

@@ -16,10 +16,13 @@ from PySide6.QtWidgets import (
     QLabel,
     QPushButton,
     QSizePolicy,
+    QVBoxLayout,
     QWidget,
 )
 
 from core.config.presets import PresetInfo, list_presets
+
+from .side_panel import NOTE_COLOUR, set_text_colour
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +36,18 @@ class PresetBar(QWidget):
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
-        row = QHBoxLayout(self)
-        row.setContentsMargins(10, 8, 10, 4)
+        column = QVBoxLayout(self)
+        column.setContentsMargins(10, 8, 10, 4)
+        column.setSpacing(4)
+        row = QHBoxLayout()
         row.setSpacing(8)
+        column.addLayout(row)
+        # One line under the list (the first start's "Start trains the demo offline"); hidden when empty.
+        self.note_label = QLabel()
+        self.note_label.setObjectName("presetNote")
+        self.note_label.setWordWrap(True)
+        self.note_label.hide()
+        column.addWidget(self.note_label)
 
         label = QLabel("Preset:")
         self.combo = QComboBox()
@@ -45,11 +57,11 @@ class PresetBar(QWidget):
         self.combo.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
         self.combo.setMaximumWidth(460)
         self.combo.currentIndexChanged.connect(self._update_buttons)
-        self.combo.activated.connect(self._update_buttons)
+        self.combo.activated.connect(self._picked)
         label.setBuddy(self.combo)
 
         self.load_button = QPushButton("Load")
-        self.load_button.setToolTip("Replace the settings with the chosen preset")
+        self.load_button.setToolTip("Load the chosen preset again, replacing the settings (picking one in the list loads it too)")
         self.load_button.clicked.connect(self._load_clicked)
         self.save_button = QPushButton("Save")
         self.save_button.setToolTip("Save the settings into the loaded preset (bundled presets: under a new name)")
@@ -59,7 +71,11 @@ class PresetBar(QWidget):
         self.save_as_button.clicked.connect(self.save_as_requested)
 
         self.modified_label = QLabel("")
-        self.modified_label.setObjectName("modified")  # styled by the window
+        self.modified_label.setObjectName("modified")
+        set_text_colour(self.modified_label, NOTE_COLOUR)
+        font = self.modified_label.font()
+        font.setItalic(True)
+        self.modified_label.setFont(font)
 
         row.addWidget(label)
         row.addWidget(self.combo, 1)
@@ -143,6 +159,17 @@ class PresetBar(QWidget):
 
     def _update_buttons(self, *_args: object) -> None:
         self.load_button.setEnabled(self.selected_name() is not None)
+
+    def set_note(self, text: str) -> None:
+        """One line under the preset list; an empty text hides it."""
+        self.note_label.setText(text)
+        self.note_label.setVisible(bool(text))
+
+    def _picked(self, _index: int) -> None:
+        # Picked from the list by the user (not set by the window): load it; the window asks first
+        # if that would drop unsaved edits, and puts the selection back if the user says no.
+        self._update_buttons()
+        self._load_clicked()
 
     def _load_clicked(self) -> None:
         name = self.selected_name()

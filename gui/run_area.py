@@ -1,16 +1,27 @@
-"""Below the settings: the run panel beside the live plots, the panel's reports wired to the plots."""
+"""Below the settings: the run panel beside the live plots, the panel's reports wired to the plots.
+
+The plots (pyqtgraph, with numpy) are the heaviest import of the window, about half a second, so
+they are not built with it: an empty placeholder holds their place until the window's first paint,
+and they are built just after it (or as soon as anything asks for `plots`), which halved the time to
+the window's first paint (docs/benchmarks.md, "Window: launch to first paint").
+"""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from PySide6.QtCore import Qt
+from PySide6.QtCore import QEvent, QObject, Qt, QTimer
 from PySide6.QtWidgets import QSplitter, QWidget
 
 from .config_state import Problem
-from .plots import TrainingPlots
 from .run_panel import RunPanel
+
+if TYPE_CHECKING:
+    from .plots import TrainingPlots
+
+log = logging.getLogger(__name__)
 
 
 class RunArea(QSplitter):
@@ -24,16 +35,46 @@ class RunArea(QSplitter):
     ) -> None:
         super().__init__(Qt.Orientation.Horizontal, parent)
         self.panel = RunPanel(config, problems)
-        self.plots = TrainingPlots()
+        self._plots: TrainingPlots | None = None
+        self._placeholder = QWidget()  # where the plots go once built
+        self._placeholder.installEventFilter(self)
         self.panel.run_started.connect(self._run_started)
-        self.panel.metrics_arrived.connect(self.plots.add_record)
-        self.panel.total_steps_known.connect(self.plots.set_total_steps)
-        self.panel.device_found.connect(self.plots.set_device)
-        self.panel.vram_estimate_known.connect(self.plots.set_vram_estimate)
+        self.panel.metrics_arrived.connect(lambda record: self.plots.add_record(record))
+        self.panel.total_steps_known.connect(lambda total: self.plots.set_total_steps(total))
+        self.panel.device_found.connect(lambda info: self.plots.set_device(info))
+        self.panel.vram_estimate_known.connect(lambda value: self.plots.set_vram_estimate(value))
         self.addWidget(self.panel)
-        self.addWidget(self.plots)
+        self.addWidget(self._placeholder)
         self.setStretchFactor(1, 1)
         self.setSizes([420, 700])
+
+    @property
+    def plots(self) -> TrainingPlots:
+        """The live plots, built now if they were not yet."""
+        if self._plots is None:
+            from .plots import TrainingPlots  # pyqtgraph and numpy: after the first paint
+
+            sizes = self.sizes()
+            self._plots = TrainingPlots()
+            self.replaceWidget(1, self._plots)
+            self._placeholder.removeEventFilter(self)
+            self._placeholder.deleteLater()
+            self.setSizes(sizes)
+            log.debug("plots built")
+        return self._plots
+
+    def plots_built(self) -> bool:
+        return self._plots is not None
+
+    def build_plots(self) -> None:
+        """Build the plots if they are not yet (after the first paint, for screenshots and tests)."""
+        _ = self.plots
+
+    def eventFilter(self, watched: QObject, event: QEvent) -> bool:  # noqa: N802 (Qt's name)
+        if watched is self._placeholder and event.type() == QEvent.Type.Paint:
+            self._placeholder.removeEventFilter(self)
+            QTimer.singleShot(0, self.build_plots)  # once this paint is on the screen
+        return False
 
     def _run_started(self, config: dict[str, Any]) -> None:
         self.plots.clear()

@@ -8,16 +8,14 @@ Sample now and Backup now only set core's TrainerCommands flags, which the engin
 
 from __future__ import annotations
 
-import html
 import logging
 import sys
 import time
 from collections import deque
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-from PySide6.QtCore import Qt, QUrl, Signal
+from PySide6.QtCore import Qt, Signal
 from PySide6.QtGui import QFontDatabase
 from PySide6.QtWidgets import (
     QHBoxLayout,
@@ -32,25 +30,17 @@ from PySide6.QtWidgets import (
 
 from core.config.settings import resolve
 from core.errors import ConfigError
-from core.log_setup import log_file_path
 
-from .config_state import Problem
+from .config_state import Problem, messages
+from .labels import wrapped_tooltip
+from .run_messages import download_text, error_box, format_duration, outcome_text, output_links
 from .train_worker import EngineWarmUp, RunError, RunOutcome, TrainThread
 
 log = logging.getLogger(__name__)
 
 LOG_LINES = 5000  # the log view keeps the last lines only: a long run must not grow it without end
 DETAIL_LINES = 30  # log lines put behind "Show Details" of an error
-
-
-def format_duration(seconds: float | None) -> str:
-    """1:02:03, 2:03, or '?' without an estimate."""
-    if seconds is None:
-        return "?"
-    total = max(0, round(seconds))
-    hours, rest = divmod(total, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}:{minutes:02}:{secs:02}" if hours else f"{minutes}:{secs:02}"
+DOWNLOAD_SCALE = 1000  # the progress bar's steps while the base model downloads
 
 
 class RunPanel(QWidget):
@@ -166,7 +156,7 @@ class RunPanel(QWidget):
         if problems:
             self._update_controls(problems)
             QMessageBox.warning(
-                self, "Start training", "Training cannot start until these settings are fixed:\n\n" + "\n".join(p.message for p in problems)
+                self, "Start training", "Training cannot start until these settings are fixed:\n\n" + "\n".join(messages(problems))
             )
             return False
         try:
@@ -183,6 +173,7 @@ class RunPanel(QWidget):
         thread.log_line.connect(self._on_log, queued)
         thread.sample.connect(self._on_sample, queued)
         thread.done.connect(self._on_done, queued)
+        thread.download.connect(self._on_download, queued)
         thread.device.connect(self._on_device, queued)
         thread.vram_estimate.connect(self.vram_estimate_known, queued)
         thread.outcome.connect(self._on_outcome, queued)
@@ -272,6 +263,25 @@ class RunPanel(QWidget):
         for path in paths:
             self._append(logging.INFO, f"Saved {path}")
 
+    def _on_download(self, name: str, done: int, total: int | None) -> None:
+        """The base model (a hub id) downloads before the run loads it: its bytes on the bar."""
+        if total and done >= total:  # downloaded: loading and caching follow
+            self.progress.setRange(0, 0)
+            self.progress.setFormat("preparing")
+            self._append(logging.INFO, f"Downloaded {name}.")
+            self._set_status("Starting: loading the model and caching the data...")
+            return
+        if done == 0 and not total:
+            self._append(logging.INFO, f"Downloading {name} from the Hugging Face hub (once; later runs use the copy).")
+        if total:
+            self.progress.setRange(0, DOWNLOAD_SCALE)
+            self.progress.setValue(min(DOWNLOAD_SCALE, round(DOWNLOAD_SCALE * done / total)))
+        else:
+            self.progress.setRange(0, 0)
+        bar, status = download_text(name, done, total)
+        self.progress.setFormat(bar)
+        self._set_status(status)
+
     def _on_device(self, info: dict[str, Any]) -> None:
         self.device_found.emit(info)
 
@@ -316,42 +326,19 @@ class RunPanel(QWidget):
         else:
             self.progress.setRange(0, 1)
             self.progress.setValue(0)
-        loss = f", final loss {outcome.final_loss:.4f}" if outcome.final_loss is not None else ""
-        skipped = f", {outcome.skipped_steps} step(s) skipped (loss not finite)" if outcome.skipped_steps else ""
-        if outcome.error is not None:
-            self.progress.setFormat("failed")
-            self._set_status(f"Failed: {outcome.error.message}")
-        elif outcome.stopped_early:
-            self.progress.setFormat(f"stopped at step {outcome.steps} / {outcome.total_steps}")
-            self._set_status(f"Stopped after {outcome.steps} of {outcome.total_steps} steps{loss}{skipped}.")
-        else:
-            self.progress.setFormat(f"done: {outcome.steps} / {outcome.total_steps} steps")
-            self._set_status(f"Finished {outcome.steps} of {outcome.total_steps} steps{loss}{skipped}.")
+        bar, status = outcome_text(outcome)
+        self.progress.setFormat(bar)
+        self._set_status(status)
         self._append(logging.INFO, self.status_label.text())
         if outcome.output_paths:
-            links = "<br>".join(
-                f'<a href="{QUrl.fromLocalFile(str(Path(p).parent)).toString()}">{html.escape(p)}</a>' for p in outcome.output_paths
-            )
+            links = output_links(outcome.output_paths)
             self.output_label.setText(f"Saved: {links}")
             self.output_label.setToolTip("Click to open the folder")
             self.output_label.show()
 
     def _show_error(self, error: RunError, title: str) -> None:
         """The one-line reason, with details behind "Show Details"; not modal to the app's loop."""
-        box = QMessageBox(self)
-        box.setWindowTitle(title)
-        box.setText(error.message)
-        if error.bug:
-            box.setIcon(QMessageBox.Icon.Critical)
-            box.setInformativeText(f"This is a bug in Video Trainer. The details are also in the log file:\n{log_file_path()}")
-            box.setDetailedText(error.details)
-        else:
-            box.setIcon(QMessageBox.Icon.Warning)
-            box.setInformativeText("Fix this and press Start again.")
-            recent = "\n".join(self._recent)
-            settings = f"Settings: {', '.join(error.keys)}\n\n" if error.keys else ""
-            box.setDetailedText(f"{settings}The run's last messages:\n{recent}\n\nLog file: {log_file_path()}")
-        box.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
+        box = error_box(self, error, title, list(self._recent))
         self.error_box = box
         box.finished.connect(self._error_box_closed)
         box.open()  # window-modal without a nested event loop: the run's last signals keep flowing
@@ -390,9 +377,10 @@ class RunPanel(QWidget):
         self.start_button.setEnabled(not problems)
         self.continue_button.setEnabled(not problems and self._has_backup())
         if problems:
-            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-            self.start_button.setToolTip("Fix the settings first:\n" + "\n".join(p.message for p in problems))
-            self._set_status(f"Fix the settings first: {problems[0].message}{more}")
+            lines = messages(problems)
+            more = f" (and {len(lines) - 1} more)" if len(lines) > 1 else ""
+            self.start_button.setToolTip(wrapped_tooltip("Fix the settings first:\n" + "\n".join(lines)))
+            self._set_status(f"Fix the settings first: {lines[0]}{more}")
             return
         self.start_button.setToolTip("Start training with these settings (Ctrl+Return)")
         if self._warm_up is not None and self._warm_up.isRunning():

@@ -25,7 +25,7 @@ from PySide6.QtWidgets import (
 )
 
 from core.train.samples import (
-    SAMPLES_DIR_NAME,  # standard library and numpy only: no torch on the GUI thread
+    SAMPLES_DIR_NAME,  # standard library only: no torch (nor numpy) before the first paint
 )
 
 from .config_state import ConfigState
@@ -73,7 +73,9 @@ def list_samples(folder: Path) -> list[Path]:
 
 class SampleViewer(SidePanel):
     def __init__(self, state: ConfigState, parent: QWidget | None = None) -> None:
-        super().__init__("Samples", parent)
+        # Not in a scroll area: the player and the list share what height there is, so the panel fits
+        # the default 1120x800 window with a sample playing and its caption shown.
+        super().__init__("Samples", parent, scroll=False)
         self.state = state
         self.folder: Path | None = None  # the folder listed
         self.follow_newest = True  # a new sample plays as soon as it arrives
@@ -102,6 +104,7 @@ class SampleViewer(SidePanel):
         column.addWidget(self.list)
         column.setStretchFactor(0, 3)
         column.setStretchFactor(1, 1)
+        column.setSizes([3000, 1000])  # in that proportion of whatever height the panel gets
         self.splitter = column
         self.body.addWidget(column, 1)
         self.body.addWidget(self.caption)

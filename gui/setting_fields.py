@@ -15,6 +15,7 @@ from typing import Any
 from PySide6.QtCore import QSignalBlocker, Qt
 from PySide6.QtGui import QWheelEvent
 from PySide6.QtWidgets import (
+    QAbstractSpinBox,
     QCheckBox,
     QComboBox,
     QFileDialog,
@@ -23,6 +24,7 @@ from PySide6.QtWidgets import (
     QMenu,
     QPlainTextEdit,
     QSpinBox,
+    QTableWidget,
     QToolButton,
     QWidget,
 )
@@ -44,6 +46,7 @@ from core.config.fields import (
 from core.config.settings import get_value
 
 from .config_state import ConfigState
+from .labels import wrapped_tooltip
 
 INT32_MAX = 2**31 - 1
 NUMBER_WIDTH = 180  # numbers and short choices do not need the full width of the form
@@ -80,14 +83,30 @@ def parse_number(text: str, setting: Setting) -> float | int | None:
     return number
 
 
+# The red mark of a wrong value, as a style sheet of that widget alone: a style sheet on the whole
+# window would re-polish every widget of it at start-up (about 30 ms before the first paint).
+_INVALID_BOX = "border: 1px solid #d9534f; border-radius: 3px; background-color: #fff4f4; color: #222;"
+_INVALID_STYLES: tuple[tuple[type[QWidget], str], ...] = (
+    (QAbstractSpinBox, "QAbstractSpinBox { background-color: #ffe3e3; color: #222; }"),
+    (QCheckBox, "QCheckBox { color: #c9302c; }"),
+    (QLineEdit, f"QLineEdit {{ {_INVALID_BOX} }}"),
+    (QPlainTextEdit, f"QPlainTextEdit {{ {_INVALID_BOX} }}"),
+    (QComboBox, f"QComboBox {{ {_INVALID_BOX} }}"),
+    (QTableWidget, f"QTableWidget {{ {_INVALID_BOX} }}"),
+)
+
+
+def invalid_style(widget: QWidget) -> str:
+    """The style sheet that marks this widget's value as wrong."""
+    return next((css for kind, css in _INVALID_STYLES if isinstance(widget, kind)), f"* {{ {_INVALID_BOX} }}")
+
+
 def mark_invalid(widget: QWidget, invalid: bool) -> None:
-    """Switch the red border of the window's style sheet on or off for this widget."""
+    """Switch the red mark on or off for this widget (its `invalid` property tells tests which)."""
     if bool(widget.property(INVALID_PROPERTY)) == invalid:
         return
     widget.setProperty(INVALID_PROPERTY, invalid)
-    widget.style().unpolish(widget)
-    widget.style().polish(widget)
-    widget.update()
+    widget.setStyleSheet(invalid_style(widget) if invalid else "")
 
 
 class _NoWheelSpinBox(QSpinBox):
@@ -118,8 +137,8 @@ class SettingField(abc.ABC):
         self.editor: QWidget = self._build()
         self.widget: QWidget = self._container()
         self.tooltip = setting_tooltip(key, setting) if isinstance(setting, Setting) else setting.help
-        self.widget.setToolTip(self.tooltip)
-        self.editor.setToolTip(self.tooltip)
+        self.widget.setToolTip(wrapped_tooltip(self.tooltip))
+        self.editor.setToolTip(wrapped_tooltip(self.tooltip))
         self.refresh()
 
     @abc.abstractmethod
@@ -147,7 +166,7 @@ class SettingField(abc.ABC):
 
     def show_problem(self, message: str | None) -> None:
         mark_invalid(self.marked_widget(), message is not None)
-        tooltip = f"{message}\n\n{self.tooltip}" if message else self.tooltip
+        tooltip = wrapped_tooltip(f"{message}\n\n{self.tooltip}" if message else self.tooltip)
         self.editor.setToolTip(tooltip)
         self.marked_widget().setToolTip(tooltip)
 

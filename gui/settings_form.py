@@ -22,7 +22,7 @@ from core.config.fields import Section, SectionList, Setting
 from core.config.settings import applies_key, lookup
 
 from .config_state import ConfigState
-from .dataset_table import DatasetsField
+from .labels import wrapped_tooltip
 from .setting_fields import SettingField, make_field
 
 FORM_MAX_WIDTH = 820  # beyond this, rows get hard to follow from label to field
@@ -91,7 +91,7 @@ class SettingsForm(QWidget):
 
     def _group(self, section: Section, key: str) -> QGroupBox:
         box = QGroupBox(section.title)
-        box.setToolTip(section.help)
+        box.setToolTip(wrapped_tooltip(section.help))
         column = QVBoxLayout(box)
         column.setContentsMargins(12, 10, 12, 12)
         self._add_section_body(column, section, key)
@@ -113,9 +113,14 @@ class SettingsForm(QWidget):
             self._add_row(form, child_key, child)
 
     def _add_row(self, form: QFormLayout, key: str, node: Setting | SectionList) -> None:
-        field: SettingField = DatasetsField(key, node, self.state) if isinstance(node, SectionList) else make_field(key, node, self.state)
+        if isinstance(node, SectionList):
+            from .dataset_table import DatasetsField  # its table classes: when the Data tab is built
+
+            field: SettingField = DatasetsField(key, node, self.state)
+        else:
+            field = make_field(key, node, self.state)
         label = QLabel(node.title)
-        label.setToolTip(field.tooltip)
+        label.setToolTip(wrapped_tooltip(field.tooltip))
         label.setBuddy(field.editor)
         form.addRow(label, field.widget)
         self.fields[key] = field
@@ -159,6 +164,11 @@ class SettingsForm(QWidget):
                 # Bad text in a field that no longer applies cannot block a run: show the value again.
                 self.state.drop_input_error(key)
                 field.refresh()
+            field.show_problem(self.state.problem_for(key))
+
+    def show_problems(self) -> None:
+        """Mark what is wrong now (the start check's findings arrive after the edit that caused them)."""
+        for key, field in self.fields.items():
             field.show_problem(self.state.problem_for(key))
 
     def applies(self) -> bool:

@@ -8,7 +8,7 @@ brings itself up to date, so a setting changed on another tab costs nothing unti
 from __future__ import annotations
 
 from PySide6.QtCore import Qt
-from PySide6.QtGui import QFont, QPalette, QShowEvent
+from PySide6.QtGui import QColor, QFont, QPalette, QShowEvent
 from PySide6.QtWidgets import (
     QFrame,
     QHBoxLayout,
@@ -19,6 +19,15 @@ from PySide6.QtWidgets import (
 )
 
 PANEL_MIN_WIDTH = 300
+PROBLEM_COLOUR = "#c9302c"  # what stops a run
+NOTE_COLOUR = "#a15c00"  # 'modified' and other things to notice
+
+
+def set_text_colour(label: QLabel, colour: str) -> None:
+    """A label's text colour by its palette (no style sheet: those re-polish widgets, and cost time)."""
+    palette = label.palette()
+    palette.setColor(QPalette.ColorRole.WindowText, QColor(colour))
+    label.setPalette(palette)
 
 
 def muted_label(text: str = "", *, wrap: bool = True) -> QLabel:

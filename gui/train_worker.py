@@ -17,6 +17,7 @@ import logging
 import os
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 engine_log = logging.getLogger("core.train")
 ENGINE_MODULES = ("accelerate", "diffusers", "peft", "core.train.trainer")
 _import_lock = threading.Lock()
+DOWNLOAD_REPORT_S = 0.2  # at most five download reports a second reach the window
 
 
 def import_engine() -> None:
@@ -150,6 +152,7 @@ class TrainThread(QThread):
     device = Signal(object)  # core.train.run_info.device_info(): GPUs and their memory
     vram_estimate = Signal(object)  # bytes: core.memory's estimate of the step's peak (CUDA runs only)
     outcome = Signal(object)  # RunOutcome
+    download = Signal(str, object, object)  # base model (hub id), bytes done, bytes in all (None: not known yet)
 
     def __init__(self, config: dict[str, Any], parent: QObject | None = None, *, resume: bool = False) -> None:
         super().__init__(parent)
@@ -179,6 +182,7 @@ class TrainThread(QThread):
         outcome = RunOutcome()
         relay = _Relay(self)
         try:
+            self._download_model()
             self.record_call("import")
             import_engine()  # torch, diffusers: here, never on the GUI thread
             from core.train.trainer import Trainer
@@ -205,6 +209,30 @@ class TrainThread(QThread):
             if relay.engine_error is not None:  # reported through on_error without raising
                 outcome.error = RunError(relay.engine_error)
         self.outcome.emit(outcome)
+
+    def _download_model(self) -> None:
+        """A base model given as a hub id and not in the local cache is downloaded first, its bytes
+        reported (`download`) for the progress bar; the run then finds it in the cache. Offline
+        (HF_HUB_OFFLINE) nothing is tried here: the run refuses it with its one-line reason."""
+        from core.model_folder import hub_download_needed, resolve_model_folder
+
+        name = str(self.config.get("base_model") or "").strip()
+        if not hub_download_needed(name):
+            return
+        self.record_call("download")
+        self.download.emit(name, 0, None)
+        last = [0.0]
+
+        def report(done: int, total: int | None) -> None:
+            now = time.monotonic()
+            if now - last[0] >= DOWNLOAD_REPORT_S or (total and done >= total):
+                last[0] = now
+                self.download.emit(name, done, total)
+
+        folder = resolve_model_folder(name, progress=report)
+        size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+        self.download.emit(name, size, size)  # done: the bar gives way to loading
+        log.info("downloaded %s into %s", name, folder)
 
     def _report_device(self) -> None:
         # The GPU's capacity and the estimated peak for the memory plot's lines; torch is loaded

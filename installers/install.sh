@@ -379,6 +379,14 @@ printf 'torch==%s\n' "$TORCH_INSTALLED" >"$VENV/torch-constraint.txt"
     || die "Installing Video Trainer's dependencies failed; see pip's message above." \
            "Check the internet connection and free disk space, then run installers/install.sh again."
 
+# The window's system libraries (Qt's xcb plugin): the command for what is missing, not a failure.
+qt_rc=0
+qt_advice=$("$VPY" "$ROOT/installers/qt_libs.py") || qt_rc=$?
+if (( qt_rc == 3 )); then
+    warn "Some system libraries the window needs are missing; the rest of the install is fine."
+    printf '%s\n' "$qt_advice" >&2
+fi
+
 say "[5/5] Desktop menu entry"
 write_desktop_entry
 

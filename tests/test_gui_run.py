@@ -198,9 +198,10 @@ def test_bad_value_blocks_start_with_the_reason(qtbot, window: MainWindow) -> No
     rate.clear()
     qtbot.keyClicks(rate, "abc")
     assert not panel.start_button.isEnabled()
-    assert "learning_rate" in panel.status_label.text() and "learning_rate" in panel.start_button.toolTip()
+    # Named by the field's label, as the user sees it on the tab, not by its key.
+    assert "“Learning rate”" in panel.status_label.text() and "“Learning rate”" in panel.start_button.toolTip()
     assert panel.start() is False  # the shortcut's way in: refused with the reason
-    assert not panel.is_running() and "learning_rate" in window.warnings[-1]
+    assert not panel.is_running() and "“Learning rate”" in window.warnings[-1]
     rate.clear()
     qtbot.keyClicks(rate, "0.001")
     assert panel.start_button.isEnabled() and panel.status_label.text() == "Ready."

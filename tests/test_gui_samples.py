@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PySide6.QtWidgets import QMessageBox
+from PySide6.QtCore import QPoint, QRect
+from PySide6.QtWidgets import QApplication, QMessageBox
 
 from core.config import load_preset
 from gui import video_player
@@ -179,3 +180,28 @@ def test_broken_sample_and_still_image(qtbot, tmp_path: Path) -> None:
     assert viewer.player.video is not None and len(viewer.player.video.frames) == 1
     assert not viewer.player.timer.isActive() and not viewer.player.pixmap().isNull()
     viewer.shutdown()
+
+
+def test_the_samples_panel_fits_the_default_window(window: MainWindow, tmp_path: Path) -> None:
+    """At the default 1120x800, with a sample playing and a long list, nothing of the panel is cut off
+    or scrolled away: the player, the list, the caption and the folder line all show whole."""
+    from gui.main_window import DEFAULT_SIZE
+
+    folder = tmp_path / "workspace" / "samples"
+    for step in range(100, 1300, 100):
+        write_sample(folder / f"step-{step:06d}-0-a-red-circle-moving-from-left-to-right.mp4", size=(256, 256))
+    window.resize(*DEFAULT_SIZE)
+    window.select_tab("sampling")
+    viewer = window.sample_viewer
+    assert viewer.settle()
+    for _ in range(3):  # the layouts settle after the sample's size is known
+        QApplication.processEvents()
+    panel = viewer.rect()
+    for widget in (viewer.player, viewer.list, viewer.caption, viewer.folder_label, viewer.open_button):
+        assert widget.isVisible(), widget
+        box = QRect(widget.mapTo(viewer, QPoint(0, 0)), widget.size())
+        assert panel.contains(box), (widget, box, panel)
+        # Drawn whole: not clipped by a scroll area's viewport or a splitter.
+        assert widget.visibleRegion().boundingRect() == widget.rect(), (widget, widget.visibleRegion().boundingRect())
+    assert viewer.player.height() > viewer.list.height()  # the video has most of the height
+    assert "6 frames" in viewer.caption.text()

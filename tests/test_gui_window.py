@@ -220,7 +220,7 @@ def test_text_in_a_number_field_is_marked(window: MainWindow, qtbot) -> None:
     qtbot.keyClicks(rate, "abc")
     assert "learning_rate" in problem_keys(window)
     assert rate.property("invalid") is True and "abc" in rate.toolTip()
-    assert "learning_rate" in window.problems_label.text()
+    assert "“Learning rate”" in window.problems_label.text()  # the field's label, not its key
     assert window.config["learning_rate"] == 0.0003  # the last good value is kept
     assert window.save_as() is False  # refuses to save while a setting is wrong
 
@@ -247,7 +247,7 @@ def test_frames_above_max_frames_is_marked(window: MainWindow) -> None:
     frames.editor.setValue(17)
     assert window.config["frames"] == 17
     assert problem_keys(window) == {"frames", "video_config.max_frames"}  # the rule marks both
-    assert frames.marked_widget().property("invalid") is True and "max_frames" in frames.editor.toolTip()
+    assert frames.marked_widget().property("invalid") is True and "Max frames" in frames.editor.toolTip()
     window_field = field(window, "video", "video_config.max_frames")
     assert window_field.marked_widget().property("invalid") is True
     assert not window.tabs.tabIcon([s.name for s in TABS].index("data")).isNull()

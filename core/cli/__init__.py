@@ -15,16 +15,6 @@ from collections.abc import Sequence
 from core.errors import UserError
 from core.log_setup import FILE_ONLY, log_file_path, setup_logging
 
-from . import (
-    cache_cmd,
-    doctor_cmd,
-    estimate_cmd,
-    presets_cmd,
-    settings_cmd,
-    tiny_model_cmd,
-    train_cmd,
-)
-
 log = logging.getLogger(__name__)
 
 EXIT_USER_ERROR = 2
@@ -39,13 +29,19 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{self.prog}: {message} (see '{self.prog} --help')")
 
 
-def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
+def build_parser(headless: bool = True) -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
+    """The parser of main.py; headless=False leaves the headless commands out (main.py opening the
+    window: their modules are not even imported, so the window appears sooner)."""
     parser = _Parser(
         prog="main.py",
         description="Video Trainer: train video diffusion models on your own clips. "
         "Without a command, the window opens.",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    if not headless:
+        return parser, commands
+    from . import cache_cmd, doctor_cmd, estimate_cmd, presets_cmd, settings_cmd, tiny_model_cmd, train_cmd
+
     presets_cmd.register(commands)
     settings_cmd.register(commands)
     tiny_model_cmd.register(commands)

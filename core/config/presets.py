@@ -22,6 +22,9 @@ from .settings import resolve, sparse
 log = logging.getLogger(__name__)
 
 BUNDLED_PREFIX = "#"
+# What the window loads at its very first start: trains the bundled tiny model on the bundled clips,
+# offline, in a minute or two on a CPU.
+DEMO_PRESET = "#demo tiny wan LoRA"
 # A preset folder may be synced between Linux, macOS and Windows, so a name must make a file name on
 # all of them: none of Windows' forbidden characters or reserved device names anywhere.
 _FORBIDDEN_NAME_CHARS = frozenset('<>:"/\\|?*')

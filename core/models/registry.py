@@ -96,14 +96,16 @@ def family_for_model_type(model_type: str) -> str | None:
     return None
 
 
-def adapter_for(config: dict[str, Any]) -> ModelAdapter:
-    """The adapter for config["base_model"], checking config["model_type"] against the folder."""
+def adapter_for(config: dict[str, Any], *, download: bool = True) -> ModelAdapter:
+    """The adapter for config["base_model"], checking config["model_type"] against the folder.
+    download False: a hub id that is not in the local cache is a ConfigError instead of a download
+    (the window's checks while editing; core.model_folder.hub_download_needed tells them apart)."""
     model_type = str(config.get("model_type", "AUTO") or "AUTO")
     chosen = family_for_model_type(model_type)
     if model_type != "AUTO" and chosen not in TRAINABLE:
         name = family_name(chosen) if chosen else model_type
         raise ConfigError(f"{name} is not supported yet for training; choose a {_families_in_words(trainable_only=True)} model", key="model_type")
-    folder = resolve_model_folder(config.get("base_model", ""))
+    folder = resolve_model_folder(config.get("base_model", ""), download=download)
     detected = detect_family(folder)
     found = FAMILIES[detected]
     if model_type != "AUTO" and chosen != detected:
@@ -119,5 +121,5 @@ def adapter_for(config: dict[str, Any]) -> ModelAdapter:
             f"{folder} holds a {found.name} model, which is not supported yet for training; choose a {_families_in_words(trainable_only=True)} model",
             key="base_model",
         )
-    logger.info("model %s: %s", folder, found.name)
+    logger.log(logging.INFO if download else logging.DEBUG, "model %s: %s", folder, found.name)
     return found.adapter(folder, family=detected)

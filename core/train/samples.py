@@ -19,8 +19,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from core.models.base import SampleRequest
 
 logger = logging.getLogger(__name__)
@@ -93,6 +91,8 @@ def _first_frame(image: Any) -> Any:
     """The conditioning first frame as a uint8 (H, W, 3) numpy array (or a PIL image as it is)."""
     if image is None or hasattr(image, "convert"):  # PIL.Image
         return image
+    import numpy as np  # here, not at the top: the window lists samples (SAMPLES_DIR_NAME) before numpy loads
+
     if hasattr(image, "detach"):  # a torch tensor
         image = image.detach().cpu().numpy()
     array = np.asarray(image)

@@ -17,10 +17,11 @@ from core.models.registry import family_name
 FLOAT_WEIGHT_DTYPES = ("FLOAT_32", "BFLOAT_16", "FLOAT_16")
 
 
-def refusals(config: dict[str, Any], family: str, *, world_size: int = 1, cuda: bool = False,
+def refusals(config: dict[str, Any], family: str, *, world_size: int = 1, cuda: bool | None = False,
              text_encoders: tuple[str, ...] = ("text_encoder",)) -> list[ConfigError]:
     """Settings whose value this engine cannot honour; training must not start with any.
-    text_encoders: the family's text encoders by settings section (adapter.text_encoder_names)."""
+    text_encoders: the family's text encoders by settings section (adapter.text_encoder_names).
+    cuda None: not known yet (torch not imported): FINE_TUNE's checks, which need torch, are left out."""
     out = []
     method = config["training_method"]
 
@@ -41,7 +42,7 @@ def refusals(config: dict[str, Any], family: str, *, world_size: int = 1, cuda: 
                        "FINE_TUNE, or turn it off")
         if not config["transformer"]["train"]:
             refuse("transformer.train", "transformer.train is off, so a LoRA run would train nothing; turn it on")
-    elif method == "FINE_TUNE":
+    elif method == "FINE_TUNE" and cuda is not None:
         from .finetune import finetune_problems
 
         out.extend(finetune_problems(config, cuda=cuda, world_size=world_size, text_encoders=text_encoders))
@@ -56,6 +57,48 @@ def refusals(config: dict[str, Any], family: str, *, world_size: int = 1, cuda: 
     if method in ("LORA", "EMBEDDING") and not str(config["output_path"]).lower().endswith(".safetensors"):
         refuse("output_path", f"output_path {config['output_path']} must be a .safetensors file for {method}")
     return out
+
+
+def start_refusals(config: dict[str, Any], adapter: ModelAdapter, *, world_size: int = 1,
+                   cuda: bool | None = False) -> list[ConfigError]:
+    """Everything a run refuses to start with for this model, in the order Trainer says them (it
+    raises the first). cuda None: the engine is not loaded (the window while editing, before torch
+    has been imported): what needs torch or the family's diffusers classes (FINE_TUNE's checks, the
+    objective's weighting, frame sizes, the VAE's ratios) is left out, the rest is the same list."""
+    problems = refusals(config, adapter.family, world_size=world_size, cuda=cuda, text_encoders=adapter.text_encoder_names)
+    if cuda is not None:
+        if config["train_dtype"] == "FLOAT_16" and not cuda:
+            # accelerate would silently compute in float32 on a CPU.
+            problems.append(ConfigError("train_dtype FLOAT_16 needs a CUDA GPU; on a CPU use FLOAT_32 or BFLOAT_16", key="train_dtype"))
+        try:
+            adapter.objective(config["objective"])  # a weighting of another objective is refused here
+        except ConfigError as e:
+            problems.append(e)
+    problems += capability_refusals(config, adapter)
+    if cuda is not None:
+        problems += size_refusals(config, adapter.size_divisor)
+        ratio = ratio_refusal(config, adapter)
+        if ratio is not None:
+            problems.append(ratio)
+    return problems
+
+
+def ratio_refusal(config: dict[str, Any], adapter: ModelAdapter) -> ConfigError | None:
+    """video_config's compression ratios against the model's VAE (needs the family's VAE config)."""
+    ratios = config["video_config"]
+    wrong = [key for key, actual in (("spatial_compression_ratio", adapter.spatial_ratio),
+                                     ("temporal_compression_ratio", adapter.temporal_ratio))
+             if ratios[key] != actual]
+    if not wrong:
+        return None
+    keys = tuple(f"video_config.{key}" for key in wrong)
+    return ConfigError(
+        f"video_config.spatial_compression_ratio/temporal_compression_ratio are "
+        f"{ratios['spatial_compression_ratio']}/{ratios['temporal_compression_ratio']} but the model's VAE "
+        f"compresses {adapter.spatial_ratio}x/{adapter.temporal_ratio}x; set them to "
+        f"{adapter.spatial_ratio} and {adapter.temporal_ratio}",
+        key=keys[0], also=keys[1:],
+    )
 
 
 def capability_refusals(config: dict[str, Any], adapter: ModelAdapter) -> list[ConfigError]:

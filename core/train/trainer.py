@@ -28,7 +28,6 @@ from typing import Any
 
 from core.data.buckets import BucketBatchSampler, ShardedBatchSampler, total_batches
 from core.data.dataset import CachedSampleDataset, make_loader
-from core.errors import ConfigError
 from core.models.registry import adapter_for, family_name
 
 from .data_prep import prepare_data
@@ -52,7 +51,7 @@ from .run_backups import (
     restore,
     set_earlier_runs_aside,
 )
-from .support import capability_refusals, refusals, size_refusals
+from .support import start_refusals
 from .workspace_lock import hold_workspace
 
 log = logging.getLogger(__name__)
@@ -159,36 +158,14 @@ class Trainer:
     def _check(self, adapter: Any, world_size: int) -> None:
         import torch
 
-        problems = refusals(self.config, adapter.family, world_size=world_size, cuda=torch.cuda.is_available(),
-                            text_encoders=adapter.text_encoder_names)
-        if self.config["train_dtype"] == "FLOAT_16" and not torch.cuda.is_available():
-            # accelerate would silently compute in float32 on a CPU.
-            problems.append(ConfigError("train_dtype FLOAT_16 needs a CUDA GPU; on a CPU use FLOAT_32 or BFLOAT_16", key="train_dtype"))
-        try:
-            adapter.objective(self.config["objective"])  # a weighting of another objective is refused here
-        except ConfigError as e:
-            problems.append(e)
-        problems += capability_refusals(self.config, adapter)
-        problems += size_refusals(self.config, adapter.size_divisor)
+        # The same list the window shows while the settings are edited (core/train/preflight.py).
+        problems = start_refusals(self.config, adapter, world_size=world_size, cuda=torch.cuda.is_available())
         if problems:
             raise problems[0]
         if adapter.fixed_size is not None:
             height, width = adapter.fixed_size
             self.callbacks.on_log(logging.INFO, f"{family_name(adapter.family)} takes frames of {width}x{height} pixels only: "
                                   f"every clip is scaled and cropped to that size, and resolution is not used")
-        ratios = self.config["video_config"]
-        wrong = [key for key, actual in (("spatial_compression_ratio", adapter.spatial_ratio),
-                                         ("temporal_compression_ratio", adapter.temporal_ratio))
-                 if ratios[key] != actual]
-        if wrong:
-            keys = tuple(f"video_config.{key}" for key in wrong)
-            raise ConfigError(
-                f"video_config.spatial_compression_ratio/temporal_compression_ratio are "
-                f"{ratios['spatial_compression_ratio']}/{ratios['temporal_compression_ratio']} but the model's VAE "
-                f"compresses {adapter.spatial_ratio}x/{adapter.temporal_ratio}x; set them to "
-                f"{adapter.spatial_ratio} and {adapter.temporal_ratio}",
-                key=keys[0], also=keys[1:],
-            )
 
     def _load_denoiser(self, adapter: Any, name: str, accelerator: Any) -> Any:
         return load_denoiser(adapter, name, self.config, accelerator)
