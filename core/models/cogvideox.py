@@ -384,8 +384,9 @@ class CogVideoXAdapter(ModelAdapter):
     # -- sampling ----------------------------------------------------------------------------------
     def sample(self, denoisers: dict[str, Any], request: SampleRequest, *, device: torch.device | str,
                dtype: torch.dtype) -> Any:
-        """A video from CogVideoXPipeline around the given transformer as it is (LoRA active):
-        (frames, height, width, 3) uint8. Sizes round down to what the model takes."""
+        """A video from CogVideoXPipeline (image-to-video: CogVideoXImageToVideoPipeline, starting from
+        request.image) around the given transformer as it is (LoRA active): (frames, height, width, 3)
+        uint8. Sizes round down to what the model takes; a fixed_size model makes its own size."""
         from .cogvideox_sampling import sample_video
 
         return sample_video(self, denoisers, request, device=device, dtype=dtype)
