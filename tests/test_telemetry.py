@@ -101,8 +101,10 @@ def test_metrics_jsonl_and_tensorboard(tmp_path: Path) -> None:
         for step in range(1, 6):
             record = _record(step, smoother, losses={"video": 0.1 * step})
             writer.write(record)
-            # Flushed per line: readable while the writer is still open.
-            assert len(read_metrics(tmp_path / "metrics.jsonl")) == step
+            if step == 1:  # the first record goes to disk at once: the file shows up with the run
+                assert len(read_metrics(tmp_path / "metrics.jsonl")) == 1
+        writer.flush()  # the rest within METRICS_FLUSH_SECONDS, or at flush(): readable while still open
+        assert len(read_metrics(tmp_path / "metrics.jsonl")) == 5
     lines = (tmp_path / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
     assert len(lines) == 5
     assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4, 5]
@@ -371,3 +373,20 @@ def test_telemetry_loads_without_torch_for_readers() -> None:
     root = Path(telemetry.__file__).resolve().parents[2]
     result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=60, check=False)
     assert result.stdout.strip() == "False", result.stderr
+
+
+def test_records_reach_the_disk_within_the_flush_interval(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reader polling metrics.jsonl (tail_metrics) sees a record once METRICS_FLUSH_SECONDS have passed."""
+    from core.train import telemetry
+
+    clock = [100.0]
+    monkeypatch.setattr(telemetry.time, "monotonic", lambda: clock[0])
+    with MetricsWriter(tmp_path, tensorboard=False) as writer:
+        writer.write(_record(1))
+        writer.write(_record(2))  # within the interval: buffered
+        assert [r["step"] for r in read_metrics(tmp_path)] == [1]
+        clock[0] += telemetry.METRICS_FLUSH_SECONDS
+        writer.write(_record(3))  # the interval has passed: 2 and 3 go out
+        assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]
+        writer.write(_record(4))
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4]  # close writes the rest

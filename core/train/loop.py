@@ -212,6 +212,7 @@ class Loop:
             due = bool(every["backup"]) and step % every["backup"] == 0
             if r.backup is not None and (backup_asked or due or (stop and step < r.total_steps)):
                 r.backup(step, batch_step, epoch)
+                r.metrics.flush()  # every record up to the backup on disk: a crash now loses none that resume keeps
             window_loss, window_count, samples_since, last = 0.0, 0, 0, time.perf_counter()
             if stop:
                 result.stopped_early = True

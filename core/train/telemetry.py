@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,10 @@ METRICS_FILE_NAME = "metrics.jsonl"
 TENSORBOARD_DIR_NAME = "tensorboard"
 LOSS_SMOOTHING = 0.98  # EMA factor of loss_smoothed: about the last 50 steps weigh in
 TENSORBOARD_FLUSH_SECONDS = 10
+# metrics.jsonl reaches the disk at most this long after a record (and at every flush(): the loop
+# flushes after each backup, so a crash loses only records that resume drops anyway). Flushing each
+# line cost a system call per step, 0.1 ms, 0.7 % of the tiny model's step.
+METRICS_FLUSH_SECONDS = 1.0
 # Fields that are the record's coordinates rather than curves: not written as TensorBoard scalars.
 _NOT_SCALARS = frozenset({"step"})
 # The memory fields `memory_snapshot` fills; extra fields may not overwrite the record's own fields.
@@ -277,8 +282,9 @@ class MetricsWriter:
         with explained_write_errors(self.path, "the metrics", key="workspace_dir"):
             self.workspace_dir.mkdir(parents=True, exist_ok=True)
             _prepare_for_append(self.path, resume_step)
-            # newline="\n": the same bytes on Windows; buffering=1: line-buffered text.
-            self._file = open(self.path, "a", encoding="utf-8", newline="\n", buffering=1)  # noqa: SIM115
+            # newline="\n": the same bytes on Windows; buffered, flushed by write() and flush().
+            self._file = open(self.path, "a", encoding="utf-8", newline="\n")  # noqa: SIM115
+            self._flushed = -math.inf  # the first record goes to disk at once
         if tensorboard:
             with explained_write_errors(self.tensorboard_dir, "the TensorBoard folder", key="workspace_dir"):
                 self._tb = _open_summary_writer(self.tensorboard_dir, resume_step)
@@ -290,7 +296,10 @@ class MetricsWriter:
         line = json.dumps(_json_safe(dict(record)), ensure_ascii=False, allow_nan=False)
         try:
             self._file.write(line + "\n")
-            self._file.flush()
+            now = time.monotonic()
+            if now - self._flushed >= METRICS_FLUSH_SECONDS:
+                self._file.flush()
+                self._flushed = now
         except OSError as exc:
             explained = write_failure(exc, self.path, "the metrics", key="workspace_dir")
             self._warn_once(str(explained) if explained is not None else f"could not append to {self.path}: {exc}")
@@ -302,14 +311,23 @@ class MetricsWriter:
                 self._warn_once(f"could not write TensorBoard scalars to {self.tensorboard_dir}: {exc}")
 
     def flush(self) -> None:
+        """Every record written so far to disk (metrics.jsonl and TensorBoard's events)."""
         if self._file is not None:
-            self._file.flush()
+            try:
+                self._file.flush()
+            except OSError as exc:
+                self._warn_once(f"could not append to {self.path}: {exc}")
+            self._flushed = time.monotonic()
         if self._tb is not None:
             self._tb.flush()
 
     def close(self) -> None:
         if self._file is not None:
-            self._file.close()
+            try:
+                self._file.close()  # writes what is still buffered
+            except OSError as exc:
+                explained = write_failure(exc, self.path, "the metrics", key="workspace_dir")
+                self._warn_once(str(explained) if explained is not None else f"could not append to {self.path}: {exc}")
             self._file = None
         if self._tb is not None:
             self._tb.close()
