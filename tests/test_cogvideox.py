@@ -295,8 +295,20 @@ def test_the_1_5_layout_takes_its_frame_counts_its_rotary_embeddings_and_trains(
     with pytest.raises(UserError, match="at most 64x64 pixels"):
         narrow.predict(narrow.load_transformer("transformer", "cpu", torch.float32), torch.randn(1, 16, 2, 10, 10),
                        torch.tensor([0.5]), {"prompt_embeds": torch.zeros(1, 226, 32)})
-    result = Trainer(cog_config(folder, one_clip, tmp_path / "run")).run()
-    assert result.steps == 3 and result.final_loss is not None
+    # A LoRA on one clip seen over and over: the loss falls, and the file changes the pipeline's transformer.
+    config = cog_config(folder, one_clip, tmp_path / "run", max_steps=40, learning_rate=0.003, lora={"rank": 16, "alpha": 16.0})
+    result = Trainer(config).run()
+    records = read_metrics(tmp_path / "run" / "workspace" / "metrics.jsonl")
+    first, last = (sum(r["loss"] for r in part) / 10 for part in (records[:10], records[-10:]))
+    assert result.steps == 40 and last < 0.95 * first, (first, last)
+    pipe = CogVideoXPipeline.from_pretrained(folder)
+    x, text = torch.randn(1, 2, 16, 8, 8, generator=torch.Generator().manual_seed(0)), torch.zeros(1, 226, 32)
+    rotary = pipe._prepare_rotary_positional_embeddings(64, 64, 2, torch.device("cpu"))
+    with torch.no_grad():
+        before = pipe.transformer(x, text, torch.tensor([500]), image_rotary_emb=rotary, return_dict=False)[0]
+        pipe.load_lora_weights(str(result.output_paths[0]))
+        after = pipe.transformer(x, text, torch.tensor([500]), image_rotary_emb=rotary, return_dict=False)[0]
+    assert not torch.allclose(before, after, atol=1e-5)
 
 
 def test_the_estimate_counts_the_tiny_cogvideox_folder(tiny_cog: Path) -> None:
