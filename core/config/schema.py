@@ -47,6 +47,7 @@ A14B_ONLY = {"model_type": ("AUTO", "WAN_2_2_A14B_T2V", "WAN_2_2_A14B_I2V")}
 EMBEDDING_ONLY = {"training_method": ("EMBEDDING",)}
 NOT_EMBEDDING = {"training_method": ("LORA", "FINE_TUNE")}
 FINE_TUNE_ONLY = {"training_method": ("FINE_TUNE",)}
+ADAM_LIKE = {"optimizer": ("ADAMW", "ADAMW_8BIT", "PRODIGY")}  # optimizers with betas and an epsilon
 
 
 def _model_part(name: str, label: str, train: bool, weight_dtype: str, what: str, role: str, extra: tuple = ()) -> Section:
@@ -318,6 +319,16 @@ SCHEMA = Section(
                     hi=1.0,
                     label="Image-to-video share",
                 ),
+                number(
+                    "offset_noise_weight",
+                    0.0,
+                    "Offset noise: each sample's noise gets this weight times one normal draw per latent channel, "
+                    "the same over all its frames and pixels, so the model also learns to shift a whole clip's "
+                    "brightness or colour (very dark or bright clips). 0 turns it off; 0.05-0.1 are usual.",
+                    lo=0.0,
+                    hi=1.0,
+                    label="Offset noise weight",
+                ),
             ),
             applies_when=NOT_EMBEDDING,
         ),
@@ -331,6 +342,25 @@ SCHEMA = Section(
             "ADAMW",
             "ADAMW_8BIT keeps optimizer state in 8 bits (bitsandbytes); ADAFACTOR factorises it; "
             "PRODIGY adapts the learning rate itself.",
+        ),
+        Section(
+            "optimizer_settings",
+            "The optimizer's own parameters; each applies to the optimizers that have it.",
+            (
+                number("weight_decay", 0.01, "Decoupled weight decay (AdamW's): each step shrinks the trained weights by "
+                       "learning rate x this; SGD applies it as an L2 term. 0 turns it off.", lo=0.0, hi=1.0,
+                       label="Weight decay"),
+                number("beta1", 0.9, "Decay of the running mean of the gradients (Adam's first beta).", lo=0.0, hi=0.9999,
+                       applies_when=ADAM_LIKE, label="Beta 1"),
+                number("beta2", 0.999, "Decay of the running mean of the squared gradients (Adam's second beta); lower "
+                       "values (0.99) react faster to a changing loss.", lo=0.0, hi=0.99999, applies_when=ADAM_LIKE,
+                       label="Beta 2"),
+                number("eps", 1e-8, "Added to the denominator of each update so a near-zero second moment cannot blow "
+                       "it up.", lo=1e-12, hi=1e-3, applies_when=ADAM_LIKE, label="Epsilon"),
+                number("momentum", 0.9, "SGD's momentum: the share of the last update carried into the next.", lo=0.0,
+                       hi=0.999, applies_when={"optimizer": ("SGD",)}, label="Momentum"),
+            ),
+            label="Optimizer settings",
         ),
         boolean(
             "fused_backward",

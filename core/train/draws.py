@@ -25,10 +25,18 @@ def sample_noise(shape: Any, positions: list[int], seed: int, step: int, objecti
     import torch
 
     generators = [torch.Generator(device="cpu").manual_seed(step_seed(seed, step, f"noise:{position}")) for position in positions]
-    # Each generator draws its sample's noise level, then its noise (the order matters for the
-    # numbers); the noise-level mapping runs once for the batch.
+    # Each generator draws its sample's noise level, then its noise, then its offset (the order
+    # matters for the numbers; without offset noise nothing is drawn for it, so the rest stays as it
+    # was); the noise-level mapping runs once for the batch.
     sigmas = sample_sigmas(len(generators), objective, generators)
-    noise = torch.stack([torch.randn(tuple(shape[1:]), generator=g) for g in generators])
+    sample_shape = tuple(shape[1:])
+    noise = torch.stack([torch.randn(sample_shape, generator=g) for g in generators])
+    weight = float(objective.get("offset_noise_weight", 0.0))
+    if weight > 0:
+        # Offset noise (diffusers' --noise_offset, OneTrainer's offset_noise_weight): one normal draw
+        # per latent channel, the same over every frame and pixel of the sample.
+        per_channel = (sample_shape[0],) + (1,) * (len(sample_shape) - 1)
+        noise = noise + weight * torch.stack([torch.randn(per_channel, generator=g) for g in generators])
     return sigmas, noise
 
 

@@ -87,8 +87,9 @@ class FusedBackward:
         log.info("fused backward: %d parameters in %d groups, one optimizer each", len(self._params), len(groups))
 
     @classmethod
-    def build(cls, optimizer_name: str, param_groups: Iterable[dict[str, Any]], learning_rate: float) -> FusedBackward:
-        return cls(param_groups, lambda groups, lr: build_optimizer(optimizer_name, groups, lr), learning_rate)
+    def build(cls, optimizer_name: str, param_groups: Iterable[dict[str, Any]], learning_rate: float,
+              settings: dict[str, Any] | None = None) -> FusedBackward:
+        return cls(param_groups, lambda groups, lr: build_optimizer(optimizer_name, groups, lr, settings), learning_rate)
 
     # -- the hook ----------------------------------------------------------------------------------
     def _hook(self, param: torch.Tensor) -> None:

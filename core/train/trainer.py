@@ -345,8 +345,8 @@ class Trainer:
         if config["training_method"] == "FINE_TUNE" and config["fused_backward"]:
             from .fused_backward import FusedBackward
 
-            return FusedBackward.build(config["optimizer"], groups, config["learning_rate"]), True
-        return build_optimizer(config["optimizer"], groups, config["learning_rate"]), False
+            return FusedBackward.build(config["optimizer"], groups, config["learning_rate"], config["optimizer_settings"]), True
+        return build_optimizer(config["optimizer"], groups, config["learning_rate"], config["optimizer_settings"]), False
 
     def _add_validation(self, run: RunParts, plan: Any) -> None:
         config = self.config
