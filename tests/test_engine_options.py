@@ -60,6 +60,8 @@ REFUSALS = [
     # Offloading without checkpointing would save nothing (the base trains with checkpointing OFF).
     Refusal("layer_offload_fraction", {"layer_offload_fraction": 0.5, "gradient_checkpointing": "OFF"}),
     Refusal("lora.target_layers", {"lora.target_layers": ["no_such_layer"]}),
+    Refusal("lora.decompose", {"lora.decompose": True, "output_format": "COMFY"}),  # ComfyUI decomposes on the other axis
+    Refusal("lora.decompose", {"lora.decompose": True, "transformer.weight_dtype": "FLOAT_8"}),  # peft's DoRA cannot read quanto
     Refusal("video_config.spatial_compression_ratio", {"video_config.spatial_compression_ratio": 16}),
     Refusal("video_config.temporal_compression_ratio", {"video_config.temporal_compression_ratio": 8}),
 ]

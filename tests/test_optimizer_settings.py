@@ -73,3 +73,37 @@ def test_offset_noise_is_one_draw_per_channel_added_to_the_plain_noise() -> None
     assert 0 < per_channel.abs().max() < 0.5
     # Without the setting nothing is drawn for it: the noise is what it always was.
     assert torch.equal(sample_noise(shape, positions, 7, 3, {**plain, "offset_noise_weight": 0.0})[1], noise)
+
+
+def test_a_dora_lora_loads_into_the_pipeline_as_it_trained(tiny_model, tmp_path) -> None:
+    """lora.decompose: peft's DoRA over NFLOAT_4 weights; the DIFFUSERS file carries the magnitudes, and the
+    pipeline's load_lora_weights makes a DoRA adapter of it that changes the transformer's output."""
+    from media_factory import make_clip
+    from diffusers import WanPipeline
+
+    from core.train.trainer import Trainer
+
+    data = tmp_path / "data"
+    data.mkdir()
+    make_clip(data / "clip.mp4", width=32, height=32, fps=16, seconds=0.5)
+    (data / "clip.txt").write_text("a clip", encoding="utf-8")
+    model = tiny_model("wan21")
+    config = resolve({"base_model": str(model), "datasets": [{"path": str(data)}], "resolution": 32, "frames": 5,
+                      "train_dtype": "FLOAT_32", "transformer": {"weight_dtype": "NFLOAT_4"},
+                      "workspace_dir": str(tmp_path / "ws"), "cache_dir": str(tmp_path / "cache"),
+                      "output_path": str(tmp_path / "dora.safetensors"), "max_steps": 3, "learning_rate": 0.01,
+                      "dataloader_threads": 0, "sampling": {"every_n_steps": 0}, "backup": {"every_n_steps": 0},
+                      "lora": {"decompose": True}})
+    (path,) = Trainer(config).run().output_paths  # NFLOAT_4's bitsandbytes weights: peft's DoRA reads them
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        assert any(k.endswith("lora_magnitude_vector") for k in f.keys())
+    pipe = WanPipeline.from_pretrained(model)
+    x, text, t = torch.randn(1, 16, 2, 8, 8, generator=torch.Generator().manual_seed(0)), torch.randn(1, 512, 32), torch.tensor([500.0])
+    with torch.no_grad():
+        before = pipe.transformer(x, t, text, return_dict=False)[0]
+        pipe.load_lora_weights(str(path))
+        after = pipe.transformer(x, t, text, return_dict=False)[0]
+    assert pipe.transformer.peft_config["default_0"].use_dora
+    assert not torch.allclose(before, after, atol=1e-5)

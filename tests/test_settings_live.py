@@ -282,6 +282,14 @@ def _check_comfy(a: Outcome, b: Outcome) -> None:
     assert any(k.endswith(".alpha") for k in b.lora) and "lora_adapter_metadata" not in b.metadata
 
 
+def _check_dora(a: Outcome, b: Outcome) -> None:
+    _trained(a), _trained(b)
+    magnitudes = {k for k in b.lora if k.endswith("lora_magnitude_vector")}
+    assert magnitudes and not any(k.endswith("lora_magnitude_vector") for k in a.lora)
+    assert adapter_config(b)["transformer.use_dora"] is True
+    assert b.losses != a.losses or any(not torch.equal(a.lora[k], b.lora[k]) for k in a.lora)
+
+
 def _check_rank(a: Outcome, b: Outcome) -> None:
     _trained(a), _trained(b)
     assert {v.shape[0] for v in lora_a(a).values()} == {8}
@@ -413,6 +421,7 @@ CASES = [
     Case("lora.rank", {"lora.rank": 4}, _check_rank),
     Case("lora.alpha", {"lora.alpha": 16.0}, _check_alpha),
     Case("lora.dropout", {"lora.dropout": 0.5}, different_lora),
+    Case("lora.decompose", {"lora.decompose": True}, _check_dora),
     Case("lora.target_layers", {"lora.target_layers": ["attn1.to_q"]}, _check_targets),
     Case("video_config.max_frames", {"video_config.max_frames": 16}, new_frames_cached),
     Case("video_config.frame_sample_strategy", {"video_config.frame_sample_strategy": "random"}, _check_random_placement,

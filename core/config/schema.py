@@ -436,6 +436,15 @@ SCHEMA = Section(
                 integer("rank", 16, "Rank of the LoRA matrices: more capacity, more memory.", lo=1, hi=1024),
                 number("alpha", 16.0, "LoRA alpha; the update is scaled by alpha / rank.", lo=0.0, hi=4096.0),
                 number("dropout", 0.0, "Dropout on the LoRA path.", lo=0.0, hi=0.9),
+                boolean(
+                    "decompose",
+                    False,
+                    "DoRA (peft's use_dora): each adapted layer also learns a magnitude per output feature, applied "
+                    "to the direction of the adapted weight; often closer to a full fine-tune at the same rank, at "
+                    "some extra compute. Saved files load with the diffusers pipelines; ComfyUI decomposes on the "
+                    "other axis, so output_format COMFY is refused with it.",
+                    label="DoRA (weight decomposition)",
+                ),
                 string_list(
                     "target_layers",
                     [],

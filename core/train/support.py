@@ -54,6 +54,19 @@ def refusals(config: dict[str, Any], family: str, *, world_size: int = 1, cuda: 
     offload = offload_config_problem(config)  # offloading without checkpointing would save nothing
     if offload is not None:
         out.append(offload)
+    if method == "LORA" and config["lora"]["decompose"] and config["output_format"] == "COMFY":
+        # ComfyUI's weight_decompose normalises each input column (LyCORIS' default axis); peft's DoRA
+        # each output row, so a file of peft's magnitudes would load as another adapter there.
+        out.append(ConfigError("lora.decompose (DoRA) cannot be saved as COMFY: ComfyUI decomposes the weights on "
+                               "the other axis than peft trains; set output_format to DIFFUSERS, or turn DoRA off",
+                               key="lora.decompose", also=("output_format",)))
+    quanto = ("FLOAT_8", "INT_8", "INT_4")
+    if method == "LORA" and config["lora"]["decompose"] and config["transformer"]["weight_dtype"] in quanto:
+        # peft's DoRA reads the base weight to normalise it, and cannot read optimum-quanto's storage.
+        out.append(ConfigError(f"lora.decompose (DoRA) cannot train over transformer.weight_dtype "
+                               f"{config['transformer']['weight_dtype']}: peft's DoRA cannot read those quantized weights; "
+                               "use NFLOAT_4 or a float weight_dtype, or turn DoRA off",
+                               key="lora.decompose", also=("transformer.weight_dtype",)))
     if method in ("LORA", "EMBEDDING") and not str(config["output_path"]).lower().endswith(".safetensors"):
         refuse("output_path", f"output_path {config['output_path']} must be a .safetensors file for {method}")
     return out

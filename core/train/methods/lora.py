@@ -29,7 +29,7 @@ class LoraParts(TrainedParts):
         try:
             transformer.add_adapter(
                 LoraConfig(r=lora["rank"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
-                           target_modules=targets, init_lora_weights=True)
+                           target_modules=targets, init_lora_weights=True, use_dora=bool(lora["decompose"]))
             )
         except ValueError as e:
             raise UserError(f"lora.target_layers {targets} match no layer of the model ({e}); leave it empty for the defaults") from None
