@@ -62,6 +62,11 @@ def capability_refusals(config: dict[str, Any], adapter: ModelAdapter) -> list[C
     """Settings that ask the model for something its family cannot do, in the family's own name."""
     out = []
     name = family_name(adapter.family)
+    method = config["training_method"]
+    if method not in adapter.training_methods:
+        out.append(ConfigError(
+            f"training_method {method}: {name} trains with {' or '.join(adapter.training_methods)} in this version; "
+            f"choose {adapter.training_methods[0]}", key="training_method"))
     if config["objective"]["image_to_video_share"] > 0 and not adapter.image_to_video:
         out.append(ConfigError(
             f"objective.image_to_video_share: {name} cannot learn image-to-video from a clip's first frame "
