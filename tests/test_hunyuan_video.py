@@ -322,6 +322,27 @@ def test_what_hunyuan_video_cannot_do_yet_is_refused_by_name(tiny_hv: Path, one_
     assert caught.value.key == key and "HunyuanVideo" in str(caught.value)
 
 
+@pytest.mark.parametrize("part", ["text_encoder", "text_encoder_2"])
+def test_lora_refuses_training_either_text_encoder(tiny_hv: Path, one_clip: Path, tmp_path: Path, part: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        Trainer(hv_config(tiny_hv, one_clip, tmp_path, **{part: {"train": True}})).run()
+    assert caught.value.key == f"{part}.train"
+
+
+def test_each_text_encoder_loads_in_its_own_sections_weight_dtype(tiny_hv: Path) -> None:
+    from core.memory.quantize import quantized_layer_names
+    from core.models.conditions import load_text_encoders, text_weight_dtypes
+
+    adapter = _loaded(tiny_hv)
+    config = resolve({"text_encoder": {"weight_dtype": "FLOAT_32"}, "text_encoder_2": {"weight_dtype": "FLOAT_8"}})
+    assert text_weight_dtypes(adapter, config) == {"text_encoder": "FLOAT_32", "text_encoder_2": "FLOAT_8"}
+    parts = load_text_encoders(adapter, "cpu", text_weight_dtypes(adapter, config))
+    llama, clip = parts["text_encoder"][1], parts["text_encoder_2"][1]
+    assert not quantized_layer_names(llama) and next(llama.parameters()).dtype == torch.float32
+    assert quantized_layer_names(clip)
+    assert set(adapter.encode_text(["a cat"])) == {"prompt_embeds", "prompt_attention_mask", "pooled_projections"}
+
+
 def test_a_single_file_transformer_is_refused_by_name(tiny_hv: Path) -> None:
     with pytest.raises(ConfigError) as caught:
         _loaded(tiny_hv).load_transformer("transformer", "cpu", torch.float32, checkpoint="/nowhere/t.safetensors")

@@ -94,6 +94,10 @@ class HunyuanVideoAdapter(ModelAdapter):
         }
         self._identities: dict[str, str] = {}
 
+    @property
+    def guidance_distilled(self) -> bool:  # type: ignore[override]
+        return bool(self.transformer_config.get("guidance_embeds", True))
+
     def configure(self, config: dict[str, Any]) -> None:
         transformer = config.get("transformer") or {}
         self.training_guidance = float(transformer.get("guidance_scale", 1.0))
@@ -289,7 +293,7 @@ class HunyuanVideoAdapter(ModelAdapter):
             # Every Linear of Llama's decoder layers; the token embedding and the norms stay.
             return LayerFilter(self.family, part, r"layers\.\d+\..+", setting="text_encoder.weight_dtype")
         if part == "text_encoder_2":
-            return LayerFilter(self.family, part, r"text_model\.encoder\.layers\.\d+\..+", setting="text_encoder_2.weight_dtype")
+            return LayerFilter(self.family, part, r"(text_model\.)?encoder\.layers\.\d+\..+", setting="text_encoder_2.weight_dtype")
         if part != "transformer":
             raise ValueError(f"{self.family} has no quantizable part {part!r}")
         # Every Linear inside both stacks (attention, feed-forward and the blocks' modulation). The patch
