@@ -225,8 +225,8 @@ def test_lora_targets_both_stacks_trains_and_loads_into_the_pipeline(tiny_hv: Pa
     (path,) = result.output_paths
     keys = load_file(path)
     modules = {k.rsplit(".lora_", 1)[0].removeprefix("transformer.") for k in keys}
-    # Attention and projection layers of both stacks, nothing outside them (no token refiner, no proj_out).
-    assert modules == {name for name in _block_linears(tiny_hv) if not re.search(r"norm", name)}
+    # The attention projections of both stacks, nothing outside them (not the token refiner's attention).
+    assert modules == {name for name in _block_linears(tiny_hv) if ".attn." in name}
     assert any(m.startswith("single_transformer_blocks.") for m in modules) and any(m.startswith("transformer_blocks.") for m in modules)
     pipe = HunyuanVideoPipeline.from_pretrained(tiny_hv)
     gen = torch.Generator().manual_seed(0)

@@ -298,8 +298,9 @@ def hunyuan_video_transformer_sizes(config: dict[str, Any]) -> TransformerSizes:
     single_linears = [("norm.linear", dim, 3 * dim), ("attn.to_q", dim, dim), ("attn.to_k", dim, dim), ("attn.to_v", dim, dim),
                       ("proj_mlp", dim, mlp), ("proj_out", dim + mlp, dim)]
     single_other = [(f"attn.{n}.weight", head_dim, False) for n in ("norm_q", "norm_k")] if qk_norm else []
-    dual_lora = tuple(n for n, _, _ in dual_linears if not n.startswith("norm"))
-    single_lora = tuple(n for n, _, _ in single_linears if not n.startswith("norm"))
+    # The adapter's defaults: the attention projections of both stacks (finetrainers' target list).
+    dual_lora = tuple(n for n, _, _ in dual_linears if n.startswith("attn."))
+    single_lora = tuple(n for n, _, _ in single_linears if n.startswith("attn."))
     dual = BlockStack("transformer_blocks", int(config.get("num_layers", 20)), dual_linears, dual_other, dual_lora)
     single = BlockStack("single_transformer_blocks", int(config.get("num_single_layers", 40)), single_linears, single_other,
                         single_lora)

@@ -56,14 +56,15 @@ HIDDEN_LAYERS_SKIPPED = 2
 CLIP_LENGTH = 77
 # The transformer's two stacks, in the order its forward runs them.
 STACKS = ("transformer_blocks", "single_transformer_blocks")
-# Attention and projection layers of both stacks: every Linear but the blocks' modulation (norm1.linear,
-# norm1_context.linear, norm.linear). In the original release's names, which diffusers' HunyuanVideo LoRA
-# loader converts from: img/txt_attn_qkv, img/txt_attn_proj, img/txt_mlp.fc1/fc2 (dual-stream),
-# linear1 (q, k, v and the MLP's input) and linear2 (single-stream).
+# The attention projections of both stacks, as finetrainers' HunyuanVideo LoRA example targets them
+# (examples/training/sft/hunyuan_video/modal_labs_dissolve/train.sh: "(transformer_blocks|
+# single_transformer_blocks).*(to_q|to_k|to_v|to_out.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"):
+# the video and text streams' q, k, v and outputs of the dual-stream blocks, q, k, v of the
+# single-stream ones (whose attention output is fused into proj_out with the MLP's). Not the
+# feed-forwards, proj_mlp/proj_out or the modulation; lora.target_layers can add them.
 DUAL_LORA_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
-                     "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
-                     "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")
-SINGLE_LORA_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp", "proj_out")
+                     "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")
+SINGLE_LORA_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v")
 
 
 class HunyuanVideoAdapter(ModelAdapter):
