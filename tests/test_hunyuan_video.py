@@ -391,6 +391,40 @@ def test_presets_train_the_tiny_model_with_only_model_data_and_output_changed(ti
     assert result.steps == 2 and result.final_loss is not None and result.output_paths == [tmp_path / "out" / "lora.safetensors"]
 
 
+def test_a_batch_of_captions_of_different_lengths_trains_and_validates(tiny_hv: Path, one_clip: Path, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cache stores each caption's own tokens; the collate pads embeddings and mask back together."""
+    batches: list[dict] = []
+    predict = HunyuanVideoAdapter.predict
+
+    def recording(self, transformer, noisy, sigmas, batch, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        batches.append({k: batch[k] for k in ("prompt_embeds", "prompt_attention_mask", "pooled_projections")})
+        return predict(self, transformer, noisy, sigmas, batch, *args, **kwargs)
+
+    monkeypatch.setattr(HunyuanVideoAdapter, "predict", recording)
+    data = tmp_path / "two"
+    data.mkdir()
+    for name, caption in (("a", "a square"), ("b", "a red square moving slowly from the left to the right of the frame")):
+        make_clip(data / f"{name}.mp4", width=64, height=64, fps=16, seconds=1.0)
+        (data / f"{name}.txt").write_text(caption, encoding="utf-8")
+    config = hv_config(tiny_hv, data, tmp_path, max_steps=2, batch_size=2,
+                       video_config={"video_batch_size_multiplier": 1.0},
+                       validation={"every_n_steps": 2, "folder": str(one_clip)})
+    result = Trainer(config).run()
+    assert result.steps == 2 and result.final_loss is not None
+    pairs = [b for b in batches if b["prompt_embeds"].shape[0] == 2]
+    assert pairs, [tuple(b["prompt_embeds"].shape) for b in batches]
+    for batch in pairs:
+        mask = batch["prompt_attention_mask"]
+        assert batch["prompt_embeds"].shape[:2] == mask.shape and batch["pooled_projections"].shape == (2, 32)
+        lengths = mask.sum(1).tolist()
+        # Stored trimmed, restored to the 256 tokens encode_text gave, as the pipeline passes them.
+        assert lengths[0] != lengths[1] and mask.shape[1] == 256
+        assert not batch["prompt_embeds"][~mask.bool()].any()
+    values = [r["val_loss"] for r in read_metrics(tmp_path / "workspace" / "metrics.jsonl") if "val_loss" in r]
+    assert values and all(v == v and 0 < v < 100 for v in values)
+
+
 def test_samples_during_training(tiny_hv: Path, one_clip: Path, tmp_path: Path) -> None:
     config = hv_config(tiny_hv, one_clip, tmp_path, max_steps=2,
                        sampling={"every_n_steps": 2, "prompts": ["a cat"], "width": 64, "height": 64, "frames": 9,

@@ -14,7 +14,8 @@ Text, as HunyuanVideoPipeline.encode_prompt:
   the mask. What is kept: prompt_embeds (256, D) and prompt_attention_mask (256,).
   The transformer reads only the masked tokens (its token refiner pools and attends under the mask,
   and the joint attention masks every text position past the caption's length), so the padded
-  positions are zeroed here and the cache trims them; the collate pads embeddings and mask together.
+  positions are zeroed here, so the cache stores only the caption's tokens; the collate pads
+  embeddings and mask back to the 256 together.
 - CLIP-L (text_encoder_2): the caption (the pipeline passes `prompt`, not prompt_2, to CLIP) padded
   to 77 tokens, encoded without a mask, its pooler_output: pooled_projections (D,).
 
