@@ -6,6 +6,8 @@ docs/settings.md); the rest follow OneTrainer's names where it has them.
 
 from __future__ import annotations
 
+from typing import Any
+
 from .fields import (
     PATH_FILE,
     PATH_FOLDER,
@@ -44,13 +46,17 @@ EXPERT_CHOICES = ("BOTH", "HIGH_NOISE", "LOW_NOISE")
 LORA_ONLY = {"training_method": ("LORA",)}
 # AUTO included: the folder decides, and the engine refuses these settings on a one-transformer model.
 A14B_ONLY = {"model_type": ("AUTO", "WAN_2_2_A14B_T2V", "WAN_2_2_A14B_I2V")}
+# AUTO included: the folder decides; the setting does nothing for a model without the part.
+GUIDANCE_DISTILLED = {"model_type": ("AUTO", "HUNYUAN_VIDEO")}
+TWO_TEXT_ENCODERS = {"model_type": ("AUTO", "HUNYUAN_VIDEO")}
 EMBEDDING_ONLY = {"training_method": ("EMBEDDING",)}
 NOT_EMBEDDING = {"training_method": ("LORA", "FINE_TUNE")}
 FINE_TUNE_ONLY = {"training_method": ("FINE_TUNE",)}
 ADAM_LIKE = {"optimizer": ("ADAMW", "ADAMW_8BIT", "PRODIGY")}  # optimizers with betas and an epsilon
 
 
-def _model_part(name: str, label: str, train: bool, weight_dtype: str, what: str, role: str, extra: tuple = ()) -> Section:
+def _model_part(name: str, label: str, train: bool, weight_dtype: str, what: str, role: str, extra: tuple = (),
+                applies_when: dict[str, tuple[Any, ...]] | None = None) -> Section:
     return Section(
         name,
         role,
@@ -77,6 +83,7 @@ def _model_part(name: str, label: str, train: bool, weight_dtype: str, what: str
             ),
         ),
         label=label,
+        applies_when=applies_when or {},
     )
 
 
@@ -211,11 +218,30 @@ SCHEMA = Section(
                     PATH_FILE,
                     label="Single-file checkpoint",
                 ),
+                number(
+                    "guidance_scale",
+                    1.0,
+                    "The guidance strength a guidance-distilled transformer (Hunyuan Video) is told during training: "
+                    "its guidance embedding gets guidance_scale x 1000, as HunyuanVideoPipeline passes it when "
+                    "sampling. It does not weight the loss or run classifier-free guidance. Trainers differ: 1.0 "
+                    "trains the model told to add no guidance; a value near the one you sample with (the pipeline's "
+                    "default is 6.0) trains it at that strength. Samples use sampling.guidance_scale.",
+                    lo=0.0,
+                    hi=50.0,
+                    applies_when=GUIDANCE_DISTILLED,
+                    label="Distilled guidance (training)",
+                ),
             ),
         ),
         _model_part(
             "text_encoder", "Text encoder", False, "BFLOAT_16", "text encoder",
             "Turns captions into embeddings; its outputs are cached unless it trains.",
+        ),
+        _model_part(
+            "text_encoder_2", "Text encoder 2", False, "BFLOAT_16", "second text encoder",
+            "The second text encoder of a model with two (Hunyuan Video: CLIP-L, whose pooled output "
+            "conditions the transformer); its outputs are cached unless it trains.",
+            applies_when=TWO_TEXT_ENCODERS,
         ),
         _model_part(
             "vae", "VAE", False, "FLOAT_32", "VAE",

@@ -26,6 +26,7 @@ from typing import Any
 from .known_models import ModelConfigs, model_configs
 from .model_sizes import (
     DTYPE_BYTES,
+    BlockStack,
     QUANTIZED,
     TransformerSizes,
     block_activation_bytes,
@@ -98,7 +99,7 @@ def tokens_per_sample(config: dict[str, Any], t: TransformerSizes, spatial: int,
 
 def estimate_memory(config: dict[str, Any], configs: ModelConfigs | None = None) -> Estimate:
     """The estimate for a complete, resolved settings dict (core.config.resolve)."""
-    from .offload import offloaded_block_count  # torch-free at import
+    from .offload import offloaded_block_count, offloaded_block_indices  # torch-free at import
 
     configs = configs or model_configs(config["base_model"])
     transformers = [transformer_sizes(c) for c in configs.transformers]
@@ -131,9 +132,9 @@ def estimate_memory(config: dict[str, Any], configs: ModelConfigs | None = None)
     offloaded = offloaded_block_count(fraction, t.n_blocks)
     if not full_transformer:
         for sizes in transformers:
-            block = sizes.block_bytes(wdtype)
             in_flight = min(DEFAULT_SLOTS, offloaded)
-            weights += (sizes.n_blocks - offloaded + in_flight) * block + sizes.outside_bytes(wdtype)
+            indices = offloaded_block_indices(fraction, sizes.n_blocks)
+            weights += sizes.blocks_bytes(wdtype, indices, in_flight) + sizes.outside_bytes(wdtype)
     details.update(offloaded_blocks=offloaded, weight_dtype=wdtype)
     text_in_graph = method == "EMBEDDING" or config["text_encoder"]["train"]
     text_full = config["text_encoder"]["train"] and method == "FINE_TUNE"
@@ -146,18 +147,20 @@ def estimate_memory(config: dict[str, Any], configs: ModelConfigs | None = None)
     # size unless fused_backward frees each one inside the backward pass (core/train/finetune.py).
     optimizer = config["optimizer"]
     fused = full_transformer and config["fused_backward"]
-    targets = _lora_targets(config, t) if lora else []
+    stack_targets = [(stack.count, _lora_targets(config, stack)) for stack in t.block_stacks()] if lora else []
+    # One block's LoRA'd layers (the largest stack's block, for the per-block activation terms).
+    targets = max((found for _, found in stack_targets), key=len, default=[])
     small = 0  # float32-trained parameters (LoRA, embedding rows)
     small_factored = 0
     if lora and config["transformer"]["train"]:
-        small += len(transformers) * t.n_blocks * sum(rank * (i + o) for i, o in targets)
-        small_factored = len(transformers) * t.n_blocks * sum(4 * (rank + i) + 4 * (o + rank) for i, o in targets)
+        for count, found in stack_targets:
+            small += len(transformers) * count * sum(rank * (i + o) for i, o in found)
+            small_factored += len(transformers) * count * sum(4 * (rank + i) + 4 * (o + rank) for i, o in found)
     if method == "EMBEDDING":
         small += len(config["embedding"]["placeholder_tokens"]) * te.d_model
     full: list[tuple[int, int, int]] = []  # (parameters, bytes per weight, Adafactor's factored state in fp32 bytes)
     if full_transformer:
-        full += [(s.parameters(), DTYPE_BYTES.get(wdtype, 4), sum(4 * (i + o) * s.n_blocks for _, i, o in s.block_linears))
-                 for s in transformers]
+        full += [(s.parameters(), DTYPE_BYTES.get(wdtype, 4), 4 * s.block_linear_factors()) for s in transformers]
     if text_full:
         full.append((te.parameters(), DTYPE_BYTES.get(config["text_encoder"]["weight_dtype"], 4),
                      4 * te.layers * (4 * (te.d_model + te.heads * te.d_kv) + 3 * (te.d_model + te.d_ff))))
@@ -211,11 +214,11 @@ def estimate_memory(config: dict[str, Any], configs: ModelConfigs | None = None)
     return Estimate(peak, parts, needed, details)
 
 
-def _lora_targets(config: dict[str, Any], t: TransformerSizes) -> list[tuple[int, int]]:
-    """(in, out) of each LoRA'd Linear in one block: lora.target_layers (name suffixes), else the
-    adapter's defaults for the known models (attention projections and the feed-forward pair)."""
-    shapes = t.linear_shapes()
-    defaults = list(t.lora_defaults) if t.lora_defaults is not None else [n for n in shapes if not n.startswith("attn2.add_")]
+def _lora_targets(config: dict[str, Any], stack: BlockStack) -> list[tuple[int, int]]:
+    """(in, out) of each LoRA'd Linear in one block of a stack: lora.target_layers (name suffixes), else
+    the adapter's defaults for the known models (attention projections and the feed-forward pair)."""
+    shapes = {name: (i, o) for name, i, o in stack.linears}
+    defaults = list(stack.lora_defaults) if stack.lora_defaults is not None else [n for n in shapes if not n.startswith("attn2.add_")]
     wanted = config["lora"]["target_layers"] or defaults
     return [shape for name, shape in shapes.items() if any(name == w or name.endswith("." + w) or w.endswith(name) for w in wanted)]
 

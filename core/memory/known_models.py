@@ -24,6 +24,16 @@ Sources of the numbers:
   d_ff 10240, 24 layers, 64 heads of 64, vocabulary 32128, gated-gelu).
 - CogVideoX VAE: 8x spatial / 4x temporal, 16 latent channels (AutoencoderKLCogVideoX,
   temporal_compression_ratio 4, latent_channels 16; the transformer's 60x90 latents of 480x720 video).
+- HunyuanVideo transformer (hunyuanvideo-community/HunyuanVideo): diffusers'
+  scripts/convert_hunyuan_video_to_diffusers.py (huggingface/diffusers at
+  04614753d0da1edf7f811ae6b4dae4ed4fa9919e), convert_transformer: the release's checkpoint loads
+  with strict=True into `HunyuanVideoTransformer3DModel()`, so its config is that class's defaults
+  (24 heads of 128, 20 dual-stream and 40 single-stream blocks, 2 refiner blocks, mlp_ratio 4,
+  patch 2 x 2 x 1, guidance_embeds, text_embed_dim 4096, pooled_projection_dim 768): 12.82 B
+  parameters. Its VAE: `AutoencoderKLHunyuanVideo()`'s defaults (16 latent channels, 8x spatial,
+  4x temporal). Its text encoders (a Llama 3 8B and CLIP-L) are not sized here: the estimator's
+  text-encoder table is T5's, and Hunyuan Video trains neither encoder (LoRA only), so no estimate
+  counts them; the Llama config is not built in.
 """
 
 from __future__ import annotations
@@ -55,6 +65,11 @@ COGVIDEOX_5B = {**_COG_COMMON, "num_layers": 42, "num_attention_heads": 48, "use
 COGVIDEOX_5B_I2V = {**COGVIDEOX_5B, "in_channels": 32, "use_learned_positional_embeddings": True}
 T5_V1_1_XXL = {"model_type": "t5", "d_model": 4096, "d_ff": 10240, "d_kv": 64, "num_heads": 64, "num_layers": 24,
                "vocab_size": 32128, "relative_attention_num_buckets": 32, "feed_forward_proj": "gated-gelu"}
+HUNYUAN_VIDEO = {"_class_name": "HunyuanVideoTransformer3DModel", "in_channels": 16, "out_channels": 16,
+                 "num_attention_heads": 24, "attention_head_dim": 128, "num_layers": 20, "num_single_layers": 40,
+                 "num_refiner_layers": 2, "mlp_ratio": 4.0, "patch_size": 2, "patch_size_t": 1, "qk_norm": "rms_norm",
+                 "guidance_embeds": True, "text_embed_dim": 4096, "pooled_projection_dim": 768}
+HUNYUAN_VIDEO_VAE = {"z_dim": 16, "scale_factor_spatial": 8, "scale_factor_temporal": 4}
 COGVIDEOX_VAE = {"z_dim": 16, "scale_factor_spatial": 8, "scale_factor_temporal": 4}
 WAN21_VAE = {"z_dim": 16, "scale_factor_spatial": 8, "scale_factor_temporal": 4}
 WAN22_VAE = {"z_dim": 48, "scale_factor_spatial": 16, "scale_factor_temporal": 4}
@@ -81,6 +96,7 @@ KNOWN_MODELS: dict[str, ModelConfigs] = {
     "THUDM/CogVideoX-2b": ModelConfigs("CogVideoX 2B", "", [COGVIDEOX_2B], T5_V1_1_XXL, COGVIDEOX_VAE),
     "THUDM/CogVideoX-5b": ModelConfigs("CogVideoX 5B", "", [COGVIDEOX_5B], T5_V1_1_XXL, COGVIDEOX_VAE),
     "THUDM/CogVideoX-5b-I2V": ModelConfigs("CogVideoX 5B I2V", "", [COGVIDEOX_5B_I2V], T5_V1_1_XXL, COGVIDEOX_VAE),
+    "hunyuanvideo-community/HunyuanVideo": ModelConfigs("HunyuanVideo", "", [HUNYUAN_VIDEO], {}, HUNYUAN_VIDEO_VAE),
 }
 
 

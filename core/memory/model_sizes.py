@@ -68,8 +68,29 @@ def linear_bytes(in_features: int, out_features: int, bias: bool, weight_dtype: 
 
 
 @dataclass
+class BlockStack:
+    """One stack of identical blocks of a transformer with several (dual- then single-stream)."""
+
+    name: str  # the ModuleList's attribute: "transformer_blocks", "single_transformer_blocks"
+    count: int
+    linears: list[tuple[str, int, int]]  # (name in the block, in, out), all with bias
+    other: list[tuple[str, int, bool]]  # (name, elements, kept in float32)
+    lora_defaults: tuple[str, ...] | None = None  # the adapter's default LoRA targets in this stack's blocks
+
+    def block_bytes(self, weight_dtype: str, quantize_blocks: bool = True) -> int:
+        base = compute_bytes(weight_dtype)
+        linear_dtype = weight_dtype if quantize_blocks else {4: "FLOAT_32", 2: "BFLOAT_16"}[base]
+        total = sum(linear_bytes(i, o, True, linear_dtype) for _, i, o in self.linears)
+        return total + sum(n * (4 if fp32 else base) for _, n, fp32 in self.other)
+
+    def block_parameters(self) -> int:
+        return sum(i * o + o for _, i, o in self.linears) + sum(n for _, n, _ in self.other)
+
+
+@dataclass
 class TransformerSizes:
-    """One Wan transformer's shape and tensors, from its config.json."""
+    """One transformer's shape and tensors, from its config.json: one stack of n_blocks blocks
+    (block_linears, block_other), or several (`stacks`, in forward order; n_blocks is their sum)."""
 
     config: dict[str, Any]
     n_blocks: int
@@ -89,14 +110,29 @@ class TransformerSizes:
     text_tokens: int = 512  # the text length the cached embeddings are padded to
     joint_text: bool = False  # text tokens join the video tokens in one self-attention (no cross-attention)
     lora_defaults: tuple[str, ...] | None = None  # the adapter's default LoRA targets; None: every block Linear
+    stacks: list[BlockStack] = field(default_factory=list)  # several stacks; empty: the one above
+
+    def block_stacks(self) -> list[BlockStack]:
+        """The stacks in forward order: `stacks`, or the one stack of block_linears and block_other."""
+        if self.stacks:
+            return self.stacks
+        return [BlockStack("blocks", self.n_blocks, self.block_linears, self.block_other, self.lora_defaults)]
 
     def block_bytes(self, weight_dtype: str, quantize_blocks: bool = True) -> int:
-        """Bytes of one block with its Linear layers in weight_dtype (others in the compute dtype)."""
-        base = compute_bytes(weight_dtype)
-        linear_dtype = weight_dtype if quantize_blocks else {4: "FLOAT_32", 2: "BFLOAT_16"}[base]
-        total = sum(linear_bytes(i, o, True, linear_dtype) for _, i, o in self.block_linears)
-        total += sum(n * (4 if fp32 else base) for _, n, fp32 in self.block_other)
-        return total
+        """Bytes of one block (of the first stack) with its Linear layers in weight_dtype (others in
+        the compute dtype)."""
+        return self.block_stacks()[0].block_bytes(weight_dtype, quantize_blocks)
+
+    def each_block_bytes(self, weight_dtype: str) -> list[int]:
+        """Bytes of every block in forward order, as layer offloading numbers them over all stacks."""
+        return [stack.block_bytes(weight_dtype) for stack in self.block_stacks() for _ in range(stack.count)]
+
+    def blocks_bytes(self, weight_dtype: str, offloaded: list[int], in_flight: int) -> int:
+        """Bytes of the blocks resident on the GPU: all but the `offloaded` indices, and `in_flight`
+        offloaded blocks (the largest of them) on their way in."""
+        each = self.each_block_bytes(weight_dtype)
+        away = sorted((each[i] for i in offloaded), reverse=True)
+        return sum(each) - sum(away) + sum(away[:in_flight])
 
     def outside_bytes(self, weight_dtype: str) -> int:
         """Bytes of everything outside the blocks (never quantized by default), buffers included."""
@@ -106,16 +142,19 @@ class TransformerSizes:
         return total + self.buffer_bytes
 
     def total_bytes(self, weight_dtype: str) -> int:
-        return self.n_blocks * self.block_bytes(weight_dtype) + self.outside_bytes(weight_dtype)
+        return sum(s.count * s.block_bytes(weight_dtype) for s in self.block_stacks()) + self.outside_bytes(weight_dtype)
 
     def parameters(self) -> int:
         """Parameter elements (PyTorch's count), as part_summary's `parameters`."""
-        block = sum(i * o + o for _, i, o in self.block_linears) + sum(n for _, n, _ in self.block_other)
         outside = sum(i * o + o for _, i, o, _ in self.outside_linears) + sum(n for _, n, _ in self.outside_other)
-        return self.n_blocks * block + outside
+        return sum(s.count * s.block_parameters() for s in self.block_stacks()) + outside
 
     def max_linear_elements(self) -> int:
-        return max(i * o for _, i, o in self.block_linears)
+        return max(i * o for s in self.block_stacks() for _, i, o in s.linears)
+
+    def block_linear_factors(self) -> int:
+        """Sum of in + out over every block Linear of every stack (Adafactor's factored state)."""
+        return sum(s.count * (i + o) for s in self.block_stacks() for _, i, o in s.linears)
 
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
         """Suffix name -> (in, out) of the Linear layers in a block, for LoRA targets."""
@@ -229,10 +268,74 @@ def cogvideox_transformer_sizes(config: dict[str, Any]) -> TransformerSizes:
     return sizes
 
 
+def hunyuan_video_transformer_sizes(config: dict[str, Any]) -> TransformerSizes:
+    """The tensors of diffusers' HunyuanVideoTransformer3DModel (transformer_hunyuan_video.py) for a
+    config.json, defaults as its __init__. Two stacks: num_layers dual-stream blocks (norm1 and
+    norm1_context modulation Linears dim -> 6 dim; attention to_q/k/v/out and add_q/k/v/to_add_out
+    with bias, RMSNorm q/k/added_q/added_k per head; ff and ff_context dim -> mlp_ratio dim -> dim)
+    and num_single_layers single-stream blocks (norm.linear dim -> 3 dim; to_q/k/v, RMSNorm q/k;
+    proj_mlp dim -> mlp dim; proj_out dim + mlp dim -> dim). Outside: the Conv3d patch embedding, the
+    text embedder (context_embedder: its own time and text-pool embedders, proj_in, num_refiner_layers
+    refiner blocks with LayerNorms, attention, a 4x feed-forward and an AdaNorm), the time, pooled-text
+    and (guidance_embeds) guidance embedders, norm_out and proj_out. No buffers (rotary embeddings are
+    computed per call), no module kept in float32. Text joins the video in one attention."""
+    heads = int(config.get("num_attention_heads", 24))
+    head_dim = int(config.get("attention_head_dim", 128))
+    dim = heads * head_dim
+    mlp = int(dim * float(config.get("mlp_ratio", 4.0)))
+    text_dim = int(config.get("text_embed_dim", 4096))
+    pooled = int(config.get("pooled_projection_dim", 768))
+    p, p_t = int(config.get("patch_size", 2)), int(config.get("patch_size_t", 1))
+    in_channels = int(config.get("in_channels", 16))
+    out_channels = int(config.get("out_channels") or in_channels)
+    qk_norm = config.get("qk_norm", "rms_norm") is not None
+    dual_linears = [("norm1.linear", dim, 6 * dim), ("norm1_context.linear", dim, 6 * dim)]
+    dual_linears += [(f"attn.{n}", dim, dim) for n in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj",
+                                                        "to_out.0", "to_add_out")]
+    dual_linears += [(f"{ff}.net.0.proj", dim, mlp) for ff in ("ff", "ff_context")]
+    dual_linears += [(f"{ff}.net.2", mlp, dim) for ff in ("ff", "ff_context")]
+    dual_other = [(f"attn.{n}.weight", head_dim, False) for n in ("norm_q", "norm_k", "norm_added_q", "norm_added_k")] if qk_norm else []
+    single_linears = [("norm.linear", dim, 3 * dim), ("attn.to_q", dim, dim), ("attn.to_k", dim, dim), ("attn.to_v", dim, dim),
+                      ("proj_mlp", dim, mlp), ("proj_out", dim + mlp, dim)]
+    single_other = [(f"attn.{n}.weight", head_dim, False) for n in ("norm_q", "norm_k")] if qk_norm else []
+    # The adapter's defaults: the attention projections of both stacks (finetrainers' target list).
+    dual_lora = tuple(n for n, _, _ in dual_linears if n.startswith("attn."))
+    single_lora = tuple(n for n, _, _ in single_linears if n.startswith("attn."))
+    dual = BlockStack("transformer_blocks", int(config.get("num_layers", 20)), dual_linears, dual_other, dual_lora)
+    single = BlockStack("single_transformer_blocks", int(config.get("num_single_layers", 40)), single_linears, single_other,
+                        single_lora)
+    sizes = TransformerSizes(dict(config), dual.count + single.count, dim, heads, head_dim, mlp, text_dim, (p_t, p, p),
+                             in_channels, out_channels, block_linears=dual_linears, block_other=dual_other,
+                             text_tokens=int(config.get("max_text_seq_length", 256)), joint_text=True,
+                             lora_defaults=dual_lora + single_lora, stacks=[dual, single])
+
+    kernel = p_t * p * p
+    sizes.outside_other += [("x_embedder.proj.weight", in_channels * dim * kernel, False), ("x_embedder.proj.bias", dim, False)]
+    refiner = "context_embedder.token_refiner.refiner_blocks"
+    outside = [("context_embedder.time_text_embed.timestep_embedder.linear_1", 256, dim),
+               ("context_embedder.time_text_embed.timestep_embedder.linear_2", dim, dim),
+               ("context_embedder.time_text_embed.text_embedder.linear_1", text_dim, dim),
+               ("context_embedder.time_text_embed.text_embedder.linear_2", dim, dim),
+               ("context_embedder.proj_in", text_dim, dim),
+               ("time_text_embed.timestep_embedder.linear_1", 256, dim), ("time_text_embed.timestep_embedder.linear_2", dim, dim),
+               ("time_text_embed.text_embedder.linear_1", pooled, dim), ("time_text_embed.text_embedder.linear_2", dim, dim),
+               ("norm_out.linear", dim, 2 * dim), ("proj_out", dim, kernel * out_channels)]
+    if config.get("guidance_embeds", True):
+        outside += [("time_text_embed.guidance_embedder.linear_1", 256, dim), ("time_text_embed.guidance_embedder.linear_2", dim, dim)]
+    for i in range(int(config.get("num_refiner_layers", 2))):
+        outside += [(f"{refiner}.{i}.attn.{n}", dim, dim) for n in ("to_q", "to_k", "to_v", "to_out.0")]
+        outside += [(f"{refiner}.{i}.ff.net.0.proj", dim, 4 * dim), (f"{refiner}.{i}.ff.net.2", 4 * dim, dim),
+                    (f"{refiner}.{i}.norm_out.linear", dim, 2 * dim)]
+        sizes.outside_other += [(f"{refiner}.{i}.{n}", 2 * dim, False) for n in ("norm1", "norm2")]
+    sizes.outside_linears += [(name, i, o, False) for name, i, o in outside]
+    return sizes
+
+
 # A denoiser's config.json names its class (_class_name, as diffusers writes it); the built-in
 # configs of known_models.py name none and are Wan's.
 TRANSFORMER_SIZES = {"WanTransformer3DModel": wan_transformer_sizes,
-                     "CogVideoXTransformer3DModel": cogvideox_transformer_sizes}
+                     "CogVideoXTransformer3DModel": cogvideox_transformer_sizes,
+                     "HunyuanVideoTransformer3DModel": hunyuan_video_transformer_sizes}
 
 
 def transformer_sizes(config: dict[str, Any]) -> TransformerSizes:

@@ -70,8 +70,19 @@ class ModelAdapter(ABC):
     # The encoders textual inversion adds its placeholder tokens to (those whose tokens the captions reach).
     placeholder_encoders: tuple[str, ...] = ("text_encoder",)
 
+    # The training methods this adapter is built and tested for; core/train/support.py refuses the
+    # others by name (training_method) before any work.
+    training_methods: tuple[str, ...] = ("LORA", "FINE_TUNE", "EMBEDDING")
+    # Whether the denoiser takes a distilled-guidance input, which transformer.guidance_scale sets in
+    # training; for one without, a guidance_scale other than the default is refused by name.
+    guidance_distilled: bool = False
+
     def __init__(self, folder: str | os.PathLike) -> None:
         self.folder = Path(folder).expanduser().absolute()
+
+    def configure(self, config: dict[str, Any]) -> None:
+        """Take what the family's forward call reads from a run's settings (core.models.registry.adapter_for
+        calls it with the run's config; nothing by default). Hunyuan Video: transformer.guidance_scale."""
 
     @classmethod
     def detect(cls, index: dict[str, Any]) -> str | None:

@@ -18,6 +18,7 @@ from core.model_folder import WHAT_TO_DO, resolve_model_folder
 
 from .base import ModelAdapter
 from .cogvideox import CogVideoXAdapter
+from .hunyuan_video import HunyuanVideoAdapter
 from .wan import WanAdapter
 
 logger = logging.getLogger(__name__)
@@ -41,7 +42,8 @@ FAMILIES: dict[str, Family] = {
     "wan22_a14b": Family("WAN_2_2_A14B_T2V", "Wan 2.2 A14B text-to-video", ("WanPipeline",), WanAdapter),
     "wan22_a14b_i2v": Family("WAN_2_2_A14B_I2V", "Wan 2.2 A14B image-to-video", ("WanImageToVideoPipeline",), WanAdapter),
     "wan21_i2v": Family("", "Wan 2.1 image-to-video", ("WanImageToVideoPipeline",)),
-    "hunyuan_video": Family("HUNYUAN_VIDEO", "HunyuanVideo", ("HunyuanVideoPipeline",)),
+    "hunyuan_video": Family("HUNYUAN_VIDEO", "HunyuanVideo", ("HunyuanVideoPipeline",), HunyuanVideoAdapter),
+    "hunyuan_video_i2v": Family("", "HunyuanVideo image-to-video", ("HunyuanVideoImageToVideoPipeline",)),
     "cogvideox": Family("COGVIDEOX", "CogVideoX", ("CogVideoXPipeline",), CogVideoXAdapter),
     "cogvideox_i2v": Family("COGVIDEOX_I2V", "CogVideoX image-to-video", ("CogVideoXImageToVideoPipeline",), CogVideoXAdapter),
     "hidream": Family("HIDREAM", "HiDream", ("HiDreamImagePipeline",)),
@@ -122,4 +124,6 @@ def adapter_for(config: dict[str, Any], *, download: bool = True) -> ModelAdapte
             key="base_model",
         )
     logger.log(logging.INFO if download else logging.DEBUG, "model %s: %s", folder, found.name)
-    return found.adapter(folder, family=detected)
+    adapter = found.adapter(folder, family=detected)
+    adapter.configure(config)
+    return adapter

@@ -118,6 +118,12 @@ def capability_refusals(config: dict[str, Any], adapter: ModelAdapter) -> list[C
     """Settings that ask the model for something its family cannot do, in the family's own name."""
     out = []
     name = family_name(adapter.family)
+    method = config["training_method"]
+    if method not in adapter.training_methods:
+        out.append(ConfigError(
+            f"training_method {method}: {name} trains with {' or '.join(adapter.training_methods)} in this version; "
+            f"choose {adapter.training_methods[0]}", key="training_method"))
+    out.extend(_unused_part_settings(config, adapter, name))
     if config["objective"]["image_to_video_share"] > 0 and not adapter.image_to_video:
         out.append(ConfigError(
             f"objective.image_to_video_share: {name} cannot learn image-to-video from a clip's first frame "
@@ -142,6 +148,29 @@ def capability_refusals(config: dict[str, Any], adapter: ModelAdapter) -> list[C
     if config["training_method"] == "LORA" and config["output_format"] == "COMFY" and adapter.comfy_lora_keys() is None:
         out.append(ConfigError(f"output_format COMFY: {name} has no ComfyUI LoRA format here; set it to DIFFUSERS",
                                key="output_format"))
+    return out
+
+
+def _unused_part_settings(config: dict[str, Any], adapter: ModelAdapter, name: str) -> list[ConfigError]:
+    """Settings of parts the model does not have, changed from their defaults: a second text encoder's
+    section for a model with one, the distilled guidance for a transformer without that input."""
+    from core.config.settings import defaults
+
+    default, out = defaults(), []
+    for section in (k for k in config if k.startswith("text_encoder") and isinstance(config[k], dict)):
+        if section in adapter.text_encoder_names or section not in default:
+            continue
+        changed = [key for key, value in config[section].items() if default[section].get(key) != value]
+        if changed:
+            out.append(ConfigError(
+                f"{section}.{changed[0]}: {name} has no {section} (its text encoders: {', '.join(adapter.text_encoder_names)}), "
+                f"so the setting would do nothing; leave {section} at its defaults", key=f"{section}.{changed[0]}"))
+    scale = config["transformer"].get("guidance_scale")
+    if not adapter.guidance_distilled and scale is not None and scale != default["transformer"]["guidance_scale"]:
+        out.append(ConfigError(
+            f"transformer.guidance_scale {scale}: {name}'s transformer takes no distilled-guidance input, so it would "
+            f"do nothing; set it to {default['transformer']['guidance_scale']} (samples' guidance is sampling.guidance_scale)",
+            key="transformer.guidance_scale"))
     return out
 
 

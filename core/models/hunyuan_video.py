@@ -1,0 +1,357 @@
+"""The Hunyuan Video family, text-to-video (HunyuanVideoPipeline folders such as
+hunyuanvideo-community/HunyuanVideo), following diffusers' HunyuanVideoPipeline.
+
+Latents: as the pipeline decodes them (latents / vae.config.scaling_factor), so the cache holds a
+posterior sample times scaling_factor (seeded, so an entry is reproducible), in the VAE's and the
+transformer's own (B, C, F, H, W) layout. The VAE compresses 8x in space and 4x in time, so clips
+take 4k + 1 frames; the transformer patches 2x2 in space (1 in time): sides are multiples of 16.
+
+Text, as HunyuanVideoPipeline.encode_prompt:
+- Llama (text_encoder): the caption inside the pipeline's DEFAULT_PROMPT_TEMPLATE, tokenized to
+  256 + crop_start tokens (padding, truncation, with its attention mask), the hidden state
+  `hidden_states[-(num_hidden_layers_to_skip + 1)]` (the pipeline skips 2: the third-to-last), and
+  the first crop_start (95) positions, the template's system part, cut away from the embeddings and
+  the mask. What is kept: prompt_embeds (256, D) and prompt_attention_mask (256,).
+  The transformer reads only the masked tokens (its token refiner pools and attends under the mask,
+  and the joint attention masks every text position past the caption's length), so the padded
+  positions are zeroed here, so the cache stores only the caption's tokens; the collate pads
+  embeddings and mask back to the 256 together.
+- CLIP-L (text_encoder_2): the caption (the pipeline passes `prompt`, not prompt_2, to CLIP) padded
+  to 77 tokens, encoded without a mask, its pooler_output: pooled_projections (D,).
+
+The forward call is the pipeline's: latents as they are, the flow-matching timestep sigma * 1000 as
+float32, the mask in the transformer's dtype, the pooled CLIP vector, and the distilled-guidance
+input `guidance_scale * 1000` in the transformer's dtype, where guidance_scale is the setting
+transformer.guidance_scale in training (configure) and sampling.guidance_scale when sampling.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
+
+from core.identity import folder_identity
+
+from .base import ModelAdapter, SampleRequest
+from .conditions import ConditionSpec
+from .loading import FrozenTextEncoder, component, load_frozen_vae
+from .loading import place as _place
+from .loading import read_json as _read_json
+
+if TYPE_CHECKING:
+    import torch
+
+    from core.memory.quantize import LayerFilter
+
+    from .objectives import Objective
+
+logger = logging.getLogger(__name__)
+
+HUNYUAN_FAMILIES = ("hunyuan_video",)
+# HunyuanVideoPipeline.__call__'s max_sequence_length, _get_llama_prompt_embeds' num_hidden_layers_to_skip
+# and _get_clip_prompt_embeds' max_sequence_length.
+MAX_TEXT_LENGTH = 256
+HIDDEN_LAYERS_SKIPPED = 2
+CLIP_LENGTH = 77
+# The transformer's two stacks, in the order its forward runs them.
+STACKS = ("transformer_blocks", "single_transformer_blocks")
+# The attention projections of both stacks, as finetrainers' HunyuanVideo LoRA example targets them
+# (examples/training/sft/hunyuan_video/modal_labs_dissolve/train.sh: "(transformer_blocks|
+# single_transformer_blocks).*(to_q|to_k|to_v|to_out.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"):
+# the video and text streams' q, k, v and outputs of the dual-stream blocks, q, k, v of the
+# single-stream ones (whose attention output is fused into proj_out with the MLP's). Not the
+# feed-forwards, proj_mlp/proj_out or the modulation; lora.target_layers can add them.
+DUAL_LORA_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+                     "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")
+SINGLE_LORA_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v")
+
+
+class HunyuanVideoAdapter(ModelAdapter):
+    """A Hunyuan Video model in a local diffusers folder (model_index.json, transformer/, vae/,
+    text_encoder/ + tokenizer/ (Llama), text_encoder_2/ + tokenizer_2/ (CLIP-L), scheduler/)."""
+
+    max_text_length = MAX_TEXT_LENGTH
+    text_encoder_names = ("text_encoder", "text_encoder_2")
+    placeholder_encoders = ("text_encoder", "text_encoder_2")
+    # Built and tested here: LoRA. Full fine-tuning and embeddings over both tokenizers are refused by
+    # name until they are (core/train/support.py).
+    training_methods = ("LORA",)
+    # Text and video tokens attend jointly in both stacks: no frame-local attention.
+    frame_local_attention = False
+
+    def __init__(self, folder: str | os.PathLike, family: str | None = None) -> None:
+        super().__init__(folder)
+        family = family or "hunyuan_video"
+        if family not in HUNYUAN_FAMILIES:
+            raise ValueError(f"{family!r} is not a Hunyuan Video family; expected one of {', '.join(HUNYUAN_FAMILIES)}")
+        self.family = family
+        self.training_guidance = 1.0  # transformer.guidance_scale (configure)
+        self._vae: Any = None
+        self._text = {
+            "text_encoder": FrozenTextEncoder(self.folder, "LlamaModel"),
+            "text_encoder_2": FrozenTextEncoder(self.folder, "CLIPTextModel", subfolder="text_encoder_2",
+                                                tokenizer_subfolder="tokenizer_2"),
+        }
+        self._identities: dict[str, str] = {}
+
+    @property
+    def guidance_distilled(self) -> bool:  # type: ignore[override]
+        return bool(self.transformer_config.get("guidance_embeds", True))
+
+    def configure(self, config: dict[str, Any]) -> None:
+        transformer = config.get("transformer") or {}
+        self.training_guidance = float(transformer.get("guidance_scale", 1.0))
+
+    # -- configs (read without loading any weights) ---------------------------------------------
+    @cached_property
+    def transformer_config(self) -> dict[str, Any]:
+        path = self.folder / "transformer" / "config.json"
+        return _read_json(path) if path.is_file() else {}
+
+    @cached_property
+    def vae_config(self) -> dict[str, Any]:
+        """vae/config.json with AutoencoderKLHunyuanVideo's defaults filled in, as from_pretrained would."""
+        import inspect
+
+        from diffusers import AutoencoderKLHunyuanVideo
+
+        config = _read_json(self.folder / "vae" / "config.json")
+        for name, param in inspect.signature(AutoencoderKLHunyuanVideo.__init__).parameters.items():
+            if param.default is not inspect.Parameter.empty:
+                config.setdefault(name, param.default)
+        return config
+
+    @cached_property
+    def prompt_template(self) -> dict[str, Any]:
+        from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
+
+        return dict(DEFAULT_PROMPT_TEMPLATE)
+
+    @property
+    def spatial_ratio(self) -> int:
+        # HunyuanVideoPipeline's vae_scale_factor_spatial.
+        return int(self.vae_config["spatial_compression_ratio"])
+
+    @property
+    def temporal_ratio(self) -> int:
+        return int(self.vae_config["temporal_compression_ratio"])
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.vae_config["latent_channels"])
+
+    @property
+    def size_divisor(self) -> int:
+        return self.spatial_ratio * int(self.transformer_config.get("patch_size", 2))
+
+    # -- identities ------------------------------------------------------------------------------
+    def vae_identity(self) -> str:
+        if "vae" not in self._identities:
+            self._identities["vae"] = folder_identity("hunyuan-video-vae", self.folder / "vae")
+        return self._identities["vae"]
+
+    def text_identity(self) -> str:
+        if "text" not in self._identities:
+            template = self.prompt_template
+            self._identities["text"] = folder_identity(
+                "hunyuan-video-text", *(self.folder / name for name in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")),
+                extra={"template": template["template"], "crop_start": template.get("crop_start"),
+                       "length": self.max_text_length, "skipped": HIDDEN_LAYERS_SKIPPED, "padding": "zeroed"},
+            )
+        return self._identities["text"]
+
+    # -- loading ---------------------------------------------------------------------------------
+    def load_vae(self, device: torch.device | str, dtype: torch.dtype) -> Any:
+        if self._vae is None:
+            self._vae = load_frozen_vae(self.folder, "AutoencoderKLHunyuanVideo", dtype)
+        _place(self._vae, device, dtype)
+        return self._vae
+
+    def load_text_encoder(self, device: torch.device | str, dtype: torch.dtype, weight_dtype: str | None = None,
+                          *, name: str = "text_encoder") -> Any:
+        if name not in self._text:
+            raise ValueError(f"{self.family} has the text encoders {', '.join(self._text)}; there is no {name!r}")
+        return self._text[name].load(device, dtype, weight_dtype, lambda dtype_name: self.quantize_filter(name, dtype_name))
+
+    def text_parts(self) -> dict[str, tuple[Any, Any]]:
+        return {name: (part.tokenizer, part.encoder) for name, part in self._text.items()}
+
+    def condition_layout(self) -> dict[str, ConditionSpec]:
+        # Llama's (L, D) embeddings zeroed past the caption and its (L,) mask, both padded on the token
+        # axis (they must keep one length); CLIP's pooled (D,) vector has none.
+        return {"prompt_embeds": ConditionSpec(0, 0.0), "prompt_attention_mask": ConditionSpec(0, False),
+                "pooled_projections": ConditionSpec(None, 0.0)}
+
+    def unload_encoders(self) -> None:
+        self._vae = None
+        for part in self._text.values():
+            part.unload()
+
+    # -- encoding --------------------------------------------------------------------------------
+    def encode_video(
+        self, frames: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None = None
+    ) -> torch.Tensor:
+        """(B, 3, F, H, W) in [-1, 1] -> float32 (B, 16, (F-1)/4+1, H/8, W/8): a posterior sample times
+        vae.config.scaling_factor (seed 0 when no generator, so it is reproducible either way)."""
+        import torch
+
+        if self._vae is None:
+            raise RuntimeError("load_vae() must be called before encode_video()")
+        if frames.ndim != 5 or frames.shape[1] != 3:
+            raise ValueError(f"expected frames of shape (B, 3, F, H, W), got {tuple(frames.shape)}")
+        if generator is None:
+            generator = torch.Generator(device="cpu").manual_seed(0)
+        param = next(self._vae.parameters())
+        with torch.no_grad():
+            dist = self._vae.encode(frames.to(device=param.device, dtype=param.dtype)).latent_dist
+            return dist.sample(generator=generator).float() * float(self._vae.config.scaling_factor)
+
+    def encode_text(self, captions: list[str], grad: bool = False) -> dict[str, torch.Tensor]:
+        """As HunyuanVideoPipeline.encode_prompt (module docstring), the padded positions zeroed."""
+        import torch
+
+        if isinstance(captions, str):
+            captions = [captions]
+        captions = list(captions)
+        llama_tokenizer, llama = self._text["text_encoder"].tokenizer, self._text["text_encoder"].encoder
+        clip_tokenizer, clip = self._text["text_encoder_2"].tokenizer, self._text["text_encoder_2"].encoder
+        if llama is None or clip is None:
+            raise RuntimeError("load_text_encoder() must be called for text_encoder and text_encoder_2 before encode_text()")
+        template = self.prompt_template
+        crop_start = self._crop_start(llama_tokenizer)
+        inputs = llama_tokenizer(
+            [template["template"].format(c) for c in captions], max_length=self.max_text_length + crop_start,
+            padding="max_length", truncation=True, return_tensors="pt", return_length=False,
+            return_overflowing_tokens=False, return_attention_mask=True,
+        )
+        clip_inputs = clip_tokenizer(captions, padding="max_length", max_length=CLIP_LENGTH, truncation=True, return_tensors="pt")
+        device = next(llama.parameters()).device
+        ids, mask = inputs.input_ids.to(device), inputs.attention_mask.to(device)
+        with torch.enable_grad() if grad else torch.no_grad():
+            hidden = llama(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+            embeds = hidden[-(HIDDEN_LAYERS_SKIPPED + 1)]
+            if crop_start > 0:
+                embeds, mask = embeds[:, crop_start:], mask[:, crop_start:]
+            keep = mask.bool()
+            embeds = torch.where(keep[:, :, None], embeds, torch.zeros((), dtype=embeds.dtype, device=device))
+            clip_device = next(clip.parameters()).device
+            pooled = clip(clip_inputs.input_ids.to(clip_device), output_hidden_states=False).pooler_output
+        return {"prompt_embeds": embeds, "prompt_attention_mask": keep, "pooled_projections": pooled.to(device)}
+
+    def _crop_start(self, tokenizer: Any) -> int:
+        """The template's crop_start, or where it has none the pipeline's count: the template's tokens
+        padded to the tokenizer's length, less the <|eot_id|> and the placeholder."""
+        crop_start = self.prompt_template.get("crop_start")
+        if crop_start is None:
+            crop_start = tokenizer(self.prompt_template["template"], padding="max_length", return_tensors="pt",
+                                   return_attention_mask=False)["input_ids"].shape[-1] - 2
+        return int(crop_start)
+
+    # -- training ----------------------------------------------------------------------------------
+    def transformer_names(self) -> tuple[str, ...]:
+        return ("transformer",)
+
+    def load_transformer(self, name: str, device: torch.device | str, dtype: torch.dtype, checkpoint: str | None = None) -> Any:
+        from diffusers import HunyuanVideoTransformer3DModel
+
+        if name != "transformer":
+            raise ValueError(f"{self.family} has one transformer; there is no {name!r}")
+        if checkpoint:
+            from core.errors import ConfigError
+
+            # diffusers can read the original release's file; not built or tested here yet.
+            raise ConfigError(f"transformer.model_path: Hunyuan Video loads its transformer from the diffusers folder "
+                              f"only in this version, not from {checkpoint}; leave it empty", key="transformer.model_path")
+        component(self.folder, name)
+        logger.info("loading the %s of %s", name, self.folder)
+        transformer = HunyuanVideoTransformer3DModel.from_pretrained(self.folder, subfolder=name, torch_dtype=dtype)
+        transformer.requires_grad_(False).eval()
+        _place(transformer, device, dtype)
+        return transformer
+
+    @cached_property
+    def num_train_timesteps(self) -> int:
+        path = self.folder / "scheduler" / "scheduler_config.json"
+        return int(_read_json(path).get("num_train_timesteps", 1000)) if path.is_file() else 1000
+
+    def objective(self, config_objective: dict[str, Any]) -> Objective:
+        # FlowMatchEulerDiscreteScheduler's flow matching: x_t = (1 - s) x0 + s noise, target noise - x0.
+        from .objectives import FlowMatching, configured_weighting
+
+        return FlowMatching(configured_weighting(config_objective), self.num_train_timesteps)
+
+    def set_frame_local_attention(self, transformer: Any) -> None:
+        from core.errors import ConfigError
+
+        raise ConfigError("video_config.use_temporal_attention: Hunyuan Video cannot restrict its attention to one "
+                          "frame here (text and video tokens attend jointly); turn it on", key="video_config.use_temporal_attention")
+
+    def quantize_filter(self, part: str, weight_dtype: str) -> LayerFilter:
+        from core.memory.quantize import LayerFilter
+
+        if part == "text_encoder":
+            # Every Linear of Llama's decoder layers; the token embedding and the norms stay.
+            return LayerFilter(self.family, part, r"layers\.\d+\..+", setting="text_encoder.weight_dtype")
+        if part == "text_encoder_2":
+            return LayerFilter(self.family, part, r"(text_model\.)?encoder\.layers\.\d+\..+", setting="text_encoder_2.weight_dtype")
+        if part != "transformer":
+            raise ValueError(f"{self.family} has no quantizable part {part!r}")
+        # Every Linear inside both stacks (attention, feed-forward and the blocks' modulation). The patch
+        # embedding, the text embedder with its token refiner, the time, guidance and pooled-vector
+        # embedders, norm_out and proj_out stay in the compute dtype, as do all norms and biases.
+        return LayerFilter(self.family, part, r"(single_)?transformer_blocks\.\d+\..+", setting="transformer.weight_dtype")
+
+    def block_stacks(self, transformer: Any) -> list[Any]:
+        return [getattr(transformer, stack) for stack in STACKS]
+
+    def default_lora_targets(self) -> list[str]:
+        # Full names per block: peft matches by suffix, and bare suffixes ("attn.to_q", "proj_out") would
+        # also reach the token refiner's attention and the output projection outside the stacks.
+        config = self.transformer_config
+        dual, single = int(config.get("num_layers", 20)), int(config.get("num_single_layers", 40))
+        return ([f"transformer_blocks.{i}.{t}" for i in range(dual) for t in DUAL_LORA_TARGETS]
+                + [f"single_transformer_blocks.{i}.{t}" for i in range(single) for t in SINGLE_LORA_TARGETS])
+
+    def guidance(self, transformer: Any, batch_size: int, scale: float, device: Any) -> torch.Tensor | None:
+        """The distilled-guidance input as HunyuanVideoPipeline builds it: scale * 1000 per sample, in the
+        transformer's dtype; None for a transformer without a guidance embedder."""
+        import torch
+
+        if not transformer.config.guidance_embeds:
+            return None
+        dtype = transformer.x_embedder.proj.weight.dtype
+        return torch.tensor([scale] * batch_size, dtype=dtype, device=device) * 1000.0
+
+    def predict(
+        self, transformer: Any, noisy: torch.Tensor, sigmas: torch.Tensor, batch: dict[str, Any],
+        first_frame_fixed: torch.Tensor | None = None, condition: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """(B, C, F, H, W) noisy latents -> the flow velocity in the same layout, called as
+        HunyuanVideoPipeline calls its transformer (module docstring)."""
+        from .objectives import model_timesteps
+
+        if first_frame_fixed is not None and bool(first_frame_fixed.any()):
+            raise ValueError(f"{self.family} has no first-frame conditioning")
+        # The Conv3d patch embedding's dtype: the storage dtype of the weights, whatever autocast does.
+        dtype = transformer.x_embedder.proj.weight.dtype
+        return transformer(
+            hidden_states=noisy.to(dtype),
+            timestep=model_timesteps(sigmas, self.num_train_timesteps).to(noisy.device),
+            encoder_hidden_states=batch["prompt_embeds"].to(dtype),
+            encoder_attention_mask=batch["prompt_attention_mask"].to(dtype),
+            pooled_projections=batch["pooled_projections"].to(dtype),
+            guidance=self.guidance(transformer, noisy.shape[0], self.training_guidance, noisy.device),
+            return_dict=False,
+        )[0]
+
+    # -- sampling ----------------------------------------------------------------------------------
+    def sample(self, denoisers: dict[str, Any], request: SampleRequest, *, device: torch.device | str,
+               dtype: torch.dtype) -> Any:
+        """A video from HunyuanVideoPipeline around the given transformer as it is (LoRA active):
+        (frames, height, width, 3) uint8; request.guidance_scale is the pipeline's guidance_scale (the
+        distilled guidance). Sizes round down to what the model takes."""
+        from .hunyuan_video_sampling import sample_video
+
+        return sample_video(self, denoisers, request, device=device, dtype=dtype)
