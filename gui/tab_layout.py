@@ -57,6 +57,7 @@ TABS: tuple[TabSpec, ...] = (
             "epochs",
             "max_grad_norm",
             "optimizer",
+            "optimizer_settings",
             "fused_backward",
             "lr_scheduler",
             "warmup_steps",
