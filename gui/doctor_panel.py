@@ -46,10 +46,12 @@ FATAL_COLOUR = QColor("#c9302c")
 
 
 def diagnose(config: dict[str, Any], progress: Any = None) -> DatasetReport:
-    """core.data.doctor.diagnose, imported on the worker thread at the first check, not with the window."""
+    """core.data.doctor.diagnose, imported on the worker thread at the first check, not with the window;
+    with the model's frame counts and sizes when its folder is at hand (core.models.shape)."""
     from core.data.doctor import diagnose as core_diagnose
+    from core.models.shape import model_shape
 
-    return core_diagnose(config, progress)
+    return core_diagnose(config, progress, model_shape(config))
 
 
 def _diagnose(config: dict[str, Any], control: JobControl) -> DatasetReport:

@@ -20,15 +20,13 @@ from media_factory import (
 
 from core.config import defaults, load_preset
 from core.data.doctor import (
-    EXIT_OK,
-    EXIT_STRICT,
-    EXIT_UNUSABLE,
     diagnose,
     diagnose_folder,
     exposure_rating,
     frames_kept,
     size_divisor,
 )
+from core.data.doctor_report import EXIT_OK, EXIT_STRICT, EXIT_UNUSABLE
 from core.data.doctor_text import render_report
 from core.data.frames import plan_frames
 from core.data.media import MediaInfo
@@ -232,3 +230,34 @@ def test_doctor_command_does_not_import_torch() -> None:
     result = subprocess.run([sys.executable, "-c", code], check=False, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.stdout.strip().endswith("NO-TORCH"), result.stdout + result.stderr
     assert "Result: ready - 8 items can train." in result.stdout
+
+
+def test_the_doctor_plans_with_the_models_own_frame_counts_and_size(tiny_model, tmp_path) -> None:
+    """With the model folder at hand the doctor counts frames and sizes as training will (core.models.shape)."""
+    from media_factory import make_clip
+
+    from core.config import resolve
+    from core.data.doctor import diagnose
+    from core.data.doctor_text import render_report
+    from core.models.shape import model_shape
+
+    data = tmp_path / "clips"
+    data.mkdir()
+    make_clip(data / "long.mp4", width=96, height=64, fps=16, seconds=1.0)  # 16 frames to pick from
+    (data / "long.txt").write_text("a clip", encoding="utf-8")
+    base = {"datasets": [{"path": str(data)}], "resolution": 64, "frames": 16, "video_config": {"max_frames": 16}}
+    # Estimated (no model at hand): 4k + 1 -> 13 frames.
+    estimated = diagnose(resolve({**base, "base_model": str(tmp_path / "nowhere")}))
+    assert [f.frames_kept for f in estimated.files] == [13]
+    assert "the model folder is not at hand" in render_report(estimated)
+    # CogVideoX takes 8k + 1 -> 9 frames; its 5b-I2V layout one size, 64x64 for the tiny one.
+    for family, bucket in (("cogvideox", None), ("cogvideox_i2v", (64, 64))):
+        config = resolve({**base, "base_model": str(tiny_model(family))})
+        shape = model_shape(config)
+        assert shape is not None and shape.frame_rule.accepts(9) and not shape.frame_rule.accepts(13)
+        report = diagnose(config, shape=shape)
+        (plan,) = report.files
+        assert plan.frames_kept == 9
+        if bucket:
+            assert (plan.bucket.height, plan.bucket.width) == bucket
+        assert "(8k + 1) frames, as CogVideoX" in render_report(report)

@@ -39,14 +39,17 @@ def doctor_command(args: argparse.Namespace) -> int:
     # Imported here so that building the parser stays light for every other command.
     from core.data.doctor import diagnose, diagnose_folder
     from core.data.doctor_text import render_report
+    from core.models.shape import model_shape
 
     config = settings_from_args(args)
-    if args.folder:
-        report = diagnose_folder(Path(args.folder).expanduser(), config)
-    elif not config.get("datasets"):
+    if not args.folder and not config.get("datasets"):
         raise UserError("no dataset to check: give a FOLDER, or a --preset or --config that lists datasets")
+    # The model's own frame counts and sizes when its folder is at hand (nothing is downloaded).
+    shape = model_shape(config)
+    if args.folder:
+        report = diagnose_folder(Path(args.folder).expanduser(), config, shape=shape)
     else:
-        report = diagnose(config)
+        report = diagnose(config, shape=shape)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
     else:

@@ -12,9 +12,10 @@ import os
 import statistics
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
+
+from core.models.shape import ModelShape
 
 from .buckets import (
     Bucket,
@@ -33,16 +34,20 @@ from .discovery import (
     Item,
     discover_datasets,
 )
-from .frames import sample_length
+from .doctor_report import (
+    BucketPlan,
+    DatasetReport,
+    DatasetSummary,
+    FilePlan,
+    SizeStat,
+    Stat,
+)
+from .frames import NoAcceptedFrameCount, sample_length
 from .holdout import discover_validation, split_holdout
 from .media import Issue, MediaInfo, UnusableMedia
 from .probe import probe
 
 log = logging.getLogger(__name__)
-
-EXIT_OK = 0
-EXIT_UNUSABLE = 3  # nothing left to train on
-EXIT_STRICT = 4  # strict_data is on and some file is unusable
 
 PROBE_WORKERS = 4  # PyAV releases the GIL while demuxing and decoding, so a few threads overlap well
 
@@ -68,127 +73,10 @@ def exposure_rating(times_seen: float) -> str:
     return RISKY
 
 
-@dataclass
-class Stat:
-    minimum: float
-    median: float
-    maximum: float
-
-
-@dataclass
-class SizeStat:
-    """Frame sizes (width, height), ordered by area."""
-
-    minimum: tuple[int, int]
-    median: tuple[int, int]
-    maximum: tuple[int, int]
-
-
-@dataclass
-class FilePlan:
-    """One usable media file and what training makes of it."""
-
-    path: Path
-    kind: str
-    dataset_index: int
-    split: str  # "train" or "validation"
-    width: int
-    height: int
-    fps: float
-    duration: float
-    frames_kept: int  # frames of one training sample (1 for images)
-    bucket: Bucket
-
-
-@dataclass
-class BucketPlan:
-    bucket: Bucket
-    kind: str  # "video" or "image": they never share a batch
-    items: int  # training files in this bucket
-    samples_per_pass: int  # items counted with their dataset's repeats
-    batch_size: int
-    batches_per_pass: int
-
-
-@dataclass
-class DatasetSummary:
-    index: int
-    path: str
-    repeats: int
-    clips: int  # usable training clips
-    images: int  # usable training images
-    times_seen: float  # how often each item is drawn over the whole run
-    rating: str  # conservative / moderate / high / risky ("" when it has nothing to train)
-    hint: str
-
-
-@dataclass
-class DatasetReport:
-    datasets: list[DatasetSummary]
-    clips: int  # usable clips, training and validation
-    images: int
-    total_duration: float  # seconds of usable clips
-    media_found: int  # media files found, usable or not
-    durations: Stat | None
-    fps: Stat | None
-    sizes: SizeStat | None
-    buckets: list[BucketPlan]
-    files: list[FilePlan]
-    issues: list[Issue]  # every problem, fatal or warning, sorted by path
-    captions: dict[str, int]  # "missing", "empty", "not_utf8", "unreadable" -> count
-    unusable_files: int  # media files that probing refused
-    train_items: int
-    validation_items: int
-    batches_per_pass: int
-    total_batches: int  # batches drawn over the run
-    optimizer_steps: int
-    strict_data: bool
-    usable: bool
-    why_unusable: str = ""
-    settings: dict[str, Any] = field(default_factory=dict)  # the numbers the plan used
-
-    @property
-    def fatal_issues(self) -> list[Issue]:
-        return [i for i in self.issues if i.fatal]
-
-    @property
-    def strict_refused(self) -> bool:
-        return self.strict_data and bool(self.fatal_issues)
-
-    @property
-    def exit_code(self) -> int:
-        """0: can train; 3: nothing usable; 4: strict_data refuses some unusable file."""
-        if not self.usable:
-            return EXIT_UNUSABLE
-        if self.strict_refused:
-            return EXIT_STRICT
-        return EXIT_OK
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready: paths as strings, buckets as [frames, height, width]."""
-        out = {f.name: _jsonable(getattr(self, f.name)) for f in fields(self)}
-        out.update(strict_refused=self.strict_refused, exit_code=self.exit_code)
-        return out
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, Issue):
-        return {"path": str(value.path), "reason": value.reason, "fatal": value.fatal}
-    if is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _jsonable(getattr(value, f.name)) for f in fields(value)}
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
-def frames_kept(info: MediaInfo, config: dict[str, Any]) -> int:
-    """Frames of one training sample from this file (docs/data-pipeline.md, "Frame selection")."""
+def frames_kept(info: MediaInfo, config: dict[str, Any], rule: Any = None) -> int:
+    """Frames of one training sample from this file (docs/data-pipeline.md, "Frame selection"):
+    rounded to the model's frame rule when it is known (ModelShape.frame_rule), else to 4k + 1.
+    0 when the file is shorter than the rule's shortest count (training leaves it out)."""
     if not info.is_video:
         return 1
     vc = config["video_config"]
@@ -197,7 +85,10 @@ def frames_kept(info: MediaInfo, config: dict[str, Any]) -> int:
     # (so a 1.01 s clip at 16 fps has 17); the epsilon keeps 2.5 s x 16 fps at exactly 40.
     candidates = max(1, math.ceil(span * float(vc["target_fps"]) - 1e-6))
     window = min(candidates, int(vc["max_frames"]))
-    return sample_length(int(config["frames"]), window, int(vc["temporal_compression_ratio"]))
+    try:
+        return sample_length(int(config["frames"]), window, int(vc["temporal_compression_ratio"]), rule)
+    except NoAcceptedFrameCount:
+        return 0
 
 
 def probe_all(paths: Sequence[Path], workers: int = PROBE_WORKERS) -> dict[Path, MediaInfo | UnusableMedia]:
@@ -219,13 +110,17 @@ def probe_all(paths: Sequence[Path], workers: int = PROBE_WORKERS) -> dict[Path,
         return dict(zip(unique, pool.map(one, unique)))
 
 
-def diagnose_folder(folder: Path | str, config: dict[str, Any], progress: Callable[[int, int], None] | None = None) -> DatasetReport:
+def diagnose_folder(folder: Path | str, config: dict[str, Any], progress: Callable[[int, int], None] | None = None,
+                    shape: ModelShape | None = None) -> DatasetReport:
     """The report for one folder, with the other settings from config."""
-    return diagnose({**config, "datasets": [{"path": str(folder), "repeats": 1}]}, progress)
+    return diagnose({**config, "datasets": [{"path": str(folder), "repeats": 1}]}, progress, shape)
 
 
-def diagnose(config: dict[str, Any], progress: Callable[[int, int], None] | None = None) -> DatasetReport:
-    """Check every configured dataset (and the validation folder) as training would use them."""
+def diagnose(config: dict[str, Any], progress: Callable[[int, int], None] | None = None,
+             shape: ModelShape | None = None) -> DatasetReport:
+    """Check every configured dataset (and the validation folder) as training would use them.
+    shape: what the model takes (core.models.shape.model_shape), when it is at hand; else frame
+    counts and sizes are estimated from video_config."""
     items, issues = discover_datasets(config)
     if not config.get("datasets"):
         issues.append(Issue(Path("datasets"), "no dataset folders are configured; add a folder of clips"))
@@ -250,14 +145,23 @@ def diagnose(config: dict[str, Any], progress: Callable[[int, int], None] | None
     info_of = {item: info for item, info in usable + usable_validation}
     train, held = split_holdout([i for i, _ in usable], config, validation=[i for i, _ in usable_validation])
 
-    divisor = size_divisor(config)
+    divisor = shape.size_divisor if shape is not None else size_divisor(config)
+    rule = shape.frame_rule if shape is not None else None
     resolution = int(config["resolution"])
     plans: list[FilePlan] = []
     records: list[SampleRecord] = []
     for split, group in (("train", train), ("validation", held)):
         for item in group:
             info = info_of[item]
-            bucket = assign_bucket(info.width, info.height, frames_kept(info, config), resolution, divisor)
+            frames = frames_kept(info, config, rule)
+            if frames == 0:  # shorter than any count the model takes: training leaves it out too
+                issues.append(Issue(item.path, f"too short for {shape.name if shape else 'the model'}: it takes "
+                                               f"{rule.describe() if rule else 'more'} frames"))
+                continue
+            if shape is not None and shape.fixed_size is not None:
+                bucket = Bucket(frames, *shape.fixed_size)
+            else:
+                bucket = assign_bucket(info.width, info.height, frames, resolution, divisor)
             plans.append(FilePlan(item.path, info.kind, item.dataset_index, split, info.width, info.height, info.fps, info.duration, bucket.frames, bucket))
             if split == "train":
                 records.append(SampleRecord(len(records), bucket, item.repeats, info.is_video))
@@ -290,7 +194,7 @@ def diagnose(config: dict[str, Any], progress: Callable[[int, int], None] | None
         optimizer_steps=batches // accumulation,
         strict_data=bool(config.get("strict_data")),
         usable=bool(train),
-        settings=_plan_settings(config, divisor),
+        settings=_plan_settings(config, divisor, shape),
     )
     if not train:
         report.why_unusable = _why_unusable(report, items, usable)
@@ -368,12 +272,16 @@ def _hint(rating: str, by_epochs: bool) -> str:
     return f"likely to overfit: add clips, or lower {length} or repeats" if rating == RISKY else f"add clips, or lower {length} or repeats"
 
 
-def _plan_settings(config: dict[str, Any], divisor: int) -> dict[str, Any]:
+def _plan_settings(config: dict[str, Any], divisor: int, shape: ModelShape | None = None) -> dict[str, Any]:
     vc, validation = config["video_config"], config.get("validation") or {}
     plain = ("resolution", "frames", "batch_size", "gradient_accumulation_steps", "stop_after", "max_steps", "epochs", "seed")
     return {
         **{name: config.get(name) for name in plain},
         "size_divisor": divisor,
+        # What the plan's frame counts and sizes came from: the model folder's adapter, or video_config.
+        "model": shape.name if shape is not None else None,
+        "frame_counts": shape.frame_rule.describe() if shape is not None else None,
+        "fixed_size": list(shape.fixed_size) if shape is not None and shape.fixed_size else None,
         **{name: vc[name] for name in ("max_frames", "target_fps", "max_duration")},
         "video_batch_size": video_batch_size(int(config["batch_size"]), float(vc["video_batch_size_multiplier"])),
         "holdout_fraction": validation.get("holdout_fraction", 0.0),

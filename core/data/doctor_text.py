@@ -7,7 +7,7 @@ from pathlib import Path
 
 from core.paths import shown_path
 
-from .doctor import EXIT_STRICT, EXIT_UNUSABLE, DatasetReport, SizeStat, Stat
+from .doctor_report import EXIT_STRICT, EXIT_UNUSABLE, DatasetReport, SizeStat, Stat
 from .media import Issue
 
 MAX_FILES_LISTED = 50  # longer file lists are cut (--json has them all); problems are never cut
@@ -63,7 +63,14 @@ def _media(report: DatasetReport) -> list[str]:
 
 def _buckets(report: DatasetReport) -> list[str]:
     s = report.settings
-    out = ["", f"Buckets (frames x height x width; about {s.get('resolution')}² pixels, sides in multiples of {s.get('size_divisor')})"]
+    if s.get("fixed_size"):
+        height, width = s["fixed_size"]
+        size = f"{width}x{height} pixels only, the size {s.get('model')} takes"
+    else:
+        size = f"about {s.get('resolution')}² pixels, sides in multiples of {s.get('size_divisor')}"
+    frames = (f"; {s['frame_counts']} frames, as {s.get('model')} takes them" if s.get("frame_counts")
+              else "; frame counts 4k + 1, sizes estimated: the model folder is not at hand")
+    out = ["", f"Buckets (frames x height x width; {size}{frames})"]
     if not report.buckets:
         return out + ["  (nothing to train on)"]
     table = [
