@@ -356,7 +356,7 @@ SCHEMA = Section(
                     label="Offset noise weight",
                 ),
             ),
-            applies_when=NOT_EMBEDDING,
+            # Every method draws its noise levels and weighs its loss by these, textual inversion too.
         ),
         choice("stop_after", ("STEPS", "EPOCHS"), "STEPS", "Whether the run length is counted in max_steps or in epochs."),
         integer("max_steps", 2000, "Optimizer steps to train for.", lo=1, hi=10_000_000, applies_when={"stop_after": ("STEPS",)}, label="Max steps"),
