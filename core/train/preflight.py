@@ -49,7 +49,7 @@ def start_problems(config: dict[str, Any], *, cuda: bool | None = None) -> list[
     if adapter is not None:
         problems += start_refusals(config, adapter, cuda=cuda)
     else:  # the model is not known yet (to be downloaded, or wrong): what needs no model's family
-        problems += refusals(config, "", cuda=None)
+        problems += refusals(config, cuda=None)
     return problems
 
 

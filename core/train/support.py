@@ -17,7 +17,7 @@ from core.models.registry import family_name
 FLOAT_WEIGHT_DTYPES = ("FLOAT_32", "BFLOAT_16", "FLOAT_16")
 
 
-def refusals(config: dict[str, Any], family: str, *, world_size: int = 1, cuda: bool | None = False,
+def refusals(config: dict[str, Any], *, world_size: int = 1, cuda: bool | None = False,
              text_encoders: tuple[str, ...] = ("text_encoder",)) -> list[ConfigError]:
     """Settings whose value this engine cannot honour; training must not start with any.
     text_encoders: the family's text encoders by settings section (adapter.text_encoder_names).
@@ -78,7 +78,7 @@ def start_refusals(config: dict[str, Any], adapter: ModelAdapter, *, world_size:
     raises the first). cuda None: the engine is not loaded (the window while editing, before torch
     has been imported): what needs torch or the family's diffusers classes (FINE_TUNE's checks, the
     objective's weighting, frame sizes, the VAE's ratios) is left out, the rest is the same list."""
-    problems = refusals(config, adapter.family, world_size=world_size, cuda=cuda, text_encoders=adapter.text_encoder_names)
+    problems = refusals(config, world_size=world_size, cuda=cuda, text_encoders=adapter.text_encoder_names)
     if cuda is not None:
         if config["train_dtype"] == "FLOAT_16" and not cuda:
             # accelerate would silently compute in float32 on a CPU.
