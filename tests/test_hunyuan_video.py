@@ -312,7 +312,6 @@ def test_offloading_streams_blocks_of_both_stacks_and_predicts_the_same(tiny_hv:
 
 
 @pytest.mark.parametrize("override, key", [
-    ({"output_format": "COMFY"}, "output_format"),
     ({"video_config": {"use_temporal_attention": False}}, "video_config.use_temporal_attention"),
     ({"training_method": "FINE_TUNE", "output_path": "ft"}, "training_method"),
     ({"training_method": "EMBEDDING", "transformer": {"train": False},

@@ -314,6 +314,17 @@ class HunyuanVideoAdapter(ModelAdapter):
         return ([f"transformer_blocks.{i}.{t}" for i in range(dual) for t in DUAL_LORA_TARGETS]
                 + [f"single_transformer_blocks.{i}.{t}" for i in range(single) for t in SINGLE_LORA_TARGETS])
 
+    def comfy_lora_keys(self) -> Any:
+        """ComfyUI's native Hunyuan Video names (core/export/comfy_hunyuan_video.py), sized by the
+        transformer's config: its fused single-stream linear1 holds q, k, v and the MLP's input."""
+        from functools import partial
+
+        from core.export.comfy_hunyuan_video import diffusers_to_comfy
+
+        config = self.transformer_config
+        hidden = int(config.get("num_attention_heads", 24)) * int(config.get("attention_head_dim", 128))
+        return partial(diffusers_to_comfy, hidden_size=hidden, mlp_width=int(hidden * float(config.get("mlp_ratio", 4.0))))
+
     def guidance(self, transformer: Any, batch_size: int, scale: float, device: Any) -> torch.Tensor | None:
         """The distilled-guidance input as HunyuanVideoPipeline builds it: scale * 1000 per sample, in the
         transformer's dtype; None for a transformer without a guidance embedder."""
