@@ -75,9 +75,9 @@ class HunyuanVideoAdapter(ModelAdapter):
     max_text_length = MAX_TEXT_LENGTH
     text_encoder_names = ("text_encoder", "text_encoder_2")
     placeholder_encoders = ("text_encoder", "text_encoder_2")
-    # Built and tested here: LoRA. Full fine-tuning and embeddings over both tokenizers are refused by
-    # name until they are (core/train/support.py).
-    training_methods = ("LORA",)
+    # LoRA; FINE_TUNE of the transformer (and of either text encoder whose section says train);
+    # EMBEDDING with each placeholder in both tokenizers, each encoder with its own rows.
+    training_methods = ("LORA", "FINE_TUNE", "EMBEDDING")
     # Text and video tokens attend jointly in both stacks: no frame-local attention.
     frame_local_attention = False
 
