@@ -66,6 +66,8 @@ def test_every_linear_of_the_tiny_model_but_the_refused_converts_back_to_its_upd
     model = HunyuanVideoTransformer3DModel.from_pretrained(tiny_hv, subfolder="transformer")
     hidden = model.config.num_attention_heads * model.config.attention_head_dim
     refused = re.compile(r"(.*refiner_blocks\.\d+\.attn\.to_[qkv]|norm_out\.linear"
+                         r"|(context_embedder\.)?time_text_embed\.(timestep|guidance)_embedder\..+"
+                         r"|context_embedder\.time_text_embed\.text_embedder\..+"
                          # The converter splits linear1 at 3072 rows: below, at the released size.
                          r"|single_transformer_blocks\.\d+\.(attn\.to_[qkv]|proj_mlp))")
     shapes = {n: tuple(m.weight.shape) for n, m in model.named_modules()
@@ -93,11 +95,56 @@ def test_the_single_stream_linear1_fuses_q_k_v_and_the_mlp_at_the_released_size(
 
 
 @pytest.mark.parametrize("module", ["norm_out.linear", "context_embedder.token_refiner.refiner_blocks.0.attn.to_q",
-                                    "x_embedder.proj", "transformer_blocks.0.norm1.norm"])
+                                    "x_embedder.proj", "transformer_blocks.0.norm1.norm",
+                                    "time_text_embed.timestep_embedder.linear_1", "time_text_embed.guidance_embedder.linear_2",
+                                    "context_embedder.time_text_embed.text_embedder.linear_1"])
 def test_a_layer_without_a_readable_comfy_name_is_refused(module: str) -> None:
     state, scales = _synthetic({module: (4, 4)})
     with pytest.raises(ValueError, match=re.escape(module)):
         diffusers_to_comfy(state, scales, hidden_size=4, mlp_width=8)
+
+
+# ComfyUI's own module names of the tiny layout's Linears (comfy/ldm/hunyuan_video/model.py on Flux's
+# DoubleStreamBlock, SingleStreamBlock, MLPEmbedder and LastLayer), and the renames its LoRA key map
+# applies to them (comfy/lora.py, model_lora_keys_unet, HunyuanVideo: "diffusion-pipe lora format").
+COMFY_MODEL_LINEARS = (
+    [f"double_blocks.0.{s}_{m}" for s in ("img", "txt") for m in ("mod.lin", "attn.qkv", "attn.proj", "mlp.0", "mlp.2")]
+    + [f"single_blocks.0.{m}" for m in ("linear1", "linear2", "modulation.lin")]
+    + [f"{e}.{m}" for e in ("time_in", "vector_in", "guidance_in", "txt_in.t_embedder", "txt_in.c_embedder")
+       for m in ("in_layer", "out_layer")]
+    + ["txt_in.input_embedder", "final_layer.linear", "final_layer.adaLN_modulation.1"]
+    + [f"txt_in.individual_token_refiner.blocks.0.{m}" for m in ("self_attn.qkv", "self_attn.proj", "mlp.0", "mlp.2",
+                                                                  "adaLN_modulation.1")])
+COMFY_LORA_RENAMES = [("_mod.lin.", "_mod.linear."), ("_attn.qkv.", "_attn_qkv."), ("_attn.proj.", "_attn_proj."),
+                      ("mlp.0.", "mlp.fc1."), ("mlp.2.", "mlp.fc2."), (".modulation.lin.", ".modulation.linear.")]
+
+
+def _comfy_lora_names() -> set[str]:
+    names = set()
+    for module in COMFY_MODEL_LINEARS:
+        key = f"diffusion_model.{module}.weight"
+        for old, new in COMFY_LORA_RENAMES:
+            key = key.replace(old, new)
+        names.add(key.removesuffix(".weight"))
+    return names
+
+
+def test_every_name_written_is_one_comfyuis_lora_key_map_reads(tiny_hv: Path) -> None:
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    from core.export.comfy_hunyuan_video import hunyuan_module_name
+
+    model = HunyuanVideoTransformer3DModel.from_pretrained(tiny_hv, subfolder="transformer")
+    readable = _comfy_lora_names()
+    written = set()
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            try:
+                written.add("diffusion_model." + hunyuan_module_name(name)[0])
+            except ValueError:
+                continue
+    assert written and written <= readable, written - readable
+    assert "diffusion_model.double_blocks.0.img_attn_qkv" in written and "diffusion_model.single_blocks.0.linear1" in written
 
 
 def _train(model: Path, root: Path, output_format: str, targets: list[str]) -> Path:
@@ -117,10 +164,11 @@ def _train(model: Path, root: Path, output_format: str, targets: list[str]) -> P
 
 
 # Dual-stream attention (fused qkv of both streams), a block MLP, a single-stream output and
-# modulation, an embedder and the token refiner's MLP: every kind of name the tiny model can round-trip.
+# modulation, the final projection, the text input embedder and the token refiner's MLP: every kind of
+# name the tiny model can round-trip.
 TARGETS = ([f"transformer_blocks.0.{t}" for t in DUAL_LORA_TARGETS]
            + ["transformer_blocks.0.ff_context.net.2", "single_transformer_blocks.0.proj_out",
-              "single_transformer_blocks.0.norm.linear", "time_text_embed.guidance_embedder.linear_1",
+              "single_transformer_blocks.0.norm.linear", "context_embedder.proj_in", "proj_out",
               "context_embedder.token_refiner.refiner_blocks.0.ff.net.0.proj"])
 
 

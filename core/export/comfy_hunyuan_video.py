@@ -25,10 +25,17 @@ that converter dictates:
 - The converter only runs on a file with an ``img_attn_qkv`` key. A LoRA with none (one trained on
   the single-stream blocks only, say) gets a zero rank-1 ``double_blocks.0.img_attn_qkv`` entry,
   which changes nothing in either loader but makes diffusers read the file as this format.
-- Refused (no name, or one the converter mangles): the token refiner's fused ``self_attn_qkv`` (it
-  splits lora_A in thirds too, on the rank axis), ``final_layer.adaLN_modulation.1`` (it swaps the
-  halves of lora_A's rank rows as of the weight's rows), the Conv3d patch embedding, norms, and
-  peft's lora_bias.
+- ComfyUI's own model (comfy/ldm/hunyuan_video/model.py, on Flux's layers) names these layers
+  ``double_blocks.0.img_attn.qkv``, ``img_mod.lin``, ``img_mlp.0``, ``single_blocks.0.modulation.lin``
+  ...; its LoRA key map (comfy/lora.py, model_lora_keys_unet, "diffusion-pipe lora format") renames
+  ``_attn.qkv.`` to ``_attn_qkv.``, ``_attn.proj.`` to ``_attn_proj.``, ``_mod.lin.`` to
+  ``_mod.linear.``, ``mlp.0.``/``mlp.2.`` to ``mlp.fc1.``/``mlp.fc2.`` and ``.modulation.lin.`` to
+  ``.modulation.linear.``: the original names, which are what both loaders read.
+- Refused (no name both loaders read, or one the converter mangles): the time and guidance
+  embedders and the token refiner's t_embedder and c_embedder (GLOBAL_MODULES), the token refiner's
+  fused ``self_attn_qkv`` (the converter splits lora_A in thirds too, on the rank axis),
+  ``final_layer.adaLN_modulation.1`` (it swaps the halves of lora_A's rank rows as of the weight's
+  rows), the Conv3d patch embedding, norms, and peft's lora_bias.
 """
 
 from __future__ import annotations
@@ -73,20 +80,15 @@ REFINER_MODULES: dict[str, str] = {
     "ff.net.2": "mlp.fc2",
     "norm_out.linear": "adaLN_modulation.1",
 }
-# Outside the blocks.
+# Outside the blocks. Not the time, guidance and the token refiner's two embedders: ComfyUI builds
+# them as Flux's MLPEmbedder (time_in.in_layer, txt_in.c_embedder.out_layer, ...) where the original
+# code and so diffusers' converter name them time_in.mlp.0, txt_in.c_embedder.linear_2, ...: no name
+# reads in both.
 GLOBAL_MODULES: dict[str, str] = {
-    "time_text_embed.timestep_embedder.linear_1": "time_in.mlp.0",
-    "time_text_embed.timestep_embedder.linear_2": "time_in.mlp.2",
-    "time_text_embed.guidance_embedder.linear_1": "guidance_in.mlp.0",
-    "time_text_embed.guidance_embedder.linear_2": "guidance_in.mlp.2",
     "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
     "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
     "proj_out": "final_layer.linear",
     "context_embedder.proj_in": "txt_in.input_embedder",
-    "context_embedder.time_text_embed.timestep_embedder.linear_1": "txt_in.t_embedder.mlp.0",
-    "context_embedder.time_text_embed.timestep_embedder.linear_2": "txt_in.t_embedder.mlp.2",
-    "context_embedder.time_text_embed.text_embedder.linear_1": "txt_in.c_embedder.linear_1",
-    "context_embedder.time_text_embed.text_embedder.linear_2": "txt_in.c_embedder.linear_2",
 }
 
 _BLOCK = re.compile(r"^(transformer_blocks|single_transformer_blocks|context_embedder\.token_refiner\.refiner_blocks)\.(\d+)\.(.+)$")
