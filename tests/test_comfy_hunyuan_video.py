@@ -60,6 +60,7 @@ def _assert_same_updates(state, scales, comfy) -> None:
         assert not theirs[module].any(), module
 
 
+@pytest.mark.numerics
 def test_every_linear_of_the_tiny_model_but_the_refused_converts_back_to_its_update(tiny_hv: Path) -> None:
     from diffusers import HunyuanVideoTransformer3DModel
 
@@ -82,6 +83,7 @@ def test_every_linear_of_the_tiny_model_but_the_refused_converts_back_to_its_upd
     _assert_same_updates(state, scales, comfy)
 
 
+@pytest.mark.numerics
 def test_the_single_stream_linear1_fuses_q_k_v_and_the_mlp_at_the_released_size() -> None:
     block = "single_transformer_blocks.3."
     shapes = {block + "attn.to_q": (RELEASED_HIDDEN, RELEASED_HIDDEN), block + "attn.to_v": (RELEASED_HIDDEN, RELEASED_HIDDEN),
@@ -172,6 +174,7 @@ TARGETS = ([f"transformer_blocks.0.{t}" for t in DUAL_LORA_TARGETS]
               "context_embedder.token_refiner.refiner_blocks.0.ff.net.0.proj"])
 
 
+@pytest.mark.numerics
 def test_comfy_and_diffusers_files_of_one_seeded_run_give_the_same_pipeline_output(tiny_hv: Path, tmp_path: Path) -> None:
     from diffusers import HunyuanVideoPipeline
     from safetensors.torch import load_file
