@@ -13,7 +13,7 @@ import torch
 from media_factory import make_clip
 from numerics import forward_tolerance
 
-from core.errors import UserError
+from core.errors import ConfigError, UserError
 from core.export.comfy_hunyuan_video import diffusers_to_comfy
 from core.models.hunyuan_video import DUAL_LORA_TARGETS
 from core.train.trainer import Trainer
@@ -203,6 +203,21 @@ def test_comfy_and_diffusers_files_of_one_seeded_run_give_the_same_pipeline_outp
     assert not torch.allclose(outputs["diffusers"], outputs["none"], atol=100 * tolerance)
 
 
-def test_a_trained_layer_comfy_cannot_name_is_a_user_error_at_save(tiny_hv: Path, tmp_path: Path) -> None:
-    with pytest.raises(UserError, match=r"COMFY.*norm_out\.linear.*DIFFUSERS"):
+def test_a_layer_comfy_cannot_name_is_refused_before_training(tiny_hv: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"COMFY.*norm_out\.linear.*DIFFUSERS") as caught:
         _train(tiny_hv, tmp_path, "COMFY", ["transformer_blocks.0.attn.to_q", "norm_out.linear"])
+    assert caught.value.key == "lora.target_layers"
+    assert not (tmp_path / "workspace" / "metrics.jsonl").exists()  # no step ran
+
+
+def test_the_save_refuses_such_a_layer_too(tiny_hv: Path) -> None:
+    from diffusers import HunyuanVideoTransformer3DModel
+    from peft import LoraConfig
+
+    from core.export.lora import build_lora_tensors
+    from core.models.hunyuan_video import HunyuanVideoAdapter
+
+    model = HunyuanVideoTransformer3DModel.from_pretrained(tiny_hv, subfolder="transformer")
+    model.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["x_embedder.proj", "transformer_blocks.0.attn.to_q"]))
+    with pytest.raises(UserError, match=r"COMFY.*x_embedder\.proj.*DIFFUSERS"):
+        build_lora_tensors(model, "COMFY", comfy_keys=HunyuanVideoAdapter(tiny_hv).comfy_lora_keys())
