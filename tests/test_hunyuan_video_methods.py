@@ -38,19 +38,21 @@ def _changed(tuned: torch.nn.Module, base: torch.nn.Module) -> list[str]:
     return [n for n, p in tuned.named_parameters() if not torch.equal(p, state[n])]
 
 
-def test_fine_tune_saves_a_folder_the_pipeline_loads(tiny_hv: Path, concept_clip: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("trained, frozen", [("text_encoder_2", "text_encoder"), ("text_encoder", "text_encoder_2")])
+def test_fine_tune_saves_a_folder_the_pipeline_loads(tiny_hv: Path, concept_clip: Path, tmp_path: Path,
+                                                    trained: str, frozen: str) -> None:
     from diffusers import HunyuanVideoPipeline
 
     output = tmp_path / "out" / "ft"
     config = hv_config(tiny_hv, concept_clip, tmp_path, training_method="FINE_TUNE", output_path=str(output),
                        optimizer="ADAFACTOR", fused_backward=True, max_grad_norm=0.0,
-                       text_encoder_2={"train": True, "learning_rate": 1e-4})
+                       **{trained: {"train": True, "learning_rate": 1e-4}})
     result = Trainer(config).run()
     assert result.output_paths == [output] and result.steps == 3
     base, tuned = HunyuanVideoPipeline.from_pretrained(tiny_hv), HunyuanVideoPipeline.from_pretrained(output)
     assert len(_changed(tuned.transformer, base.transformer)) > len(list(base.transformer.parameters())) // 2
-    assert _changed(tuned.text_encoder_2, base.text_encoder_2), "text_encoder_2.train is on: CLIP must have moved"
-    assert not _changed(tuned.text_encoder, base.text_encoder)  # Llama's section says frozen
+    assert _changed(getattr(tuned, trained), getattr(base, trained)), f"{trained}.train is on: its weights must have moved"
+    assert not _changed(getattr(tuned, frozen), getattr(base, frozen))  # its section says frozen
     tuned.set_progress_bar_config(disable=True)
     video = tuned("a cat", height=32, width=32, num_frames=5, num_inference_steps=2,
                   generator=torch.Generator().manual_seed(0), output_type="pt").frames
@@ -73,7 +75,7 @@ def test_embedding_trains_both_tokenizers_rows_that_load_back_and_change_the_pro
     for name in adapter.text_encoder_names:
         adapter.load_text_encoder("cpu", torch.float32, name=name)
     prompt = ["a photo of <concept> moving right"]
-    before = adapter.encode_text(prompt)
+    before, plain = adapter.encode_text(prompt), adapter.encode_text(["a photo of a square"])
     parts = adapter.text_parts()
     for name, path in (("text_encoder", output), ("text_encoder_2", clip_file)):
         tokenizer, encoder = parts[name]
@@ -86,6 +88,9 @@ def test_embedding_trains_both_tokenizers_rows_that_load_back_and_change_the_pro
     # Both conditions move: Llama's token embeddings and CLIP's pooled vector.
     assert not torch.allclose(after["prompt_embeds"], before["prompt_embeds"])
     assert not torch.allclose(after["pooled_projections"], before["pooled_projections"])
+    # A caption without the placeholder encodes as before: the rest of both tables did not move.
+    again = adapter.encode_text(["a photo of a square"])
+    assert all(torch.equal(again[k], plain[k]) for k in plain)
 
 
 @pytest.mark.parametrize("preset, method, output", [("#hunyuan video Finetune", "FINE_TUNE", "ft"),
