@@ -84,6 +84,11 @@ def test_hunyuan_video_presets_fit_their_gpus() -> None:
     assert 21 * GIB < lora.needed_bytes < 22 * GIB and lora.fits(24 * GIB)
     assert small.details["offloaded_blocks"] == 30
     assert 11.5 * GIB < small.needed_bytes < 12.5 * GIB and small.fits(16 * GIB)
+    finetune = estimate_memory(_preset("#hunyuan video Finetune"))
+    assert 33 * GIB < finetune.needed_bytes < 34 * GIB and finetune.fits(40 * GIB)
+    embedding = estimate_memory(_preset("#hunyuan video Embedding"))
+    assert embedding.details["offloaded_blocks"] == 45
+    assert 19.5 * GIB < embedding.needed_bytes < 20.5 * GIB and embedding.fits(24 * GIB)
     # LoRA on the attention projections of both stacks (rank 32): 8 Linears per dual block, 3 per single.
     dual, single = transformer_sizes(KNOWN_MODELS["hunyuanvideo-community/HunyuanVideo"].transformers[0]).block_stacks()
     assert (len(dual.lora_defaults), len(single.lora_defaults)) == (8, 3)

@@ -1,7 +1,8 @@
 """The Hunyuan Video adapter on the tiny HunyuanVideo: its encoders and forward call follow
 HunyuanVideoPipeline, a LoRA trains through the real Trainer and loads into the pipeline,
 quantization covers every Linear of both block stacks, offloading runs, the presets train, and what
-it cannot do yet is refused by name."""
+it cannot do yet is refused by name. COMFY files: test_comfy_hunyuan_video.py; FINE_TUNE and
+EMBEDDING: test_hunyuan_video_methods.py."""
 
 from __future__ import annotations
 
@@ -312,11 +313,7 @@ def test_offloading_streams_blocks_of_both_stacks_and_predicts_the_same(tiny_hv:
 
 
 @pytest.mark.parametrize("override, key", [
-    ({"output_format": "COMFY"}, "output_format"),
     ({"video_config": {"use_temporal_attention": False}}, "video_config.use_temporal_attention"),
-    ({"training_method": "FINE_TUNE", "output_path": "ft"}, "training_method"),
-    ({"training_method": "EMBEDDING", "transformer": {"train": False},
-      "embedding": {"placeholder_tokens": ["<c>"], "initializer_words": ["cat"]}}, "training_method"),
 ])
 def test_what_hunyuan_video_cannot_do_yet_is_refused_by_name(tiny_hv: Path, one_clip: Path, tmp_path: Path,
                                                              override: dict, key: str) -> None:

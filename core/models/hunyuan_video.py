@@ -75,9 +75,9 @@ class HunyuanVideoAdapter(ModelAdapter):
     max_text_length = MAX_TEXT_LENGTH
     text_encoder_names = ("text_encoder", "text_encoder_2")
     placeholder_encoders = ("text_encoder", "text_encoder_2")
-    # Built and tested here: LoRA. Full fine-tuning and embeddings over both tokenizers are refused by
-    # name until they are (core/train/support.py).
-    training_methods = ("LORA",)
+    # LoRA; FINE_TUNE of the transformer (and of either text encoder whose section says train);
+    # EMBEDDING with each placeholder in both tokenizers, each encoder with its own rows.
+    training_methods = ("LORA", "FINE_TUNE", "EMBEDDING")
     # Text and video tokens attend jointly in both stacks: no frame-local attention.
     frame_local_attention = False
 
@@ -313,6 +313,17 @@ class HunyuanVideoAdapter(ModelAdapter):
         dual, single = int(config.get("num_layers", 20)), int(config.get("num_single_layers", 40))
         return ([f"transformer_blocks.{i}.{t}" for i in range(dual) for t in DUAL_LORA_TARGETS]
                 + [f"single_transformer_blocks.{i}.{t}" for i in range(single) for t in SINGLE_LORA_TARGETS])
+
+    def comfy_lora_keys(self) -> Any:
+        """ComfyUI's native Hunyuan Video names (core/export/comfy_hunyuan_video.py), sized by the
+        transformer's config: its fused single-stream linear1 holds q, k, v and the MLP's input."""
+        from functools import partial
+
+        from core.export.comfy_hunyuan_video import diffusers_to_comfy
+
+        config = self.transformer_config
+        hidden = int(config.get("num_attention_heads", 24)) * int(config.get("attention_head_dim", 128))
+        return partial(diffusers_to_comfy, hidden_size=hidden, mlp_width=int(hidden * float(config.get("mlp_ratio", 4.0))))
 
     def guidance(self, transformer: Any, batch_size: int, scale: float, device: Any) -> torch.Tensor | None:
         """The distilled-guidance input as HunyuanVideoPipeline builds it: scale * 1000 per sample, in the

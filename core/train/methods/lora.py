@@ -35,6 +35,23 @@ class LoraParts(TrainedParts):
             raise UserError(f"lora.target_layers {targets} match no layer of the model ({e}); leave it empty for the defaults") from None
         # LoRA weights train in float32 whatever the base's storage (fp32 master weights).
         cast_training_params(transformer, dtype=compute_dtype("FLOAT_32"))
+        if self.config["output_format"] == "COMFY":
+            self._check_comfy_names(transformer)
+
+    def _check_comfy_names(self, transformer: Any) -> None:
+        """Before any step: a LoRA on a layer the family's ComfyUI format cannot name would only fail
+        at save; say so now, naming the settings."""
+        from core.errors import ConfigError
+        from core.export.lora import lora_scales, lora_state_dict
+
+        comfy_keys = self.adapter.comfy_lora_keys()
+        if comfy_keys is None:  # refused by name before loading (core/train/support.py)
+            return
+        try:
+            comfy_keys(lora_state_dict(transformer), lora_scales(transformer))
+        except ValueError as e:
+            raise ConfigError(f"output_format COMFY: {e}; leave lora.target_layers empty for the defaults, name other "
+                              "layers, or set output_format to DIFFUSERS", key="lora.target_layers") from None
 
     def param_groups(self) -> list[dict[str, Any]]:
         part_lr = self.config["transformer"]["learning_rate"]
