@@ -129,3 +129,16 @@ def test_the_cli_continues_a_finished_run_with_a_raised_max_steps(tmp_path: Path
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
     # The final loss printed is the smoothed loss of the last step, the one the progress bar showed.
     assert f"final loss {records[-1]['loss_smoothed']:.4f}" in second.stdout
+
+
+def test_a_run_from_the_start_keeps_an_earlier_runs_samples(tiny_wan: Path, clips: Path, tmp_path: Path) -> None:
+    samples = tmp_path / "workspace" / "samples"
+    samples.mkdir(parents=True)
+    earlier = samples / "step-000100-0-a-red-circle.mp4"
+    earlier.write_bytes(b"an earlier run's video")
+    logs = Logs()
+    Trainer(config_for(tiny_wan, clips, tmp_path, max_steps=2), logs).run()
+    kept = list(samples.glob("earlier-*/step-000100-0-a-red-circle.mp4"))
+    assert len(kept) == 1 and kept[0].read_bytes() == b"an earlier run's video"
+    assert not earlier.exists() and samples.is_dir()
+    assert any(f"an earlier run's files were kept as {kept[0].parent}" in line for line in logs.lines), logs.lines
