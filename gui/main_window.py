@@ -172,7 +172,7 @@ class MainWindow(PresetActions, QMainWindow):
     def eventFilter(self, watched: QObject, event: QEvent) -> bool:  # noqa: N802 (Qt's name)
         if watched is self and event.type() == QEvent.Type.Paint:
             self.removeEventFilter(self)
-            QTimer.singleShot(0, self.pages.build_rest_later)  # once this paint is on the screen
+            QTimer.singleShot(0, self, self.pages.build_rest_later)  # once this paint is on the screen
         return False
 
     def _engine_ready(self) -> None:
@@ -238,6 +238,7 @@ class MainWindow(PresetActions, QMainWindow):
         self.setWindowModified(modified)
         self.preset_bar.set_modified(modified)
         self._show_problems()
+        self.run_area.settings_changed()  # another workspace_dir: its run's history
 
     def _show_problems(self) -> None:
         problems = self.start_blockers()

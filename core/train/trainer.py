@@ -382,7 +382,7 @@ class Trainer:
         image = first_frame(plan) if run.adapter.image_conditioned else None
         run.samples = SampleMaker(run.adapter, config, workspace, run.accelerator.device, compute_dtype(config["train_dtype"]),
                                   image=image, on_sample=self.callbacks.on_sample,
-                                  unload_encoders_after=not run.parts.keeps_text_encoder)
+                                  unload_encoders_after=not run.parts.keeps_text_encoder, on_sampling=self.callbacks.on_sampling)
 
 
 def first_frame(plan: Any) -> Any:
