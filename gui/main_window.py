@@ -212,6 +212,7 @@ class MainWindow(PresetActions, QMainWindow):
     def settle(self, timeout_ms: int = 30_000) -> None:
         """Let the visible side panel finish its background work (for screenshots and tests)."""
         self.run_area.build_plots()
+        self.run_area.settle(timeout_ms)
         self.start_check.settle(timeout_ms)
         page = self.tabs.currentWidget()
         for panel in self.side_panels.values():
@@ -345,5 +346,6 @@ class MainWindow(PresetActions, QMainWindow):
             panel.shutdown()
         self.start_check.shutdown()
         self.run_panel.shutdown()
+        self.run_area.shutdown()
         event.accept()
 

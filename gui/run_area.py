@@ -4,6 +4,11 @@ The plots (pyqtgraph, with numpy) are the heaviest import of the window, about h
 they are not built with it: an empty placeholder holds their place until the window's first paint,
 and they are built just after it (or as soon as anything asks for `plots`), which halved the time to
 the window's first paint (docs/benchmarks.md, "Window: launch to first paint").
+
+Between runs the plots and the panel's status show the run of the settings' workspace_dir, read
+from its files on a worker thread (core.train.run_history): after a launch, and when workspace_dir
+changes. Continue keeps the plotted steps; a fresh Start clears them (the engine sets the earlier
+run's metrics aside).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from PySide6.QtCore import QEvent, QObject, Qt, QTimer
 from PySide6.QtWidgets import QSplitter, QWidget
 
+from .background import BackgroundJob, JobControl
 from .config_state import Problem
 from .run_panel import RunPanel
 
@@ -43,11 +49,10 @@ class RunArea(QSplitter):
         self._placeholder.installEventFilter(self)
         self._config = config
         self._shown: str | None = None  # the workspace whose history the plots and status show
-        # Edits of workspace_dir arrive per keystroke: the history is read once they pause.
-        self._workspace_timer = QTimer(self)
-        self._workspace_timer.setSingleShot(True)
-        self._workspace_timer.setInterval(WORKSPACE_PAUSE_MS)
-        self._workspace_timer.timeout.connect(self.show_workspace)
+        # Edits of workspace_dir arrive per keystroke: the history is read once they pause, on a
+        # worker thread (a long run's metrics.jsonl takes most of a second to parse).
+        self._history = BackgroundJob(_read_history, WORKSPACE_PAUSE_MS, "run history", self)
+        self._history.finished_ok.connect(self._history_read)
         self.panel.run_finished.connect(lambda _outcome: self._remember_shown())
         self.panel.run_started.connect(self._run_started)
         self.panel.metrics_arrived.connect(lambda record: self.plots.add_record(record))
@@ -91,19 +96,28 @@ class RunArea(QSplitter):
     def settings_changed(self) -> None:
         """The settings changed (maybe workspace_dir): show that workspace's history once edits pause."""
         if self._plots is not None and not self.panel.is_running():
-            self._workspace_timer.start()
+            self.show_workspace(now=False)
 
-    def show_workspace(self, force: bool = False) -> None:
+    def show_workspace(self, force: bool = False, *, now: bool = True) -> None:
         """Between runs: the plots and the run panel's status show the run in the settings'
-        workspace_dir, from its files (metrics.jsonl, run_info.json, backups)."""
+        workspace_dir, from its files (metrics.jsonl, run_info.json, backups), read in the background."""
         if self._plots is None or self.panel.is_running():
             return
         workspace = self._workspace()
         if workspace is None or (workspace == self._shown and not force):
             return
-        from core.train.run_history import read_history
+        self._history.request(workspace, now=now)
 
-        history = read_history(workspace)
+    def settle(self, timeout_ms: int = 30_000) -> bool:
+        """Wait until the workspace's history is shown (tests, screenshots)."""
+        return self._history.wait(timeout_ms)
+
+    def shutdown(self) -> None:
+        self._history.shutdown()
+
+    def _history_read(self, workspace: str, history: Any) -> None:
+        if self.panel.is_running() or workspace != self._workspace() or self._plots is None:
+            return  # a run started, or the settings moved on, meanwhile
         self._shown = workspace
         self._plots.clear()
         if history.total_steps:
@@ -125,7 +139,7 @@ class RunArea(QSplitter):
 
     def _run_started(self, config: dict[str, Any]) -> None:
         self.plots.clear()
-        self._workspace_timer.stop()
+        self._history.cancel()
         workspace = str(Path(config["workspace_dir"]).expanduser())
         if self.panel.thread is not None and self.panel.thread.resume:
             # Continue: the run so far stays on the plots; steps the engine redoes after its backup
@@ -138,3 +152,9 @@ class RunArea(QSplitter):
             # The planned length now, while the model loads, rather than with the first step, which
             # moves every other axis too: the engine's total (on_progress) corrects it if it differs.
             self.plots.set_total_steps(config["max_steps"])
+
+
+def _read_history(workspace: str, _control: JobControl) -> Any:
+    from core.train.run_history import read_history
+
+    return read_history(workspace)

@@ -90,7 +90,9 @@ class RunPanel(QWidget):
         self.stop_button.setToolTip("Stop after the current step and save what was trained (Ctrl+.)")
         self.stop_button.clicked.connect(self.stop)
         self.continue_button = QPushButton("Continue")
-        self.continue_button.setToolTip("Continue from the newest backup in the workspace folder (made with these settings)")
+        self.continue_button.setToolTip(wrapped_tooltip(
+            "Continue from the newest backup in the workspace folder (made with these settings); "
+            "raise max_steps first to train a finished run further"))
         self.continue_button.clicked.connect(self.resume)
         self.sample_button = QPushButton("Sample now")
         self.sample_button.setToolTip("Make a sample after the current step")

@@ -114,6 +114,10 @@ def test_a_stopped_run_is_told_after_a_relaunch(qtbot, monkeypatch: pytest.Monke
     status = win.run_panel.status_label.text()
     assert status == "Stopped at step 3 of 200, final loss 0.2500; there is no backup to continue from.", status
     assert not win.run_panel.continue_button.isEnabled()
+    # Another workspace_dir: its (empty) history replaces this one once the edits pause.
+    assert win.state.edit("workspace_dir", str(tmp_path / "another"))
+    qtbot.waitUntil(lambda: win.plots.point_count("loss") == 0, timeout=RUN_TIMEOUT_MS)
+    assert win.run_panel.status_label.text() == "Ready." and win.run_panel.progress.format() == "not started"
 
 
 def test_samples_being_made_show_as_their_own_state(qtbot, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
