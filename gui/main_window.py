@@ -277,6 +277,8 @@ class MainWindow(PresetActions, QMainWindow):
         if self._close_when_stopped:
             self.close()
             return
+        if "sampling" in self.side_panels:
+            self.sample_viewer.run_ended()
         if outcome.error is not None and outcome.error.keys:
             self.show_setting(outcome.error.keys[0])
 

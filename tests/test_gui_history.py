@@ -17,6 +17,7 @@ from PySide6.QtWidgets import QMessageBox
 from core.train.metrics_reader import read_metrics
 from gui.main_window import MainWindow
 from gui.run_panel import RunPanel
+from gui.sample_viewer import PATH_ROLE
 from gui.train_worker import RunOutcome
 
 DEMO = "#demo tiny wan LoRA"
@@ -130,10 +131,21 @@ def test_samples_being_made_show_as_their_own_state(qtbot, monkeypatch: pytest.M
         seen.append((self.progress.format(), self.status_label.text()))
 
     monkeypatch.setattr(RunPanel, "_on_sampling", record)
+    samples = tmp_path / "workspace" / "samples"
+    samples.mkdir(parents=True)
+    earlier = samples / "step-000100-0-an-earlier-run.mp4"
+    earlier.write_bytes(b"an earlier run's sample")
     win = open_window(qtbot, monkeypatch, tmp_path / "workspace", shared_cache, max_steps=2,
                       **{"sampling.every_n_steps": 2, "sampling.inference_steps": 2})
+    viewer = win.sample_viewer
     outcome = run_to_end(qtbot, win, win.run_panel.start)
     assert outcome.error is None and outcome.steps == 2
     assert seen[0] == ("sampling 1 / 1 after step 2", "Sampling: making video 1 of 1 after step 2 (training waits)...")
     assert seen[-1][0].startswith("step 2 / 2")  # the bar goes back to the steps
-    assert list((tmp_path / "workspace" / "samples").glob("step-000002-*.mp4"))
+    made = list(samples.glob("step-000002-*.mp4"))
+    assert made
+    # The fresh Start kept the earlier run's sample aside; the list shows this run's only.
+    assert [p.read_bytes() for p in samples.glob("earlier-*/*.mp4")] == [b"an earlier run's sample"]
+    listed = [viewer.list.item(i).data(PATH_ROLE) for i in range(viewer.list.count())]
+    assert listed == [str(p) for p in made]
+    viewer.settle()
