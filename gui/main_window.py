@@ -172,7 +172,7 @@ class MainWindow(PresetActions, QMainWindow):
     def eventFilter(self, watched: QObject, event: QEvent) -> bool:  # noqa: N802 (Qt's name)
         if watched is self and event.type() == QEvent.Type.Paint:
             self.removeEventFilter(self)
-            QTimer.singleShot(0, self.pages.build_rest_later)  # once this paint is on the screen
+            QTimer.singleShot(0, self, self.pages.build_rest_later)  # once this paint is on the screen
         return False
 
     def _engine_ready(self) -> None:
@@ -212,6 +212,7 @@ class MainWindow(PresetActions, QMainWindow):
     def settle(self, timeout_ms: int = 30_000) -> None:
         """Let the visible side panel finish its background work (for screenshots and tests)."""
         self.run_area.build_plots()
+        self.run_area.settle(timeout_ms)
         self.start_check.settle(timeout_ms)
         page = self.tabs.currentWidget()
         for panel in self.side_panels.values():
@@ -238,6 +239,7 @@ class MainWindow(PresetActions, QMainWindow):
         self.setWindowModified(modified)
         self.preset_bar.set_modified(modified)
         self._show_problems()
+        self.run_area.settings_changed()  # another workspace_dir: its run's history
 
     def _show_problems(self) -> None:
         problems = self.start_blockers()
@@ -275,6 +277,8 @@ class MainWindow(PresetActions, QMainWindow):
         if self._close_when_stopped:
             self.close()
             return
+        if "sampling" in self.side_panels:
+            self.sample_viewer.run_ended()
         if outcome.error is not None and outcome.error.keys:
             self.show_setting(outcome.error.keys[0])
 
@@ -344,5 +348,6 @@ class MainWindow(PresetActions, QMainWindow):
             panel.shutdown()
         self.start_check.shutdown()
         self.run_panel.shutdown()
+        self.run_area.shutdown()
         event.accept()
 

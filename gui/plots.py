@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 import pyqtgraph as pg
-from PySide6.QtCore import QTimer
-from PySide6.QtWidgets import QVBoxLayout, QWidget
+from PySide6.QtCore import Qt, QTimer
+from PySide6.QtWidgets import QSizePolicy, QVBoxLayout, QWidget
 
 REDRAW_HZ = 20
 GIB = float(2**30)
@@ -82,6 +82,16 @@ class Series:
     def y(self) -> np.ndarray:
         self._store()
         return self._y[: self._stored]
+
+    def truncate(self, x: float) -> None:
+        """Drop the points at x and after (a continued run redoes the steps after its backup)."""
+        self._store()
+        keep = int(np.searchsorted(self._x[: self._stored], x, side="left"))
+        if keep == self._stored:
+            return
+        self._stored = keep
+        kept = self._y[:keep]
+        self.y_min, self.y_max = (float(kept.min()), float(kept.max())) if keep else (math.inf, -math.inf)
 
     def _store(self) -> None:
         end = self.size
@@ -141,8 +151,16 @@ class TrainingPlots(QWidget):
         self.plots: dict[str, pg.PlotItem] = {
             "loss": self.canvas.addPlot(row=0, col=0, title="Loss"),
             "lr": self.canvas.addPlot(row=1, col=0),
-            "memory": self.canvas.addPlot(row=0, col=1, rowspan=2, title="Memory (GiB)"),
+            "memory": self.canvas.addPlot(row=0, col=2, rowspan=2, title="Memory (GiB)"),
         }
+        # Each plot's legend in the column beside it, never over the curves.
+        self.legends: dict[str, pg.LegendItem] = {}
+        for name, (row, col, rowspan) in {"loss": (0, 1, 1), "lr": (1, 1, 1), "memory": (0, 3, 2)}.items():
+            legend = self.legends[name] = pg.LegendItem(labelTextSize="8pt", verSpacing=-4)
+            self.canvas.addItem(legend, row=row, col=col, rowspan=rowspan)
+            # Its own size at the cell's top, not stretched over the plot's height.
+            legend.setSizePolicy(QSizePolicy.Policy.Fixed, QSizePolicy.Policy.Fixed)
+            self.canvas.ci.layout.setAlignment(legend, Qt.AlignmentFlag.AlignTop | Qt.AlignmentFlag.AlignLeft)
         self.canvas.ci.layout.setRowStretchFactor(0, 3)
         self.canvas.ci.layout.setRowStretchFactor(1, 1)
         # Units in titles and legends, not as axis labels: the axes' widths are fixed (AXIS_WIDTH).
@@ -150,7 +168,6 @@ class TrainingPlots(QWidget):
         self.plots["memory"].setLabel("bottom", "step")
         # No grid: in Qt's software painting pyqtgraph's grid costs 20-30 ms a repaint (5 ms without).
         for name, plot in self.plots.items():
-            plot.addLegend(offset=(-8, 8), labelTextSize="8pt", brush=(255, 255, 255, 210))
             plot.getAxis("left").setWidth(AXIS_WIDTH)
             for axis in ("left", "bottom"):
                 plot.getAxis(axis).enableAutoSIPrefix(False)  # relabelling on every range change costs
@@ -167,6 +184,7 @@ class TrainingPlots(QWidget):
         self._follow_y = dict.fromkeys(self.plots, True)
         self._x_range: tuple[float, float] | None = None
         self._total_steps = 0
+        self._last_step = -math.inf  # of the newest record: one at or before it starts a redone stretch
         self._y_ranges: dict[str, tuple[float, float]] = {}
 
         self._curves: dict[str, _Curve] = {}
@@ -191,6 +209,12 @@ class TrainingPlots(QWidget):
         if step is None:
             return
         x = float(step)
+        if x <= self._last_step:
+            # A continued run redoes the steps after its backup: their old points give way.
+            for curve in self._curves.values():
+                curve.series.truncate(x)
+                curve.drawn = -1
+        self._last_step = x
         for field, spec in self._specs.items():
             value = record.get(field)
             # type(), not isinstance: a bool is an int, and this runs for every field of every step.
@@ -199,6 +223,12 @@ class TrainingPlots(QWidget):
             curve = self._curves.get(field) or self._add_curve(spec)
             curve.series.append(x, value / spec.scale)
         self._schedule()
+
+    def add_records(self, records: list[Mapping[str, Any]]) -> None:
+        """Append many records at once (a workspace's history) and draw them."""
+        for record in records:
+            self.add_record(record)
+        self.redraw()
 
     def clear(self) -> None:
         """Forget every point (a new run starts); the views follow the data again."""
@@ -209,9 +239,11 @@ class TrainingPlots(QWidget):
                 curve.drawn = 0
             else:
                 self.plots[curve.spec.plot].removeItem(curve.item)
+                self.legends[curve.spec.plot].removeItem(curve.item)
                 del self._curves[field]
         self._timer.stop()
         self._follow_x, self._x_range, self._total_steps = True, None, 0
+        self._last_step = -math.inf
         self._follow_y = dict.fromkeys(self.plots, True)
         self._y_ranges.clear()
 
@@ -316,6 +348,7 @@ class TrainingPlots(QWidget):
             symbolPen=None,
         )
         self.plots[spec.plot].addItem(item)
+        self.legends[spec.plot].addItem(item, spec.name)
         item.setDownsampling(auto=True, method="peak")
         item.setClipToView(True)
         curve = self._curves[spec.field] = _Curve(spec, item)

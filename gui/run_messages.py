@@ -1,19 +1,45 @@
-"""The run panel's words: durations, the download's progress, how a run ended, and the dialog of a
-failed run."""
+"""The run panel's words and bar: durations, the download's progress, samples being made, how a run
+ended or what the workspace tells of it, and the dialog of a failed run."""
 
 from __future__ import annotations
 
 import html
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from PySide6.QtCore import Qt, QUrl
-from PySide6.QtWidgets import QMessageBox, QWidget
+from PySide6.QtWidgets import QMessageBox, QProgressBar, QWidget
 
 from core.log_setup import log_file_path
 
 from .train_worker import RunError, RunOutcome
 
+if TYPE_CHECKING:
+    from core.train.run_history import RunHistory
+
 GIB = 2**30
+DOWNLOAD_SCALE = 1000  # the progress bar's steps while the base model downloads
+
+
+class RunProgress(QProgressBar):
+    """The run panel's bar: steps, samples being made, a download, or busy (maximum 0)."""
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.setTextVisible(True)
+        self.show_state(0, 1, "not started")
+
+    def show_state(self, value: int, maximum: int, text: str) -> None:
+        self.setRange(0, maximum)
+        self.setValue(value)
+        self.setFormat(text)
+
+    def show_download(self, done: int, total: int | None, text: str) -> None:
+        """The base model's bytes downloaded so far (busy while the size is not known)."""
+        if total:
+            self.show_state(min(DOWNLOAD_SCALE, round(DOWNLOAD_SCALE * done / total)), DOWNLOAD_SCALE, text)
+        else:
+            self.show_state(0, 0, text)
 
 
 def format_duration(seconds: float | None) -> str:
@@ -72,6 +98,19 @@ def outcome_text(outcome: RunOutcome) -> tuple[str, str]:
                 f"Stopped after {outcome.steps} of {outcome.total_steps} steps{loss}{skipped}.")
     return (f"done: {outcome.steps} / {outcome.total_steps} steps",
             f"Finished {outcome.steps} of {outcome.total_steps} steps{loss}{skipped}.")
+
+
+def sampling_text(step: int, done: int, count: int) -> tuple[str, str]:
+    """(the progress bar's text, the status line) while sample `done + 1` of `count` is made."""
+    return (f"sampling {done + 1} / {count} after step {step}",
+            f"Sampling: making video {done + 1} of {count} after step {step} (training waits)...")
+
+
+def history_bar_text(history: RunHistory) -> str:
+    """The progress bar's text for a workspace's run shown between runs (core.train.run_history)."""
+    if history.finished:
+        return f"done: {history.steps} / {history.total_steps} steps"
+    return f"stopped at step {history.steps} / {history.total_steps}"
 
 
 def output_links(paths: list[str]) -> str:

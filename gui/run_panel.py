@@ -13,7 +13,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtGui import QFontDatabase
@@ -22,7 +22,6 @@ from PySide6.QtWidgets import (
     QLabel,
     QMessageBox,
     QPlainTextEdit,
-    QProgressBar,
     QPushButton,
     QVBoxLayout,
     QWidget,
@@ -33,14 +32,25 @@ from core.errors import ConfigError
 
 from .config_state import Problem, messages
 from .labels import wrapped_tooltip
-from .run_messages import download_text, error_box, format_duration, outcome_text, output_links
+from .run_messages import (
+    RunProgress,
+    download_text,
+    error_box,
+    format_duration,
+    history_bar_text,
+    outcome_text,
+    output_links,
+    sampling_text,
+)
 from .train_worker import EngineWarmUp, RunError, RunOutcome, TrainThread
+
+if TYPE_CHECKING:
+    from core.train.run_history import RunHistory
 
 log = logging.getLogger(__name__)
 
 LOG_LINES = 5000  # the log view keeps the last lines only: a long run must not grow it without end
 DETAIL_LINES = 30  # log lines put behind "Show Details" of an error
-DOWNLOAD_SCALE = 1000  # the progress bar's steps while the base model downloads
 
 
 class RunPanel(QWidget):
@@ -69,6 +79,8 @@ class RunPanel(QWidget):
         self._warm_up_started = 0.0
         self._shut_down = False
         self._recent: deque[str] = deque(maxlen=DETAIL_LINES)
+        self._restored: str | None = None  # the status the workspace's files tell (show_history)
+        self._last_progress: tuple[int, int, int, float | None] | None = None
         self.error_box: QMessageBox | None = None
 
         self.start_button = QPushButton("Start")
@@ -78,7 +90,9 @@ class RunPanel(QWidget):
         self.stop_button.setToolTip("Stop after the current step and save what was trained (Ctrl+.)")
         self.stop_button.clicked.connect(self.stop)
         self.continue_button = QPushButton("Continue")
-        self.continue_button.setToolTip("Continue from the newest backup in the workspace folder (made with these settings)")
+        self.continue_button.setToolTip(wrapped_tooltip(
+            "Continue from the newest backup in the workspace folder (made with these settings); "
+            "raise max_steps first to train a finished run further"))
         self.continue_button.clicked.connect(self.resume)
         self.sample_button = QPushButton("Sample now")
         self.sample_button.setToolTip("Make a sample after the current step")
@@ -91,11 +105,7 @@ class RunPanel(QWidget):
             buttons.addWidget(button)
         buttons.addStretch(1)
 
-        self.progress = QProgressBar()
-        self.progress.setRange(0, 1)
-        self.progress.setValue(0)
-        self.progress.setFormat("not started")
-        self.progress.setTextVisible(True)
+        self.progress = RunProgress()
         self.status_label = QLabel()
         self.status_label.setObjectName("runStatus")
         self.status_label.setWordWrap(True)
@@ -172,6 +182,7 @@ class RunPanel(QWidget):
         thread.metrics.connect(self._on_metrics, queued)
         thread.log_line.connect(self._on_log, queued)
         thread.sample.connect(self._on_sample, queued)
+        thread.sampling.connect(self._on_sampling, queued)
         thread.done.connect(self._on_done, queued)
         thread.download.connect(self._on_download, queued)
         thread.device.connect(self._on_device, queued)
@@ -179,12 +190,12 @@ class RunPanel(QWidget):
         thread.outcome.connect(self._on_outcome, queued)
         thread.finished.connect(self._on_finished, queued)
         self._thread, self._outcome, self._stopping = thread, None, False
+        self._restored, self._last_progress = None, None
         self.last_thread = None
         self._recent.clear()
         self.log_view.clear()
         self.output_label.hide()
-        self.progress.setRange(0, 0)  # busy until the first step: loading, caching
-        self.progress.setFormat("preparing")
+        self.progress.show_state(0, 0, "preparing")  # busy until the first step: loading, caching
         loading = "loading the engine, " if "core.train.trainer" not in sys.modules else ""
         self._set_status(f"Starting: {loading}loading the model and caching the data...")
         how = "continued from the newest backup" if resume else "started"
@@ -238,7 +249,19 @@ class RunPanel(QWidget):
 
     # -- the run's signals (GUI thread) ----------------------------------------------------------
 
+    def show_history(self, history: RunHistory) -> None:
+        """Between runs: the progress and status of the workspace's run as its files tell it (after
+        a relaunch, or when workspace_dir changes)."""
+        if self._thread is not None:
+            return
+        self._restored, self._outcome = history.status(), None
+        total = history.total_steps if history.records and history.total_steps else 0
+        self.progress.show_state(min(history.steps, total), total or 1, history_bar_text(history) if total else "not started")
+        self._set_status(self._restored or "Ready.")
+        self._update_controls()
+
     def _on_progress(self, step: int, total: int, epoch: int, eta: float | None) -> None:
+        self._last_progress = (step, total, epoch, eta)
         if self.progress.maximum() != total:
             self.progress.setRange(0, total)
             self.total_steps_known.emit(total)
@@ -256,6 +279,19 @@ class RunPanel(QWidget):
     def _on_log(self, level: int, message: str) -> None:
         self._append(level, message)
 
+    def _on_sampling(self, step: int, done: int, count: int) -> None:
+        """Samples are being made (training waits): their own progress on the bar until the last."""
+        if done >= count:
+            if self._last_progress is not None:
+                self._on_progress(*self._last_progress)
+            if not self._stopping:
+                self._set_status("Training: samples made, training goes on...")
+            return
+        bar, status = sampling_text(step, done, count)
+        self.progress.show_state(done, count, bar)
+        if not self._stopping:
+            self._set_status(status)
+
     def _on_sample(self, path: str) -> None:
         self._append(logging.INFO, f"Sample written: {path}")
 
@@ -266,20 +302,14 @@ class RunPanel(QWidget):
     def _on_download(self, name: str, done: int, total: int | None) -> None:
         """The base model (a hub id) downloads before the run loads it: its bytes on the bar."""
         if total and done >= total:  # downloaded: loading and caching follow
-            self.progress.setRange(0, 0)
-            self.progress.setFormat("preparing")
+            self.progress.show_state(0, 0, "preparing")
             self._append(logging.INFO, f"Downloaded {name}.")
             self._set_status("Starting: loading the model and caching the data...")
             return
         if done == 0 and not total:
             self._append(logging.INFO, f"Downloading {name} from the Hugging Face hub (once; later runs use the copy).")
-        if total:
-            self.progress.setRange(0, DOWNLOAD_SCALE)
-            self.progress.setValue(min(DOWNLOAD_SCALE, round(DOWNLOAD_SCALE * done / total)))
-        else:
-            self.progress.setRange(0, 0)
         bar, status = download_text(name, done, total)
-        self.progress.setFormat(bar)
+        self.progress.show_download(done, total, bar)
         self._set_status(status)
 
     def _on_device(self, info: dict[str, Any]) -> None:
@@ -320,14 +350,8 @@ class RunPanel(QWidget):
     # -- showing ---------------------------------------------------------------------------------
 
     def _show_outcome(self, outcome: RunOutcome) -> None:
-        if outcome.total_steps:
-            self.progress.setRange(0, outcome.total_steps)
-            self.progress.setValue(outcome.steps)
-        else:
-            self.progress.setRange(0, 1)
-            self.progress.setValue(0)
         bar, status = outcome_text(outcome)
-        self.progress.setFormat(bar)
+        self.progress.show_state(outcome.steps if outcome.total_steps else 0, outcome.total_steps or 1, bar)
         self._set_status(status)
         self._append(logging.INFO, self.status_label.text())
         if outcome.output_paths:
@@ -386,4 +410,4 @@ class RunPanel(QWidget):
         if self._warm_up is not None and self._warm_up.isRunning():
             self._set_status("Loading the training engine in the background...")
         elif self._outcome is None or not self.status_label.text() or self.status_label.text().startswith("Fix the settings"):
-            self._set_status("Ready.")
+            self._set_status(self._restored or "Ready.")

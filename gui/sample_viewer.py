@@ -146,10 +146,12 @@ class SampleViewer(SidePanel):
         if self.folder is None or path.parent != self.folder:
             self.show_folder(path.parent)  # the run's workspace (its settings may differ from the tabs')
             return
-        for row in range(self.list.count()):
-            if self.list.item(row).data(PATH_ROLE) == str(path):
-                self.list.takeItem(row)  # written again (same step and prompt): moves to the top
-                break
+        for row in reversed(range(self.list.count())):
+            listed = self.list.item(row).data(PATH_ROLE)
+            # Written again (same step and prompt): it moves to the top. Gone: a run from the start
+            # moved an earlier run's samples into samples/earlier-<time>/.
+            if listed == str(path) or not Path(listed).exists():
+                self.list.takeItem(row)
         self.list.insertItem(0, self._item(path))
         self.folder_label.setText(_home_short(self.folder))
         if self.follow_newest:
@@ -160,6 +162,11 @@ class SampleViewer(SidePanel):
         folder = samples_folder(config)
         if folder != self.folder:
             self.show_folder(folder)
+
+    def run_ended(self) -> None:
+        """A run ended: list its folder again (a run from the start set the earlier samples aside)."""
+        if self.folder is not None:
+            self.show_folder(self.folder)
 
     def selected_path(self) -> Path | None:
         item = self.list.currentItem()

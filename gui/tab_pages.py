@@ -88,7 +88,7 @@ class TabPages(QObject):
         rest = [spec.name for spec in TABS if spec.name not in self.built]
         if rest:
             self.form(rest[0])
-            QTimer.singleShot(0, self.build_rest_later)
+            QTimer.singleShot(0, self.tabs, self.build_rest_later)  # not after the tabs are gone
 
     def _current_changed(self, index: int) -> None:
         if index >= 0:

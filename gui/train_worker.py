@@ -130,6 +130,10 @@ class _Relay(TrainerCallbacks):
         self.thread.record_call("on_sample")
         self.thread.sample.emit(str(path))
 
+    def on_sampling(self, step: int, done: int, count: int) -> None:
+        self.thread.record_call("on_sampling")
+        self.thread.sampling.emit(step, done, count)
+
     def on_done(self, output_paths: Sequence[Path]) -> None:
         self.thread.record_call("on_done")
         self.thread.done.emit([str(p) for p in output_paths])
@@ -148,6 +152,7 @@ class TrainThread(QThread):
     metrics = Signal(object)  # the step's record (the fields of metrics.jsonl)
     log_line = Signal(int, str)  # logging level, message
     sample = Signal(str)  # path of a sample written
+    sampling = Signal(int, int, int)  # step, samples made, samples in all (done == all: training goes on)
     done = Signal(object)  # list[str]: the files written (on_done)
     device = Signal(object)  # core.train.run_info.device_info(): GPUs and their memory
     vram_estimate = Signal(object)  # bytes: core.memory's estimate of the step's peak (CUDA runs only)

@@ -144,3 +144,21 @@ def test_100000_points_stay_cheap(plots: TrainingPlots) -> None:
     # Drawn as a few thousand points: about 30 ms here; 400 ms without downsampling.
     assert sorted(timings)[len(timings) // 2] < 0.2
     assert len(item.curve.getData()[0]) < 10_000
+
+
+def test_legends_sit_beside_the_curves_not_over_them(plots: TrainingPlots) -> None:
+    plots.add_records([record(i, val_loss=0.5) for i in range(1, 30)])
+    QApplication.processEvents()
+    for name, plot in plots.plots.items():
+        legend = plots.legends[name]
+        assert legend.items, name  # each plot's curves are named in its legend
+        assert not plot.getViewBox().sceneBoundingRect().intersects(legend.sceneBoundingRect()), name
+
+
+def test_steps_redone_by_a_continued_run_replace_their_old_points(plots: TrainingPlots) -> None:
+    plots.add_records([record(i) for i in range(1, 11)])  # a run that reached step 10
+    plots.add_records([record(i, loss=9.0) for i in range(7, 13)])  # continued from its backup of step 6
+    assert plots.point_count("loss") == 12 and plots.drawn_count("loss") == 12
+    item = plots.curve_item("loss")
+    xs, ys = item.getData()
+    assert list(xs) == list(range(1, 13)) and list(ys[6:]) == [9.0] * 6

@@ -24,7 +24,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     cmd.add_argument(
         "--resume",
         action="store_true",
-        help="continue from the newest backup in workspace_dir/backups (made with the same settings and data)",
+        help="continue from the newest backup in workspace_dir/backups (made with the same settings and data; "
+        "max_steps or epochs may be raised to train a finished run further)",
     )
     cmd.set_defaults(func=train_command)
 

@@ -61,6 +61,8 @@ EMA_FILE = "ema.safetensors"
 STATE_FILE = "state.pt"
 _NAME = re.compile(r"^step-(\d{8,})$")
 
+RUN_LENGTH_KEYS = ("max_steps", "epochs", "stop_after")
+
 # Settings that change nothing in the trained weights or in the order of what is trained: a backup
 # made with other values of these resumes. Everything else must match (see settings_fingerprint).
 RESUMABLE_CHANGES = (
@@ -77,6 +79,9 @@ RESUMABLE_CHANGES = (
     "output_format",
     "strict_data",
     "ema.device",
+    # The run's length: a run continued to another total trains the same batches up to the
+    # backup's step; how the learning-rate schedule is carried on is extend.carry_schedule's.
+    *RUN_LENGTH_KEYS,
 )
 
 

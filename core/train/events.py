@@ -42,6 +42,10 @@ class TrainerCallbacks:
     def on_sample(self, path: Path) -> None:
         """A sample (video or image) was written to `path`."""
 
+    def on_sampling(self, step: int, done: int, count: int) -> None:
+        """Samples are being made after `step`: `done` of `count` are made (before each one, and once
+        with done == count when they all are); training waits meanwhile."""
+
     def on_done(self, output_paths: Sequence[Path]) -> None:
         """Training finished (or stopped on request) and wrote these outputs (LoRA, checkpoint, ...)."""
 

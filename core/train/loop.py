@@ -196,7 +196,9 @@ class Loop:
             )
             if r.validator is not None and every["validation"] and step % every["validation"] == 0:
                 record.update(self._validate(step, record.get("loss_smoothed")))
-            result.final_loss = record["loss"]
+            # The smoothed loss, as the progress bar and the window show it (the raw one jumps with
+            # each batch's noise level).
+            result.final_loss = record["loss_smoothed"] if record.get("loss_smoothed") is not None else record["loss"]
             r.metrics.write(record)
             r.callbacks.on_metrics(record)
             eta = (now - started) / (step - first_step) * (r.total_steps - step)

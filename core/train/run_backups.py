@@ -5,6 +5,7 @@ it: resume.py)."""
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from core.errors import UserError
 from .backup import Backup, BackupFolder, stamp
 from .events import TrainerCallbacks
 from .loop import RunParts, TrainResult
+from .samples import SAMPLES_DIR_NAME
 
 
 def backup_to_resume(backups: BackupFolder, on_log: Callable[[int, str], None]) -> Backup:
@@ -115,8 +117,8 @@ def _run_stopped(error: UserError, backups: BackupFolder, step: int) -> UserErro
 
 def set_earlier_runs_aside(workspace: Path, backups: BackupFolder, callbacks: TrainerCallbacks) -> None:
     """A run from the start keeps what earlier runs left in the workspace, under other names: their
-    backups (which resume would otherwise pick up) and their metrics (whose steps would mix with
-    this run's)."""
+    backups (which resume would otherwise pick up), their metrics (whose steps would mix with
+    this run's) and their samples (whose names, by step, this run's would replace)."""
     with explained_write_errors(backups.root, "the folder of an earlier run's backups", key="workspace_dir"):
         moved = backups.set_aside()
     metrics = workspace / "metrics.jsonl"
@@ -125,5 +127,23 @@ def set_earlier_runs_aside(workspace: Path, backups: BackupFolder, callbacks: Tr
         with explained_write_errors(target, "an earlier run's metrics", key="workspace_dir"):
             metrics.rename(target)
         moved.append(target)
+    moved.extend(_set_samples_aside(workspace / SAMPLES_DIR_NAME))
     for path in moved:
         callbacks.on_log(logging.INFO, f"an earlier run's files were kept as {path}")
+
+
+def _set_samples_aside(folder: Path) -> list[Path]:
+    """Move an earlier run's sample files into `samples/earlier-<time>/` (renames, one per file: the
+    samples folder itself stays, so a window listing it keeps watching the same path)."""
+    try:
+        files = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")]
+    except OSError:
+        return []
+    if not files:
+        return []
+    aside = folder / f"earlier-{stamp()}"
+    with explained_write_errors(aside, "the folder of an earlier run's samples", key="workspace_dir"):
+        aside.mkdir()
+        for path in files:
+            os.replace(path, aside / path.name)
+    return [aside]

@@ -108,7 +108,8 @@ class SampleMaker:
     "video_config" are read at each make(), so live edits of prompts apply); workspace: the run's
     workspace_dir; device/dtype: where and in what dtype the pipeline runs (the training device and
     compute dtype). image: the first frame for an image-conditioned model (uint8 (H, W, 3)); it may be
-    set later through the `image` attribute. on_sample(path) is called for each file written.
+    set later through the `image` attribute. on_sample(path) is called for each file written, and
+    on_sampling(step, done, count) before each sample and once all are made (done == count).
     unload_encoders_after: drop the adapter's VAE and text encoder after sampling (they are loaded for
     it); pass False when training needs them loaded (e.g. it trains the text encoder).
     """
@@ -124,6 +125,7 @@ class SampleMaker:
         on_sample: Callable[[Path], None] | None = None,
         *,
         unload_encoders_after: bool = True,
+        on_sampling: Callable[[int, int, int], None] | None = None,
     ) -> None:
         self.adapter = adapter
         self.config = config
@@ -132,6 +134,7 @@ class SampleMaker:
         self.image = image
         self.on_sample = on_sample
         self.unload_encoders_after = unload_encoders_after
+        self.on_sampling = on_sampling  # (step, samples done, samples in all): before each and after the last
 
     def make(self, step: int, denoisers: dict[str, Any]) -> list[Path]:
         """One video per configured prompt from `denoisers` (component name -> the unwrapped module
@@ -171,13 +174,22 @@ class SampleMaker:
                 for encoder in held:
                     encoder.eval()  # no dropout in the samples; the flags come back after
                 for index, prompt in enumerate(prompts):
+                    self._tell(step, index, len(prompts))
                     path = self._one(step, index, len(prompts), prompt, denoisers, args, image, fps)
                     if path is not None:
                         written.append(path)
         finally:
+            self._tell(step, len(prompts), len(prompts))
             if self.unload_encoders_after:
                 self.adapter.unload_encoders()
         return written
+
+    def _tell(self, step: int, done: int, count: int) -> None:
+        if self.on_sampling is not None:
+            try:
+                self.on_sampling(step, done, count)
+            except Exception:  # a client's problem is not the run's
+                logger.warning("the sampling progress report failed", exc_info=True)
 
     def _one(self, step: int, index: int, count: int, prompt: str, denoisers: dict[str, Any],
              args: dict[str, Any], image: Any, fps: float) -> Path | None:

@@ -253,7 +253,10 @@ class Trainer:
 
         data = data_fingerprint(plan, world_size)
         if backup is not None:
+            from .extend import check_length
+
             check_resumable(backup, app_version=app_version(), fingerprint=settings_fingerprint(config), data=data)
+            check_length(backup, total_steps)
             self.callbacks.on_log(logging.INFO, f"continuing from the backup of step {backup.step} ({backup.path})")
         start_step = backup.step if backup is not None else 0
         sampler = BucketBatchSampler(
@@ -308,7 +311,12 @@ class Trainer:
         self._add_validation(run, plan)
         self._add_samples(run, plan, workspace)
         if backup is not None:
+            from .extend import carry_schedule
+
             restore(run, backup, result)
+            carried = carry_schedule(scheduler, backup, total_steps, config["lr_scheduler"])
+            if carried is not None:
+                self.callbacks.on_log(logging.INFO, carried)
         elif accelerator.is_main_process:
             set_earlier_runs_aside(workspace, backups, self.callbacks)
         # Backups are written when due, when asked for (Backup now) and when a run is stopped.
@@ -374,7 +382,7 @@ class Trainer:
         image = first_frame(plan) if run.adapter.image_conditioned else None
         run.samples = SampleMaker(run.adapter, config, workspace, run.accelerator.device, compute_dtype(config["train_dtype"]),
                                   image=image, on_sample=self.callbacks.on_sample,
-                                  unload_encoders_after=not run.parts.keeps_text_encoder)
+                                  unload_encoders_after=not run.parts.keeps_text_encoder, on_sampling=self.callbacks.on_sampling)
 
 
 def first_frame(plan: Any) -> Any:
