@@ -24,6 +24,7 @@ to carry to a machine with only torch, transformers, peft and accelerate).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import os
@@ -65,6 +66,9 @@ def machine(device: Any) -> dict[str, Any]:
         except md.PackageNotFoundError:
             info["libraries"][name] = None
     if device.type == "cuda":
+        torch.zeros(1, device=device)  # the context and the allocator exist now
+        free, total = torch.cuda.mem_get_info(device)
+        info["cuda_context_bytes"] = int(total - free - torch.cuda.memory_reserved(device))
         props = torch.cuda.get_device_properties(device)
         info.update(gpu=props.name, gpu_memory_bytes=int(props.total_memory), capability=f"{props.major}.{props.minor}",
                     cudnn=torch.backends.cudnn.version())
@@ -107,6 +111,10 @@ def prepare(case: Case, smoke: bool, folders: dict[str, Path], scratch: Path) ->
             folders[family] = build_tiny_model(family, where)
         else:
             folders[family] = config_only_folder(config["base_model"], family, where)
+    needs_bnb = [k for k, v in (("transformer.weight_dtype", config["transformer"]["weight_dtype"]),
+                                ("optimizer", config["optimizer"])) if v in ("NFLOAT_4", "ADAMW_8BIT")]
+    if needs_bnb and importlib.util.find_spec("bitsandbytes") is None:
+        raise Skip(f"{', '.join(needs_bnb)} needs bitsandbytes, which is not importable here (docs/benchmarks.md: carry its wheel)")
     folder = folders[family]
     configs = configs_from_folder(folder)
     notes: dict[str, Any] = {}
@@ -165,7 +173,7 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device("cpu" if args.cpu_smoke or not torch.cuda.is_available() else "cuda")
     if device.type == "cpu" and not args.cpu_smoke:
         log.warning("no CUDA device: running on the CPU (no memory figures); use --cpu-smoke for the tiny models")
-    from gpu_harness import Skip, link_bandwidth, run_case
+    from gpu_harness import Skip, dry_run_case, link_bandwidth, run_case
 
     info = machine(device)
     info["link"] = link_bandwidth(device, 8 if device.type == "cpu" else 1024)
@@ -186,6 +194,9 @@ def run(args: argparse.Namespace) -> int:
                 row["transformer_class"] = str(configs.transformers[0].get("_class_name") or "WanTransformer3DModel")
                 figures, estimate = estimate_row(config, configs)
                 row.update(figures)
+                if args.dry_run:
+                    row.update(dry_run_case(config), status="planned")
+                    continue
                 predicted = predict_seconds(rows[:-1], row["parameters"], row["work"], args.steps)
                 row["predicted_seconds"] = predicted
                 left = deadline - time.perf_counter()
@@ -212,13 +223,14 @@ def run(args: argparse.Namespace) -> int:
                 release(device)
             log.info("  %s", {k: row.get(k) for k in ("status", "seconds_per_step", "peak_allocated_bytes", "estimated_peak_bytes", "reason") if row.get(k) is not None})
     compare(rows)
-    result = {"mode": "cpu-smoke" if args.cpu_smoke else "gpu", "budget_s": args.budget_s, "machine": info,
+    mode = "dry-run" if args.dry_run else "cpu-smoke" if args.cpu_smoke else "gpu" if device.type == "cuda" else "cpu"
+    result = {"mode": mode, "budget_s": args.budget_s, "machine": info,
               "elapsed_s": time.perf_counter() - started, "steps": args.steps, "cases": rows,
               "skipped": [r["case"] for r in rows if r.get("status") == "skipped"]}
     json_path, md_path = write_outputs(result, Path(args.out))
     print(md_path.read_text(encoding="utf-8"))
     print(f"wrote {json_path} and {md_path} in {result['elapsed_s']:.0f} s")
-    return 0 if all(r.get("status") in ("ok", "skipped") for r in rows) else 1
+    return 0 if all(r.get("status") in ("ok", "skipped", "planned") for r in rows) else 1
 
 
 def calibrate(source: Path, target: Path) -> int:
@@ -248,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calibrate-from", type=Path, help="write the estimator's calibration file from this JSON")
     parser.add_argument("--calibration", type=Path, default=ROOT / "core" / "memory" / "calibration.json")
     parser.add_argument("--list", action="store_true", help="print the cases in order and exit")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="real-size cases on the meta device: folders, adapters, LoRA, shapes and estimates, no steps")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.list:

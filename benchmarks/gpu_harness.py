@@ -295,3 +295,29 @@ def link_bandwidth(device: Any, mib: int) -> dict[str, Any]:
     del host, target
     release(device)
     return {"bytes": mib * 2**20, "seconds": best, "bytes_per_second": mib * 2**20 / best, "pinned": cuda}
+
+
+def dry_run_case(config: dict[str, Any]) -> dict[str, Any]:
+    """What a case would train, without weights: the adapter from the folder, the transformer and
+    its LoRA on the meta device, the input shapes. Checks a real-size case's folder and settings on
+    any machine (--dry-run)."""
+    import torch
+
+    from core.models.registry import adapter_for
+    from core.train.methods.lora import LoraParts
+
+    meta = torch.device("meta")
+    adapter = adapter_for(config, download=False)
+    install_random_weights(adapter, meta)
+    parts = LoraParts(config, adapter, meta)
+    denoiser = adapter.denoisers()[0]
+    parts.load([denoiser], lambda name: adapter.load_transformer(name, meta, torch.bfloat16))
+    transformer = parts.transformers[0]
+    blocks = sum(len(stack) for stack in adapter.block_stacks(transformer))
+    data = inputs(adapter, config, transformer, meta)
+    adapter.objective(config["objective"])
+    return {"denoiser": denoiser.name, "transformer_class": type(transformer).__name__, "blocks": blocks,
+            "parameters_built": sum(p.numel() for p in transformer.parameters()),
+            "trainable_parameters": sum(p.numel() for p in parts.trainable()),
+            "latent_shape": data["latent_shape"], "frames_trained": data["frames"], "text_tokens": data["text_tokens"],
+            "conditions": {k: list(v.shape) for k, v in data["conditions"].items()}}

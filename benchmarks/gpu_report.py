@@ -90,7 +90,9 @@ def markdown(result: dict[str, Any]) -> str:
              "after one warm-up step; peak memory over the measured steps.", "", table(result), ""]
     parts.append("Skipped: " + ("; ".join(f"{r['case']} ({r.get('reason')})" for r in result["cases"] if r.get("status") == "skipped")
                                 if skipped else "none") + ".")
-    if result["mode"] != "gpu":
+    if result["mode"] == "dry-run":
+        parts += ["", "Dry run: folders, adapters, LoRA and shapes checked on the meta device and the estimates made; nothing trained."]
+    elif result["mode"] != "gpu":
         parts += ["", "No GPU: step times are the CPU's and no memory was measured; this checks that the script runs."]
     return "\n".join(parts) + "\n"
 
