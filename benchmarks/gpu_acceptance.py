@@ -38,6 +38,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+START = time.perf_counter()  # the budget counts from here: torch's and the engine's imports are in it
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -168,7 +170,7 @@ def measured_against_estimate(row: dict[str, Any], estimate: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    started = time.perf_counter()
+    started = START
     deadline = started + args.budget_s - MARGIN_S
     device = torch.device("cpu" if args.cpu_smoke or not torch.cuda.is_available() else "cuda")
     if device.type == "cpu" and not args.cpu_smoke:

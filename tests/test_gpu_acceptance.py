@@ -64,3 +64,26 @@ def test_cpu_smoke_writes_both_files_with_every_smoke_case(tmp_path: Path) -> No
     assert "| case | status |" in table
     for name in smoke:
         assert f"| {name} | ok |" in table
+
+
+def test_dry_run_plans_real_size_cases_from_the_repo_configs(tmp_path: Path) -> None:
+    """--dry-run: the real-size config-only folders, adapters, LoRA and shapes on the meta device; the
+    estimate made from the folder equals the estimator's own for the preset (the built-in configs)."""
+    from core.config import load_preset
+    from core.memory.estimate import estimate_memory
+
+    names = ["#wan 2.2 LoRA", "#cogvideox LoRA 12GB", "#hunyuan video LoRA 16GB"]
+    out = tmp_path / "dry"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--only", ",".join(names), "--out", str(out)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = json.loads((out / "gpu_acceptance.json").read_text(encoding="utf-8"))["cases"]
+    assert [r["case"] for r in rows] == names
+    for row in rows:
+        assert row["status"] == "planned", row
+        assert row["estimated_peak_bytes"] == estimate_memory(load_preset(row["preset"])).peak_bytes
+        assert row["parameters_built"] >= row["parameters"] > 4e9  # the real size (plus the LoRA)
+    assert rows[0]["latent_shape"] == [1, 48, 5, 32, 32]  # batch 2 x 0.5 videos, 17 frames, 512 px / 16
+    assert rows[0]["conditions"] == {"prompt_embeds": [1, 512, 4096], "prompt_mask": [1, 512]}
+    assert rows[2]["blocks"] == 60 and "pooled_projections" in rows[2]["conditions"]
