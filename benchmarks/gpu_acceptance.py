@@ -45,8 +45,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gpu_cases import Case, all_cases, case_config, fitted, settings_of  # noqa: E402
-from gpu_report import compare, write_outputs  # noqa: E402
+from gpu_cases import Case, all_cases, case_config, fitted, settings_of
+from gpu_report import compare, write_outputs
 
 log = logging.getLogger("gpu_acceptance")
 MARGIN_S = 15.0  # kept free at the end: writing the report, releasing the last case
@@ -76,7 +76,7 @@ def machine(device: Any) -> dict[str, Any]:
                     cudnn=torch.backends.cudnn.version())
         try:
             out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                 capture_output=True, text=True, timeout=20)
+                                 capture_output=True, text=True, timeout=20, check=False)
             info["driver"] = out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
         except (OSError, subprocess.SubprocessError):
             info["driver"] = None

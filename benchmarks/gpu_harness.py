@@ -67,7 +67,9 @@ def config_only_folder(hub_id: str, family: str, out: Path) -> Path:
     z, spatial, temporal = known.vae["z_dim"], known.vae["scale_factor_spatial"], known.vae["scale_factor_temporal"]
     if vae_class == "AutoencoderKLCogVideoX":  # its ratios come from block_out_channels' defaults (8x) and these
         vae.update(latent_channels=z, temporal_compression_ratio=temporal)
-        from core.models.tiny.cogvideox import _scheduler  # the releases' scheduler_config.json
+        from core.models.tiny.cogvideox import (
+            _scheduler,  # the releases' scheduler_config.json
+        )
 
         index["scheduler"] = ["diffusers", "CogVideoXDDIMScheduler"]
         _write(out / "scheduler" / "scheduler_config.json", dict(_scheduler(1.0).config))

@@ -77,8 +77,9 @@ def machine_lines(info: dict[str, Any]) -> list[str]:
         + (f", {info['gpu_memory_bytes'] / GIB:.1f} GiB, compute capability {info['capability']}" if "gpu" in info else ""),
         f"- driver: {info.get('driver', '-')}; torch {info['torch']}, CUDA {info['cuda']}, cuDNN {info.get('cudnn', '-')}",
         f"- attention: torch SDPA backends enabled: {sdpa}; diffusers attention backend: {info.get('diffusers_attention_backend')}",
-        f"- link reference: {'pinned ' if link['pinned'] else ''}host-to-device copy of {link['bytes'] / 2**20:.0f} MiB, "
-        f"best of 5: {link['bytes_per_second'] / 1e9:.1f} GB/s",
+        (f"- link reference: {'pinned ' if link['pinned'] else ''}host-to-device copy of {link['bytes'] / 2**20:.0f} MiB, "
+         f"best of 5: {link['bytes_per_second'] / 1e9:.1f} GB/s"),
+        f"- CUDA context (device memory used less torch's reserve at start): {_gib(info.get('cuda_context_bytes'))} GiB",
         f"- libraries: {libs}; Python {info['python']}",
     ]
 
@@ -86,8 +87,8 @@ def machine_lines(info: dict[str, Any]) -> list[str]:
 def markdown(result: dict[str, Any]) -> str:
     skipped = result["skipped"]
     parts = [f"# GPU acceptance run ({result['mode']})", "", *machine_lines(result["machine"]), "",
-             f"Budget {result['budget_s']:.0f} s, took {result['elapsed_s']:.0f} s; {result['steps']} measured steps per case "
-             "after one warm-up step; peak memory over the measured steps.", "", table(result), ""]
+             (f"Budget {result['budget_s']:.0f} s, took {result['elapsed_s']:.0f} s; {result['steps']} measured steps per case "
+              "after one warm-up step; peak memory over the measured steps."), "", table(result), ""]
     parts.append("Skipped: " + ("; ".join(f"{r['case']} ({r.get('reason')})" for r in result["cases"] if r.get("status") == "skipped")
                                 if skipped else "none") + ".")
     if result["mode"] == "dry-run":
