@@ -98,7 +98,7 @@ def prepare(case: Case, smoke: bool, folders: dict[str, Path], scratch: Path) ->
     configs, notes) for a case; raises Skip."""
     from gpu_harness import Skip, config_only_folder
 
-    from core.memory.known_models import ModelConfigs, configs_from_folder
+    from core.memory.known_models import configs_from_folder
     from core.models.registry import family_for_model_type
 
     config = case_config(case, smoke)
@@ -120,10 +120,6 @@ def prepare(case: Case, smoke: bool, folders: dict[str, Path], scratch: Path) ->
     folder = folders[family]
     configs = configs_from_folder(folder)
     notes: dict[str, Any] = {}
-    if len(configs.transformers) > 1:  # one expert trains and is loaded: estimate that one
-        notes["estimate_note"] = "estimated for the one expert trained (the estimator otherwise counts both)"
-        configs = ModelConfigs(configs.name, configs.source, configs.transformers[:1], configs.text_encoder, configs.vae,
-                               configs.expand_timesteps)
     if case.fit_gib is not None:
         config, changes = fitted(config, configs, case.fit_gib)
         notes["fit_changes"] = changes

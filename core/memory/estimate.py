@@ -109,6 +109,10 @@ def estimate_memory(config: dict[str, Any], configs: ModelConfigs | None = None,
 
     configs = configs or model_configs(config["base_model"])
     transformers = [transformer_sizes(c) for c in configs.transformers]
+    # A two-expert model training one expert loads only that one (core/train/experts.py, chosen_denoisers).
+    one_expert = (config.get("experts") or {}).get("train", "BOTH")
+    if len(transformers) == 2 and one_expert in ("HIGH_NOISE", "LOW_NOISE"):
+        transformers = [transformers[0 if one_expert == "HIGH_NOISE" else 1]]
     t = transformers[0]
     spatial = int(configs.vae.get("scale_factor_spatial", config["video_config"]["spatial_compression_ratio"]))
     temporal = int(configs.vae.get("scale_factor_temporal", config["video_config"]["temporal_compression_ratio"]))
