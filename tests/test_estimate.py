@@ -260,6 +260,11 @@ def test_each_setting_moves_the_estimate_the_right_way() -> None:
     a14b = estimate_memory(_preset("#wan 2.2 LoRA", base_model="Wan-AI/Wan2.2-T2V-A14B-Diffusers", model_type="WAN_2_2_A14B_T2V",
                                    video_config={"spatial_compression_ratio": 8}))
     assert a14b.details["transformers"] == 2 and a14b.parts["weights"] > 50 * GIB  # two 14B experts in bfloat16
+    # One expert trained: only it is loaded (chosen_denoisers), so only it is counted.
+    high = estimate_memory(_preset("#wan 2.2 LoRA", base_model="Wan-AI/Wan2.2-T2V-A14B-Diffusers", model_type="WAN_2_2_A14B_T2V",
+                                   video_config={"spatial_compression_ratio": 8}, experts={"train": "HIGH_NOISE"}))
+    assert high.details["transformers"] == 1 and 25 * GIB < high.parts["weights"] < 30 * GIB
+    assert abs(2 * high.parts["trainable_state"] - a14b.parts["trainable_state"]) <= 16
 
 
 def test_fit_offloads_first_then_quantizes() -> None:

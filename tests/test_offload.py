@@ -218,3 +218,22 @@ def test_attach_twice_is_an_error(config: dict, tmp_path: Path) -> None:
     offloader = BlockOffloader(model.blocks, 0.5, "cpu").attach(model)
     with pytest.raises(RuntimeError):
         offloader.attach(model)
+
+
+def test_copy_timing_is_off_by_default_and_counts_each_copy_when_on() -> None:
+    # take_copy_seconds (for the GPU acceptance run's achieved bandwidth): None unless asked for;
+    # on a CPU a clock around each copy (on CUDA, events on the copy stream).
+    stack = torch.nn.ModuleList([torch.nn.Linear(8, 8) for _ in range(4)]).requires_grad_(False)
+    quiet = BlockOffloader(stack, 0.5, "cpu").attach()
+    for block in stack:
+        block(torch.ones(1, 8))
+    assert quiet.take_copy_seconds() is None
+    quiet.detach()
+    timed = BlockOffloader(stack, 0.5, "cpu", time_copies=True).attach()
+    for block in stack:
+        block(torch.ones(1, 8))
+    assert timed.take_bytes_moved() > 0
+    seconds = timed.take_copy_seconds()
+    assert seconds is not None and seconds >= 0.0
+    assert timed.take_copy_seconds() == 0.0  # taken: nothing since
+    timed.detach()

@@ -43,7 +43,7 @@ TEXT_TOKENS = 512  # the default text length; each family's is TransformerSizes.
 # holds, on top of its recomputed activations, gradients and temporaries of 0.33-0.38 times their size.
 BACKWARD_EXTRA = 0.4
 # Not measured here (no GPU): typical CUDA context + cuBLAS/cuDNN handles, and the caching
-# allocator's reserved-over-allocated margin. To be replaced by benchmarks/offload_gpu.py's figures.
+# allocator's reserved-over-allocated margin. To be replaced by benchmarks/gpu_acceptance.py's figures.
 CUDA_CONTEXT_BYTES = 512 * 2**20
 ALLOCATOR_OVERHEAD = 0.10
 # Optimizer state bytes per trained parameter (fp32 states): AdamW exp_avg + exp_avg_sq; 8-bit
@@ -97,12 +97,22 @@ def tokens_per_sample(config: dict[str, Any], t: TransformerSizes, spatial: int,
             "tokens": math.ceil(latent_frames / t.patch[0]) * height * width}
 
 
-def estimate_memory(config: dict[str, Any], configs: ModelConfigs | None = None) -> Estimate:
-    """The estimate for a complete, resolved settings dict (core.config.resolve)."""
+def estimate_memory(config: dict[str, Any], configs: ModelConfigs | None = None,
+                    calibration: dict[str, dict[str, float]] | None = None) -> Estimate:
+    """The estimate for a complete, resolved settings dict (core.config.resolve).
+
+    calibration: {transformer class: {checkpointing: factor}} (core.memory.calibration.load_calibration);
+    default the calibration file's. The transformer's activation term is multiplied by the factor of
+    its class and checkpointing mode, 1.0 where there is none (details["activation_factor"])."""
+    from .calibration import activation_factor
     from .offload import offloaded_block_count, offloaded_block_indices  # torch-free at import
 
     configs = configs or model_configs(config["base_model"])
     transformers = [transformer_sizes(c) for c in configs.transformers]
+    # A two-expert model training one expert loads only that one (core/train/experts.py, chosen_denoisers).
+    one_expert = (config.get("experts") or {}).get("train", "BOTH")
+    if len(transformers) == 2 and one_expert in ("HIGH_NOISE", "LOW_NOISE"):
+        transformers = [transformers[0 if one_expert == "HIGH_NOISE" else 1]]
     t = transformers[0]
     spatial = int(configs.vae.get("scale_factor_spatial", config["video_config"]["spatial_compression_ratio"]))
     temporal = int(configs.vae.get("scale_factor_temporal", config["video_config"]["temporal_compression_ratio"]))
@@ -191,6 +201,10 @@ def estimate_memory(config: dict[str, Any], configs: ModelConfigs | None = None)
     else:  # CPU_OFFLOADED: the saved inputs wait in CPU memory; one block's come back at a time
         stored = block_inputs * batch + act_block * batch + casts
     activations = stored + shared * batch + outside * batch + 8 * L * t.head_dim + int(BACKWARD_EXTRA * act_block * batch)
+    factor = activation_factor(str(t.config.get("_class_name") or "WanTransformer3DModel"), checkpointing, calibration)
+    if factor != 1.0:
+        activations = int(activations * factor)
+    details["activation_factor"] = factor
     if text_in_graph:
         activations += text_encoder_activation_bytes(configs.text_encoder, text_tokens, train_b) * batch
     details["checkpointing"] = checkpointing

@@ -36,6 +36,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import time
 from collections import OrderedDict
 from typing import Any
 
@@ -171,7 +172,7 @@ class BlockOffloader:
     """
 
     def __init__(self, blocks: Any, fraction: float, device: Any, *, slots: int = DEFAULT_SLOTS,
-                 pin_memory: bool | None = None, record_trace: bool = False) -> None:
+                 pin_memory: bool | None = None, record_trace: bool = False, time_copies: bool = False) -> None:
         import torch
 
         if slots < 1:
@@ -188,6 +189,10 @@ class BlockOffloader:
         self.offloaded = offloaded_block_indices(fraction, len(self.blocks))
         self.bytes_moved = 0
         self.record_trace = record_trace
+        # time_copies: time every host-to-device copy (CUDA events on the copy stream; a clock on a
+        # CPU), for take_copy_seconds; off in training, where it would only cost.
+        self.time_copies = time_copies
+        self._timings: list[Any] = []  # (start event, end event) on CUDA, seconds on a CPU
         self.trace: list[tuple[str, int, Any]] = []
         self._blocks: dict[int, _Block] = {}
         self._resident: OrderedDict[int, tuple[list[Any], Any]] = OrderedDict()  # index -> (device tensors, event)
@@ -274,6 +279,21 @@ class BlockOffloader:
         moved, self.bytes_moved = self.bytes_moved, 0
         return moved
 
+    def take_copy_seconds(self) -> float | None:
+        """Seconds the copy stream spent in host-to-device copies since the last call (waits for
+        the copies still running); None unless built with time_copies. With take_bytes_moved, the
+        copies' achieved bandwidth."""
+        if not self.time_copies:
+            return None
+        timings, self._timings = self._timings, []
+        if not self.cuda:
+            return float(sum(timings))
+        total = 0.0
+        for start, end in timings:
+            end.synchronize()
+            total += start.elapsed_time(end) / 1000.0
+        return total
+
     def block_bytes(self, index: int) -> int:
         return self._blocks[index].bytes
 
@@ -346,13 +366,21 @@ class BlockOffloader:
         if self.cuda:
             # No wait on the compute stream: memory freed by an eviction is protected by record_stream.
             with torch.cuda.stream(self._stream):
+                start = torch.cuda.Event(enable_timing=True) if self.time_copies else None
+                if start is not None:
+                    start.record(self._stream)
                 tensors = [_as_parameter(_apply(master, to_device)) if is_param else _apply(master, to_device)
                            for _, _, is_param, master in block.entries]
-                event = torch.cuda.Event()
+                event = torch.cuda.Event(enable_timing=self.time_copies)
                 event.record(self._stream)
+                if start is not None:
+                    self._timings.append((start, event))
         else:
+            began = time.perf_counter()
             tensors = [_as_parameter(_apply(master, to_device)) if is_param else _apply(master, to_device)
                        for _, _, is_param, master in block.entries]
+            if self.time_copies:
+                self._timings.append(time.perf_counter() - began)
         self._resident[index] = (tensors, event)
         self.bytes_moved += block.bytes
         self._note("load", index, why)
