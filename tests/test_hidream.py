@@ -1,0 +1,236 @@
+"""The HiDream adapter on the tiny HiDream-I1: its encoders and forward call follow HiDreamImagePipeline
+(the sign and timestep of its denoising step included), images train as one-frame latents, a LoRA
+trains through the real Trainer and loads into the pipeline, quantization covers every Linear of both
+block stacks, the MoE's auxiliary loss stays off, the presets train, and samples are PNGs."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from media_factory import make_clip, make_image
+from numerics import EPS32, forward_tolerance
+
+from core.config import resolve
+from core.errors import ConfigError
+from core.models.hidream import HiDreamAdapter
+from core.models.registry import adapter_for, detect_family
+from core.train.metrics_reader import read_metrics
+from core.train.trainer import Trainer
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+BLOCK_LINEAR = re.compile(r"(double|single)_stream_blocks\.\d+\..+")
+CAPTIONS = ["a cat", "a much longer caption about a dog running"]
+TEXT_KEYS = {"t5_embeds", "llama_embeds", "pooled_embeds"}
+
+
+@pytest.fixture(scope="module")
+def tiny_hd(tiny_model: Callable[[str], Path]) -> Path:
+    return tiny_model("hidream")
+
+
+@pytest.fixture(scope="module")
+def one_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("one-image")
+    make_image(folder / "image.png", width=64, height=64, index=3)
+    (folder / "image.txt").write_text("a gray square with a marker", encoding="utf-8")
+    return folder
+
+
+def hd_config(model: Path, data: Path, root: Path, **overrides) -> dict:
+    """A tiny-model run in FLOAT_32 at 64 px (one frame)."""
+    overlay = {
+        "training_method": "LORA",
+        "model_type": "HIDREAM",
+        "base_model": str(model),
+        "train_dtype": "FLOAT_32",
+        "transformer": {"train": True, "weight_dtype": "FLOAT_32"},
+        **{name: {"train": False, "weight_dtype": "FLOAT_32"}
+           for name in ("text_encoder", "text_encoder_2", "text_encoder_3", "text_encoder_4")},
+        "vae": {"weight_dtype": "FLOAT_32"},
+        "gradient_checkpointing": "OFF",
+        "datasets": [{"path": str(data), "repeats": 1}],
+        "workspace_dir": str(root / "workspace"),
+        "cache_dir": str(root / "cache"),
+        "output_path": str(root / "out" / "lora.safetensors"),
+        "resolution": 64,
+        "frames": 1,
+        "lora": {"rank": 8, "alpha": 8.0},
+        "sampling": {"every_n_steps": 0},
+        "backup": {"every_n_steps": 0},
+        "validation": {"every_n_steps": 0},
+        "dataloader_threads": 0,
+        "warmup_steps": 0,
+        "max_steps": 3,
+    }
+    config = resolve(overlay)
+    for key, value in overrides.items():
+        config[key] = {**config[key], **value} if isinstance(value, dict) else value
+    return config
+
+
+def _loaded(folder: Path) -> HiDreamAdapter:
+    adapter = adapter_for({"base_model": str(folder), "model_type": "HIDREAM"})
+    assert isinstance(adapter, HiDreamAdapter)
+    return adapter
+
+
+def _with_text(adapter: HiDreamAdapter) -> HiDreamAdapter:
+    for name in adapter.text_encoder_names:
+        adapter.load_text_encoder("cpu", torch.float32, name=name)
+    return adapter
+
+
+def _encoder_bound(config, reference: torch.Tensor) -> float:
+    """Two float32 forwards of one encoder whose kernels sum in other orders: each layer's outputs are
+    sums over hidden + intermediate products, so that many roundings per layer, of the output's scale
+    (Higham's any-order sum bound; tests/numerics.py)."""
+    layers = getattr(config, "num_hidden_layers", None) or config.num_layers
+    hidden = getattr(config, "hidden_size", None) or config.d_model
+    inner = getattr(config, "intermediate_size", None) or config.d_ff
+    return layers * (hidden + inner) * EPS32 * float(reference.abs().max())
+
+
+def _pipe(folder: Path):
+    from diffusers import HiDreamImagePipeline
+
+    pipe = HiDreamImagePipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.numerics
+def test_sizes_and_text_follow_the_pipeline(tiny_hd: Path) -> None:
+    assert detect_family(tiny_hd) == "hidream"
+    adapter = _with_text(_loaded(tiny_hd))
+    assert (adapter.spatial_ratio, adapter.temporal_ratio, adapter.latent_channels, adapter.size_divisor) == (8, 1, 16, 16)
+    assert [n for n in range(1, 10) if adapter.frame_rule.accepts(n)] == [1]  # stills only
+    ours = adapter.encode_text(CAPTIONS)
+    pipe = _pipe(tiny_hd)
+    with torch.no_grad():
+        t5, _, llama, _, pooled, _ = pipe.encode_prompt(CAPTIONS, None, None, None, device="cpu",
+                                                         do_classifier_free_guidance=False)
+    assert set(ours) == set(adapter.condition_layout()) == TEXT_KEYS
+    assert ours["t5_embeds"].shape == t5.shape == (2, 128, 32)
+    torch.testing.assert_close(ours["t5_embeds"], t5, rtol=0, atol=_encoder_bound(pipe.text_encoder_3.config, t5))
+    # The pipeline stacks every decoder layer's output; the transformer reads the llama_layers ones.
+    layers = pipe.transformer.config.llama_layers
+    assert adapter.llama_layers == sorted(set(layers)) and llama.shape == (4, 2, 128, 48)
+    expected = torch.stack([llama[k] for k in adapter.llama_layers], dim=1)
+    assert ours["llama_embeds"].shape == expected.shape == (2, len(adapter.llama_layers), 128, 48)
+    torch.testing.assert_close(ours["llama_embeds"], expected, rtol=0,
+                               atol=_encoder_bound(pipe.text_encoder_4.config, expected))
+    assert ours["pooled_embeds"].shape == pooled.shape == (2, 16 + 24)
+    bound = max(_encoder_bound(pipe.text_encoder.config, pooled), _encoder_bound(pipe.text_encoder_2.config, pooled))
+    torch.testing.assert_close(ours["pooled_embeds"], pooled, rtol=0, atol=bound)
+
+
+def test_image_latents_are_shifted_and_scaled_posterior_samples(tiny_hd: Path) -> None:
+    adapter = _loaded(tiny_hd)
+    vae = adapter.load_vae("cpu", torch.float32)
+    frames = torch.rand(1, 3, 1, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    latents = adapter.encode_video(frames, torch.Generator().manual_seed(3))
+    sample = vae.encode(frames[:, :, 0]).latent_dist.sample(generator=torch.Generator().manual_seed(3))
+    expected = (sample - vae.config.shift_factor) * vae.config.scaling_factor
+    assert latents.shape == (1, 16, 1, 4, 4)
+    torch.testing.assert_close(latents[:, :, 0], expected.float())
+    # The pipeline decodes latents / scaling_factor + shift_factor: the round trip gives the sample back.
+    torch.testing.assert_close(latents[:, :, 0] / vae.config.scaling_factor + vae.config.shift_factor, sample)
+    with pytest.raises(ValueError, match="one frame"):
+        adapter.encode_video(torch.zeros(1, 3, 5, 32, 32))
+
+
+@pytest.fixture
+def recorded_calls() -> Iterator[Callable[[torch.nn.Module], list[dict]]]:
+    handles = []
+
+    def record(module: torch.nn.Module) -> list[dict]:
+        calls: list[dict] = []
+        handles.append(module.register_forward_pre_hook(lambda _m, _a, kwargs: calls.append(dict(kwargs)), with_kwargs=True))
+        return calls
+
+    yield record
+    for handle in handles:
+        handle.remove()
+
+
+@pytest.mark.numerics
+def test_predict_is_the_velocity_of_the_pipelines_denoising_step(tiny_hd: Path, recorded_calls) -> None:
+    """The pipeline's own two-step run, its transformer calls and scheduler steps recorded, against
+    predict at the same noise levels: timesteps sigma * 1000, and the output negated, so that the
+    scheduler's Euler step with our prediction is the pipeline's step (the velocity noise - x0)."""
+    adapter = _with_text(_loaded(tiny_hd))
+    pipe = _pipe(tiny_hd)
+    pipe.default_sample_size = 4  # 32 x 32 pixels: the pipeline rescales every request to this area
+    theirs = recorded_calls(pipe.transformer)
+    steps: list[tuple] = []
+    step = pipe.scheduler.step
+
+    def recording_step(model_output, timestep, sample, **kwargs):  # noqa: ANN001, ANN003, ANN202
+        steps.append((model_output.clone(), sample.clone()))
+        return step(model_output, timestep, sample, **kwargs)
+
+    pipe.scheduler.step = recording_step
+    pipe("a cat", num_inference_steps=2, guidance_scale=1.0, generator=torch.Generator().manual_seed(0),
+         output_type="latent")
+    assert len(theirs) == len(steps) == 2
+    theirs = list(theirs)
+    text = adapter.encode_text(["a cat"])
+    ours = recorded_calls(pipe.transformer)
+    sigmas = pipe.scheduler.sigmas[:2]
+    for call, (velocity, sample), sigma in zip(theirs, steps, sigmas, strict=True):
+        assert torch.equal(call["hidden_states"], sample)
+        with torch.no_grad():
+            prediction = adapter.predict(pipe.transformer, sample.unsqueeze(2), sigma.reshape(1), text)
+        mine = ours[-1]
+        assert torch.equal(mine["hidden_states"], call["hidden_states"])
+        torch.testing.assert_close(mine["timesteps"].float(), call["timesteps"].float())
+        assert float(mine["timesteps"][0]) == pytest.approx(float(sigma) * 1000)
+        tolerance = forward_tolerance(pipe.transformer) * float(velocity.abs().max())
+        # What the scheduler stepped with is -transformer(...): our prediction is that, frame axis restored.
+        assert prediction.shape == (1, 16, 1, 4, 4)
+        torch.testing.assert_close(prediction[:, :, 0], velocity, rtol=0, atol=tolerance)
+
+
+@pytest.mark.numerics
+def test_training_mode_predicts_as_eval_mode(tiny_hd: Path) -> None:
+    """In training mode the transformer returns its patched layout (B, C, S, p*p) and runs the routed
+    experts with gradients; predict lays it out as an image again, square or not."""
+    adapter = _with_text(_loaded(tiny_hd))
+    transformer = adapter.load_transformer("transformer", "cpu", torch.float32)
+    text = adapter.encode_text(["a cat"])
+    for h, w in ((4, 4), (4, 6)):
+        noisy = torch.randn(1, 16, 1, h, w, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            transformer.eval()
+            inference = adapter.predict(transformer, noisy, torch.tensor([0.4]), text)
+            transformer.train()
+            training = adapter.predict(transformer, noisy, torch.tensor([0.4]), text)
+        transformer.eval()
+        assert training.shape == inference.shape == (1, 16, 1, h, w)
+        tolerance = forward_tolerance(transformer) * float(inference.abs().max())
+        torch.testing.assert_close(training, inference, rtol=0, atol=tolerance)
+
+
+def test_the_moe_auxiliary_loss_is_off_in_training(tiny_hd: Path) -> None:
+    from diffusers.models.transformers.transformer_hidream_image import MoEGate
+
+    adapter = _loaded(tiny_hd)
+    transformer = adapter.load_transformer("transformer", "cpu", torch.float32).train()
+    gates = [m for m in transformer.modules() if isinstance(m, MoEGate)]
+    assert len(gates) == 3 and all(g.alpha == 0.0 for g in gates)  # one per block of both stacks
+    outputs = []
+    handles = [g.register_forward_hook(lambda _m, _i, out: outputs.append(out[2])) for g in gates]
+    text = _with_text(adapter).encode_text(["a cat"])
+    adapter.predict(transformer, torch.randn(1, 16, 1, 4, 4), torch.tensor([0.5]), text)
+    for handle in handles:
+        handle.remove()
+    assert len(outputs) == 3 and all(aux is None for aux in outputs)
+    # diffusers' own default computes it in training mode (and then drops it).
+    fresh = type(gates[0])(embed_dim=gates[0].gating_dim).train()
+    assert fresh.alpha > 0 and fresh(torch.randn(1, 4, gates[0].gating_dim))[2] is not None
