@@ -169,7 +169,8 @@ class HiDreamAdapter(ModelAdapter):
         if "text" not in self._identities:
             parts = [self.folder / f"{kind}{suffix}" for suffix in ("", "_2", "_3", "_4") for kind in ("text_encoder", "tokenizer")]
             self._identities["text"] = folder_identity(
-                "hidream-text", *parts, self.folder / "transformer" / "config.json",
+                # The transformer's llama_layers decide which Llama layers are kept: part of the key.
+                "hidream-text", *parts,
                 extra={"length": self.max_text_length, "llama_layers": self.llama_layers},
             )
         return self._identities["text"]
