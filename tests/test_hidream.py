@@ -291,3 +291,150 @@ def test_lora_on_an_image_trains_and_loads_into_the_pipeline(tiny_hd: Path, one_
                            generator=torch.Generator().manual_seed(0), output_type="np").images)
     assert images[0].shape == images[1].shape == (1, 32, 32, 3)
     assert float(abs(images[0] - images[1]).max()) > 1e-3
+
+
+@pytest.mark.parametrize("weight_dtype, fmt", [("FLOAT_8", "qfloat8_e4m3fn"), ("NFLOAT_4", "nf4")])
+def test_quantized_runs_store_every_block_linear_of_both_stacks_quantized(tiny_hd: Path, one_image: Path, tmp_path: Path,
+                                                                          weight_dtype: str, fmt: str) -> None:
+    from core.memory.quantize import quantized_layer_names
+
+    adapter = _loaded(tiny_hd)
+    block_linears = _block_linears(tiny_hd)
+    # Attention, shared and routed experts and the modulation of both stacks.
+    assert any(n.startswith("single_") for n in block_linears) and any(n.startswith("double_") for n in block_linears)
+    assert any(".experts." in n for n in block_linears) and any(".shared_experts." in n for n in block_linears)
+    quantized = adapter.load_quantized_transformer("transformer", weight_dtype, cache_dir=tmp_path / "qcache")
+    assert set(quantized_layer_names(quantized)) == block_linears
+    config = hd_config(tiny_hd, one_image, tmp_path, transformer={"weight_dtype": weight_dtype},
+                       text_encoder_4={"weight_dtype": weight_dtype})
+    result = Trainer(config).run()
+    assert result.steps == 3 and result.final_loss is not None
+    info = json.loads((tmp_path / "workspace" / "run_info.json").read_text(encoding="utf-8"))
+    assert set(info["parts"]["transformer"]["quantized_bytes_by_format"]) == {fmt}
+
+
+def test_each_text_encoder_quantizes_its_layers_in_its_own_sections_weight_dtype(tiny_hd: Path) -> None:
+    from core.memory.quantize import quantized_layer_names
+    from core.models.conditions import load_text_encoders, text_weight_dtypes
+
+    adapter = _loaded(tiny_hd)
+    config = resolve({"text_encoder": {"weight_dtype": "FLOAT_32"}, "text_encoder_2": {"weight_dtype": "FLOAT_8"},
+                      "text_encoder_3": {"weight_dtype": "FLOAT_32"}, "text_encoder_4": {"weight_dtype": "NFLOAT_4"}})
+    dtypes = text_weight_dtypes(adapter, config)
+    assert dtypes == {"text_encoder": "FLOAT_32", "text_encoder_2": "FLOAT_8", "text_encoder_3": "FLOAT_32",
+                      "text_encoder_4": "NFLOAT_4"}
+    parts = load_text_encoders(adapter, "cpu", dtypes)
+    assert not quantized_layer_names(parts["text_encoder"][1]) and not quantized_layer_names(parts["text_encoder_3"][1])
+    clip_g = quantized_layer_names(parts["text_encoder_2"][1])
+    assert clip_g and all(re.match(r"(text_model\.)?encoder\.layers\.", n) for n in clip_g)
+    llama = parts["text_encoder_4"][1]
+    linears = {n for n, m in llama.named_modules() if n.startswith("layers.") and n.rsplit(".", 1)[-1].endswith("proj")}
+    assert set(quantized_layer_names(llama)) == linears and linears  # a 4-bit Llama runs:
+    assert set(adapter.encode_text(["a cat"])) == TEXT_KEYS
+
+
+def test_layer_offload_half_runs_over_both_stacks(tiny_hd: Path, one_image: Path, tmp_path: Path) -> None:
+    config = hd_config(tiny_hd, one_image, tmp_path, layer_offload_fraction=0.5, gradient_checkpointing="ON")
+    result = Trainer(config).run()
+    assert result.steps == 3 and result.final_loss is not None
+
+
+@pytest.mark.parametrize("override, key", [
+    ({"output_format": "COMFY"}, "output_format"),
+    ({"video_config": {"use_temporal_attention": False}}, "video_config.use_temporal_attention"),
+    ({"training_method": "FINE_TUNE", "output_path": "ft"}, "training_method"),
+    ({"transformer": {"guidance_scale": 6.0}}, "transformer.guidance_scale"),
+])
+def test_what_hidream_cannot_do_yet_is_refused_by_name(tiny_hd: Path, one_image: Path, tmp_path: Path,
+                                                       override: dict, key: str) -> None:
+    config = hd_config(tiny_hd, one_image, tmp_path, **override)
+    with pytest.raises(ConfigError) as caught:
+        Trainer(config).run()
+    assert caught.value.key == key and "HiDream" in str(caught.value)
+
+
+@pytest.mark.parametrize("part", ["text_encoder", "text_encoder_2", "text_encoder_3", "text_encoder_4"])
+def test_lora_refuses_training_any_text_encoder(tiny_hd: Path, one_image: Path, tmp_path: Path, part: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        Trainer(hd_config(tiny_hd, one_image, tmp_path, **{part: {"train": True}})).run()
+    assert caught.value.key == f"{part}.train"
+
+
+def test_a_video_clip_is_left_out_by_name_and_the_images_train(tiny_hd: Path, one_image: Path, tmp_path: Path,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    data = tmp_path / "mixed"
+    data.mkdir()
+    make_image(data / "still.png", width=64, height=64, index=1)
+    (data / "still.txt").write_text("a still", encoding="utf-8")
+    make_clip(data / "clip.mp4", width=64, height=64, fps=16, seconds=1.0)
+    (data / "clip.txt").write_text("a moving square", encoding="utf-8")
+    result = Trainer(hd_config(tiny_hd, data, tmp_path, max_steps=2)).run()
+    assert result.steps == 2
+    assert any("clip.mp4" in r.getMessage() and "image model" in r.getMessage() for r in caplog.records), caplog.text
+    only_clips = tmp_path / "clips"
+    only_clips.mkdir()
+    make_clip(only_clips / "clip.mp4", width=64, height=64, fps=16, seconds=1.0)
+    (only_clips / "clip.txt").write_text("a moving square", encoding="utf-8")
+    from core.errors import UserError
+
+    with pytest.raises(UserError, match="image model"):
+        Trainer(hd_config(tiny_hd, only_clips, tmp_path / "second")).run()
+
+
+def test_a_single_file_transformer_is_refused_by_name(tiny_hd: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        _loaded(tiny_hd).load_transformer("transformer", "cpu", torch.float32, checkpoint="/nowhere/t.safetensors")
+    assert caught.value.key == "transformer.model_path"
+
+
+def test_sample_runs_the_pipeline_at_the_asked_size(tiny_hd: Path) -> None:
+    from core.models.base import SampleRequest
+
+    adapter = _loaded(tiny_hd)
+    transformer = adapter.load_transformer("transformer", "cpu", torch.float32)
+    for width, height in ((70, 64), (48, 32)):
+        image = adapter.sample({"transformer": transformer}, SampleRequest("a cat", width, height, 9, 2, 3.0, 0),
+                               device="cpu", dtype=torch.float32)
+        assert image.shape == (1, height, width // 16 * 16, 3) and image.dtype.name == "uint8"
+
+
+def test_samples_during_training_are_pngs(tiny_hd: Path, one_image: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    config = hd_config(tiny_hd, one_image, tmp_path, max_steps=2,
+                       sampling={"every_n_steps": 2, "prompts": ["a cat"], "width": 64, "height": 48, "frames": 1,
+                                 "inference_steps": 2})
+    result = Trainer(config).run()
+    assert result.steps == 2
+    (png,) = (tmp_path / "workspace" / "samples").glob("step-000002-*")
+    assert png.suffix == ".png"
+    with Image.open(png) as image:
+        assert image.size == (64, 48) and image.mode == "RGB"
+
+
+PRESETS = ["#hidream LoRA", "#hidream LoRA 16GB"]
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_presets_train_the_tiny_model_with_only_model_data_and_output_changed(tiny_hd: Path, one_image: Path,
+                                                                              tmp_path: Path, preset: str) -> None:
+    from core.config import list_presets, load_preset
+
+    info = {p.name: p for p in list_presets()}[preset]
+    assert info.bundled and info.error is None and "images" in info.description
+    loaded = load_preset(preset)
+    assert loaded["model_type"] == "HIDREAM" and loaded["base_model"] == "HiDream-ai/HiDream-I1-Full"
+    config = resolve(dict(loaded), {
+        "base_model": str(tiny_hd),
+        "datasets": [{"path": str(one_image), "repeats": 1}],
+        "output_path": str(tmp_path / "out" / "lora.safetensors"),
+        # Where files go and the run's length, as the other preset tests set them.
+        "workspace_dir": str(tmp_path / "workspace"),
+        "cache_dir": str(tmp_path / "cache"),
+        "dataloader_threads": 0,
+        "max_steps": 2,
+        "sampling": {"every_n_steps": 0},
+        "backup": {"every_n_steps": 0},
+    })
+    result = Trainer(config).run()
+    assert result.steps == 2 and result.final_loss is not None and result.output_paths == [tmp_path / "out" / "lora.safetensors"]
