@@ -19,8 +19,8 @@ from core.memory.model_sizes import transformer_sizes
 
 GIB = 1024**3
 CLASS = {"_class_name": "HiDreamImageTransformer2DModel"}
-TINY = dict(patch_size=2, in_channels=16, attention_head_dim=8, num_attention_heads=4, caption_channels=[32, 48],
-            text_emb_dim=40, axes_dims_rope=(4, 2, 2), llama_layers=[0, 1, 2])
+TINY = {"patch_size": 2, "in_channels": 16, "attention_head_dim": 8, "num_attention_heads": 4, "caption_channels": [32, 48],
+        "text_emb_dim": 40, "axes_dims_rope": (4, 2, 2), "llama_layers": [0, 1, 2]}
 
 
 @pytest.mark.parametrize("extra", [

@@ -173,7 +173,7 @@ def test_predict_is_the_velocity_of_the_pipelines_denoising_step(tiny_hd: Path, 
     steps: list[tuple] = []
     step = pipe.scheduler.step
 
-    def recording_step(model_output, timestep, sample, **kwargs):  # noqa: ANN001, ANN003, ANN202
+    def recording_step(model_output, timestep, sample, **kwargs):
         steps.append((model_output.clone(), sample.clone()))
         return step(model_output, timestep, sample, **kwargs)
 
@@ -247,10 +247,10 @@ def _block_linears(folder: Path) -> set[str]:
 
 def _transformer_inputs() -> dict:
     gen = torch.Generator().manual_seed(0)
-    return dict(hidden_states=torch.randn(1, 16, 4, 4, generator=gen), timesteps=torch.tensor([500.0]),
-                encoder_hidden_states_t5=torch.randn(1, 8, 32, generator=gen),
-                encoder_hidden_states_llama3=torch.randn(4, 1, 8, 48, generator=gen),
-                pooled_embeds=torch.randn(1, 40, generator=gen), return_dict=False)
+    return {"hidden_states": torch.randn(1, 16, 4, 4, generator=gen), "timesteps": torch.tensor([500.0]),
+            "encoder_hidden_states_t5": torch.randn(1, 8, 32, generator=gen),
+            "encoder_hidden_states_llama3": torch.randn(4, 1, 8, 48, generator=gen),
+            "pooled_embeds": torch.randn(1, 40, generator=gen), "return_dict": False}
 
 
 def test_lora_on_an_image_trains_and_loads_into_the_pipeline(tiny_hd: Path, one_image: Path, tmp_path: Path) -> None:

@@ -128,7 +128,7 @@ class HiDreamAdapter(ModelAdapter):
     @cached_property
     def llama_layers(self) -> list[int]:
         """The distinct Llama layers the transformer reads (its config's llama_layers), ascending."""
-        return sorted(set(int(k) for k in self.transformer_config.get("llama_layers") or []))
+        return sorted({int(k) for k in self.transformer_config.get("llama_layers") or []})
 
     @property
     def spatial_ratio(self) -> int:
