@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import logging
 import os
-from functools import cached_property
+from functools import cached_property, lru_cache
 from typing import TYPE_CHECKING, Any
 
 from core.identity import folder_identity
@@ -101,7 +101,7 @@ class HiDreamAdapter(ModelAdapter):
                                                 tokenizer_subfolder="tokenizer_3"),
             # The decoder alone: the pipeline reads hidden states only, never the LM head's logits
             # (its 128256 x 4096 weights are 1 GB in bf16).
-            "text_encoder_4": FrozenTextEncoder(self.folder, "LlamaModel", subfolder="text_encoder_4",
+            "text_encoder_4": FrozenTextEncoder(self.folder, llama_decoder_class, subfolder="text_encoder_4",
                                                 tokenizer_subfolder="tokenizer_4"),
         }
         self._identities: dict[str, str] = {}
@@ -382,6 +382,18 @@ class HiDreamAdapter(ModelAdapter):
         from .hidream_sampling import sample_image
 
         return sample_image(self, denoisers, request, device=device, dtype=dtype)
+
+
+@lru_cache(maxsize=1)
+def llama_decoder_class() -> type:
+    """transformers' LlamaModel, told that the folder's LlamaForCausalLM checkpoint also holds the LM head
+    it does not load (else every load prints an "UNEXPECTED lm_head.weight" report)."""
+    from transformers import LlamaModel
+
+    class LlamaDecoder(LlamaModel):
+        _keys_to_ignore_on_load_unexpected = [r"^lm_head\."]
+
+    return LlamaDecoder
 
 
 def switch_off_aux_loss(transformer: Any) -> None:
