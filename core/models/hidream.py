@@ -391,7 +391,7 @@ def llama_decoder_class() -> type:
     from transformers import LlamaModel
 
     class LlamaDecoder(LlamaModel):
-        _keys_to_ignore_on_load_unexpected = [r"^lm_head\."]
+        _keys_to_ignore_on_load_unexpected = [r"^lm_head\."]  # noqa: RUF012 (transformers' own attribute)
 
     return LlamaDecoder
 
