@@ -438,3 +438,30 @@ def test_presets_train_the_tiny_model_with_only_model_data_and_output_changed(ti
     })
     result = Trainer(config).run()
     assert result.steps == 2 and result.final_loss is not None and result.output_paths == [tmp_path / "out" / "lora.safetensors"]
+
+
+def test_a_batch_of_two_images_trains_and_validates(tiny_hd: Path, one_image: Path, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fixed-size conditions (T5's 128 tokens, the kept Llama layers, the pooled vector) stack into
+    a batch as encode_text gave them; validation runs the eval-mode path."""
+    batches: list[dict] = []
+    predict = HiDreamAdapter.predict
+
+    def recording(self, transformer, noisy, sigmas, batch, *args, **kwargs):
+        batches.append({"noisy": tuple(noisy.shape), **{k: tuple(batch[k].shape) for k in TEXT_KEYS}})
+        return predict(self, transformer, noisy, sigmas, batch, *args, **kwargs)
+
+    monkeypatch.setattr(HiDreamAdapter, "predict", recording)
+    data = tmp_path / "two"
+    data.mkdir()
+    for index, caption in enumerate(("a square", "a red square on a gray ground, seen from above")):
+        make_image(data / f"{index}.png", width=64, height=64, index=index)
+        (data / f"{index}.txt").write_text(caption, encoding="utf-8")
+    config = hd_config(tiny_hd, data, tmp_path, max_steps=2, batch_size=2,
+                       validation={"every_n_steps": 2, "folder": str(one_image)})
+    result = Trainer(config).run()
+    assert result.steps == 2 and result.final_loss is not None
+    assert {"noisy": (2, 16, 1, 8, 8), "t5_embeds": (2, 128, 32), "llama_embeds": (2, 3, 128, 48),
+            "pooled_embeds": (2, 40)} in batches
+    values = [r["val_loss"] for r in read_metrics(tmp_path / "workspace" / "metrics.jsonl") if "val_loss" in r]
+    assert values and all(0 < v < 100 for v in values)
