@@ -37,7 +37,7 @@ TABS: tuple[TabSpec, ...] = (
         ),
     ),
     TabSpec(
-        "model", "Model", ("transformer", "text_encoder", "text_encoder_2", "vae", "experts", "layer_offload_fraction", "gradient_checkpointing")
+        "model", "Model", ("transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "text_encoder_4", "vae", "experts", "layer_offload_fraction", "gradient_checkpointing")
     ),
     TabSpec(
         "data",

@@ -196,9 +196,6 @@ def test_registry_explains_missing_or_invalid_folders(tmp_path: Path) -> None:
 
 
 def test_other_families_are_not_supported_yet(tmp_path: Path) -> None:
-    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "HiDreamImagePipeline"}))
-    with pytest.raises(UserError, match="HiDream.*not supported yet for training"):
-        adapter_for({"model_type": "AUTO", "base_model": str(tmp_path)})
     # Wan 2.1's image-to-video folders (a CLIP image encoder) are recognised, not trained.
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "WanImageToVideoPipeline",
                                                            "image_encoder": ["transformers", "CLIPVisionModel"]}))
@@ -207,4 +204,8 @@ def test_other_families_are_not_supported_yet(tmp_path: Path) -> None:
     # HunyuanVideo-I2V folders: recognised by name, not trained yet (text-to-video is).
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "HunyuanVideoImageToVideoPipeline"}))
     with pytest.raises(UserError, match="HunyuanVideo image-to-video model, which is not supported yet for training"):
+        adapter_for({"model_type": "AUTO", "base_model": str(tmp_path)})
+    # A pipeline the table does not know at all.
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "SomeOtherPipeline"}))
+    with pytest.raises(UserError, match="SomeOtherPipeline, which this app does not know"):
         adapter_for({"model_type": "AUTO", "base_model": str(tmp_path)})

@@ -48,7 +48,8 @@ LORA_ONLY = {"training_method": ("LORA",)}
 A14B_ONLY = {"model_type": ("AUTO", "WAN_2_2_A14B_T2V", "WAN_2_2_A14B_I2V")}
 # AUTO included: the folder decides; the setting does nothing for a model without the part.
 GUIDANCE_DISTILLED = {"model_type": ("AUTO", "HUNYUAN_VIDEO")}
-TWO_TEXT_ENCODERS = {"model_type": ("AUTO", "HUNYUAN_VIDEO")}
+TWO_TEXT_ENCODERS = {"model_type": ("AUTO", "HUNYUAN_VIDEO", "HIDREAM")}
+FOUR_TEXT_ENCODERS = {"model_type": ("AUTO", "HIDREAM")}
 EMBEDDING_ONLY = {"training_method": ("EMBEDDING",)}
 NOT_EMBEDDING = {"training_method": ("LORA", "FINE_TUNE")}
 FINE_TUNE_ONLY = {"training_method": ("FINE_TUNE",)}
@@ -239,9 +240,21 @@ SCHEMA = Section(
         ),
         _model_part(
             "text_encoder_2", "Text encoder 2", False, "BFLOAT_16", "second text encoder",
-            "The second text encoder of a model with two (Hunyuan Video: CLIP-L, whose pooled output "
-            "conditions the transformer); its outputs are cached unless it trains.",
+            "The second text encoder of a model with several (Hunyuan Video: CLIP-L, whose pooled output "
+            "conditions the transformer; HiDream: CLIP-G, pooled); its outputs are cached unless it trains.",
             applies_when=TWO_TEXT_ENCODERS,
+        ),
+        _model_part(
+            "text_encoder_3", "Text encoder 3", False, "BFLOAT_16", "third text encoder",
+            "The third text encoder of a model with several (HiDream: T5-XXL, whose token embeddings "
+            "condition the transformer); its outputs are cached unless it trains.",
+            applies_when=FOUR_TEXT_ENCODERS,
+        ),
+        _model_part(
+            "text_encoder_4", "Text encoder 4", False, "BFLOAT_16", "fourth text encoder",
+            "The fourth text encoder of a model with several (HiDream: Llama 3.1 8B Instruct, whose hidden "
+            "states of several layers condition the transformer's blocks); its outputs are cached unless it trains.",
+            applies_when=FOUR_TEXT_ENCODERS,
         ),
         _model_part(
             "vae", "VAE", False, "FLOAT_32", "VAE",

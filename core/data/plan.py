@@ -109,6 +109,13 @@ def plan_samples(
                 f"a still image is one frame, which {adapter.family} does not accept ({rule.describe()}); "
                 "leave images out of this dataset")))
             continue
+        if info.is_video and rule.stills_only:
+            # An image model trains on stills. One frame picked from a clip would be an arbitrary
+            # still under a caption written for motion, and each variant another one: left out by name.
+            refused.append(Issue(item.path, (
+                f"a video clip, and {adapter.family} is an image model that trains on still images; "
+                "leave videos out of this dataset, or save the frames you want as images")))
+            continue
         content = hasher.hash(item.path)
         starts = _frame_starts(info, config)
         try:

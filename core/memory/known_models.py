@@ -34,6 +34,17 @@ Sources of the numbers:
   4x temporal). Its text encoders (a Llama 3 8B and CLIP-L) are not sized here: the estimator's
   text-encoder table is T5's, and Hunyuan Video trains neither encoder (LoRA only), so no estimate
   counts them; the Llama config is not built in.
+- HiDream-I1-Full transformer (HiDream-ai/HiDream-I1-Full): scripts/convert_hidream_to_diffusers.py
+  of hlky/diffusers at bd3e1965714fa791aa9f5f595782800e5ec82c8d (the conversion of that release's
+  checkpoint written while HiDream was added to diffusers), which loads the release's transformer
+  with strict=True into a model of this config: 20 heads of 128, 16 dual-stream and 32
+  single-stream blocks, caption_channels [4096, 4096], text_emb_dim 2048, 4 routed experts of which 2
+  are active, max_resolution 128 x 128, patch 2, 16 in and out channels, llama_layers 0..31 then 31
+  sixteen times: 17.11 B parameters in HiDreamImageTransformer2DModel. Its VAE: 16 latent channels
+  (the transformer's in_channels) and 8x spatial compression, no temporal compression
+  (HiDreamImagePipeline: default_sample_size 128 latent cells make its default 1024 px image).
+  HiDream-I1-Dev and -Fast are not built in (no stored config to cite), nor are its four text
+  encoders (LoRA trains none, so no estimate counts them).
 """
 
 from __future__ import annotations
@@ -70,6 +81,12 @@ HUNYUAN_VIDEO = {"_class_name": "HunyuanVideoTransformer3DModel", "in_channels":
                  "num_refiner_layers": 2, "mlp_ratio": 4.0, "patch_size": 2, "patch_size_t": 1, "qk_norm": "rms_norm",
                  "guidance_embeds": True, "text_embed_dim": 4096, "pooled_projection_dim": 768}
 HUNYUAN_VIDEO_VAE = {"z_dim": 16, "scale_factor_spatial": 8, "scale_factor_temporal": 4}
+HIDREAM_I1_FULL = {"_class_name": "HiDreamImageTransformer2DModel", "attention_head_dim": 128,
+                   "axes_dims_rope": [64, 32, 32], "caption_channels": [4096, 4096], "max_resolution": [128, 128],
+                   "in_channels": 16, "llama_layers": [*range(32), *[31] * 16], "num_attention_heads": 20,
+                   "num_routed_experts": 4, "num_activated_experts": 2, "num_layers": 16, "num_single_layers": 32,
+                   "out_channels": 16, "patch_size": 2, "text_emb_dim": 2048}
+HIDREAM_VAE = {"z_dim": 16, "scale_factor_spatial": 8, "scale_factor_temporal": 1}
 COGVIDEOX_VAE = {"z_dim": 16, "scale_factor_spatial": 8, "scale_factor_temporal": 4}
 WAN21_VAE = {"z_dim": 16, "scale_factor_spatial": 8, "scale_factor_temporal": 4}
 WAN22_VAE = {"z_dim": 48, "scale_factor_spatial": 16, "scale_factor_temporal": 4}
@@ -97,6 +114,7 @@ KNOWN_MODELS: dict[str, ModelConfigs] = {
     "THUDM/CogVideoX-5b": ModelConfigs("CogVideoX 5B", "", [COGVIDEOX_5B], T5_V1_1_XXL, COGVIDEOX_VAE),
     "THUDM/CogVideoX-5b-I2V": ModelConfigs("CogVideoX 5B I2V", "", [COGVIDEOX_5B_I2V], T5_V1_1_XXL, COGVIDEOX_VAE),
     "hunyuanvideo-community/HunyuanVideo": ModelConfigs("HunyuanVideo", "", [HUNYUAN_VIDEO], {}, HUNYUAN_VIDEO_VAE),
+    "HiDream-ai/HiDream-I1-Full": ModelConfigs("HiDream-I1 Full", "", [HIDREAM_I1_FULL], {}, HIDREAM_VAE),
 }
 
 

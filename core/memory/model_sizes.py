@@ -73,18 +73,20 @@ class BlockStack:
 
     name: str  # the ModuleList's attribute: "transformer_blocks", "single_transformer_blocks"
     count: int
-    linears: list[tuple[str, int, int]]  # (name in the block, in, out), all with bias
+    linears: list[tuple[str, int, int]]  # (name in the block, in, out), with a bias unless named in unbiased
     other: list[tuple[str, int, bool]]  # (name, elements, kept in float32)
     lora_defaults: tuple[str, ...] | None = None  # the adapter's default LoRA targets in this stack's blocks
+    unbiased: frozenset[str] = frozenset()  # the linears without a bias (such as SwiGLU experts' w1, w2, w3)
 
     def block_bytes(self, weight_dtype: str, quantize_blocks: bool = True) -> int:
         base = compute_bytes(weight_dtype)
         linear_dtype = weight_dtype if quantize_blocks else {4: "FLOAT_32", 2: "BFLOAT_16"}[base]
-        total = sum(linear_bytes(i, o, True, linear_dtype) for _, i, o in self.linears)
+        total = sum(linear_bytes(i, o, name not in self.unbiased, linear_dtype) for name, i, o in self.linears)
         return total + sum(n * (4 if fp32 else base) for _, n, fp32 in self.other)
 
     def block_parameters(self) -> int:
-        return sum(i * o + o for _, i, o in self.linears) + sum(n for _, n, _ in self.other)
+        return (sum(i * o + (0 if name in self.unbiased else o) for name, i, o in self.linears)
+                + sum(n for _, n, _ in self.other))
 
 
 @dataclass
@@ -331,11 +333,82 @@ def hunyuan_video_transformer_sizes(config: dict[str, Any]) -> TransformerSizes:
     return sizes
 
 
+def _swiglu_hidden(hidden: int, multiple_of: int = 256) -> int:
+    """HiDreamImageFeedForwardSwiGLU's inner width: 2/3 of hidden_dim, rounded up to a multiple of 256."""
+    inner = int(2 * hidden / 3)
+    return multiple_of * ((inner + multiple_of - 1) // multiple_of)
+
+
+def hidream_transformer_sizes(config: dict[str, Any]) -> TransformerSizes:
+    """The tensors of diffusers' HiDreamImageTransformer2DModel (transformer_hidream_image.py) for a
+    config.json, defaults as its __init__. Two stacks of HiDreamBlock wrappers (names under `block.`):
+    num_layers dual-stream blocks (adaLN_modulation dim -> 12 dim; attn1 to_q/k/v/out and the text
+    stream's to_q_t/k_t/v_t/out_t with bias, RMSNorms over dim for q, k, q_t, k_t; ff_i the MoE: shared
+    experts SwiGLU(dim, 2 dim), num_routed_experts SwiGLU(dim, 4 dim) and the gate's (experts, dim)
+    weight; ff_t a SwiGLU(dim, 4 dim); SwiGLU linears without bias) and num_single_layers single-stream
+    blocks (adaLN dim -> 6 dim, attn1 to_q/k/v/out, RMSNorms q, k, ff_i the MoE). Without routed experts
+    ff_i is one SwiGLU(dim, 4 dim). Outside: the patch embedding (Linear in * p * p -> dim), the time and
+    pooled embedders (two Linears each), num_layers + num_single_layers + 1 caption projections
+    without bias, and the final layer (Linear dim -> p * p * out, adaLN dim -> 2 dim). No buffers.
+    Text (T5 128 + Llama 128 tokens, and each block's own Llama layer's 128) joins the image tokens
+    in one attention."""
+    heads = int(config.get("num_attention_heads", 20))
+    head_dim = int(config.get("attention_head_dim", 128))
+    dim = heads * head_dim
+    p = int(config.get("patch_size") or 2)
+    in_channels = int(config.get("in_channels", 64))
+    out_channels = int(config.get("out_channels") or in_channels)
+    captions = [int(c) for c in config.get("caption_channels") or [4096, 4096]]
+    experts = int(config.get("num_routed_experts", 4))
+    shared, routed = _swiglu_hidden(2 * dim), _swiglu_hidden(4 * dim)
+
+    def swiglu(prefix: str, inner: int) -> list[tuple[str, int, int]]:
+        return [(f"{prefix}.w1", dim, inner), (f"{prefix}.w2", inner, dim), (f"{prefix}.w3", dim, inner)]
+
+    if experts > 0:
+        moe = swiglu("block.ff_i.shared_experts", shared)
+        for e in range(experts):
+            moe += swiglu(f"block.ff_i.experts.{e}", routed)
+        moe_other = [("block.ff_i.gate.weight", experts * dim, False)]
+    else:
+        moe, moe_other = swiglu("block.ff_i", routed), []
+    attn = [(f"block.attn1.{n}", dim, dim) for n in ("to_q", "to_k", "to_v", "to_out")]
+    attn_t = [(f"block.attn1.{n}_t", dim, dim) for n in ("to_q", "to_k", "to_v", "to_out")]
+    norms = [(f"block.attn1.{n}.weight", dim, False) for n in ("q_rms_norm", "k_rms_norm")]
+    norms_t = [(f"block.attn1.{n}_t.weight", dim, False) for n in ("q_rms_norm", "k_rms_norm")]
+    ff_t = swiglu("block.ff_t", routed)
+    dual_linears = [("block.adaLN_modulation.1", dim, 12 * dim), *attn, *attn_t, *moe, *ff_t]
+    single_linears = [("block.adaLN_modulation.1", dim, 6 * dim), *attn, *moe]
+
+    def unbiased(linears: list[tuple[str, int, int]]) -> frozenset[str]:
+        return frozenset(name for name, _, _ in linears if name.rsplit(".", 1)[-1] in ("w1", "w2", "w3"))
+
+    # The adapter's defaults: the image stream's attention projections of both stacks.
+    lora = tuple(n for n, _, _ in attn)
+    dual = BlockStack("double_stream_blocks", int(config.get("num_layers", 16)), dual_linears,
+                      norms + norms_t + moe_other, lora, unbiased(dual_linears))
+    single = BlockStack("single_stream_blocks", int(config.get("num_single_layers", 32)), single_linears,
+                        norms + moe_other, lora, unbiased(single_linears))
+    sizes = TransformerSizes(dict(config), dual.count + single.count, dim, heads, head_dim, routed, captions[1], (1, p, p),
+                             in_channels, out_channels, block_linears=dual_linears, block_other=dual.other,
+                             text_tokens=3 * 128, joint_text=True, lora_defaults=lora, stacks=[dual, single])
+    text_emb = int(config.get("text_emb_dim", 2048))
+    outside = [("x_embedder.proj", in_channels * p * p, dim),
+               ("t_embedder.timestep_embedder.linear_1", 256, dim), ("t_embedder.timestep_embedder.linear_2", dim, dim),
+               ("p_embedder.pooled_embedder.linear_1", text_emb, dim), ("p_embedder.pooled_embedder.linear_2", dim, dim),
+               ("final_layer.linear", dim, p * p * out_channels), ("final_layer.adaLN_modulation.1", dim, 2 * dim)]
+    sizes.outside_linears += [(name, i, o, False) for name, i, o in outside]
+    projections = [captions[1]] * (dual.count + single.count) + [captions[0]]
+    sizes.outside_other += [(f"caption_projection.{i}.linear.weight", c * dim, False) for i, c in enumerate(projections)]
+    return sizes
+
+
 # A denoiser's config.json names its class (_class_name, as diffusers writes it); the built-in
 # configs of known_models.py name none and are Wan's.
 TRANSFORMER_SIZES = {"WanTransformer3DModel": wan_transformer_sizes,
                      "CogVideoXTransformer3DModel": cogvideox_transformer_sizes,
-                     "HunyuanVideoTransformer3DModel": hunyuan_video_transformer_sizes}
+                     "HunyuanVideoTransformer3DModel": hunyuan_video_transformer_sizes,
+                     "HiDreamImageTransformer2DModel": hidream_transformer_sizes}
 
 
 def transformer_sizes(config: dict[str, Any]) -> TransformerSizes:

@@ -24,6 +24,8 @@ class FrameRule:
     step: int
     first: int = 1
     single_frame: bool = True
+    # One frame only: an image model (FrameRule.still()); the data plan leaves video clips out by name.
+    stills_only: bool = False
 
     def __post_init__(self) -> None:
         if self.step < 1 or self.first < 1:
@@ -35,19 +37,30 @@ class FrameRule:
         r, m = max(1, int(temporal_ratio)), max(1, int(multiple))
         return cls(step=r * m, first=1 + r * (m - 1), single_frame=m == 1)
 
+    @classmethod
+    def still(cls) -> FrameRule:
+        """An image model's rule: one frame, nothing else."""
+        return cls(step=1, first=1, single_frame=True, stills_only=True)
+
     def accepts(self, frames: int) -> bool:
+        if self.stills_only:
+            return frames == 1
         if frames == 1 and self.single_frame:
             return True
         return frames >= self.first and (frames - self.first) % self.step == 0
 
     def round_down(self, frames: int) -> int | None:
         """The largest accepted count not above `frames`, or None when there is none."""
+        if self.stills_only:
+            return 1 if frames >= 1 else None
         if frames >= self.first:
             return frames - (frames - self.first) % self.step
         return 1 if frames >= 1 and self.single_frame else None
 
     def describe(self) -> str:
         """The accepted counts for a message: '1, 5, 9, 13, ... (4k + 1)'."""
+        if self.stills_only:
+            return "1 (a still image)"
         if self.step == 1:
             return f"any count from {1 if self.single_frame else self.first}"
         counts = [self.first + i * self.step for i in range(4)]

@@ -73,7 +73,7 @@ class FrozenTextEncoder:
     """One tokenizer / text encoder pair of a diffusers folder, loaded once, frozen, and loaded again
     only when asked for another quantized storage (the quantized Linear layers cannot be undone)."""
 
-    def __init__(self, folder: Path, encoder_class: str, *, subfolder: str = "text_encoder",
+    def __init__(self, folder: Path, encoder_class: str | Callable[[], type], *, subfolder: str = "text_encoder",
                  tokenizer_subfolder: str = "tokenizer") -> None:
         self.folder, self.encoder_class = folder, encoder_class
         self.subfolder, self.tokenizer_subfolder = subfolder, tokenizer_subfolder
@@ -99,7 +99,10 @@ class FrozenTextEncoder:
             logger.info("loading the %s of %s", self.subfolder.replace("_", " "), self.folder)
             self.tokenizer = transformers.AutoTokenizer.from_pretrained(self.folder, subfolder=self.tokenizer_subfolder)
             with quiet_transformers():
-                self.encoder = getattr(transformers, self.encoder_class).from_pretrained(
+                # A class name of transformers, or a function returning the class (built lazily, so that
+                # naming it does not import transformers).
+                cls = getattr(transformers, self.encoder_class) if isinstance(self.encoder_class, str) else self.encoder_class()
+                self.encoder = cls.from_pretrained(
                     self.folder, subfolder=self.subfolder, dtype=dtype)
             self.encoder.requires_grad_(False).eval()
             self.quantized = quantized

@@ -18,6 +18,7 @@ from core.model_folder import WHAT_TO_DO, resolve_model_folder
 
 from .base import ModelAdapter
 from .cogvideox import CogVideoXAdapter
+from .hidream import HiDreamAdapter
 from .hunyuan_video import HunyuanVideoAdapter
 from .wan import WanAdapter
 
@@ -46,7 +47,7 @@ FAMILIES: dict[str, Family] = {
     "hunyuan_video_i2v": Family("", "HunyuanVideo image-to-video", ("HunyuanVideoImageToVideoPipeline",)),
     "cogvideox": Family("COGVIDEOX", "CogVideoX", ("CogVideoXPipeline",), CogVideoXAdapter),
     "cogvideox_i2v": Family("COGVIDEOX_I2V", "CogVideoX image-to-video", ("CogVideoXImageToVideoPipeline",), CogVideoXAdapter),
-    "hidream": Family("HIDREAM", "HiDream", ("HiDreamImagePipeline",)),
+    "hidream": Family("HIDREAM", "HiDream", ("HiDreamImagePipeline",), HiDreamAdapter),
 }
 TRAINABLE = tuple(family for family, row in FAMILIES.items() if row.adapter is not None)
 

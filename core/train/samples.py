@@ -1,8 +1,9 @@
 """Sample videos during training: the configured prompts, generated with the model as it is now.
 
 The trainer calls SampleMaker.make() every `sampling.every_n_steps` steps (should_sample) and when the
-user asks for samples. Each prompt becomes one H.264 mp4 under workspace_dir/samples/, named by step,
-index and prompt (sample_file_name). Sampling must not change training: no gradients, the modules'
+user asks for samples. Each prompt becomes one H.264 mp4 under workspace_dir/samples/ (one PNG for a
+model that makes stills only: its frame rule takes one frame), named by step, index and prompt
+(sample_file_name). Sampling must not change training: no gradients, the modules'
 train/eval flags and requires_grad flags are put back exactly, and the global RNG states (torch, CUDA,
 numpy, random) are restored, so a run with samples trains exactly like one without. One failing sample
 (a pipeline error, out of memory, a full disk) is logged and skipped; the run goes on.
@@ -43,11 +44,17 @@ def _slug(prompt: str) -> str:
     return text or "prompt"  # e.g. a prompt in a non-Latin script; the index still tells them apart
 
 
-def sample_file_name(step: int, index: int, prompt: str) -> str:
-    """The file name of prompt number `index` sampled at `step`, e.g. 'step-000250-0-a-cat-walking.mp4'.
+def sample_file_name(step: int, index: int, prompt: str, suffix: str = ".mp4") -> str:
+    """The file name of prompt number `index` sampled at `step`, e.g. 'step-000250-0-a-cat-walking.mp4'
+    ('.png' for an image model's samples).
 
     Names sort by step; the index keeps prompts with the same slug apart."""
-    return f"step-{step:06d}-{index}-{_slug(prompt)}.mp4"
+    return f"step-{step:06d}-{index}-{_slug(prompt)}{suffix}"
+
+
+def makes_stills(adapter: Any) -> bool:
+    """Whether the model makes still images only (its frame rule takes one frame): its samples are PNGs."""
+    return bool(getattr(adapter.frame_rule, "stills_only", False))
 
 
 @contextmanager
@@ -201,9 +208,16 @@ class SampleMaker:
         try:
             request = SampleRequest(prompt, image=image, **args)
             video = self.adapter.sample(denoisers, request, device=self.device, dtype=self.dtype)
-            target = self.folder / sample_file_name(step, index, prompt)
-            with explained_write_errors(target, "the sample video", key="workspace_dir"):
-                path = write_mp4(target, video, fps)
+            if makes_stills(self.adapter):
+                from core.export.image_file import write_png
+
+                target = self.folder / sample_file_name(step, index, prompt, ".png")
+                with explained_write_errors(target, "the sample image", key="workspace_dir"):
+                    path = write_png(target, video)
+            else:
+                target = self.folder / sample_file_name(step, index, prompt)
+                with explained_write_errors(target, "the sample video", key="workspace_dir"):
+                    path = write_mp4(target, video, fps)
         except Exception as exc:  # one bad sample must not end a training run
             failure = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             out_of_memory = _is_out_of_memory(exc)
