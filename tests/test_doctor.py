@@ -261,3 +261,24 @@ def test_the_doctor_plans_with_the_models_own_frame_counts_and_size(tiny_model, 
         if bucket:
             assert (plan.bucket.height, plan.bucket.width) == bucket
         assert "(8k + 1) frames, as CogVideoX" in render_report(report)
+
+
+def test_the_doctor_leaves_out_what_the_model_does_not_take(tiny_model, tmp_path) -> None:
+    """An image model (HiDream): clips are listed as left out, as training leaves them out; images plan."""
+    from media_factory import make_clip, make_image
+
+    from core.config import resolve
+    from core.data.doctor import diagnose
+    from core.models.shape import model_shape
+
+    data = tmp_path / "mixed"
+    data.mkdir()
+    make_clip(data / "clip.mp4", width=64, height=64, fps=16, seconds=0.5)
+    make_image(data / "still.png", width=64, height=64)
+    for stem in ("clip", "still"):
+        (data / f"{stem}.txt").write_text(f"a {stem}", encoding="utf-8")
+    config = resolve({"datasets": [{"path": str(data)}], "resolution": 64, "base_model": str(tiny_model("hidream"))})
+    report = diagnose(config, shape=model_shape(config))
+    assert [f.path.name for f in report.files] == ["still.png"]
+    assert any(i.path.name == "clip.mp4" and "image model" in i.reason for i in report.issues)
+    assert report.usable and report.train_items == 1

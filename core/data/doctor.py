@@ -141,6 +141,9 @@ def diagnose(config: dict[str, Any], progress: Callable[[int, int], None] | None
             else:
                 target.append((item, info))
     unusable_count = len(reported)
+    if shape is not None:  # what the model does not take, training leaves out too, by name
+        usable = [pair for pair in usable if not _left_out(pair, config, shape, issues)]
+        usable_validation = [pair for pair in usable_validation if not _left_out(pair, config, shape, issues)]
 
     info_of = {item: info for item, info in usable + usable_validation}
     train, held = split_holdout([i for i, _ in usable], config, validation=[i for i, _ in usable_validation])
@@ -154,10 +157,6 @@ def diagnose(config: dict[str, Any], progress: Callable[[int, int], None] | None
         for item in group:
             info = info_of[item]
             frames = frames_kept(info, config, rule)
-            if frames == 0:  # shorter than any count the model takes: training leaves it out too
-                issues.append(Issue(item.path, f"too short for {shape.name if shape else 'the model'}: it takes "
-                                               f"{rule.describe() if rule else 'more'} frames"))
-                continue
             if shape is not None and shape.fixed_size is not None:
                 bucket = Bucket(frames, *shape.fixed_size)
             else:
@@ -200,6 +199,23 @@ def diagnose(config: dict[str, Any], progress: Callable[[int, int], None] | None
         report.why_unusable = _why_unusable(report, items, usable)
     log.info("dataset doctor: %d training items, %d issues", len(train), len(report.issues))
     return report
+
+
+def _left_out(pair: tuple[Item, MediaInfo], config: dict[str, Any], shape: ModelShape, issues: list[Issue]) -> bool:
+    """Whether training leaves this file out for the model's frame rule (core/data/plan.py says the
+    same in its issues); if so, the reason is appended to issues."""
+    item, info = pair
+    rule = shape.frame_rule
+    if info.is_video and rule.stills_only:
+        reason = f"a video clip, and {shape.name} is an image model that trains on still images; leave clips out of this dataset"
+    elif not info.is_video and not rule.accepts(1):
+        reason = f"a still image is one frame, which {shape.name} does not accept ({rule.describe()}); leave images out of this dataset"
+    elif info.is_video and frames_kept(info, config, rule) == 0:
+        reason = f"too short for {shape.name}: it takes {rule.describe()} frames; use a longer clip"
+    else:
+        return False
+    issues.append(Issue(item.path, reason))
+    return True
 
 
 def _probe_with_progress(paths: list[Path], progress: Callable[[int, int], None] | None) -> dict[Path, MediaInfo | UnusableMedia]:
