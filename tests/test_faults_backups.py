@@ -463,7 +463,11 @@ def test_a_sample_that_cannot_be_written_names_it_and_training_goes_on(tmp_path:
     from core.config.settings import defaults
     from core.train.samples import SampleMaker
 
+    from core.models.frame_rule import FrameRule
+
     class Adapter:  # draws a tiny video; writing its file fails
+        frame_rule = FrameRule(step=4)  # a video model's (4k + 1)
+
         def sample(self, denoisers: Any, request: Any, **kwargs: Any) -> Any:
             return np.zeros((3, 16, 16, 3), np.uint8)
 

@@ -4,7 +4,7 @@ The file (core/memory/calibration.json by default) is written by
 `python benchmarks/gpu_acceptance.py --calibrate-from gpu_acceptance.json` from a GPU run's JSON:
 
     {"version": 1,
-     "activation_factors": {"WanTransformer3DModel": {"ON": {"factor": 1.07, "cases": 4, "source": "..."}}}}
+     "activation_factors": {"<transformer class>": {"ON": {"factor": 1.07, "cases": 4, "source": "..."}}}}
 
 `factor` is the median, over that run's cases of the class and mode, of measured activations
 (torch.cuda.max_memory_allocated less the estimate's weights, trainable state and workspace) over

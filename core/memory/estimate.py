@@ -33,6 +33,7 @@ from .model_sizes import (
     compute_bytes,
     text_encoder_activation_bytes,
     text_encoder_sizes,
+    transformer_class,
     transformer_sizes,
 )
 
@@ -201,7 +202,7 @@ def estimate_memory(config: dict[str, Any], configs: ModelConfigs | None = None,
     else:  # CPU_OFFLOADED: the saved inputs wait in CPU memory; one block's come back at a time
         stored = block_inputs * batch + act_block * batch + casts
     activations = stored + shared * batch + outside * batch + 8 * L * t.head_dim + int(BACKWARD_EXTRA * act_block * batch)
-    factor = activation_factor(str(t.config.get("_class_name") or "WanTransformer3DModel"), checkpointing, calibration)
+    factor = activation_factor(transformer_class(t.config), checkpointing, calibration)
     if factor != 1.0:
         activations = int(activations * factor)
     details["activation_factor"] = factor

@@ -411,9 +411,14 @@ TRANSFORMER_SIZES = {"WanTransformer3DModel": wan_transformer_sizes,
                      "HiDreamImageTransformer2DModel": hidream_transformer_sizes}
 
 
+def transformer_class(config: dict[str, Any]) -> str:
+    """The diffusers class a denoiser's config describes (the built-in configs without one are Wan's)."""
+    return str(config.get("_class_name") or "WanTransformer3DModel")
+
+
 def transformer_sizes(config: dict[str, Any]) -> TransformerSizes:
     """The tensors of the denoiser a config.json describes, by the class it names."""
-    name = str(config.get("_class_name") or "WanTransformer3DModel")
+    name = transformer_class(config)
     if name not in TRANSFORMER_SIZES:
         # A user's answer, not a crash: the model trains, only its memory cannot be estimated yet.
         from core.errors import ConfigError
