@@ -30,6 +30,7 @@ from core.config.settings import applies_key
 
 from .config_state import ConfigState, Problem, messages
 from .labels import wrapped_tooltip
+from .menus import AppMenus
 from .preset_actions import APP_TITLE, PresetActions
 from .preset_bar import PresetBar
 from .run_area import RunArea
@@ -101,6 +102,7 @@ class MainWindow(PresetActions, QMainWindow):
         self.problems_label.setObjectName("problems")
         set_text_colour(self.problems_label, PROBLEM_COLOUR)
         self.statusBar().addWidget(self.problems_label, 1)
+        self.menus = AppMenus(self)
 
         self.state.edited.connect(self._state_changed)
         self.state.replaced.connect(self._config_replaced)
@@ -349,5 +351,6 @@ class MainWindow(PresetActions, QMainWindow):
         self.start_check.shutdown()
         self.run_panel.shutdown()
         self.run_area.shutdown()
+        self.menus.close()
         event.accept()
 

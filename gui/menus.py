@@ -1,0 +1,141 @@
+"""The window's Tools and Help menus: TensorBoard, the output and workspace folders, the docs, the
+log file and the versions. Thin: what they open comes from core (the server: core/train/tensorboard_server.py)."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import platform
+from pathlib import Path
+from typing import Any
+
+from PySide6.QtCore import QUrl
+from PySide6.QtGui import QDesktopServices
+from PySide6.QtWidgets import QMainWindow, QMessageBox
+
+from core.log_setup import log_file_path
+from core.paths import app_root
+
+from .background import BackgroundJob, JobControl
+
+log = logging.getLogger(__name__)
+
+# What About lists, by distribution name: read from the installed metadata, nothing is imported.
+VERSIONS = ("torch", "diffusers", "transformers", "peft", "accelerate", "optimum-quanto", "bitsandbytes", "PySide6-Essentials")
+
+
+def open_url(url: QUrl) -> bool:
+    """The desktop's browser or file manager (tests replace it)."""
+    return QDesktopServices.openUrl(url)
+
+
+def _start_tensorboard(workspace: Path, control: JobControl) -> Any:
+    from core.train.tensorboard_server import start_tensorboard  # on the worker thread
+
+    return start_tensorboard(workspace)
+
+
+def nearest_existing(path: Path) -> Path:
+    """path, or the nearest folder above it that exists (what a file manager can open now)."""
+    for candidate in (path, *path.parents):
+        if candidate.is_dir():
+            return candidate
+    return Path.home()
+
+
+def versions() -> str:
+    lines = [f"Python {platform.python_version()} on {platform.system()} {platform.machine()}"]
+    for name in VERSIONS:
+        try:
+            lines.append(f"{name} {importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            lines.append(f"{name}: not installed")
+    return "\n".join(lines)
+
+
+class AppMenus:
+    """Builds the menus on `window` (which has .config and a status bar) and owns the TensorBoard
+    servers it starts: one per workspace, ended by close()."""
+
+    def __init__(self, window: QMainWindow) -> None:
+        self.window = window
+        self.servers: dict[Path, Any] = {}  # workspace -> TensorBoardServer
+        self._job = BackgroundJob(_start_tensorboard, 0, "TensorBoard", window)
+        self._job.finished_ok.connect(self._tensorboard_started)
+        self._job.failed.connect(self._tensorboard_failed)
+        bar = window.menuBar()
+        tools = bar.addMenu("&Tools")
+        self.tensorboard_action = tools.addAction("Open &TensorBoard", self.open_tensorboard)
+        self.tensorboard_action.setToolTip("TensorBoard on this workspace's curves, served on this machine only")
+        tools.addAction("Open &output folder", self.open_output_folder)
+        tools.addAction("Open &workspace folder", self.open_workspace_folder)
+        help_menu = bar.addMenu("&Help")
+        help_menu.addAction("&Documentation", self.open_docs)
+        help_menu.addAction("&Log file", self.open_log)
+        help_menu.addAction("&About Video Trainer", self.about)
+
+    def _config(self) -> dict[str, Any]:
+        return self.window.config  # type: ignore[attr-defined]
+
+    def _say(self, message: str) -> None:
+        self.window.statusBar().showMessage(message, 10_000)
+
+    def _open_folder(self, folder: Path, what: str) -> None:
+        shown = nearest_existing(folder)
+        if shown != folder:
+            self._say(f"{what} {folder} does not exist yet; opened {shown}")
+        open_url(QUrl.fromLocalFile(str(shown)))
+
+    # -- Tools ----------------------------------------------------------------------------------
+    def open_tensorboard(self) -> None:
+        workspace = Path(str(self._config()["workspace_dir"])).expanduser()
+        server = self.servers.get(workspace)
+        if server is not None and server.running():
+            open_url(QUrl(server.url))
+            return
+        self._say(f"Starting TensorBoard on {workspace}…")
+        self._job.request(workspace, now=True)
+
+    def _tensorboard_started(self, workspace: Path, server: Any) -> None:
+        old = self.servers.pop(workspace, None)
+        if old is not None:
+            old.stop()
+        self.servers[workspace] = server
+        self._say(f"TensorBoard: {server.url} (ends with the window)")
+        open_url(QUrl(server.url))
+
+    def _tensorboard_failed(self, workspace: Path, message: str) -> None:
+        self._say(message)
+        QMessageBox.warning(self.window, "TensorBoard", message)
+
+    def open_output_folder(self) -> None:
+        config = self._config()
+        output = Path(str(config["output_path"])).expanduser()
+        # A LoRA or an embedding is a file: its folder; a fine-tune's output is the folder itself.
+        self._open_folder(output if config["training_method"] == "FINE_TUNE" else output.parent, "The output folder")
+
+    def open_workspace_folder(self) -> None:
+        self._open_folder(Path(str(self._config()["workspace_dir"])).expanduser(), "The workspace")
+
+    # -- Help -----------------------------------------------------------------------------------
+    def open_docs(self) -> None:
+        docs = app_root() / "docs"
+        open_url(QUrl.fromLocalFile(str(docs if docs.is_dir() else app_root())))
+
+    def open_log(self) -> None:
+        path = log_file_path()
+        open_url(QUrl.fromLocalFile(str(path if path.is_file() else nearest_existing(path.parent))))
+
+    def about(self) -> None:
+        QMessageBox.about(self.window, "About Video Trainer",
+                          f"Video Trainer: train video diffusion models on your own clips.\n\n{versions()}\n\n"
+                          f"Log file: {log_file_path()}")
+
+    def close(self) -> None:
+        """End the TensorBoard servers this window started; a start under way is waited for first,
+        so its server is ended too rather than left running."""
+        if self._job.is_busy():
+            self._job.wait(90_000)
+        for server in self.servers.values():
+            server.stop()
+        self.servers.clear()
