@@ -18,8 +18,10 @@ LOG_FILE_NAME = "video-trainer.log"
 # Pass as extra= to log a record only to the file (for example a traceback already summarised in one line).
 FILE_ONLY = {"file_only": True}
 # Library loggers whose warnings are notes for developers, not for the user: bitsandbytes warns on
-# every import on CPU-only machines that an optional CPU 4-bit kernel (fetched from a hub) is absent.
-FILE_ONLY_LOGGERS = ("bitsandbytes.backends.cpu",)
+# every import on CPU-only machines that an optional CPU 4-bit kernel (fetched from a hub) is absent,
+# and the `kernels` package (which transformers 5.25 pulls in) that it skips its publisher check
+# when the hub is offline, as every test and every offline user runs.
+FILE_ONLY_LOGGERS = ("bitsandbytes.backends.cpu", "kernels")
 _configured: Path | None = None
 
 
