@@ -23,6 +23,7 @@ that engine_step.py can check it against the engine's first step on the same bat
 from __future__ import annotations
 
 import time
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -42,7 +43,7 @@ SEED = 42
 Draws = tuple[torch.Tensor, torch.Tensor]  # noise in the cache's (B, C, F, H, W), the family's noise levels
 
 
-class HandLoop:
+class HandLoop(ABC):
     """What every family's hand loop shares: the LoRA, the optimizer, the backward half of the step
     and the timers. A family says how its transformer loads and how the loss is made."""
 
@@ -68,12 +69,13 @@ class HandLoop:
         self.cpu: list[float] = []
         self.parts = parts
 
+    @abstractmethod
     def load_transformer(self, model_dir: Path) -> Any:
-        raise NotImplementedError
+        """The family's transformer from the tiny model's folder, frozen."""
 
+    @abstractmethod
     def loss(self, batch: dict[str, Any], step: int, draws: Draws | None, since: float) -> tuple[torch.Tensor, float]:
         """The step's loss (a float32 scalar with its graph) and the time _mark last returned."""
-        raise NotImplementedError
 
     @staticmethod
     def levels(objective: Objective, sigmas: torch.Tensor) -> torch.Tensor:

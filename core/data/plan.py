@@ -114,7 +114,7 @@ def plan_samples(
             # still under a caption written for motion, and each variant another one: left out by name.
             refused.append(Issue(item.path, (
                 f"a video clip, and {adapter.family} is an image model that trains on still images; "
-                "leave videos out of this dataset, or save the frames you want as images")))
+                "leave videos out of this dataset, or save the frames you need as images")))
             continue
         content = hasher.hash(item.path)
         starts = _frame_starts(info, config)
