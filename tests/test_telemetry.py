@@ -390,3 +390,40 @@ def test_records_reach_the_disk_within_the_flush_interval(tmp_path: Path, monkey
         assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]
         writer.write(_record(4))
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4]  # close writes the rest
+
+
+def test_tensorboard_events_are_handed_over_in_batches_with_their_own_times(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """TensorBoard's thread gets the events once per METRICS_FLUSH_SECONDS, not per step, and each
+    event keeps the step and wall time of its record: the curves (also on TensorBoard's relative
+    and wall-time axes) are the ones per-step writes would give."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from core.train import telemetry
+
+    clock, wall = [100.0], [5_000.0]
+    monkeypatch.setattr(telemetry.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(telemetry.time, "time", lambda: wall[0])
+    handed: list[int] = []
+    real_add = telemetry._add_scalars
+
+    def counting(writer: object, scalars: object, step: int, wall_time: float) -> None:
+        handed.append(step)
+        real_add(writer, scalars, step, wall_time)
+
+    monkeypatch.setattr(telemetry, "_add_scalars", counting)
+    with MetricsWriter(tmp_path, tensorboard=True) as writer:
+        for step in (1, 2, 3):
+            writer.write(_record(step))
+            wall[0] += 2.5
+        assert handed == [1]  # the first at once, 2 and 3 wait for the interval
+        clock[0] += telemetry.METRICS_FLUSH_SECONDS
+        writer.write(_record(4))
+        assert handed == [1, 2, 3, 4]
+        wall[0] += 2.5
+        writer.write(_record(5))
+    assert handed == [1, 2, 3, 4, 5]  # close hands over the rest
+    accumulator = EventAccumulator(str(tmp_path / "tensorboard"))
+    accumulator.Reload()
+    loss = accumulator.Scalars("loss")
+    assert [e.step for e in loss] == [1, 2, 3, 4, 5]
+    assert [e.wall_time for e in loss] == [5_000.0, 5_002.5, 5_005.0, 5_007.5, 5_010.0]
