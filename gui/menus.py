@@ -1,5 +1,5 @@
-"""The window's Tools and Help menus: TensorBoard, the output and workspace folders, the docs, the
-log file and the versions. Thin: what they open comes from core (the server: core/train/tensorboard_server.py)."""
+"""The window's Tools and Help menus: TensorBoard, the sample window (gui/sample_window.py), the
+output and workspace folders, the docs, the log file and the versions. Thin: what they open comes from core (the server: core/train/tensorboard_server.py)."""
 
 from __future__ import annotations
 
@@ -67,6 +67,11 @@ class AppMenus:
         tools = bar.addMenu("&Tools")
         self.tensorboard_action = tools.addAction("Open &TensorBoard", self.open_tensorboard)
         self.tensorboard_action.setToolTip("TensorBoard on this workspace's curves, served on this machine only")
+        self.sample_action = tools.addAction("&Sample...", self.open_sample_window)
+        self.sample_action.setToolTip("One sample with its own prompt, seed, size and frames: queued during a run, "
+                                      "made with the newest weights between runs")
+        self.sample_window: Any = None  # gui.sample_window.SampleWindow, made when first opened
+        tools.addSeparator()
         tools.addAction("Open &output folder", self.open_output_folder)
         tools.addAction("Open &workspace folder", self.open_workspace_folder)
         help_menu = bar.addMenu("&Help")
@@ -108,6 +113,15 @@ class AppMenus:
         self._say(message)
         QMessageBox.warning(self.window, "TensorBoard", message)
 
+    def open_sample_window(self) -> None:
+        if self.sample_window is None:
+            from .sample_window import SampleWindow  # its module only when first wanted
+
+            self.sample_window = SampleWindow(self.window, self.window)  # type: ignore[arg-type]
+        self.sample_window.show()
+        self.sample_window.raise_()
+        self.sample_window.activateWindow()
+
     def open_output_folder(self) -> None:
         config = self._config()
         output = Path(str(config["output_path"])).expanduser()
@@ -136,6 +150,8 @@ class AppMenus:
         so its server is ended too rather than left running."""
         if self._job.is_busy():
             self._job.wait(90_000)
+        if self.sample_window is not None:
+            self.sample_window.shutdown()
         for server in self.servers.values():
             server.stop()
         self.servers.clear()

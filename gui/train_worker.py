@@ -177,8 +177,9 @@ class TrainThread(QThread):
     def request_stop(self) -> None:
         self.commands.request_stop()
 
-    def request_sample(self) -> None:
-        self.commands.request_sample()
+    def request_sample(self, request: Any = None) -> None:
+        """Samples of the configured prompts; with a core SampleRequest, that one sample (queued)."""
+        self.commands.request_sample(request)
 
     def request_backup(self) -> None:
         self.commands.request_backup()
