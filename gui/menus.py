@@ -1,5 +1,6 @@
-"""The window's Tools and Help menus: TensorBoard, the sample window (gui/sample_window.py), the
-output and workspace folders, the docs, the log file and the versions. Thin: what they open comes from core (the server: core/train/tensorboard_server.py)."""
+"""The window's View, Tools and Help menus: the theme (gui/theme.py), TensorBoard, the sample window
+(gui/sample_window.py), the output and workspace folders, the docs, the log file and the versions.
+Thin: what they open comes from core (the server: core/train/tensorboard_server.py)."""
 
 from __future__ import annotations
 
@@ -10,13 +11,15 @@ from pathlib import Path
 from typing import Any
 
 from PySide6.QtCore import QUrl
-from PySide6.QtGui import QDesktopServices
-from PySide6.QtWidgets import QMainWindow, QMessageBox
+from PySide6.QtGui import QAction, QActionGroup, QDesktopServices
+from PySide6.QtWidgets import QApplication, QMainWindow, QMenu, QMessageBox
 
 from core.log_setup import log_file_path
 from core.paths import app_root
 
 from .background import BackgroundJob, JobControl
+from .theme import THEME_KEY, THEME_LABELS, THEMES, Theme
+from .window_state import window_settings
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +67,7 @@ class AppMenus:
         self._job.finished_ok.connect(self._tensorboard_started)
         self._job.failed.connect(self._tensorboard_failed)
         bar = window.menuBar()
+        self._add_view_menu(bar.addMenu("&View"))
         tools = bar.addMenu("&Tools")
         self.tensorboard_action = tools.addAction("Open &TensorBoard", self.open_tensorboard)
         self.tensorboard_action.setToolTip("TensorBoard on this workspace's curves, served on this machine only")
@@ -78,6 +82,30 @@ class AppMenus:
         help_menu.addAction("&Documentation", self.open_docs)
         help_menu.addAction("&Log file", self.open_log)
         help_menu.addAction("&About Video Trainer", self.about)
+
+    def _add_view_menu(self, view: QMenu) -> None:
+        """View > Theme: System, Light, Dark (gui/theme.py), kept in window.ini by a window that remembers."""
+        remember = bool(getattr(self.window, "remember", False))
+        mode = str(window_settings().value(THEME_KEY, "SYSTEM")) if remember else "SYSTEM"
+        app = QApplication.instance()
+        assert isinstance(app, QApplication)
+        self.theme = Theme(app, mode, self.window)
+        themes = view.addMenu("&Theme")
+        group = QActionGroup(themes)
+        self.theme_actions: dict[str, QAction] = {}
+        for name in THEMES:
+            action = themes.addAction(THEME_LABELS[name])
+            action.setCheckable(True)
+            action.setChecked(name == self.theme.mode)
+            group.addAction(action)
+            action.triggered.connect(lambda _checked=False, name=name: self.choose_theme(name))
+            self.theme_actions[name] = action
+
+    def choose_theme(self, mode: str) -> None:
+        self.theme.choose(mode)
+        self.theme_actions[mode].setChecked(True)
+        if getattr(self.window, "remember", False):
+            window_settings().setValue(THEME_KEY, mode)
 
     def _config(self) -> dict[str, Any]:
         return self.window.config  # type: ignore[attr-defined]
