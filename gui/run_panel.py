@@ -379,9 +379,12 @@ class RunPanel(QWidget):
         """Whether the workspace of the window's settings holds a backup to continue from."""
         from core.train.backup import BackupFolder  # standard library only: no torch on the GUI thread
 
+        # The setting as it is, not resolve()d: this runs at every change of the controls (four times
+        # before the first paint), and a workspace_dir that does not validate holds no backup anyway.
+        workspace = str(self._config().get("workspace_dir") or "").strip()
         try:
-            return BackupFolder(resolve(self._config())["workspace_dir"]).newest() is not None
-        except (ConfigError, OSError, TypeError, ValueError):
+            return bool(workspace) and BackupFolder(workspace).newest() is not None
+        except (OSError, TypeError, ValueError):
             return False
 
     def _append(self, level: int, message: str) -> None:

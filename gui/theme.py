@@ -67,10 +67,9 @@ class Theme(QObject):
         self.app = app
         self.mode = mode if mode in THEMES else "SYSTEM"
         # What Light puts back: the style and palette the application started with (Fusion's own
-        # light palette where the platform started it dark).
-        self._light_style = app.style().name()
-        started = app.palette()
-        self._light_palette = QPalette(started) if not is_dark(started) else _fusion_light_palette()
+        # light palette where the platform started it dark), taken when it first turns dark: asking
+        # for the style makes it, which a light start leaves to the first paint.
+        self._light: tuple[str, QPalette] | None = None
         self.dark = False
         QGuiApplication.styleHints().colorSchemeChanged.connect(self._system_changed)
         self._apply(self._wants_dark(QGuiApplication.styleHints().colorScheme()))
@@ -95,11 +94,16 @@ class Theme(QObject):
         if dark == self.dark:
             return  # a light start costs nothing: the application's own look stays as it is
         if dark:
+            if self._light is None:
+                started = self.app.palette()
+                self._light = (self.app.style().name(), QPalette(started) if not is_dark(started) else _fusion_light_palette())
             self.app.setStyle("Fusion")
             self.app.setPalette(dark_palette())
         else:
-            self.app.setStyle(self._light_style)
-            self.app.setPalette(self._light_palette)
+            assert self._light is not None  # dark before: it was taken then
+            style, palette = self._light
+            self.app.setStyle(style)
+            self.app.setPalette(palette)
         self.dark = dark
         log.debug("theme: %s (%s)", "dark" if dark else "light", self.mode)
         self.changed.emit(dark)

@@ -10,9 +10,7 @@ EngineWarmUp imports them ahead of the first Start, while the user reads the set
 from __future__ import annotations
 
 import copy
-import ctypes
 import gc
-import importlib.util
 import logging
 import os
 import sys
@@ -65,6 +63,10 @@ def import_engine() -> None:
 def _preload_torch_library() -> None:
     if os.name != "posix":
         return
+    # Here, on the engine's thread: ctypes and importlib.util cost the window's first paint 5 ms.
+    import ctypes
+    import importlib.util
+
     try:
         spec = importlib.util.find_spec("torch")
         if spec is None or spec.origin is None:
