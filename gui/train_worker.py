@@ -216,6 +216,10 @@ class TrainThread(QThread):
             outcome.output_paths = [str(p) for p in result.output_paths]
             if relay.engine_error is not None:  # reported through on_error without raising
                 outcome.error = RunError(relay.engine_error)
+        unmade = self.commands.take_asked_samples()  # asked after the run's last step: say so, not nothing
+        if unmade:
+            self.log_line.emit(logging.WARNING, f"{len(unmade)} sample(s) asked from the sample window were not made: the run "
+                                                "ended first; make them again now (Tools > Sample), from the saved weights")
         self.outcome.emit(outcome)
 
     def _download_model(self) -> None:

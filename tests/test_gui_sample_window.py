@@ -129,3 +129,17 @@ def test_during_a_run_the_request_is_queued_with_the_windows_seed_and_frames(qtb
     qtbot.waitUntil(lambda: viewer.list.count() > 0 and viewer.list.item(0).toolTip() == str(path), timeout=TIMEOUT_MS)
     with qtbot.waitSignal(panel.run_finished, timeout=TIMEOUT_MS):
         panel.stop()
+
+
+def test_a_request_the_run_did_not_reach_is_said_in_the_log(qtbot, window: MainWindow, tmp_path: Path) -> None:
+    from core.models.base import SampleRequest
+    from gui.train_worker import TrainThread
+
+    config = dict(window.config, base_model=str(tmp_path / "no-model"))  # the run ends before its first step
+    thread = TrainThread(config)
+    lines: list[str] = []
+    thread.log_line.connect(lambda _level, line: lines.append(line))
+    thread.request_sample(SampleRequest("late", width=32, height=32, frames=5, steps=2, guidance_scale=1.0, seed=1))
+    with qtbot.waitSignal(thread.finished, timeout=TIMEOUT_MS):
+        thread.start()
+    qtbot.waitUntil(lambda: any("were not made" in line for line in lines), timeout=10_000)
