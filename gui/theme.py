@@ -90,6 +90,12 @@ class Theme(QObject):
         if self.mode == "SYSTEM":
             self._apply(scheme == Qt.ColorScheme.Dark)
 
+    def _set_style(self, name: str) -> None:
+        # Only for another style: setStyle replaces (and deletes) the style object even for the same
+        # name, and Linux desktops mostly start in Fusion already.
+        if self.app.style().name().lower() != name.lower():
+            self.app.setStyle(name)
+
     def _apply(self, dark: bool) -> None:
         if dark == self.dark:
             return  # a light start costs nothing: the application's own look stays as it is
@@ -97,12 +103,12 @@ class Theme(QObject):
             if self._light is None:
                 started = self.app.palette()
                 self._light = (self.app.style().name(), QPalette(started) if not is_dark(started) else _fusion_light_palette())
-            self.app.setStyle("Fusion")
+            self._set_style("fusion")
             self.app.setPalette(dark_palette())
         else:
             assert self._light is not None  # dark before: it was taken then
             style, palette = self._light
-            self.app.setStyle(style)
+            self._set_style(style)
             self.app.setPalette(palette)
         self.dark = dark
         log.debug("theme: %s (%s)", "dark" if dark else "light", self.mode)
