@@ -160,3 +160,23 @@ def test_commands_queue_asked_samples_apart_from_the_plain_request() -> None:
     assert commands.take_asked_samples() == []
     assert commands.take_sample_request() is True and commands.take_sample_request() is False
 
+
+
+def test_an_image_to_video_model_starts_from_the_first_clips_first_frame(tiny_model, tmp_path: Path) -> None:
+    from media_factory import make_clip
+
+    from core.config.settings import defaults
+
+    config = defaults()
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    config.update(base_model=str(tiny_model("wan22_a14b_i2v")), workspace_dir=str(tmp_path / "ws"),
+                  output_path=str(tmp_path / "out.safetensors"), train_dtype="FLOAT_32",
+                  datasets=[{"path": str(clips), "repeats": 1}])
+    config["transformer"]["weight_dtype"] = config["text_encoder"]["weight_dtype"] = "FLOAT_32"
+    with pytest.raises(UserError, match="no clip or image in the datasets decodes"):
+        make_sample(config, ASKED)
+    make_clip(clips / "a.mp4", width=32, height=32, seconds=0.5)
+    (clips / "a.txt").write_text("a ball", encoding="utf-8")
+    result = make_sample(config, ASKED)
+    assert result.weights.kind == "base" and read_video_frames(result.path).shape == (5, 32, 32, 3)

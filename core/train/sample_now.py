@@ -12,7 +12,8 @@ The newest weights are, by the time they were written, the newest of:
 
 A fine-tuned model's folder and an embedding file are results too, but this reads them from their
 backups only (a run's last backup holds the same weights unless steps followed it); with neither a
-backup nor a LoRA file, the base model alone is sampled, and the result says so. The video is written
+backup nor a LoRA file, the base model alone is sampled, and the result says so. An image-to-video
+model starts from the first frame of the datasets' first clip that decodes. The video is written
 atomically into workspace_dir/samples by the same SampleMaker a run uses, named after the weights'
 step ('step-000200-w1-a-cat.mp4'). The workspace lock is held meanwhile, so a run cannot start on
 the same workspace (and GPU memory) half-way through.
@@ -23,7 +24,7 @@ from __future__ import annotations
 import gc
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,24 @@ class Weights:
 class SampleResult:
     path: Path
     weights: Weights
+
+
+def first_clip_frame(config: dict[str, Any]) -> Any:
+    """The first frame of the datasets' first clip (or image) that decodes, as (H, W, 3) uint8: what an
+    image-to-video model's sample between runs starts from (a run takes its first training clip's)."""
+    from core.data.decode import decode_frames
+    from core.data.discovery import discover_datasets
+    from core.data.media import UnusableMedia
+    from core.data.probe import probe
+
+    items, _ = discover_datasets(config)
+    for item in items:
+        try:
+            return decode_frames(item.path, [0.0], probe(item.path))[0]
+        except UnusableMedia as exc:
+            log.info("no first frame from %s: %s", item.path, exc)
+    raise UserError("this image-to-video model samples from a first frame, and no clip or image in the datasets "
+                    "decodes; add one to a dataset folder (Data tab)")
 
 
 def _lora_step(path: Path) -> int:
@@ -158,8 +177,7 @@ def make_sample(config: dict[str, Any], request: SampleRequest, on_log: Callable
         raise UserError("workspace_dir is empty: set the workspace folder (General tab) the samples go into")
     adapter = adapter_for(config)
     if adapter.image_conditioned and request.image is None:
-        raise UserError("this image-to-video model samples from a first frame: between runs none is chosen; ask for "
-                        "the sample during a run (it starts from the first training clip's first frame)")
+        request = replace(request, image=first_clip_frame(config))
     lock = hold_workspace(config, on_log)
     offloaders: list[Any] = []
     try:
