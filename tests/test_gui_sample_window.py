@@ -110,16 +110,14 @@ def test_during_a_run_the_request_is_queued_with_the_windows_seed_and_frames(qtb
     monkeypatch.setattr(samples_module.SampleMaker, "make", recording)
     assert window.state.edit("max_steps", 400)
     panel = window.run_panel
-    written: list[str] = []
     assert panel.start()
-    panel.thread.sample.connect(written.append)
     with qtbot.waitSignal(panel.thread.progress, timeout=TIMEOUT_MS):
         pass  # the first step is done: training is under way
     dialog = _open_sample_window(window, "a queued cat")
-    dialog.make_button.click()
-    assert "Queued" in dialog.status.text() and not dialog.is_busy()  # no worker of its own: the run makes it
-    qtbot.waitUntil(lambda: bool(written), timeout=TIMEOUT_MS)
-    path = Path(written[0])
+    with qtbot.waitSignal(panel.thread.sample, timeout=TIMEOUT_MS) as written:
+        dialog.make_button.click()
+        assert "Queued" in dialog.status.text() and not dialog.is_busy()  # no worker of its own: the run makes it
+    path = Path(written.args[0])
     assert path.name.endswith("-w1-a-queued-cat.mp4")
     assert read_video_frames(path).shape == (5, 48, 32, 3)
     (thread_id, request), = seen
