@@ -284,6 +284,11 @@ class MainWindow(PresetActions, QMainWindow):
         if outcome.error is not None and outcome.error.keys:
             self.show_setting(outcome.error.keys[0])
 
+    def show_sample(self, path: Any) -> None:
+        """A sample made outside a run (the sample window): listed first and played in the Sampling tab."""
+        self.select_tab("sampling")
+        self.sample_viewer.add_sample(path, play=True)
+
     def show_setting(self, key: str) -> bool:
         """Bring the tab holding this setting forward and focus its field; False if none shows it."""
         for index, spec in enumerate(TABS):

@@ -1,22 +1,23 @@
-"""The window's Tools and Help menus: TensorBoard, the output and workspace folders, the docs, the
-log file and the versions. Thin: what they open comes from core (the server: core/train/tensorboard_server.py)."""
+"""The window's View, Tools and Help menus: the theme (gui/theme.py), TensorBoard, the sample window
+(gui/sample_window.py), the output and workspace folders, the docs, the log file and the versions.
+Thin: what they open comes from core (the server: core/train/tensorboard_server.py)."""
 
 from __future__ import annotations
 
-import importlib.metadata
 import logging
-import platform
 from pathlib import Path
 from typing import Any
 
 from PySide6.QtCore import QUrl
-from PySide6.QtGui import QDesktopServices
-from PySide6.QtWidgets import QMainWindow, QMessageBox
+from PySide6.QtGui import QAction, QActionGroup, QDesktopServices
+from PySide6.QtWidgets import QApplication, QMainWindow, QMenu, QMessageBox
 
 from core.log_setup import log_file_path
 from core.paths import app_root
 
 from .background import BackgroundJob, JobControl
+from .theme import THEME_KEY, THEME_LABELS, THEMES, Theme
+from .window_state import window_settings
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,9 @@ def nearest_existing(path: Path) -> Path:
 
 
 def versions() -> str:
+    import importlib.metadata  # here: importing it costs about 30 ms, before the window's first paint
+    import platform
+
     lines = [f"Python {platform.python_version()} on {platform.system()} {platform.machine()}"]
     for name in VERSIONS:
         try:
@@ -64,15 +68,45 @@ class AppMenus:
         self._job.finished_ok.connect(self._tensorboard_started)
         self._job.failed.connect(self._tensorboard_failed)
         bar = window.menuBar()
+        self._add_view_menu(bar.addMenu("&View"))
         tools = bar.addMenu("&Tools")
         self.tensorboard_action = tools.addAction("Open &TensorBoard", self.open_tensorboard)
         self.tensorboard_action.setToolTip("TensorBoard on this workspace's curves, served on this machine only")
+        self.sample_action = tools.addAction("&Sample...", self.open_sample_window)
+        self.sample_action.setToolTip("One sample with its own prompt, seed, size and frames: queued during a run, "
+                                      "made with the newest weights between runs")
+        self.sample_window: Any = None  # gui.sample_window.SampleWindow, made when first opened
+        tools.addSeparator()
         tools.addAction("Open &output folder", self.open_output_folder)
         tools.addAction("Open &workspace folder", self.open_workspace_folder)
         help_menu = bar.addMenu("&Help")
         help_menu.addAction("&Documentation", self.open_docs)
         help_menu.addAction("&Log file", self.open_log)
         help_menu.addAction("&About Video Trainer", self.about)
+
+    def _add_view_menu(self, view: QMenu) -> None:
+        """View > Theme: System, Light, Dark (gui/theme.py), kept in window.ini by a window that remembers."""
+        remember = bool(getattr(self.window, "remember", False))
+        mode = str(window_settings().value(THEME_KEY, "SYSTEM")) if remember else "SYSTEM"
+        app = QApplication.instance()
+        assert isinstance(app, QApplication)
+        self.theme = Theme(app, mode, self.window)
+        themes = view.addMenu("&Theme")
+        group = QActionGroup(themes)
+        self.theme_actions: dict[str, QAction] = {}
+        for name in THEMES:
+            action = themes.addAction(THEME_LABELS[name])
+            action.setCheckable(True)
+            action.setChecked(name == self.theme.mode)
+            group.addAction(action)
+            action.triggered.connect(lambda _checked=False, name=name: self.choose_theme(name))
+            self.theme_actions[name] = action
+
+    def choose_theme(self, mode: str) -> None:
+        self.theme.choose(mode)
+        self.theme_actions[mode].setChecked(True)
+        if getattr(self.window, "remember", False):
+            window_settings().setValue(THEME_KEY, mode)
 
     def _config(self) -> dict[str, Any]:
         return self.window.config  # type: ignore[attr-defined]
@@ -108,6 +142,15 @@ class AppMenus:
         self._say(message)
         QMessageBox.warning(self.window, "TensorBoard", message)
 
+    def open_sample_window(self) -> None:
+        if self.sample_window is None:
+            from .sample_window import SampleWindow  # its module only when first wanted
+
+            self.sample_window = SampleWindow(self.window, self.window)  # type: ignore[arg-type]
+        self.sample_window.show()
+        self.sample_window.raise_()
+        self.sample_window.activateWindow()
+
     def open_output_folder(self) -> None:
         config = self._config()
         output = Path(str(config["output_path"])).expanduser()
@@ -136,6 +179,8 @@ class AppMenus:
         so its server is ended too rather than left running."""
         if self._job.is_busy():
             self._job.wait(90_000)
+        if self.sample_window is not None:
+            self.sample_window.shutdown()
         for server in self.servers.values():
             server.stop()
         self.servers.clear()

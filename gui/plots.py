@@ -22,89 +22,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import pyqtgraph as pg
-from PySide6.QtCore import Qt, QTimer
+from PySide6.QtCore import QEvent, Qt, QTimer
+from PySide6.QtGui import QPalette
 from PySide6.QtWidgets import QSizePolicy, QVBoxLayout, QWidget
+
+from .plot_series import Series, grown_range, nice_ceiling
+from .theme import is_dark
 
 REDRAW_HZ = 20
 GIB = float(2**30)
-HEADROOM = 0.3  # a range that grows is grown by this share of the data's span, so it grows rarely
 AXIS_WIDTH = 56  # fixed: an axis sized by its labels re-lays out the plots whenever they change
-
-
-def nice_ceiling(value: float) -> float:
-    """The smallest 1, 2, 2.5 or 5 times a power of ten that is >= value (> 0)."""
-    scale = 10.0 ** math.floor(math.log10(value))
-    return next(m * scale for m in (1, 2, 2.5, 5, 10) if m * scale >= value)
-
-
-def grown_range(current: tuple[float, float] | None, lo: float, hi: float, *, from_zero: bool) -> tuple[float, float] | None:
-    """A view range that holds [lo, hi]: None if `current` does, else a new one with headroom
-    (starting at 0 when `from_zero`, for memory and learning rates)."""
-    if from_zero:
-        lo = min(lo, 0.0)
-    if current is not None and current[0] <= lo and hi <= current[1]:
-        return None
-    span = hi - lo if hi > lo else (abs(hi) * 0.5 or 1.0)
-    return (lo if from_zero and lo == 0.0 else lo - HEADROOM * span), hi + HEADROOM * span
-
-
-class Series:
-    """x/y values of one curve: numpy buffers that double when full, filled from short lists once per
-    redraw (appending to a list is several times cheaper than writing one numpy element), and the
-    range of y kept as points arrive."""
-
-    def __init__(self, capacity: int = 1024) -> None:
-        self._x = np.empty(capacity, dtype=np.float64)
-        self._y = np.empty(capacity, dtype=np.float64)
-        self._stored = 0
-        self._new_x: list[float] = []
-        self._new_y: list[float] = []
-        self.y_min, self.y_max = math.inf, -math.inf
-
-    @property
-    def size(self) -> int:
-        return self._stored + len(self._new_x)
-
-    def append(self, x: float, y: float) -> None:
-        self._new_x.append(x)
-        self._new_y.append(y)
-        self.y_min = min(self.y_min, y)
-        self.y_max = max(self.y_max, y)
-
-    @property
-    def x(self) -> np.ndarray:
-        self._store()
-        return self._x[: self._stored]
-
-    @property
-    def y(self) -> np.ndarray:
-        self._store()
-        return self._y[: self._stored]
-
-    def truncate(self, x: float) -> None:
-        """Drop the points at x and after (a continued run redoes the steps after its backup)."""
-        self._store()
-        keep = int(np.searchsorted(self._x[: self._stored], x, side="left"))
-        if keep == self._stored:
-            return
-        self._stored = keep
-        kept = self._y[:keep]
-        self.y_min, self.y_max = (float(kept.min()), float(kept.max())) if keep else (math.inf, -math.inf)
-
-    def _store(self) -> None:
-        end = self.size
-        if end == self._stored:
-            return
-        if end > len(self._x):
-            capacity = max(end, 2 * len(self._x))
-            self._x, self._y = np.resize(self._x, capacity), np.resize(self._y, capacity)
-        self._x[self._stored : end] = self._new_x
-        self._y[self._stored : end] = self._new_y
-        self._stored = end
-        self._new_x.clear()
-        self._new_y.clear()
 
 
 @dataclass(frozen=True)
@@ -116,19 +44,26 @@ class CurveSpec:
     scale: float = 1.0  # value shown = field / scale
     symbol: str | None = None
     always: bool = False  # in every record: made with the plots, so the first steps add no legend rows
+    dark: str = ""  # the colour on a dark background (the theme's); "" for the same
+
+    def colour(self, dark: bool) -> str:
+        return self.dark if dark and self.dark else self.color
 
 
 # Pens are 1 px wide: Qt's software painting strokes wider lines several times slower.
+# On a dark background the raw loss stays the quiet one and the smoothed loss the bright one.
 CURVES = (
-    CurveSpec("loss", "loss", "loss", "#a9c4e0", always=True),
-    CurveSpec("loss_smoothed", "loss", "loss (smoothed)", "#123f80", always=True),
-    CurveSpec("val_loss", "loss", "validation loss", "#d9822b", symbol="o"),
-    CurveSpec("lr", "lr", "learning rate", "#2e8b57", always=True),
-    CurveSpec("cuda_allocated_bytes", "memory", "GPU allocated", "#1f5fa8", scale=GIB),
-    CurveSpec("cuda_reserved_bytes", "memory", "GPU reserved", "#7b4fb0", scale=GIB),
-    CurveSpec("cuda_peak_bytes", "memory", "GPU peak", "#c9302c", scale=GIB),
-    CurveSpec("process_rss_bytes", "memory", "process RAM (RSS)", "#2e8b57", scale=GIB, always=True),
+    CurveSpec("loss", "loss", "loss", "#a9c4e0", always=True, dark="#3f5f80"),
+    CurveSpec("loss_smoothed", "loss", "loss (smoothed)", "#123f80", always=True, dark="#8ec0ff"),
+    CurveSpec("val_loss", "loss", "validation loss", "#d9822b", symbol="o", dark="#f0a050"),
+    CurveSpec("lr", "lr", "learning rate", "#2e8b57", always=True, dark="#5cd68f"),
+    CurveSpec("cuda_allocated_bytes", "memory", "GPU allocated", "#1f5fa8", scale=GIB, dark="#6ea8ff"),
+    CurveSpec("cuda_reserved_bytes", "memory", "GPU reserved", "#7b4fb0", scale=GIB, dark="#b48cf0"),
+    CurveSpec("cuda_peak_bytes", "memory", "GPU peak", "#c9302c", scale=GIB, dark="#ff6b66"),
+    CurveSpec("process_rss_bytes", "memory", "process RAM (RSS)", "#2e8b57", scale=GIB, always=True, dark="#5cd68f"),
 )
+LEVELS = {"VRAM estimate": ("#d9822b", "#f0a050"), "GPU capacity": ("#c9302c", "#ff6b66")}  # light, dark
+TITLES = {"loss": "Loss", "memory": "Memory (GiB)"}
 
 
 class _Curve:
@@ -142,16 +77,17 @@ class TrainingPlots(QWidget):
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
-        pg.setConfigOptions(antialias=False, background="w", foreground="#333")
+        pg.setConfigOptions(antialias=False)
+        self.dark = is_dark(self.palette())  # the colours follow the palette (follow_palette)
         self.canvas = pg.GraphicsLayoutWidget()
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
         layout.addWidget(self.canvas)
 
         self.plots: dict[str, pg.PlotItem] = {
-            "loss": self.canvas.addPlot(row=0, col=0, title="Loss"),
+            "loss": self.canvas.addPlot(row=0, col=0, title=TITLES["loss"]),
             "lr": self.canvas.addPlot(row=1, col=0),
-            "memory": self.canvas.addPlot(row=0, col=2, rowspan=2, title="Memory (GiB)"),
+            "memory": self.canvas.addPlot(row=0, col=2, rowspan=2, title=TITLES["memory"]),
         }
         # Each plot's legend in the column beside it, never over the curves.
         self.legends: dict[str, pg.LegendItem] = {}
@@ -192,8 +128,9 @@ class TrainingPlots(QWidget):
         for spec in CURVES:
             if spec.always:
                 self._add_curve(spec)
-        self.vram_estimate_line = self._level_line("VRAM estimate", "#d9822b")
-        self.gpu_capacity_line = self._level_line("GPU capacity", "#c9302c")
+        self.vram_estimate_line = self._level_line("VRAM estimate")
+        self.gpu_capacity_line = self._level_line("GPU capacity")
+        self.follow_palette()
 
         # One-shot, started by the first new point after a redraw: no timer runs while nothing arrives.
         self._timer = QTimer(self)
@@ -282,6 +219,39 @@ class TrainingPlots(QWidget):
         curve = self._curves.get(field)
         return curve.item if curve else None
 
+    # -- colours --------------------------------------------------------------------------------
+
+    def follow_palette(self) -> None:
+        """Background, axes, titles, legend text and curves in the colours of the widget's palette
+        (light or dark: gui/theme.py); called again whenever the palette changes."""
+        palette = self.palette()
+        self.dark = is_dark(palette)
+        text = palette.color(QPalette.ColorRole.WindowText)
+        self.canvas.setBackground(palette.color(QPalette.ColorRole.Base))
+        for name, plot in self.plots.items():
+            for axis in ("left", "bottom"):
+                plot.getAxis(axis).setPen(text)
+                plot.getAxis(axis).setTextPen(text)
+            if name in TITLES:
+                plot.setTitle(TITLES[name], color=text)
+        for legend in self.legends.values():
+            legend.setLabelTextColor(text)
+            for _sample, label in legend.items:
+                label.setText(label.text, color=text)  # setLabelTextColor alone leaves drawn labels as they were
+        for curve in self._curves.values():
+            colour = curve.spec.colour(self.dark)
+            curve.item.setPen(pg.mkPen(colour, width=1))
+            curve.item.setSymbolBrush(colour)
+        for name, line in (("VRAM estimate", self.vram_estimate_line), ("GPU capacity", self.gpu_capacity_line)):
+            colour = LEVELS[name][self.dark]
+            line.setPen(pg.mkPen(colour, width=1, style=Qt.PenStyle.DashLine))
+            line.label.setColor(colour)
+
+    def changeEvent(self, event: QEvent) -> None:  # noqa: N802 (Qt's name)
+        if event.type() == QEvent.Type.PaletteChange:
+            self.follow_palette()
+        super().changeEvent(event)
+
     # -- drawing --------------------------------------------------------------------------------
 
     def redraw(self) -> None:
@@ -339,12 +309,13 @@ class TrainingPlots(QWidget):
             self._follow_y[name] = False
 
     def _add_curve(self, spec: CurveSpec) -> _Curve:
+        colour = spec.colour(self.dark)
         item = pg.PlotDataItem(
             name=spec.name,
-            pen=pg.mkPen(spec.color, width=1),
+            pen=pg.mkPen(colour, width=1),
             symbol=spec.symbol,
             symbolSize=5,
-            symbolBrush=spec.color,
+            symbolBrush=colour,
             symbolPen=None,
         )
         self.plots[spec.plot].addItem(item)
@@ -354,7 +325,8 @@ class TrainingPlots(QWidget):
         curve = self._curves[spec.field] = _Curve(spec, item)
         return curve
 
-    def _level_line(self, name: str, color: str) -> pg.InfiniteLine:
+    def _level_line(self, name: str) -> pg.InfiniteLine:
+        color = LEVELS[name][self.dark]
         line = pg.InfiniteLine(
             angle=0,
             pen=pg.mkPen(color, width=1, style=pg.QtCore.Qt.PenStyle.DashLine),

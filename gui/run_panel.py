@@ -96,7 +96,7 @@ class RunPanel(QWidget):
         self.continue_button.clicked.connect(self.resume)
         self.sample_button = QPushButton("Sample now")
         self.sample_button.setToolTip("Make a sample after the current step")
-        self.sample_button.clicked.connect(self.request_sample)
+        self.sample_button.clicked.connect(lambda: self.request_sample())
         self.backup_button = QPushButton("Backup now")
         self.backup_button.setToolTip("Write a backup (to resume from) after the current step")
         self.backup_button.clicked.connect(self.request_backup)
@@ -215,10 +215,15 @@ class RunPanel(QWidget):
         self._append(logging.INFO, "Stop requested.")
         self._update_controls()
 
-    def request_sample(self) -> None:
-        if self._thread is not None:
-            self._thread.request_sample()
-            self._append(logging.INFO, "Sample requested: made after the current step.")
+    def request_sample(self, request: Any = None) -> bool:
+        """Ask the run for samples after the current step: the configured prompts, or with a core
+        SampleRequest (the sample window) that one; False when no run is under way."""
+        if self._thread is None:
+            return False
+        self._thread.request_sample(request)
+        what = "Sample" if request is None else f"Sample of {request.prompt!r} (seed {request.seed})"
+        self._append(logging.INFO, f"{what} requested: made after the current step.")
+        return True
 
     def request_backup(self) -> None:
         if self._thread is not None:
@@ -374,9 +379,12 @@ class RunPanel(QWidget):
         """Whether the workspace of the window's settings holds a backup to continue from."""
         from core.train.backup import BackupFolder  # standard library only: no torch on the GUI thread
 
+        # The setting as it is, not resolve()d: this runs at every change of the controls (four times
+        # before the first paint), and a workspace_dir that does not validate holds no backup anyway.
+        workspace = str(self._config().get("workspace_dir") or "").strip()
         try:
-            return BackupFolder(resolve(self._config())["workspace_dir"]).newest() is not None
-        except (ConfigError, OSError, TypeError, ValueError):
+            return bool(workspace) and BackupFolder(workspace).newest() is not None
+        except (OSError, TypeError, ValueError):
             return False
 
     def _append(self, level: int, message: str) -> None:

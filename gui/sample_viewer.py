@@ -35,8 +35,8 @@ from .video_player import IMAGE_SUFFIXES, DecodedVideo, VideoPlayer
 log = logging.getLogger(__name__)
 
 SAMPLE_SUFFIXES = (".mp4", ".webm", ".mkv", ".mov", ".gif", *IMAGE_SUFFIXES)
-# step-000250-0-a-cat.mp4: core.train.samples.sample_file_name
-_NAME = re.compile(r"^step-(?P<step>\d+)-(?P<index>\d+)-(?P<slug>.*)$")
+# step-000250-0-a-cat.mp4: core.train.samples.sample_file_name; step-000250-w1-a-cat.mp4: asked_file_name
+_NAME = re.compile(r"^step-(?P<step>\d+)-(?P<index>w?\d+)-(?P<slug>.*)$")
 PATH_ROLE = Qt.ItemDataRole.UserRole
 
 
@@ -140,9 +140,12 @@ class SampleViewer(SidePanel):
             self.player.clear("No sample yet: samples appear here as training writes them.")
             self.caption.setText("")
 
-    def add_sample(self, path: str | Path) -> None:
-        """The engine wrote a sample (TrainThread.sample): list it first, play it if following."""
+    def add_sample(self, path: str | Path, *, play: bool = False) -> None:
+        """The engine wrote a sample (TrainThread.sample): list it first, play it if following (or
+        with play: the sample window's, which the user is waiting for)."""
         path = Path(path)
+        if play:
+            self.follow_newest = True
         if self.folder is None or path.parent != self.folder:
             self.show_folder(path.parent)  # the run's workspace (its settings may differ from the tabs')
             return

@@ -10,9 +10,7 @@ EngineWarmUp imports them ahead of the first Start, while the user reads the set
 from __future__ import annotations
 
 import copy
-import ctypes
 import gc
-import importlib.util
 import logging
 import os
 import sys
@@ -65,6 +63,10 @@ def import_engine() -> None:
 def _preload_torch_library() -> None:
     if os.name != "posix":
         return
+    # Here, on the engine's thread: ctypes and importlib.util cost the window's first paint 5 ms.
+    import ctypes
+    import importlib.util
+
     try:
         spec = importlib.util.find_spec("torch")
         if spec is None or spec.origin is None:
@@ -177,8 +179,9 @@ class TrainThread(QThread):
     def request_stop(self) -> None:
         self.commands.request_stop()
 
-    def request_sample(self) -> None:
-        self.commands.request_sample()
+    def request_sample(self, request: Any = None) -> None:
+        """Samples of the configured prompts; with a core SampleRequest, that one sample (queued)."""
+        self.commands.request_sample(request)
 
     def request_backup(self) -> None:
         self.commands.request_backup()
@@ -213,6 +216,10 @@ class TrainThread(QThread):
             outcome.output_paths = [str(p) for p in result.output_paths]
             if relay.engine_error is not None:  # reported through on_error without raising
                 outcome.error = RunError(relay.engine_error)
+        unmade = self.commands.take_asked_samples()  # asked after the run's last step: say so, not nothing
+        if unmade:
+            self.log_line.emit(logging.WARNING, f"{len(unmade)} sample(s) asked from the sample window were not made: the run "
+                                                "ended first; make them again now (Tools > Sample), from the saved weights")
         self.outcome.emit(outcome)
 
     def _download_model(self) -> None:

@@ -248,7 +248,7 @@ def test_sample_and_backup_requests_reach_the_engine_commands(qtbot, window: Mai
     from core.train.events import TrainerCommands
 
     requests: list[str] = []
-    monkeypatch.setattr(TrainerCommands, "request_sample", lambda self: requests.append("sample"))
+    monkeypatch.setattr(TrainerCommands, "request_sample", lambda self, request=None: requests.append("sample" if request is None else request))
     monkeypatch.setattr(TrainerCommands, "request_backup", lambda self: requests.append("backup"))
     panel = window.run_panel
     assert not panel.sample_button.isEnabled() and not panel.backup_button.isEnabled()

@@ -7,7 +7,6 @@ overlays (only what differs from the defaults); a resolved config holds every se
 from __future__ import annotations
 
 import copy
-import difflib
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -46,6 +45,8 @@ def lookup(key: str, source: str | None = None) -> Node:
 def _unknown_key(key: str, section: Section | None, parent: str, source: str | None) -> ConfigError:
     names = [c.name for c in section.children] if section else []
     prefix = f"{parent}." if parent else ""
+    import difflib  # only for a wrong key's suggestions
+
     close = difflib.get_close_matches(key.rsplit(".", 1)[-1], names, n=3, cutoff=0.6)
     hint = f"did you mean {', '.join(prefix + c for c in close)}? " if close else ""
     where = f"in {parent} " if parent else ""

@@ -31,7 +31,6 @@ uninterrupted one (docs/training.md, "Backups and resuming").
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -149,6 +148,8 @@ _HASH_CHUNK = 8 * 2**20
 
 
 def file_sha256(path: Path) -> str:
+    import hashlib  # here: the window lists backups before its first paint, and hashlib costs it 6 ms
+
     h = hashlib.sha256()
     buffer = bytearray(_HASH_CHUNK)
     view = memoryview(buffer)

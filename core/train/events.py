@@ -20,7 +20,10 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from core.models.base import SampleRequest
 
 
 class TrainerCallbacks:
@@ -58,13 +61,17 @@ class TrainerCommands:
 
     `request_stop()` is sticky: once set, `stop_requested` stays True. Sample and backup requests are
     one-shot: `take_sample_request()` / `take_backup_request()` return True once per request (several
-    requests before a poll count as one) and reset the flag.
+    requests before a poll count as one) and reset the flag. A sample asked with its own parameters
+    (`request_sample(SampleRequest)`, the window's sample window) is queued instead: each one is made,
+    in order, with its prompt, seed, size, frames and steps in place of the sampling settings;
+    `take_asked_samples()` hands them over and empties the queue.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._sample = False
+        self._asked: list[SampleRequest] = []
         self._backup = False
 
     # Client side (any thread).
@@ -72,10 +79,14 @@ class TrainerCommands:
         """Ask the engine to stop after the current step, save what it has, and call on_done."""
         self._stop.set()
 
-    def request_sample(self) -> None:
-        """Ask for a sample at the next poll."""
+    def request_sample(self, request: SampleRequest | None = None) -> None:
+        """Ask for samples of the configured prompts at the next poll; with a `request`, queue that
+        one sample instead (made at the next poll, whatever the sampling settings say)."""
         with self._lock:
-            self._sample = True
+            if request is None:
+                self._sample = True
+            else:
+                self._asked.append(request)
 
     def request_backup(self) -> None:
         """Ask for a backup (a resumable checkpoint) at the next poll."""
@@ -96,6 +107,12 @@ class TrainerCommands:
         with self._lock:
             requested, self._sample = self._sample, False
         return requested
+
+    def take_asked_samples(self) -> list[SampleRequest]:
+        """The samples queued with their own parameters since the last call, oldest first; empties the queue."""
+        with self._lock:
+            asked, self._asked = self._asked, []
+        return asked
 
     def take_backup_request(self) -> bool:
         """True once if a backup was requested since the last call; resets the request."""

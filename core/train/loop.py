@@ -11,6 +11,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,7 +79,7 @@ class RunParts:
     ema: Any = None  # ema.TrainedAverage
     validator: Any = None  # validation.Validator
     plateau: Any = None  # validation.PlateauWatch
-    samples: Any = None  # samples.SampleMaker (main process only)
+    samples: Any = None  # samples.SampleMaker (main process only; also without prompts, for asked samples)
     samples_requested: bool = False  # prompts are set: every process pauses while the main one samples
     backup: Callable[[int, int, int], Any] | None = None  # (step, batch step, epoch) -> path
     rng_to_restore: dict[str, Any] | None = None
@@ -207,10 +208,11 @@ class Loop:
             sample_asked = r.commands.take_sample_request()
             if sample_asked and not r.samples_requested:
                 r.callbacks.on_log(logging.WARNING, "no sample made: sampling.prompts is empty; add a prompt (sampling tab)")
-            stop, sample, backup_asked = self._requests(
-                r.commands.stop_requested, sample_due or sample_asked, r.commands.take_backup_request())
-            if sample and r.samples_requested:
-                self._sample(step)
+            asked = r.commands.take_asked_samples()  # the window's sample window: its own parameters
+            stop, sample, any_asked, backup_asked = self._requests(
+                r.commands.stop_requested, sample_due or sample_asked, bool(asked), r.commands.take_backup_request())
+            if (sample and r.samples_requested) or any_asked:
+                self._sample(step, configured=sample and r.samples_requested, asked=asked)
             due = bool(every["backup"]) and step % every["backup"] == 0
             if r.backup is not None and (backup_asked or due or (stop and step < r.total_steps)):
                 r.backup(step, batch_step, epoch)
@@ -237,13 +239,15 @@ class Loop:
                 r.callbacks.on_log(logging.WARNING, warning)
         return values
 
-    def _sample(self, step: int) -> None:
+    def _sample(self, step: int, *, configured: bool, asked: list[Any]) -> None:
+        """The configured prompts' samples (configured) and then those asked with their own
+        parameters (asked: SampleRequests), on the main process; the others wait."""
         r = self.run
         if r.samples is not None:
-            if r.ema is not None:
-                with r.ema.applied():
+            with r.ema.applied() if r.ema is not None else nullcontext():
+                if configured:
                     r.samples.make(step, r.routes.sampling_denoisers())
-            else:
-                r.samples.make(step, r.routes.sampling_denoisers())
+                if asked:
+                    r.samples.make(step, r.routes.sampling_denoisers(), asked=asked)
             r.offloaders.take_bytes_moved()  # what sampling streamed is not the next step's traffic
         r.accelerator.wait_for_everyone()

@@ -3,7 +3,9 @@
 The trainer calls SampleMaker.make() every `sampling.every_n_steps` steps (should_sample) and when the
 user asks for samples. Each prompt becomes one H.264 mp4 under workspace_dir/samples/ (one PNG for a
 model that makes stills only: its frame rule takes one frame), named by step, index and prompt
-(sample_file_name). Sampling must not change training: no gradients, the modules'
+(sample_file_name). A sample asked from the window with its own prompt, seed, size, frames and steps
+(TrainerCommands.request_sample(SampleRequest)) is made the same way, after the current step, and named
+'step-NNNNNN-w<n>-<prompt>' (asked_file_name). Sampling must not change training: no gradients, the modules'
 train/eval flags and requires_grad flags are put back exactly, and the global RNG states (torch, CUDA,
 numpy, random) are restored, so a run with samples trains exactly like one without. One failing sample
 (a pipeline error, out of memory, a full disk) is logged and skipped; the run goes on.
@@ -17,6 +19,7 @@ import time
 import unicodedata
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +53,17 @@ def sample_file_name(step: int, index: int, prompt: str, suffix: str = ".mp4") -
 
     Names sort by step; the index keeps prompts with the same slug apart."""
     return f"step-{step:06d}-{index}-{_slug(prompt)}{suffix}"
+
+
+def asked_file_name(folder: Path, step: int, prompt: str, suffix: str = ".mp4") -> str:
+    """The file name of a sample asked with its own parameters at `step`: 'step-000250-w1-a-cat.mp4',
+    with the first number n that names no file in `folder` yet (each asked sample is kept)."""
+    n = 1
+    while True:
+        name = f"step-{step:06d}-w{n}-{_slug(prompt)}{suffix}"
+        if not (folder / name).exists():
+            return name
+        n += 1
 
 
 def makes_stills(adapter: Any) -> bool:
@@ -142,28 +156,27 @@ class SampleMaker:
         self.on_sample = on_sample
         self.unload_encoders_after = unload_encoders_after
         self.on_sampling = on_sampling  # (step, samples done, samples in all): before each and after the last
+        self.failures: list[str] = []  # why samples of the last make() were not made, one line each
 
-    def make(self, step: int, denoisers: dict[str, Any]) -> list[Path]:
+    def make(self, step: int, denoisers: dict[str, Any], asked: list[SampleRequest] | None = None) -> list[Path]:
         """One video per configured prompt from `denoisers` (component name -> the unwrapped module
-        as it trains now, e.g. {"transformer": ...}); returns the files written (failed prompts have none)."""
-        sampling = self.config["sampling"]
-        prompts = [str(p) for p in sampling.get("prompts") or []]
-        if not prompts:
+        as it trains now, e.g. {"transformer": ...}); returns the files written (failed prompts have none).
+        asked: samples asked with their own parameters (the window's sample window) made instead of
+        the configured prompts; their files are named '<step>-w<n>-<prompt>' (see asked_file_name)."""
+        self.failures = []
+        requests = self._configured() if asked is None else list(asked)
+        if not requests:
             return []
         try:
             image = _first_frame(self.image)
         except ValueError as exc:
-            logger.warning("no samples at step %d: %s", step, exc)
+            self._skip(step, str(exc))
             return []
-        if getattr(self.adapter, "image_conditioned", False) and image is None:
-            logger.warning("no samples at step %d: this image-to-video model needs a first frame and none was given", step)
+        requests = [r if r.image is not None else replace(r, image=image) for r in requests]
+        if getattr(self.adapter, "image_conditioned", False) and any(r.image is None for r in requests):
+            self._skip(step, "this image-to-video model needs a first frame and none was given")
             return []
         fps = float(self.config["video_config"]["target_fps"])
-        args = {
-            "width": int(sampling["width"]), "height": int(sampling["height"]), "frames": int(sampling["frames"]),
-            "steps": int(sampling["inference_steps"]), "guidance_scale": float(sampling["guidance_scale"]),
-            "seed": int(sampling["seed"]),
-        }
         # Text encoders that training holds (fine-tuned, or carrying textual-inversion tokens) are
         # sampled as they are and their flags are restored like the denoisers'.
         encoders = _text_encoders(self.adapter)
@@ -180,16 +193,35 @@ class SampleMaker:
             with _training_state_kept([*denoisers.values(), *held]):
                 for encoder in held:
                     encoder.eval()  # no dropout in the samples; the flags come back after
-                for index, prompt in enumerate(prompts):
-                    self._tell(step, index, len(prompts))
-                    path = self._one(step, index, len(prompts), prompt, denoisers, args, image, fps)
+                for index, request in enumerate(requests):
+                    self._tell(step, index, len(requests))
+                    name = self._file_name(step, index, request, asked is not None)
+                    path = self._one(step, index, len(requests), name, request, denoisers, fps)
                     if path is not None:
                         written.append(path)
         finally:
-            self._tell(step, len(prompts), len(prompts))
+            self._tell(step, len(requests), len(requests))
             if self.unload_encoders_after:
                 self.adapter.unload_encoders()
         return written
+
+    def _configured(self) -> list[SampleRequest]:
+        """The sampling settings' prompts, each with the settings' size, frames, steps and seed."""
+        sampling = self.config["sampling"]
+        return [SampleRequest(str(prompt), width=int(sampling["width"]), height=int(sampling["height"]),
+                              frames=int(sampling["frames"]), steps=int(sampling["inference_steps"]),
+                              guidance_scale=float(sampling["guidance_scale"]), seed=int(sampling["seed"]))
+                for prompt in sampling.get("prompts") or []]
+
+    def _skip(self, step: int, reason: str) -> None:
+        self.failures.append(reason)
+        logger.warning("no samples at step %d: %s", step, reason)
+
+    def _file_name(self, step: int, index: int, request: SampleRequest, asked: bool) -> str:
+        suffix = ".png" if makes_stills(self.adapter) else ".mp4"
+        if not asked:
+            return sample_file_name(step, index, request.prompt, suffix)
+        return asked_file_name(self.folder, step, request.prompt, suffix)
 
     def _tell(self, step: int, done: int, count: int) -> None:
         if self.on_sampling is not None:
@@ -198,24 +230,23 @@ class SampleMaker:
             except Exception:  # a client's problem is not the run's
                 logger.warning("the sampling progress report failed", exc_info=True)
 
-    def _one(self, step: int, index: int, count: int, prompt: str, denoisers: dict[str, Any],
-             args: dict[str, Any], image: Any, fps: float) -> Path | None:
+    def _one(self, step: int, index: int, count: int, name: str, request: SampleRequest,
+             denoisers: dict[str, Any], fps: float) -> Path | None:
         from core.atomic import explained_write_errors
         from core.export.video_file import write_mp4
 
         started = time.perf_counter()
         failure, out_of_memory = None, False
+        prompt = request.prompt
         try:
-            request = SampleRequest(prompt, image=image, **args)
             video = self.adapter.sample(denoisers, request, device=self.device, dtype=self.dtype)
+            target = self.folder / name
             if makes_stills(self.adapter):
                 from core.export.image_file import write_png
 
-                target = self.folder / sample_file_name(step, index, prompt, ".png")
                 with explained_write_errors(target, "the sample image", key="workspace_dir"):
                     path = write_png(target, video)
             else:
-                target = self.folder / sample_file_name(step, index, prompt)
                 with explained_write_errors(target, "the sample video", key="workspace_dir"):
                     path = write_mp4(target, video, fps)
         except Exception as exc:  # one bad sample must not end a training run
@@ -229,6 +260,7 @@ class SampleMaker:
                 failure = (f"out of memory ({failure}); lower sampling width/height/frames, or free memory "
                            "with quantization or layer offloading")
             logger.warning("sample %d/%d at step %d failed for prompt %r: %s", index + 1, count, step, prompt, failure)
+            self.failures.append(failure)
             return None
         logger.info("sample %d/%d at step %d (%d frames, %dx%d, %.1f s): %s", index + 1, count, step,
                     video.shape[0], video.shape[2], video.shape[1], time.perf_counter() - started, path)

@@ -373,8 +373,9 @@ class Trainer:
     def _add_samples(self, run: RunParts, plan: Any, workspace: Path) -> None:
         config = self.config
         run.samples_requested = bool(config["sampling"]["prompts"])
-        if not run.samples_requested or not run.accelerator.is_main_process:
+        if not run.accelerator.is_main_process:
             return
+        # Built without prompts too: a sample asked from the window (with its own prompt) uses it.
         from core.models.dtypes import compute_dtype
 
         from .samples import SampleMaker
