@@ -337,6 +337,12 @@ class HiDreamAdapter(ModelAdapter):
         return ([f"double_stream_blocks.{i}.{t}" for i in range(double) for t in LORA_TARGETS]
                 + [f"single_stream_blocks.{i}.{t}" for i in range(single) for t in LORA_TARGETS])
 
+    def comfy_lora_keys(self) -> Any:
+        """ComfyUI's HiDream names: diffusers' own, prefixed (core/export/comfy_hidream.py)."""
+        from core.export.comfy_hidream import diffusers_to_comfy
+
+        return diffusers_to_comfy
+
     def predict(
         self, transformer: Any, noisy: torch.Tensor, sigmas: torch.Tensor, batch: dict[str, Any],
         first_frame_fixed: torch.Tensor | None = None, condition: torch.Tensor | None = None,
