@@ -50,6 +50,7 @@ A14B_ONLY = {"model_type": ("AUTO", "WAN_2_2_A14B_T2V", "WAN_2_2_A14B_I2V")}
 GUIDANCE_DISTILLED = {"model_type": ("AUTO", "HUNYUAN_VIDEO")}
 TWO_TEXT_ENCODERS = {"model_type": ("AUTO", "HUNYUAN_VIDEO", "HIDREAM")}
 FOUR_TEXT_ENCODERS = {"model_type": ("AUTO", "HIDREAM")}
+MIXTURE_OF_EXPERTS = {"model_type": ("AUTO", "HIDREAM")}
 EMBEDDING_ONLY = {"training_method": ("EMBEDDING",)}
 NOT_EMBEDDING = {"training_method": ("LORA", "FINE_TUNE")}
 FINE_TUNE_ONLY = {"training_method": ("FINE_TUNE",)}
@@ -231,6 +232,20 @@ SCHEMA = Section(
                     hi=50.0,
                     applies_when=GUIDANCE_DISTILLED,
                     label="Distilled guidance (training)",
+                ),
+                number(
+                    "moe_aux_loss_weight",
+                    0.0,
+                    "Weight of the mixture of experts' load-balancing loss (HiDream). Each MoE gate computes, "
+                    "as diffusers' MoEGate does in training mode, the sum over its experts of (the mean routing "
+                    "probability of the expert) x (the share of token choices routed to it) x (the number of "
+                    "experts); that times this weight, summed over the gates, is added to the training loss, "
+                    "which pushes the gates to spread tokens evenly. 0 leaves it out (diffusers computes it and "
+                    "drops it); 0.01 is the gate's own aux_loss_alpha. The logged loss includes it.",
+                    lo=0.0,
+                    hi=10.0,
+                    applies_when=MIXTURE_OF_EXPERTS,
+                    label="MoE load-balancing weight",
                 ),
             ),
         ),

@@ -76,6 +76,10 @@ class ModelAdapter(ABC):
     # Whether the denoiser takes a distilled-guidance input, which transformer.guidance_scale sets in
     # training; for one without, a guidance_scale other than the default is refused by name.
     guidance_distilled: bool = False
+    # Whether the denoiser routes tokens through a mixture of experts whose gates compute a
+    # load-balancing loss (auxiliary_loss); for one without, transformer.moe_aux_loss_weight other
+    # than 0 is refused by name.
+    mixture_of_experts: bool = False
 
     def __init__(self, folder: str | os.PathLike) -> None:
         self.folder = Path(folder).expanduser().absolute()
@@ -284,6 +288,12 @@ class ModelAdapter(ABC):
         text conditions (the condition_layout() keys, padded). `first_frame_fixed` (B,) bool marks the samples whose
         first latent frame is the clean conditioning image (only where image_to_video is True);
         `condition` is the image condition of an image_conditioned model (from split_latents)."""
+
+    def auxiliary_loss(self, transformer: Any) -> torch.Tensor | None:
+        """A loss term the denoiser computed in the last training-mode predict call, already weighted,
+        which the loop adds to the training loss (a mixture of experts' load balancing,
+        transformer.moe_aux_loss_weight); None where there is none. Taking it clears it."""
+        return None
 
     # Whether each cached entry carries an image condition after the video latents (an image-to-video
     # model); split_latents separates them and predict takes the condition.

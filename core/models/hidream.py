@@ -27,8 +27,9 @@ and the pipeline negates the transformer's output before the scheduler step (`no
 velocity noise - x0 that FlowMatching trains (tests/test_hidream.py pins it against the pipeline's step).
 
 Mixture of experts: diffusers' MoEGate computes an auxiliary load-balancing loss in training mode and
-MOEFeedForwardSwiGLU drops it (its AddAuxiliaryLoss line is commented out), so it never reaches a loss;
-the adapter sets every gate's aux_loss_alpha to 0 at load so training does not compute it either.
+MOEFeedForwardSwiGLU drops it, so it never reaches a loss by itself; the adapter sets every gate's
+alpha to transformer.moe_aux_loss_weight at load (0 by default: not computed) and, where it is above 0,
+hands the gates' losses to the loop through auxiliary_loss (core/models/hidream_moe.py).
 The transformer trains in the class's own training path (routed experts with gradients); diffusers'
 DreamBooth script loads it with force_inference_output=True instead, whose routed experts run under
 torch.no_grad (moe_infer), which cuts the gradient through them.
@@ -46,6 +47,7 @@ from core.identity import folder_identity
 from .base import ModelAdapter, SampleRequest
 from .conditions import ConditionSpec
 from .frame_rule import FrameRule
+from .hidream_moe import collected_aux_losses, set_aux_loss_weight
 from .loading import FrozenTextEncoder, component, load_frozen_vae
 from .loading import place as _place
 from .loading import read_json as _read_json
@@ -105,6 +107,11 @@ class HiDreamAdapter(ModelAdapter):
                                                 tokenizer_subfolder="tokenizer_4"),
         }
         self._identities: dict[str, str] = {}
+        self.moe_aux_loss_weight = 0.0  # transformer.moe_aux_loss_weight (configure)
+        self._aux_loss: Any = None  # the last training forward's, until auxiliary_loss takes it
+
+    def configure(self, config: dict[str, Any]) -> None:
+        self.moe_aux_loss_weight = float((config.get("transformer") or {}).get("moe_aux_loss_weight") or 0.0)
 
     # -- configs (read without loading any weights) ---------------------------------------------
     @cached_property
@@ -129,6 +136,11 @@ class HiDreamAdapter(ModelAdapter):
     def llama_layers(self) -> list[int]:
         """The distinct Llama layers the transformer reads (its config's llama_layers), ascending."""
         return sorted({int(k) for k in self.transformer_config.get("llama_layers") or []})
+
+    @property
+    def mixture_of_experts(self) -> bool:  # type: ignore[override]
+        # diffusers builds MOEFeedForwardSwiGLU (with its gate) only where num_routed_experts > 0.
+        return int(self.transformer_config.get("num_routed_experts", 4)) > 0
 
     @property
     def spatial_ratio(self) -> int:
@@ -279,7 +291,7 @@ class HiDreamAdapter(ModelAdapter):
         logger.info("loading the %s of %s", name, self.folder)
         transformer = HiDreamImageTransformer2DModel.from_pretrained(self.folder, subfolder=name, torch_dtype=dtype)
         transformer.requires_grad_(False).eval()
-        switch_off_aux_loss(transformer)
+        set_aux_loss_weight(transformer, self.moe_aux_loss_weight)
         _place(transformer, device, dtype)
         return transformer
 
@@ -287,7 +299,7 @@ class HiDreamAdapter(ModelAdapter):
                                    work_device: Any = None, checkpoint: str | None = None) -> Any:
         transformer = super().load_quantized_transformer(name, weight_dtype, cache_dir=cache_dir,
                                                          work_device=work_device, checkpoint=checkpoint)
-        switch_off_aux_loss(transformer)
+        set_aux_loss_weight(transformer, self.moe_aux_loss_weight)
         return transformer
 
     @cached_property
@@ -368,17 +380,26 @@ class HiDreamAdapter(ModelAdapter):
         by_layer: list[Any] = [None] * (max(self.llama_layers) + 1)
         for index, layer in enumerate(self.llama_layers):
             by_layer[layer] = llama[index]
-        out = transformer(
-            hidden_states=noisy[:, :, 0].to(dtype),
-            timesteps=model_timesteps(sigmas, self.num_train_timesteps).to(noisy.device),
-            encoder_hidden_states_t5=batch["t5_embeds"].to(dtype),
-            encoder_hidden_states_llama3=by_layer,
-            pooled_embeds=batch["pooled_embeds"].to(dtype),
-            return_dict=False,
-        )[0]
+        with collected_aux_losses(transformer) as aux_losses:
+            out = transformer(
+                hidden_states=noisy[:, :, 0].to(dtype),
+                timesteps=model_timesteps(sigmas, self.num_train_timesteps).to(noisy.device),
+                encoder_hidden_states_t5=batch["t5_embeds"].to(dtype),
+                encoder_hidden_states_llama3=by_layer,
+                pooled_embeds=batch["pooled_embeds"].to(dtype),
+                return_dict=False,
+            )[0]
+        # Only in training mode with a weight above 0 do the gates compute one (hidream_moe.py).
+        self._aux_loss = sum(loss.float() for loss in aux_losses) if aux_losses else None
         if transformer.training and not transformer.config.force_inference_output:
             out = unpatchify_training_output(out, rows, cols, patch)
         return -out.unsqueeze(2)
+
+    def auxiliary_loss(self, transformer: Any) -> torch.Tensor | None:
+        """The MoE gates' load-balancing losses of the last training forward, summed (each already times
+        transformer.moe_aux_loss_weight, the gates' alpha); None with the weight 0."""
+        loss, self._aux_loss = self._aux_loss, None
+        return loss
 
     # -- sampling ----------------------------------------------------------------------------------
     def sample(self, denoisers: dict[str, Any], request: SampleRequest, *, device: torch.device | str,
@@ -400,16 +421,6 @@ def llama_decoder_class() -> type:
         _keys_to_ignore_on_load_unexpected = [r"^lm_head\."]  # noqa: RUF012 (transformers' own attribute)
 
     return LlamaDecoder
-
-
-def switch_off_aux_loss(transformer: Any) -> None:
-    """aux_loss_alpha 0 on every MoE gate: the gate then skips the auxiliary loss in training mode,
-    which diffusers computes and then drops (module docstring)."""
-    from diffusers.models.transformers.transformer_hidream_image import MoEGate
-
-    for module in transformer.modules():
-        if isinstance(module, MoEGate):
-            module.alpha = 0.0
 
 
 def unpatchify_training_output(out: torch.Tensor, rows: int, cols: int, patch: int) -> torch.Tensor:

@@ -152,6 +152,9 @@ class Loop:
                 target = objective.target(latents, noise, sigmas) if objective.needs_target else None
                 loss, parts = training_loss(prediction.float(), target, sigmas, objective, weight,
                                             first_frame_fixed=fixed, latents=latents, noisy=noisy)
+                auxiliary = adapter.auxiliary_loss(view)  # the family's own term, already weighted
+                if auxiliary is not None:
+                    loss = loss + auxiliary.float()
                 # Every process decides on the same losses, so all skip a step or none does.
                 losses = gather(loss.detach())
                 if not torch.isfinite(losses).all():

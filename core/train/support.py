@@ -153,7 +153,8 @@ def capability_refusals(config: dict[str, Any], adapter: ModelAdapter) -> list[C
 
 def _unused_part_settings(config: dict[str, Any], adapter: ModelAdapter, name: str) -> list[ConfigError]:
     """Settings of parts the model does not have, changed from their defaults: a second text encoder's
-    section for a model with one, the distilled guidance for a transformer without that input."""
+    section for a model with one, the distilled guidance for a transformer without that input, the
+    experts' load-balancing weight for one without experts."""
     from core.config.settings import defaults
 
     default, out = defaults(), []
@@ -171,6 +172,11 @@ def _unused_part_settings(config: dict[str, Any], adapter: ModelAdapter, name: s
             f"transformer.guidance_scale {scale}: {name}'s transformer takes no distilled-guidance input, so it would "
             f"do nothing; set it to {default['transformer']['guidance_scale']} (samples' guidance is sampling.guidance_scale)",
             key="transformer.guidance_scale"))
+    weight = config["transformer"].get("moe_aux_loss_weight")
+    if not adapter.mixture_of_experts and weight:
+        out.append(ConfigError(
+            f"transformer.moe_aux_loss_weight {weight}: {name}'s transformer has no mixture of experts, so there "
+            "is no load-balancing loss to add; set it to 0", key="transformer.moe_aux_loss_weight"))
     return out
 
 
