@@ -268,7 +268,21 @@ SCHEMA = Section(
         _model_part(
             "text_encoder_4", "Text encoder 4", False, "BFLOAT_16", "fourth text encoder",
             "The fourth text encoder of a model with several (HiDream: Llama 3.1 8B Instruct, whose hidden "
-            "states of several layers condition the transformer's blocks); its outputs are cached unless it trains.",
+            "states of several layers condition the transformer's blocks); its outputs are cached unless it trains "
+            "or keep_loaded is on.",
+            extra=(
+                boolean(
+                    "keep_loaded",
+                    False,
+                    "Keep this encoder loaded through training, stored in its weight_dtype (NFLOAT_4 or FLOAT_8 "
+                    "make HiDream's Llama about 5 or 9 GB), and encode each batch's captions with it instead of "
+                    "caching its outputs. HiDream's cached Llama states are the outputs of every decoder layer its "
+                    "transformer reads, 128 tokens each: 32 MiB per caption in the cache for the released model, "
+                    "so a large dataset fills a disk; kept loaded, they cost GPU memory and an encoder forward per "
+                    "step instead. Off caches them, as the other encoders are (the estimate counts either).",
+                    label="Keep loaded (no cache)",
+                ),
+            ),
             applies_when=FOUR_TEXT_ENCODERS,
         ),
         _model_part(

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import logging
 import os
-from functools import cached_property, lru_cache
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from core.identity import folder_identity
@@ -48,6 +48,7 @@ from .base import ModelAdapter, SampleRequest
 from .conditions import ConditionSpec
 from .frame_rule import FrameRule
 from .hidream_moe import collected_aux_losses, set_aux_loss_weight
+from .hidream_text import LLAMA, MAX_TEXT_LENGTH, encode_clips_and_t5, encode_llama, llama_decoder_class
 from .loading import FrozenTextEncoder, component, load_frozen_vae
 from .loading import place as _place
 from .loading import read_json as _read_json
@@ -62,9 +63,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 HIDREAM_FAMILIES = ("hidream",)
-# HiDreamImagePipeline.__call__'s max_sequence_length; _get_clip_prompt_embeds caps CLIP at 218.
-MAX_TEXT_LENGTH = 128
-CLIP_CAP = 218
 # The transformer's two stacks, in the order its forward runs them (each block a HiDreamBlock wrapper).
 STACKS = ("double_stream_blocks", "single_stream_blocks")
 # diffusers' train_dreambooth_lora_hidream.py's default target_modules ["to_k", "to_q", "to_v", "to_out"]:
@@ -83,6 +81,9 @@ class HiDreamAdapter(ModelAdapter):
     max_text_length = MAX_TEXT_LENGTH
     text_encoder_names = ("text_encoder", "text_encoder_2", "text_encoder_3", "text_encoder_4")
     placeholder_encoders = ("text_encoder", "text_encoder_2", "text_encoder_3", "text_encoder_4")
+    # The Llama's kept layers are 32 MiB per caption in the cache (bfloat16, the released model); kept
+    # loaded (text_encoder_4.keep_loaded) it encodes each batch instead.
+    live_text_encoders = (LLAMA,)
     # Built and tested here: LoRA. Full fine-tuning and embeddings are refused by name (core/train/support.py).
     training_methods = ("LORA",)
     # Image and text tokens attend jointly, and an image has one frame.
@@ -111,6 +112,7 @@ class HiDreamAdapter(ModelAdapter):
         self._aux_loss: Any = None  # the last training forward's, until auxiliary_loss takes it
 
     def configure(self, config: dict[str, Any]) -> None:
+        super().configure(config)  # text_encoder_4.keep_loaded
         self.moe_aux_loss_weight = float((config.get("transformer") or {}).get("moe_aux_loss_weight") or 0.0)
 
     # -- configs (read without loading any weights) ---------------------------------------------
@@ -178,14 +180,17 @@ class HiDreamAdapter(ModelAdapter):
         return self._identities["vae"]
 
     def text_identity(self) -> str:
-        if "text" not in self._identities:
+        kept = LLAMA in self.kept_text_encoders
+        slot = "text-kept" if kept else "text"
+        if slot not in self._identities:
             parts = [self.folder / f"{kind}{suffix}" for suffix in ("", "_2", "_3", "_4") for kind in ("text_encoder", "tokenizer")]
-            self._identities["text"] = folder_identity(
-                # The transformer's llama_layers decide which Llama layers are kept: part of the key.
+            self._identities[slot] = folder_identity(
+                # The transformer's llama_layers decide which Llama layers are kept: part of the key,
+                # as is whether the entries hold them at all (added only then: older keys stay valid).
                 "hidream-text", *parts,
-                extra={"length": self.max_text_length, "llama_layers": self.llama_layers},
+                extra={"length": self.max_text_length, "llama_layers": self.llama_layers, **({"llama_kept": True} if kept else {})},
             )
-        return self._identities["text"]
+        return self._identities[slot]
 
     # -- loading ---------------------------------------------------------------------------------
     def load_vae(self, device: torch.device | str, dtype: torch.dtype) -> Any:
@@ -209,13 +214,18 @@ class HiDreamAdapter(ModelAdapter):
 
     def condition_layout(self) -> dict[str, ConditionSpec]:
         # All fixed: the transformer attends to every text position, padding included (module docstring).
-        return {"t5_embeds": ConditionSpec(None, 0.0), "llama_embeds": ConditionSpec(None, 0.0),
-                "pooled_embeds": ConditionSpec(None, 0.0)}
+        layout = {"t5_embeds": ConditionSpec(None, 0.0), "llama_embeds": ConditionSpec(None, 0.0),
+                  "pooled_embeds": ConditionSpec(None, 0.0)}
+        if LLAMA in self.kept_text_encoders:  # not cached: encode_kept_text gives it per batch
+            del layout["llama_embeds"]
+        return layout
 
     def unload_encoders(self) -> None:
+        """The VAE and the text encoders, but a kept one (text_encoder_4.keep_loaded), which the steps use."""
         self._vae = None
-        for part in self._text.values():
-            part.unload()
+        for name, part in self._text.items():
+            if name not in self.kept_text_encoders:
+                part.unload()
 
     # -- encoding --------------------------------------------------------------------------------
     def encode_video(
@@ -239,39 +249,33 @@ class HiDreamAdapter(ModelAdapter):
         return latents.unsqueeze(2)
 
     def encode_text(self, captions: list[str], grad: bool = False) -> dict[str, torch.Tensor]:
-        """As HiDreamImagePipeline.encode_prompt (module docstring)."""
+        """As HiDreamImagePipeline.encode_prompt (module docstring): every condition_layout() key, so
+        without llama_embeds while the Llama is kept (encode_kept_text gives those)."""
         import torch
 
-        if isinstance(captions, str):
-            captions = [captions]
-        captions = list(captions)
+        captions = [captions] if isinstance(captions, str) else list(captions)
         parts = self.text_parts()
-        missing = [name for name, (_, encoder) in parts.items() if encoder is None]
+        missing = [name for name in self.cached_text_encoders if parts[name][1] is None]
         if missing:
             raise RuntimeError(f"load_text_encoder() must be called for {', '.join(missing)} before encode_text()")
         with torch.enable_grad() if grad else torch.no_grad():
-            pooled = []
-            for name in ("text_encoder", "text_encoder_2"):
-                tokenizer, clip = parts[name]
-                ids = tokenizer(captions, padding="max_length", max_length=min(self.max_text_length, CLIP_CAP),
-                                truncation=True, return_tensors="pt").input_ids
-                pooled.append(clip(ids.to(next(clip.parameters()).device), output_hidden_states=False)[0])
-            t5_tokenizer, t5 = parts["text_encoder_3"]
-            inputs = t5_tokenizer(captions, padding="max_length", max_length=min(self.max_text_length, t5_tokenizer.model_max_length),
-                                  truncation=True, add_special_tokens=True, return_tensors="pt")
-            device = next(t5.parameters()).device
-            t5_embeds = t5(inputs.input_ids.to(device), attention_mask=inputs.attention_mask.to(device))[0]
-            llama_tokenizer, llama = parts["text_encoder_4"]
-            inputs = llama_tokenizer(captions, padding="max_length",
-                                     max_length=min(self.max_text_length, llama_tokenizer.model_max_length),
-                                     truncation=True, add_special_tokens=True, return_tensors="pt")
-            llama_device = next(llama.parameters()).device
-            hidden = llama(inputs.input_ids.to(llama_device), attention_mask=inputs.attention_mask.to(llama_device),
-                           output_hidden_states=True).hidden_states
-            # hidden_states[0] is the token embedding; the pipeline's stack starts at hidden_states[1].
-            llama_embeds = torch.stack([hidden[k + 1] for k in self.llama_layers], dim=1)
-        return {"t5_embeds": t5_embeds, "llama_embeds": llama_embeds.to(device),
-                "pooled_embeds": torch.cat([p.to(device) for p in pooled], dim=-1)}
+            encoded = encode_clips_and_t5(parts, captions, self.max_text_length)
+            if LLAMA not in self.kept_text_encoders:
+                llama = encode_llama(parts[LLAMA], captions, self.max_text_length, self.llama_layers)
+                encoded["llama_embeds"] = llama.to(encoded["t5_embeds"].device)
+        return encoded
+
+    def encode_kept_text(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        """llama_embeds of the captions from the kept Llama (text_encoder_4.keep_loaded), without a graph."""
+        import torch
+
+        if LLAMA not in self.kept_text_encoders:
+            return {}
+        part = self.text_parts()[LLAMA]
+        if part[1] is None:
+            raise RuntimeError("load_text_encoder(name='text_encoder_4') must be called before encode_kept_text()")
+        with torch.no_grad():
+            return {"llama_embeds": encode_llama(part, list(captions), self.max_text_length, self.llama_layers)}
 
     # -- training ----------------------------------------------------------------------------------
     def transformer_names(self) -> tuple[str, ...]:
@@ -409,18 +413,6 @@ class HiDreamAdapter(ModelAdapter):
         from .hidream_sampling import sample_image
 
         return sample_image(self, denoisers, request, device=device, dtype=dtype)
-
-
-@lru_cache(maxsize=1)
-def llama_decoder_class() -> type:
-    """transformers' LlamaModel, told that the folder's LlamaForCausalLM checkpoint also holds the LM head
-    it does not load (else every load prints an "UNEXPECTED lm_head.weight" report)."""
-    from transformers import LlamaModel
-
-    class LlamaDecoder(LlamaModel):
-        _keys_to_ignore_on_load_unexpected = [r"^lm_head\."]  # noqa: RUF012 (transformers' own attribute)
-
-    return LlamaDecoder
 
 
 def unpatchify_training_output(out: torch.Tensor, rows: int, cols: int, patch: int) -> torch.Tensor:

@@ -134,6 +134,8 @@ class Loop:
             # One denoiser per optimizer step (two-expert models), the same in every process.
             transformer, view, step_objective, expert = r.routes.pick(int(batch["step"]) // accumulation)
             batch = r.parts.prepare_batch(batch, r.captions_of)
+            if adapter.kept_text_encoders:  # what the cache does not hold, encoded now
+                batch = {**batch, **adapter.encode_kept_text(r.captions_of(batch["sample_ids"]))}
             # Noise and noise levels per sample, seeded by (seed, batch step, position in the global
             # batch): the same in every run with any number of processes, and a resumed run
             # continues the same sequence.

@@ -172,6 +172,16 @@ def _unused_part_settings(config: dict[str, Any], adapter: ModelAdapter, name: s
             f"transformer.guidance_scale {scale}: {name}'s transformer takes no distilled-guidance input, so it would "
             f"do nothing; set it to {default['transformer']['guidance_scale']} (samples' guidance is sampling.guidance_scale)",
             key="transformer.guidance_scale"))
+    for section in adapter.text_encoder_names:
+        if not (config.get(section) or {}).get("keep_loaded"):
+            continue
+        if section not in adapter.live_text_encoders:
+            out.append(ConfigError(f"{section}.keep_loaded: {name} caches its {section}'s outputs only; turn it off",
+                                   key=f"{section}.keep_loaded"))
+        elif config["training_method"] == "EMBEDDING" or config[section]["train"]:
+            out.append(ConfigError(
+                f"{section}.keep_loaded: a kept encoder encodes without gradients, so it cannot train or learn "
+                f"embeddings; turn keep_loaded off (or {section}.train off)", key=f"{section}.keep_loaded"))
     weight = config["transformer"].get("moe_aux_loss_weight")
     if not adapter.mixture_of_experts and weight:
         out.append(ConfigError(
