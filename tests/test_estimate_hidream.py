@@ -78,6 +78,10 @@ def test_hidream_presets_fit_their_gpus() -> None:
     dual, single = transformer_sizes(KNOWN_MODELS["HiDream-ai/HiDream-I1-Full"].transformers[0]).block_stacks()
     assert len(dual.lora_defaults) == len(single.lora_defaults) == 4
     assert lora.details["trained_parameters"] == 32 * (2560 + 2560) * 4 * 48
+    # FINE_TUNE: every transformer weight in bfloat16, Adafactor's factored state, the fused backward.
+    tune = estimate_memory(_preset("#hidream Finetune"))
+    assert tune.details["trained_parameters"] == 17_105_733_184 and tune.details["fused_backward"]
+    assert 37 * GIB < tune.needed_bytes < 39 * GIB and tune.fits(48 * GIB)
 
 
 # -- the Llama (text_encoder_4): kept loaded, or cached -------------------------------------------------

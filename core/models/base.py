@@ -73,6 +73,9 @@ class ModelAdapter(ABC):
     # The training methods this adapter is built and tested for; core/train/support.py refuses the
     # others by name (training_method) before any work.
     training_methods: tuple[str, ...] = ("LORA", "FINE_TUNE", "EMBEDDING")
+    # The text encoders FINE_TUNE can train (their section's train); None: all of text_encoder_names.
+    # Another one's train is refused by name.
+    finetune_text_encoders: tuple[str, ...] | None = None
     # Whether the denoiser takes a distilled-guidance input, which transformer.guidance_scale sets in
     # training; for one without, a guidance_scale other than the default is refused by name.
     guidance_distilled: bool = False

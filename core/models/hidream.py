@@ -84,8 +84,10 @@ class HiDreamAdapter(ModelAdapter):
     # The Llama's kept layers are 32 MiB per caption in the cache (bfloat16, the released model); kept
     # loaded (text_encoder_4.keep_loaded) it encodes each batch instead.
     live_text_encoders = (LLAMA,)
-    # Built and tested here: LoRA. Full fine-tuning and embeddings are refused by name (core/train/support.py).
-    training_methods = ("LORA",)
+    # Built and tested here: LoRA and FINE_TUNE of the transformer (a folder HiDreamImagePipeline loads);
+    # embeddings and fine-tuning the encoders are refused by name (core/train/support.py).
+    training_methods = ("LORA", "FINE_TUNE")
+    finetune_text_encoders: tuple[str, ...] = ()
     # Image and text tokens attend jointly, and an image has one frame.
     frame_local_attention = False
 

@@ -124,6 +124,12 @@ def capability_refusals(config: dict[str, Any], adapter: ModelAdapter) -> list[C
             f"training_method {method}: {name} trains with {' or '.join(adapter.training_methods)} in this version; "
             f"choose {adapter.training_methods[0]}", key="training_method"))
     out.extend(_unused_part_settings(config, adapter, name))
+    if method == "FINE_TUNE" and adapter.finetune_text_encoders is not None:
+        for section in adapter.text_encoder_names:
+            if config[section]["train"] and section not in adapter.finetune_text_encoders:
+                out.append(ConfigError(
+                    f"{section}.train: {name} fine-tunes its transformer only in this version; turn it off",
+                    key=f"{section}.train"))
     if config["objective"]["image_to_video_share"] > 0 and not adapter.image_to_video:
         out.append(ConfigError(
             f"objective.image_to_video_share: {name} cannot learn image-to-video from a clip's first frame "
