@@ -37,6 +37,7 @@ torch.no_grad (moe_infer), which cuts the gradient through them.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from functools import cached_property
@@ -386,7 +387,9 @@ class HiDreamAdapter(ModelAdapter):
         by_layer: list[Any] = [None] * (max(self.llama_layers) + 1)
         for index, layer in enumerate(self.llama_layers):
             by_layer[layer] = llama[index]
-        with collected_aux_losses(transformer) as aux_losses:
+        # The gates compute their loss only in training mode with a weight above 0 (hidream_moe.py).
+        collect = transformer.training and self.moe_aux_loss_weight > 0
+        with collected_aux_losses(transformer) if collect else contextlib.nullcontext([]) as aux_losses:
             out = transformer(
                 hidden_states=noisy[:, :, 0].to(dtype),
                 timesteps=model_timesteps(sigmas, self.num_train_timesteps).to(noisy.device),
@@ -395,7 +398,6 @@ class HiDreamAdapter(ModelAdapter):
                 pooled_embeds=batch["pooled_embeds"].to(dtype),
                 return_dict=False,
             )[0]
-        # Only in training mode with a weight above 0 do the gates compute one (hidream_moe.py).
         self._aux_loss = sum(loss.float() for loss in aux_losses) if aux_losses else None
         if transformer.training and not transformer.config.force_inference_output:
             out = unpatchify_training_output(out, rows, cols, patch)
