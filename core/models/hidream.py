@@ -48,6 +48,7 @@ from core.identity import folder_identity
 from .base import ModelAdapter, SampleRequest
 from .conditions import ConditionSpec
 from .frame_rule import FrameRule
+from .hidream_layout import LORA_TARGETS, STACKS, layer_filter, unpatchify_training_output
 from .hidream_moe import collected_aux_losses, set_aux_loss_weight
 from .hidream_text import LLAMA, MAX_TEXT_LENGTH, encode_clips_and_t5, encode_llama, llama_decoder_class
 from .loading import FrozenTextEncoder, component, load_frozen_vae
@@ -64,14 +65,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 HIDREAM_FAMILIES = ("hidream",)
-# The transformer's two stacks, in the order its forward runs them (each block a HiDreamBlock wrapper).
-STACKS = ("double_stream_blocks", "single_stream_blocks")
-# diffusers' train_dreambooth_lora_hidream.py's default target_modules ["to_k", "to_q", "to_v", "to_out"]:
-# the attention projections of the image stream in both stacks (in the single-stream blocks the text
-# tokens pass the same projections). Not the text stream's to_q_t/.../to_out_t, the experts (w1, w2, w3)
-# or the modulation; HiDream-E1's own LoRA adds the _t projections and the experts' w1/w2/w3, and
-# lora.target_layers can add them here.
-LORA_TARGETS = ("block.attn1.to_q", "block.attn1.to_k", "block.attn1.to_v", "block.attn1.to_out")
 
 
 class HiDreamAdapter(ModelAdapter):
@@ -328,23 +321,7 @@ class HiDreamAdapter(ModelAdapter):
                           key="video_config.use_temporal_attention")
 
     def quantize_filter(self, part: str, weight_dtype: str) -> LayerFilter:
-        from core.memory.quantize import LayerFilter
-
-        if part in ("text_encoder", "text_encoder_2"):
-            return LayerFilter(self.family, part, r"(text_model\.)?encoder\.layers\.\d+\..+", setting=f"{part}.weight_dtype")
-        if part == "text_encoder_3":
-            # T5: every Linear, without the feed-forward output (wo) for NFLOAT_4, as Wan's and CogVideoX's T5.
-            return LayerFilter(self.family, part, r".+", exclude=r".+\.wo" if weight_dtype == "NFLOAT_4" else None,
-                               setting="text_encoder_3.weight_dtype")
-        if part == "text_encoder_4":
-            # Every Linear of Llama's decoder layers; the token embedding and the norms stay.
-            return LayerFilter(self.family, part, r"layers\.\d+\..+", setting="text_encoder_4.weight_dtype")
-        if part != "transformer":
-            raise ValueError(f"{self.family} has no quantizable part {part!r}")
-        # Every Linear inside both stacks (attention, the shared and routed experts, the blocks'
-        # adaLN modulation). The patch, time and pooled embedders, the caption projections and the
-        # final layer stay in the compute dtype, as do all norms and the gates' weights (Parameters).
-        return LayerFilter(self.family, part, r"(double|single)_stream_blocks\.\d+\..+", setting="transformer.weight_dtype")
+        return layer_filter(self.family, part, weight_dtype)
 
     def block_stacks(self, transformer: Any) -> list[Any]:
         return [getattr(transformer, stack) for stack in STACKS]
@@ -417,12 +394,3 @@ class HiDreamAdapter(ModelAdapter):
         from .hidream_sampling import sample_image
 
         return sample_image(self, denoisers, request, device=device, dtype=dtype)
-
-
-def unpatchify_training_output(out: torch.Tensor, rows: int, cols: int, patch: int) -> torch.Tensor:
-    """The transformer's training-mode output (B, C, S, p*p), S image tokens (padded to max_seq for a
-    non-square image), as its eval-mode output (B, C, rows * p, cols * p): token s is patch (s // cols,
-    s % cols), its p*p values in (row, column) order, as HiDreamImageTransformer2DModel.patchify lays them."""
-    b, c = out.shape[:2]
-    grid = out[:, :, : rows * cols].reshape(b, c, rows, cols, patch, patch)
-    return grid.permute(0, 1, 2, 4, 3, 5).reshape(b, c, rows * patch, cols * patch)
