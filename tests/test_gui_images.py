@@ -117,3 +117,13 @@ def test_the_sample_viewer_shows_a_hidream_runs_png(qtbot, tiny_model: Callable[
     assert "still image, 48x32" in viewer.caption.text() and "step 2" in viewer.caption.text()
     assert viewer.list.count() == 1
     viewer.shutdown()
+
+
+def test_the_estimate_panel_notes_a_kept_llama(qtbot) -> None:
+    from core.memory.estimate import estimate_memory
+    from gui.estimate_panel import part_notes
+
+    base = {"model_type": "HIDREAM", "base_model": "HiDream-ai/HiDream-I1-Full", "frames": 1}
+    kept = estimate_memory(resolve({**base, "text_encoder_4": {"weight_dtype": "NFLOAT_4", "keep_loaded": True}}))
+    assert "text_encoder_4 kept loaded (4.33 GiB)" in part_notes(kept)["weights"]
+    assert "kept" not in part_notes(estimate_memory(resolve(base)))["weights"]
