@@ -237,7 +237,8 @@ class DoctorPanel(SidePanel):
     def _show(self, report: DatasetReport | None) -> None:
         self.shown_report = report
         if self.error is None:
-            self._idle_text = "" if report is None or report.datasets else "Add a folder of clips to see how training would use it."
+            what = "images" if report is not None and report.settings.get("stills_only") else "clips"
+            self._idle_text = "" if report is None or report.datasets else f"Add a folder of {what} to see how training would use it."
         if not self.job.is_busy():
             self._set_status(self._idle_text)
         has_data = report is not None and bool(report.datasets)
@@ -252,13 +253,20 @@ class DoctorPanel(SidePanel):
             self.buckets_title.hide()
             self._show_problems(report)
             return
+        from core.data.doctor_report import images_only  # the report's module: loaded with it, off the first paint
+
         self._show_result(report)
         self._show_gauges(report.datasets)
-        seconds = f" ({report.total_duration:.0f} s in all)" if report.clips else ""
+        units = {d.unit for d in report.datasets if d.clips + d.images}
+        self.gauge_title.setText(f"Times each {units.pop() if len(units) == 1 else 'item'} is seen")
+        if images_only(report):  # an image model, or image folders: no clips to count
+            usable = _count(report.images, "usable image")
+        else:
+            seconds = f" ({report.total_duration:.0f} s in all)" if report.clips else ""
+            usable = f"{_count(report.clips, 'usable clip')}{seconds}, {_count(report.images, 'image')}"
         captions = report.captions
         self.media_label.setText(
-            f"Found {_count(report.media_found, 'media file')}: {_count(report.clips, 'usable clip')}{seconds}, "
-            f"{_count(report.images, 'image')}; {_count(report.unusable_files, 'broken file')}. "
+            f"Found {_count(report.media_found, 'media file')}: {usable}; {_count(report.unusable_files, 'broken file')}. "
             f"Captions: {captions.get('missing', 0)} missing, {captions.get('empty', 0)} empty."
         )
         s = report.settings
@@ -306,7 +314,8 @@ class DoctorPanel(SidePanel):
             self.gauge_rows.append((name, gauge, verdict, hint))
         for (name, gauge, verdict, hint), d in zip(self.gauge_rows, datasets):
             name.setText(Path(d.path).name or d.path)
-            name.setToolTip(f"{d.path}\nrepeats {d.repeats}: {d.clips} clips, {d.images} images to train on")
+            counts = _count(d.images, "image") if d.unit == "image" else f"{_count(d.clips, 'clip')}, {_count(d.images, 'image')}"
+            name.setToolTip(f"{d.path}\nrepeats {d.repeats}: {counts} to train on")
             if d.rating:
                 gauge.set_times_seen(d.times_seen)
                 verdict.setText(f'<span style="color:{rating_colour(d.rating).name()}">about {_times(d.times_seen)}x: <b>{d.rating}</b></span>')

@@ -17,10 +17,11 @@ __all__ = ["PLAN_KEYS", "VIDEO_PLAN_KEYS", "probe_inputs", "replan"]
 def probe_inputs(config: dict[str, Any]) -> dict[str, Any]:
     """The settings diagnose reads, less the ones replan handles: equal inputs, equal probing.
 
-    What the doctor never reads (the model, the optimizer, LoRA, sampling...) is left out too, so
+    The model is read (base_model, model_type: its frame counts and sizes, and whether it takes
+    images only); what the doctor never reads (the optimizer, LoRA, sampling...) is left out, so
     changing it does not probe the dataset again."""
     return {
         "datasets": [{k: v for k, v in d.items() if k != "repeats"} for d in config.get("datasets") or []],
         "video_config": {k: v for k, v in (config.get("video_config") or {}).items() if k not in VIDEO_PLAN_KEYS},
-        **{k: config.get(k) for k in ("validation", "seed", "frames", "resolution", "strict_data")},
+        **{k: config.get(k) for k in ("validation", "seed", "frames", "resolution", "strict_data", "base_model", "model_type")},
     }

@@ -52,8 +52,9 @@ def part_notes(estimate: Estimate) -> dict[str, str]:
     """What each part is made of, in the words of `main.py estimate`."""
     d = estimate.details
     experts = f", {d['transformers']} transformers" if d.get("transformers", 1) > 1 else ""
+    kept = "".join(f", {name} kept loaded ({gib(size)})" for name, size in (d.get("kept_text_encoders") or {}).items())
     return {
-        "weights": f"{d.get('weight_dtype')}, {d.get('offloaded_blocks')} of {d.get('blocks')} blocks offloaded{experts}",
+        "weights": f"{d.get('weight_dtype')}, {d.get('offloaded_blocks')} of {d.get('blocks')} blocks offloaded{experts}{kept}",
         "trainable_state": f"{d.get('trained_parameters', 0) / 1e6:.1f} M parameters, {d.get('optimizer')}",
         "activations": f"gradient checkpointing {d.get('checkpointing')}",
         "workspace": "loss tensors, dequantized layer, optimizer step",
@@ -203,9 +204,11 @@ class EstimatePanel(SidePanel):
             bar.setToolTip(f"{100 * amount / peak:.0f}% of the estimated peak")
             note.setText(notes.get(key, ""))
         d = estimate.details
+        cache = "".join(f" The text cache holds {size / 2**20:.1f} MiB per caption of {name} (keep_loaded off)."
+                        for name, size in (d.get("text_cache_bytes_per_caption") or {}).items())
         self.model_label.setText(
             f"{d.get('model')} ({d.get('configs_from')}). Largest sample: {d.get('frames')} frames, "
-            f"{d.get('tokens')} tokens, batch {d.get('batch')}."
+            f"{d.get('tokens')} tokens, batch {d.get('batch')}.{cache}"
         )
         self.gpu_label.setText(self._gpu_text(estimate))
 

@@ -60,7 +60,9 @@ REFUSALS = [
     *(Refusal(f"{part}.{key}", {f"{part}.{key}": value})
       for part in ("text_encoder_2", "text_encoder_3", "text_encoder_4")
       for key, value in (("weight_dtype", "FLOAT_8"), ("train", True), ("learning_rate", 0.001))),
+    Refusal("text_encoder_4.keep_loaded", {"text_encoder_4.keep_loaded": True}),  # Wan has no fourth encoder
     Refusal("transformer.guidance_scale", {"transformer.guidance_scale": 6.0}),
+    Refusal("transformer.moe_aux_loss_weight", {"transformer.moe_aux_loss_weight": 0.01}),  # Wan has no experts
     Refusal("base_model", {"base_model": _missing_model}),
     Refusal("transformer.train", {"transformer.train": False}),
     Refusal("text_encoder.train", {"text_encoder.train": True}),

@@ -78,3 +78,61 @@ def test_hidream_presets_fit_their_gpus() -> None:
     dual, single = transformer_sizes(KNOWN_MODELS["HiDream-ai/HiDream-I1-Full"].transformers[0]).block_stacks()
     assert len(dual.lora_defaults) == len(single.lora_defaults) == 4
     assert lora.details["trained_parameters"] == 32 * (2560 + 2560) * 4 * 48
+    # FINE_TUNE: every transformer weight in bfloat16, Adafactor's factored state, the fused backward.
+    tune = estimate_memory(_preset("#hidream Finetune"))
+    assert tune.details["trained_parameters"] == 17_105_733_184 and tune.details["fused_backward"]
+    assert 37 * GIB < tune.needed_bytes < 39 * GIB and tune.fits(48 * GIB)
+
+
+# -- the Llama (text_encoder_4): kept loaded, or cached -------------------------------------------------
+
+
+@pytest.mark.parametrize("weight_dtype", ["FLOAT_32", "BFLOAT_16", "FLOAT_8", "INT_4", "NFLOAT_4"])
+def test_the_llama_weight_bytes_match_the_loaded_encoder(tiny_model, weight_dtype: str) -> None:
+    """The adapter's own load (LlamaModel without the LM head, its decoder layers' Linears quantized)."""
+    import json
+
+    from core.memory.text_sizes import text_encoder_weight_bytes
+    from core.models.dtypes import compute_dtype
+    from core.models.hidream import HiDreamAdapter
+    from core.train.run_info import part_summary
+
+    folder = tiny_model("hidream")
+    config = json.loads((folder / "text_encoder_4" / "config.json").read_text(encoding="utf-8"))
+    encoder = HiDreamAdapter(folder).load_text_encoder("cpu", compute_dtype(weight_dtype), weight_dtype, name="text_encoder_4")
+    assert part_summary(encoder)["weight_bytes"] == text_encoder_weight_bytes(config, weight_dtype)
+
+
+def test_the_built_in_llama_config_builds_the_8b_decoder() -> None:
+    from transformers import LlamaConfig, LlamaModel
+
+    from core.memory.text_sizes import decoder_parameters
+
+    config = KNOWN_MODELS["HiDream-ai/HiDream-I1-Full"].other_text_encoders["text_encoder_4"]
+    with torch.device("meta"):
+        model = LlamaModel(LlamaConfig(**config))
+    count = sum(p.numel() for p in model.parameters())
+    assert count == decoder_parameters(config) and 7.4e9 < count < 7.6e9  # 8.03 B with its 0.53 B LM head
+
+
+def test_keep_loaded_counts_the_llama_and_cached_counts_its_cache(tiny_model) -> None:
+    from core.models.hidream import HiDreamAdapter
+
+    base = {"model_type": "HIDREAM", "base_model": "HiDream-ai/HiDream-I1-Full", "frames": 1, "resolution": 1024,
+            "text_encoder_4": {"weight_dtype": "NFLOAT_4"}}
+    cached = estimate_memory(resolve(base))
+    kept = estimate_memory(resolve({**base, "text_encoder_4": {"weight_dtype": "NFLOAT_4", "keep_loaded": True}}))
+    (llama,) = kept.details["kept_text_encoders"].values()
+    assert kept.parts["weights"] - cached.parts["weights"] == llama and 4.0 * GIB < llama < 4.7 * GIB
+    assert not cached.details["kept_text_encoders"] and not kept.details["text_cache_bytes_per_caption"]
+    # 32 distinct layers x 128 tokens x 4096 in bfloat16 (NFLOAT_4 computes in it): 32 MiB a caption.
+    assert cached.details["text_cache_bytes_per_caption"] == {"text_encoder_4": 32 * 128 * 4096 * 2}
+    # The tiny folder's figure is what its encoder really gives a caption, in float32.
+    folder = tiny_model("hidream")
+    adapter = HiDreamAdapter(folder)
+    for name in adapter.text_encoder_names:
+        adapter.load_text_encoder("cpu", torch.float32, name=name)
+    per_caption = adapter.encode_text(["a cat"])["llama_embeds"][0]
+    tiny = estimate_memory(resolve({"model_type": "HIDREAM", "base_model": str(folder), "frames": 1, "resolution": 64,
+                                    "text_encoder_4": {"weight_dtype": "FLOAT_32"}}))
+    assert tiny.details["text_cache_bytes_per_caption"] == {"text_encoder_4": per_caption.nbytes}

@@ -340,9 +340,9 @@ def test_layer_offload_half_runs_over_both_stacks(tiny_hd: Path, one_image: Path
 
 
 @pytest.mark.parametrize("override, key", [
-    ({"output_format": "COMFY"}, "output_format"),
     ({"video_config": {"use_temporal_attention": False}}, "video_config.use_temporal_attention"),
-    ({"training_method": "FINE_TUNE", "output_path": "ft"}, "training_method"),
+    ({"training_method": "EMBEDDING", "transformer": {"train": False},
+      "embedding": {"placeholder_tokens": ["<c>"], "initializer_words": ["square"]}}, "training_method"),
     ({"transformer": {"guidance_scale": 6.0}}, "transformer.guidance_scale"),
 ])
 def test_what_hidream_cannot_do_yet_is_refused_by_name(tiny_hd: Path, one_image: Path, tmp_path: Path,

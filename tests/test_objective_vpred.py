@@ -301,6 +301,7 @@ class _PerfectV:
     implies, from the clean latents: (alpha_t x_t - x0) / sigma_t = alpha_t eps - sigma_t x0."""
 
     image_conditioned = False
+    kept_text_encoders: tuple[str, ...] = ()  # every condition from the cache
 
     def __init__(self, objective: VPrediction) -> None:
         self._objective = objective

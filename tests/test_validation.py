@@ -173,6 +173,7 @@ class _ImageConditioned:
     """An adapter whose cached entries carry an image condition after the video's 4 channels."""
 
     image_conditioned = True
+    kept_text_encoders: tuple[str, ...] = ()  # every condition from the cache
 
     def __init__(self) -> None:
         self.conditions: list[tuple[int, ...] | None] = []

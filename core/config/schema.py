@@ -50,6 +50,7 @@ A14B_ONLY = {"model_type": ("AUTO", "WAN_2_2_A14B_T2V", "WAN_2_2_A14B_I2V")}
 GUIDANCE_DISTILLED = {"model_type": ("AUTO", "HUNYUAN_VIDEO")}
 TWO_TEXT_ENCODERS = {"model_type": ("AUTO", "HUNYUAN_VIDEO", "HIDREAM")}
 FOUR_TEXT_ENCODERS = {"model_type": ("AUTO", "HIDREAM")}
+MIXTURE_OF_EXPERTS = {"model_type": ("AUTO", "HIDREAM")}
 EMBEDDING_ONLY = {"training_method": ("EMBEDDING",)}
 NOT_EMBEDDING = {"training_method": ("LORA", "FINE_TUNE")}
 FINE_TUNE_ONLY = {"training_method": ("FINE_TUNE",)}
@@ -232,6 +233,20 @@ SCHEMA = Section(
                     applies_when=GUIDANCE_DISTILLED,
                     label="Distilled guidance (training)",
                 ),
+                number(
+                    "moe_aux_loss_weight",
+                    0.0,
+                    "Weight of the mixture of experts' load-balancing loss (HiDream). Each MoE gate computes, "
+                    "as diffusers' MoEGate does in training mode, the sum over its experts of (the mean routing "
+                    "probability of the expert) x (the share of token choices routed to it) x (the number of "
+                    "experts); that times this weight, summed over the gates, is added to the training loss, "
+                    "which pushes the gates to spread tokens evenly. 0 leaves it out (diffusers computes it and "
+                    "drops it); 0.01 is the gate's own aux_loss_alpha. The logged loss includes it.",
+                    lo=0.0,
+                    hi=10.0,
+                    applies_when=MIXTURE_OF_EXPERTS,
+                    label="MoE load-balancing weight",
+                ),
             ),
         ),
         _model_part(
@@ -253,7 +268,21 @@ SCHEMA = Section(
         _model_part(
             "text_encoder_4", "Text encoder 4", False, "BFLOAT_16", "fourth text encoder",
             "The fourth text encoder of a model with several (HiDream: Llama 3.1 8B Instruct, whose hidden "
-            "states of several layers condition the transformer's blocks); its outputs are cached unless it trains.",
+            "states of several layers condition the transformer's blocks); its outputs are cached unless it trains "
+            "or keep_loaded is on.",
+            extra=(
+                boolean(
+                    "keep_loaded",
+                    False,
+                    "Keep this encoder loaded through training, stored in its weight_dtype (NFLOAT_4 or FLOAT_8 "
+                    "make HiDream's Llama about 5 or 9 GB), and encode each batch's captions with it instead of "
+                    "caching its outputs. HiDream's cached Llama states are the outputs of every decoder layer its "
+                    "transformer reads, 128 tokens each: 32 MiB per caption in the cache for the released model, "
+                    "so a large dataset fills a disk; kept loaded, they cost GPU memory and an encoder forward per "
+                    "step instead. Off caches them, as the other encoders are (the estimate counts either).",
+                    label="Keep loaded (no cache)",
+                ),
+            ),
             applies_when=FOUR_TEXT_ENCODERS,
         ),
         _model_part(

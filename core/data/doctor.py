@@ -41,6 +41,8 @@ from .doctor_report import (
     FilePlan,
     SizeStat,
     Stat,
+    item_unit,
+    unit_plural,
 )
 from .frames import NoAcceptedFrameCount, sample_length
 from .holdout import discover_validation, split_holdout
@@ -123,7 +125,8 @@ def diagnose(config: dict[str, Any], progress: Callable[[int, int], None] | None
     counts and sizes are estimated from video_config."""
     items, issues = discover_datasets(config)
     if not config.get("datasets"):
-        issues.append(Issue(Path("datasets"), "no dataset folders are configured; add a folder of clips"))
+        what = "images" if shape is not None and shape.frame_rule.stills_only else "clips"
+        issues.append(Issue(Path("datasets"), f"no dataset folders are configured; add a folder of {what}"))
     validation, validation_issues = discover_validation(config)
     issues.extend(validation_issues)
 
@@ -173,7 +176,8 @@ def diagnose(config: dict[str, Any], progress: Callable[[int, int], None] | None
     all_infos = [info for _, info in usable + usable_validation]
     videos = [i for i in all_infos if i.is_video]
     report = DatasetReport(
-        datasets=_dataset_summaries(config, train, info_of, batches / per_pass if per_pass else 0.0),
+        datasets=_dataset_summaries(config, train, info_of, batches / per_pass if per_pass else 0.0,
+                                    stills_only=shape is not None and shape.frame_rule.stills_only),
         clips=len(videos),
         images=len(all_infos) - len(videos),
         total_duration=sum(i.duration for i in videos),
@@ -267,7 +271,8 @@ def _bucket_plans(records: list[SampleRecord], batch_size: int, multiplier: floa
     return out
 
 
-def _dataset_summaries(config: dict[str, Any], train: list[Item], info_of: dict[Item, MediaInfo], passes: float) -> list[DatasetSummary]:
+def _dataset_summaries(config: dict[str, Any], train: list[Item], info_of: dict[Item, MediaInfo], passes: float, *,
+                       stills_only: bool = False) -> list[DatasetSummary]:
     by_epochs = config.get("stop_after") == "EPOCHS"
     out = []
     for index, dataset in enumerate(config.get("datasets") or []):
@@ -277,15 +282,18 @@ def _dataset_summaries(config: dict[str, Any], train: list[Item], info_of: dict[
         # Each pass draws every (item, repeat) once, so an item is seen passes x repeats times.
         times = passes * repeats if mine else 0.0
         rating = exposure_rating(times) if mine else ""
-        out.append(DatasetSummary(index, str(dataset.get("path", "")), repeats, clips, len(mine) - clips, times, rating, _hint(rating, by_epochs)))
+        unit = item_unit(clips, len(mine) - clips, stills_only)
+        out.append(DatasetSummary(index, str(dataset.get("path", "")), repeats, clips, len(mine) - clips, times, rating,
+                                  _hint(rating, by_epochs, unit), unit))
     return out
 
 
-def _hint(rating: str, by_epochs: bool) -> str:
+def _hint(rating: str, by_epochs: bool, unit: str = "item") -> str:
     if rating not in (HIGH, RISKY):
         return ""
     length = "epochs" if by_epochs else "max_steps"
-    return f"likely to overfit: add clips, or lower {length} or repeats" if rating == RISKY else f"add clips, or lower {length} or repeats"
+    more = f"add {unit_plural(unit)}, or lower {length} or repeats"
+    return f"likely to overfit: {more}" if rating == RISKY else more
 
 
 def _plan_settings(config: dict[str, Any], divisor: int, shape: ModelShape | None = None) -> dict[str, Any]:
@@ -296,6 +304,7 @@ def _plan_settings(config: dict[str, Any], divisor: int, shape: ModelShape | Non
         "size_divisor": divisor,
         # What the plan's frame counts and sizes came from: the model folder's adapter, or video_config.
         "model": shape.name if shape is not None else None,
+        "stills_only": bool(shape is not None and shape.frame_rule.stills_only),  # an image model
         "frame_counts": shape.frame_rule.describe() if shape is not None else None,
         "fixed_size": list(shape.fixed_size) if shape is not None and shape.fixed_size else None,
         **{name: vc[name] for name in ("max_frames", "target_fps", "max_duration")},

@@ -54,7 +54,7 @@ def replan(report: DatasetReport, config: dict[str, Any]) -> DatasetReport:
         has_items = bool(summary.clips + summary.images)
         times = passes * reps if has_items else 0.0
         rating = exposure_rating(times) if has_items else ""
-        datasets.append(dataclasses.replace(summary, repeats=reps, times_seen=times, rating=rating, hint=_hint(rating, by_epochs)))
+        datasets.append(dataclasses.replace(summary, repeats=reps, times_seen=times, rating=rating, hint=_hint(rating, by_epochs, summary.unit)))
 
     settings = copy.deepcopy(report.settings)
     settings.update({k: config.get(k) for k in PLAN_KEYS})

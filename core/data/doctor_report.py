@@ -57,6 +57,24 @@ class BucketPlan:
     batches_per_pass: int
 
 
+def item_unit(clips: int, images: int, stills_only: bool) -> str:
+    """What to call a dataset's training items: "image" for an image model's (it takes stills only) or a
+    folder of images only, "clip" for one of clips only, "item" for both or none."""
+    if stills_only or (images and not clips):
+        return "image"
+    return "clip" if clips and not images else "item"
+
+
+def unit_plural(unit: str) -> str:
+    """ "images", "clips", or "clips or images" for items of both kinds."""
+    return "clips or images" if unit == "item" else f"{unit}s"
+
+
+def images_only(report: DatasetReport) -> bool:
+    """Whether the report is about images alone: an image model's, or folders with no usable clip."""
+    return bool(report.settings.get("stills_only")) or (report.clips == 0 and report.images > 0)
+
+
 @dataclass
 class DatasetSummary:
     index: int
@@ -67,6 +85,7 @@ class DatasetSummary:
     times_seen: float  # how often each item is drawn over the whole run
     rating: str  # conservative / moderate / high / risky ("" when it has nothing to train)
     hint: str
+    unit: str = "item"  # what its items are, to say so: "image", "clip" or "item" (both, or none yet)
 
 
 @dataclass

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from core.paths import shown_path
 
-from .doctor_report import EXIT_STRICT, EXIT_UNUSABLE, DatasetReport, SizeStat, Stat
+from .doctor_report import EXIT_STRICT, EXIT_UNUSABLE, DatasetReport, SizeStat, Stat, images_only
 from .media import Issue
 
 MAX_FILES_LISTED = 50  # longer file lists are cut (--json has them all); problems are never cut
@@ -33,7 +33,8 @@ def _datasets(report: DatasetReport) -> list[str]:
     if not report.datasets:
         out.append("  (none configured)")
     for d in report.datasets:
-        out.append(f"  {d.index + 1}. {d.path}  (repeats {d.repeats}): {_count(d.clips, 'clip')}, {_count(d.images, 'image')} to train on")
+        counts = _count(d.images, "image") if d.unit == "image" else f"{_count(d.clips, 'clip')}, {_count(d.images, 'image')}"
+        out.append(f"  {d.index + 1}. {d.path}  (repeats {d.repeats}): {counts} to train on")
     folder = report.settings.get("validation_folder")
     if folder:
         out.append(f"  validation folder: {folder}")
@@ -41,14 +42,11 @@ def _datasets(report: DatasetReport) -> list[str]:
 
 
 def _media(report: DatasetReport) -> list[str]:
-    out = [
-        "",
-        "Media",
-        (
-            f"  found        {_count(report.media_found, 'media file')}; usable: {_count(report.clips, 'clip')} "
-            f"({_seconds(report.total_duration)} in all), {_count(report.images, 'image')}"
-        ),
-    ]
+    if images_only(report):
+        usable = _count(report.images, "image")
+    else:
+        usable = f"{_count(report.clips, 'clip')} ({_seconds(report.total_duration)} in all), {_count(report.images, 'image')}"
+    out = ["", "Media", f"  found        {_count(report.media_found, 'media file')}; usable: {usable}"]
     rows = []
     if report.durations:
         rows.append(("duration", _stat(report.durations, _seconds)))
@@ -117,7 +115,7 @@ def _plan(report: DatasetReport) -> list[str]:
         if not d.rating:
             continue
         times = f"{d.times_seen:.0f}" if d.times_seen >= 100 else f"{d.times_seen:.3g}"
-        line = f"  dataset {d.index + 1}: each item seen about {times} times: {d.rating}"
+        line = f"  dataset {d.index + 1}: each {d.unit} seen about {times} times: {d.rating}"
         out.append(line + (f" - {d.hint}" if d.hint else ""))
     return out
 

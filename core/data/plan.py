@@ -199,7 +199,9 @@ def plan_data(
         raise UserError(f"no usable clips or images with captions in the configured datasets{why} (run 'main.py doctor' for a report)")
     say(f"planning {len(train_items)} training and {len(held_out)} validation samples")
     vae_dtype = compute_dtype(config["vae"]["weight_dtype"])
-    text_weights = text_weight_dtypes(adapter, config)
+    # The cached encoders' only: a kept one (keep_loaded) encodes during the steps, not into the cache.
+    text_weights = {name: dtype for name, dtype in text_weight_dtypes(adapter, config).items()
+                    if name in adapter.cached_text_encoders}
     names = (str(vae_dtype).removeprefix("torch."), "+".join(_text_dtype_name(w) for w in text_weights.values()))
     refused: list[Issue] = []  # files offering no frame count the model accepts
     train = plan_samples(train_items, usable, config, adapter, hasher, *names, issues=refused)

@@ -146,7 +146,7 @@ def fill_caches(
             captions[sample.text_key] = sample.item.caption
     missing = [(k, c) for k, c in captions.items() if c]
     if missing and not stop():
-        load_text_encoders(adapter, device, plan.text_weight_dtypes)
+        load_text_encoders(adapter, device, plan.text_weight_dtypes, list(plan.text_weight_dtypes))  # the cached ones
         for start in range(0, len(missing), TEXT_BATCH):
             chunk = missing[start : start + TEXT_BATCH]
             encoded = adapter.encode_text([caption for _, caption in chunk])

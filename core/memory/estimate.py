@@ -152,6 +152,9 @@ def estimate_memory(config: dict[str, Any], configs: ModelConfigs | None = None,
     te = text_encoder_sizes(configs.text_encoder)
     if text_in_graph and not text_full:
         weights += te.weight_bytes(config["text_encoder"]["weight_dtype"])
+    kept, cache_per_caption = other_text_encoder_bytes(config, configs)
+    weights += sum(kept.values())
+    details.update(kept_text_encoders=kept, text_cache_bytes_per_caption=cache_per_caption)
 
     # trainable parameters: LoRA and embedding rows train in float32 (weight, gradient, float32 state);
     # FINE_TUNE trains the weights in their own storage (bfloat16 or float32), with gradients of that
@@ -227,6 +230,29 @@ def estimate_memory(config: dict[str, Any], configs: ModelConfigs | None = None,
     peak = sum(parts.values())
     needed = int(peak * (1 + ALLOCATOR_OVERHEAD)) + CUDA_CONTEXT_BYTES
     return Estimate(peak, parts, needed, details)
+
+
+def other_text_encoder_bytes(config: dict[str, Any], configs: ModelConfigs) -> tuple[dict[str, int], dict[str, int]]:
+    """({section: weight bytes} of the text encoders kept loaded through the steps (keep_loaded),
+    {section: bytes per caption} the text cache holds of the others), for those text_sizes.py sizes.
+    A kept encoder's forward runs without a graph before the transformer's, so only its weights are
+    resident at the backward's peak."""
+    from .text_sizes import cached_condition_bytes, text_encoder_weight_bytes
+
+    kept: dict[str, int] = {}
+    cached: dict[str, int] = {}
+    for section, encoder in configs.other_text_encoders.items():
+        part = config.get(section) or {}
+        weight_dtype = str(part.get("weight_dtype", "BFLOAT_16"))
+        if part.get("keep_loaded"):
+            size = text_encoder_weight_bytes(encoder, weight_dtype)
+            if size is not None:
+                kept[section] = size
+        else:
+            size = cached_condition_bytes(configs.transformers[0], encoder, weight_dtype)
+            if size is not None:
+                cached[section] = size
+    return kept, cached
 
 
 def _lora_targets(config: dict[str, Any], stack: BlockStack) -> list[tuple[int, int]]:

@@ -43,8 +43,11 @@ Sources of the numbers:
   sixteen times: 17.11 B parameters in HiDreamImageTransformer2DModel. Its VAE: 16 latent channels
   (the transformer's in_channels) and 8x spatial compression, no temporal compression
   (HiDreamImagePipeline: default_sample_size 128 latent cells make its default 1024 px image).
-  HiDream-I1-Dev and -Fast are not built in (no stored config to cite), nor are its four text
-  encoders (LoRA trains none, so no estimate counts them).
+  HiDream-I1-Dev and -Fast are not built in (no stored config to cite). Of its four text encoders
+  the Llama (text_encoder_4) is built in, for text_encoder_4.keep_loaded and the text cache's size:
+  meta-llama/Llama-3.1-8B-Instruct's config.json (hidden 4096, intermediate 14336, 32 layers, 32
+  heads, 8 key/value heads, vocabulary 128256), the model HiDream-I1 ships as text_encoder_4; LoRA
+  trains none of the four, so their other weights are not counted.
 """
 
 from __future__ import annotations
@@ -86,6 +89,8 @@ HIDREAM_I1_FULL = {"_class_name": "HiDreamImageTransformer2DModel", "attention_h
                    "in_channels": 16, "llama_layers": [*range(32), *[31] * 16], "num_attention_heads": 20,
                    "num_routed_experts": 4, "num_activated_experts": 2, "num_layers": 16, "num_single_layers": 32,
                    "out_channels": 16, "patch_size": 2, "text_emb_dim": 2048}
+LLAMA_3_1_8B = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 128256}
 HIDREAM_VAE = {"z_dim": 16, "scale_factor_spatial": 8, "scale_factor_temporal": 1}
 COGVIDEOX_VAE = {"z_dim": 16, "scale_factor_spatial": 8, "scale_factor_temporal": 4}
 WAN21_VAE = {"z_dim": 16, "scale_factor_spatial": 8, "scale_factor_temporal": 4}
@@ -102,6 +107,8 @@ class ModelConfigs:
     text_encoder: dict[str, Any]
     vae: dict[str, Any] = field(default_factory=dict)
     expand_timesteps: bool = False  # Wan 2.2 TI2V-5B: one timestep per latent token
+    # The text encoders after the first, by settings section (text_encoder_2 ...): their config.json.
+    other_text_encoders: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 KNOWN_MODELS: dict[str, ModelConfigs] = {
@@ -114,7 +121,8 @@ KNOWN_MODELS: dict[str, ModelConfigs] = {
     "THUDM/CogVideoX-5b": ModelConfigs("CogVideoX 5B", "", [COGVIDEOX_5B], T5_V1_1_XXL, COGVIDEOX_VAE),
     "THUDM/CogVideoX-5b-I2V": ModelConfigs("CogVideoX 5B I2V", "", [COGVIDEOX_5B_I2V], T5_V1_1_XXL, COGVIDEOX_VAE),
     "hunyuanvideo-community/HunyuanVideo": ModelConfigs("HunyuanVideo", "", [HUNYUAN_VIDEO], {}, HUNYUAN_VIDEO_VAE),
-    "HiDream-ai/HiDream-I1-Full": ModelConfigs("HiDream-I1 Full", "", [HIDREAM_I1_FULL], {}, HIDREAM_VAE),
+    "HiDream-ai/HiDream-I1-Full": ModelConfigs("HiDream-I1 Full", "", [HIDREAM_I1_FULL], {}, HIDREAM_VAE,
+                                               other_text_encoders={"text_encoder_4": LLAMA_3_1_8B}),
 }
 
 
@@ -134,11 +142,13 @@ def configs_from_folder(folder: Path) -> ModelConfigs:
         raise ConfigError(f"{folder} has no transformer/config.json; point base_model at a diffusers model folder", key="base_model")
     text = folder / "text_encoder" / "config.json"
     vae = folder / "vae" / "config.json"
+    others = {f"text_encoder_{n}": folder / f"text_encoder_{n}" / "config.json" for n in range(2, 10)}
     return ModelConfigs(
         name=folder.name, source=str(folder), transformers=transformers,
         text_encoder=_read(text) if text.is_file() else dict(UMT5_XXL),
         vae=_read(vae) if vae.is_file() else {},
         expand_timesteps=bool(index.get("expand_timesteps", False)),
+        other_text_encoders={name: _read(path) for name, path in others.items() if path.is_file()},
     )
 
 
@@ -156,7 +166,8 @@ def model_configs(base_model: str) -> ModelConfigs:
     for hub_id, known in KNOWN_MODELS.items():
         if hub_id.lower() == text.lower():
             return ModelConfigs(known.name, f"built-in config of {hub_id}", [dict(t) for t in known.transformers],
-                                dict(known.text_encoder), dict(known.vae), known.expand_timesteps)
+                                dict(known.text_encoder), dict(known.vae), known.expand_timesteps,
+                                {name: dict(c) for name, c in known.other_text_encoders.items()})
     raise ConfigError(
         f"base_model {text} is neither a local model folder nor a model the estimator knows "
         f"({', '.join(KNOWN_MODELS)}); download it or point base_model at its folder",

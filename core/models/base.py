@@ -73,16 +73,43 @@ class ModelAdapter(ABC):
     # The training methods this adapter is built and tested for; core/train/support.py refuses the
     # others by name (training_method) before any work.
     training_methods: tuple[str, ...] = ("LORA", "FINE_TUNE", "EMBEDDING")
+    # The text encoders FINE_TUNE can train (their section's train); None: all of text_encoder_names.
+    # Another one's train is refused by name.
+    finetune_text_encoders: tuple[str, ...] | None = None
     # Whether the denoiser takes a distilled-guidance input, which transformer.guidance_scale sets in
     # training; for one without, a guidance_scale other than the default is refused by name.
     guidance_distilled: bool = False
+    # Whether the denoiser routes tokens through a mixture of experts whose gates compute a
+    # load-balancing loss (auxiliary_loss); for one without, transformer.moe_aux_loss_weight other
+    # than 0 is refused by name.
+    mixture_of_experts: bool = False
+    # The text encoders that can stay loaded through training and encode each batch's captions
+    # (encode_kept_text) instead of having their outputs cached: those whose section's keep_loaded
+    # setting is on, kept_text_encoders, are (configure).
+    live_text_encoders: tuple[str, ...] = ()
 
     def __init__(self, folder: str | os.PathLike) -> None:
         self.folder = Path(folder).expanduser().absolute()
+        self.kept_text_encoders: tuple[str, ...] = ()
 
     def configure(self, config: dict[str, Any]) -> None:
         """Take what the family's forward call reads from a run's settings (core.models.registry.adapter_for
-        calls it with the run's config; nothing by default). Hunyuan Video: transformer.guidance_scale."""
+        calls it with the run's config): which live_text_encoders stay loaded (their section's
+        keep_loaded); a family adds its own (Hunyuan Video: transformer.guidance_scale)."""
+        self.kept_text_encoders = tuple(name for name in self.live_text_encoders
+                                        if (config.get(name) or {}).get("keep_loaded"))
+
+    @property
+    def cached_text_encoders(self) -> tuple[str, ...]:
+        """The text encoders whose outputs the text cache holds (encode_text runs them): all but the kept."""
+        return tuple(name for name in self.text_encoder_names if name not in self.kept_text_encoders)
+
+    def encode_kept_text(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        """The kept text encoders' conditions of a batch's captions, batched as encode_text's, without
+        a graph: what the loop and validation add to each batch of cached ones. Nothing when none is kept."""
+        if self.kept_text_encoders:
+            raise NotImplementedError(f"{type(self).__name__} keeps {self.kept_text_encoders} but cannot encode with them")
+        return {}
 
     @classmethod
     def detect(cls, index: dict[str, Any]) -> str | None:
@@ -184,6 +211,7 @@ class ModelAdapter(ABC):
     def encode_text(self, captions: list[str], grad: bool = False) -> dict[str, torch.Tensor]:
         """Captions -> the condition_layout()'s keys, each batched (B, ...) and padded with its pad
         value, such as {"prompt_embeds": (B, L, D), "prompt_mask": (B, L) bool}, padding zeroed.
+        With kept text encoders (configure), the cached encoders' keys only; encode_kept_text gives the rest.
 
         grad=True runs the encoder with autograd on, so gradients reach trainable token embeddings
         (textual inversion); by default it runs without building a graph."""
@@ -284,6 +312,12 @@ class ModelAdapter(ABC):
         text conditions (the condition_layout() keys, padded). `first_frame_fixed` (B,) bool marks the samples whose
         first latent frame is the clean conditioning image (only where image_to_video is True);
         `condition` is the image condition of an image_conditioned model (from split_latents)."""
+
+    def auxiliary_loss(self, transformer: Any) -> torch.Tensor | None:
+        """A loss term the denoiser computed in the last training-mode predict call, already weighted,
+        which the loop adds to the training loss (a mixture of experts' load balancing,
+        transformer.moe_aux_loss_weight); None where there is none. Taking it clears it."""
+        return None
 
     # Whether each cached entry carries an image condition after the video latents (an image-to-video
     # model); split_latents separates them and predict takes the condition.

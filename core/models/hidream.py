@@ -27,8 +27,9 @@ and the pipeline negates the transformer's output before the scheduler step (`no
 velocity noise - x0 that FlowMatching trains (tests/test_hidream.py pins it against the pipeline's step).
 
 Mixture of experts: diffusers' MoEGate computes an auxiliary load-balancing loss in training mode and
-MOEFeedForwardSwiGLU drops it (its AddAuxiliaryLoss line is commented out), so it never reaches a loss;
-the adapter sets every gate's aux_loss_alpha to 0 at load so training does not compute it either.
+MOEFeedForwardSwiGLU drops it, so it never reaches a loss by itself; the adapter sets every gate's
+alpha to transformer.moe_aux_loss_weight at load (0 by default: not computed) and, where it is above 0,
+hands the gates' losses to the loop through auxiliary_loss (core/models/hidream_moe.py).
 The transformer trains in the class's own training path (routed experts with gradients); diffusers'
 DreamBooth script loads it with force_inference_output=True instead, whose routed experts run under
 torch.no_grad (moe_infer), which cuts the gradient through them.
@@ -36,9 +37,10 @@ torch.no_grad (moe_infer), which cuts the gradient through them.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from functools import cached_property, lru_cache
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from core.identity import folder_identity
@@ -46,6 +48,9 @@ from core.identity import folder_identity
 from .base import ModelAdapter, SampleRequest
 from .conditions import ConditionSpec
 from .frame_rule import FrameRule
+from .hidream_layout import LORA_TARGETS, STACKS, layer_filter, unpatchify_training_output
+from .hidream_moe import collected_aux_losses, set_aux_loss_weight
+from .hidream_text import LLAMA, MAX_TEXT_LENGTH, encode_clips_and_t5, encode_llama, llama_decoder_class
 from .loading import FrozenTextEncoder, component, load_frozen_vae
 from .loading import place as _place
 from .loading import read_json as _read_json
@@ -60,17 +65,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 HIDREAM_FAMILIES = ("hidream",)
-# HiDreamImagePipeline.__call__'s max_sequence_length; _get_clip_prompt_embeds caps CLIP at 218.
-MAX_TEXT_LENGTH = 128
-CLIP_CAP = 218
-# The transformer's two stacks, in the order its forward runs them (each block a HiDreamBlock wrapper).
-STACKS = ("double_stream_blocks", "single_stream_blocks")
-# diffusers' train_dreambooth_lora_hidream.py's default target_modules ["to_k", "to_q", "to_v", "to_out"]:
-# the attention projections of the image stream in both stacks (in the single-stream blocks the text
-# tokens pass the same projections). Not the text stream's to_q_t/.../to_out_t, the experts (w1, w2, w3)
-# or the modulation; HiDream-E1's own LoRA adds the _t projections and the experts' w1/w2/w3, and
-# lora.target_layers can add them here.
-LORA_TARGETS = ("block.attn1.to_q", "block.attn1.to_k", "block.attn1.to_v", "block.attn1.to_out")
 
 
 class HiDreamAdapter(ModelAdapter):
@@ -81,8 +75,13 @@ class HiDreamAdapter(ModelAdapter):
     max_text_length = MAX_TEXT_LENGTH
     text_encoder_names = ("text_encoder", "text_encoder_2", "text_encoder_3", "text_encoder_4")
     placeholder_encoders = ("text_encoder", "text_encoder_2", "text_encoder_3", "text_encoder_4")
-    # Built and tested here: LoRA. Full fine-tuning and embeddings are refused by name (core/train/support.py).
-    training_methods = ("LORA",)
+    # The Llama's kept layers are 32 MiB per caption in the cache (bfloat16, the released model); kept
+    # loaded (text_encoder_4.keep_loaded) it encodes each batch instead.
+    live_text_encoders = (LLAMA,)
+    # Built and tested here: LoRA and FINE_TUNE of the transformer (a folder HiDreamImagePipeline loads);
+    # embeddings and fine-tuning the encoders are refused by name (core/train/support.py).
+    training_methods = ("LORA", "FINE_TUNE")
+    finetune_text_encoders: tuple[str, ...] = ()
     # Image and text tokens attend jointly, and an image has one frame.
     frame_local_attention = False
 
@@ -105,6 +104,12 @@ class HiDreamAdapter(ModelAdapter):
                                                 tokenizer_subfolder="tokenizer_4"),
         }
         self._identities: dict[str, str] = {}
+        self.moe_aux_loss_weight = 0.0  # transformer.moe_aux_loss_weight (configure)
+        self._aux_loss: Any = None  # the last training forward's, until auxiliary_loss takes it
+
+    def configure(self, config: dict[str, Any]) -> None:
+        super().configure(config)  # text_encoder_4.keep_loaded
+        self.moe_aux_loss_weight = float((config.get("transformer") or {}).get("moe_aux_loss_weight") or 0.0)
 
     # -- configs (read without loading any weights) ---------------------------------------------
     @cached_property
@@ -129,6 +134,11 @@ class HiDreamAdapter(ModelAdapter):
     def llama_layers(self) -> list[int]:
         """The distinct Llama layers the transformer reads (its config's llama_layers), ascending."""
         return sorted({int(k) for k in self.transformer_config.get("llama_layers") or []})
+
+    @property
+    def mixture_of_experts(self) -> bool:  # type: ignore[override]
+        # diffusers builds MOEFeedForwardSwiGLU (with its gate) only where num_routed_experts > 0.
+        return int(self.transformer_config.get("num_routed_experts", 4)) > 0
 
     @property
     def spatial_ratio(self) -> int:
@@ -166,14 +176,17 @@ class HiDreamAdapter(ModelAdapter):
         return self._identities["vae"]
 
     def text_identity(self) -> str:
-        if "text" not in self._identities:
+        kept = LLAMA in self.kept_text_encoders
+        slot = "text-kept" if kept else "text"
+        if slot not in self._identities:
             parts = [self.folder / f"{kind}{suffix}" for suffix in ("", "_2", "_3", "_4") for kind in ("text_encoder", "tokenizer")]
-            self._identities["text"] = folder_identity(
-                # The transformer's llama_layers decide which Llama layers are kept: part of the key.
+            self._identities[slot] = folder_identity(
+                # The transformer's llama_layers decide which Llama layers are kept: part of the key,
+                # as is whether the entries hold them at all (added only then: older keys stay valid).
                 "hidream-text", *parts,
-                extra={"length": self.max_text_length, "llama_layers": self.llama_layers},
+                extra={"length": self.max_text_length, "llama_layers": self.llama_layers, **({"llama_kept": True} if kept else {})},
             )
-        return self._identities["text"]
+        return self._identities[slot]
 
     # -- loading ---------------------------------------------------------------------------------
     def load_vae(self, device: torch.device | str, dtype: torch.dtype) -> Any:
@@ -197,13 +210,18 @@ class HiDreamAdapter(ModelAdapter):
 
     def condition_layout(self) -> dict[str, ConditionSpec]:
         # All fixed: the transformer attends to every text position, padding included (module docstring).
-        return {"t5_embeds": ConditionSpec(None, 0.0), "llama_embeds": ConditionSpec(None, 0.0),
-                "pooled_embeds": ConditionSpec(None, 0.0)}
+        layout = {"t5_embeds": ConditionSpec(None, 0.0), "llama_embeds": ConditionSpec(None, 0.0),
+                  "pooled_embeds": ConditionSpec(None, 0.0)}
+        if LLAMA in self.kept_text_encoders:  # not cached: encode_kept_text gives it per batch
+            del layout["llama_embeds"]
+        return layout
 
     def unload_encoders(self) -> None:
+        """The VAE and the text encoders, but a kept one (text_encoder_4.keep_loaded), which the steps use."""
         self._vae = None
-        for part in self._text.values():
-            part.unload()
+        for name, part in self._text.items():
+            if name not in self.kept_text_encoders:
+                part.unload()
 
     # -- encoding --------------------------------------------------------------------------------
     def encode_video(
@@ -227,39 +245,33 @@ class HiDreamAdapter(ModelAdapter):
         return latents.unsqueeze(2)
 
     def encode_text(self, captions: list[str], grad: bool = False) -> dict[str, torch.Tensor]:
-        """As HiDreamImagePipeline.encode_prompt (module docstring)."""
+        """As HiDreamImagePipeline.encode_prompt (module docstring): every condition_layout() key, so
+        without llama_embeds while the Llama is kept (encode_kept_text gives those)."""
         import torch
 
-        if isinstance(captions, str):
-            captions = [captions]
-        captions = list(captions)
+        captions = [captions] if isinstance(captions, str) else list(captions)
         parts = self.text_parts()
-        missing = [name for name, (_, encoder) in parts.items() if encoder is None]
+        missing = [name for name in self.cached_text_encoders if parts[name][1] is None]
         if missing:
             raise RuntimeError(f"load_text_encoder() must be called for {', '.join(missing)} before encode_text()")
         with torch.enable_grad() if grad else torch.no_grad():
-            pooled = []
-            for name in ("text_encoder", "text_encoder_2"):
-                tokenizer, clip = parts[name]
-                ids = tokenizer(captions, padding="max_length", max_length=min(self.max_text_length, CLIP_CAP),
-                                truncation=True, return_tensors="pt").input_ids
-                pooled.append(clip(ids.to(next(clip.parameters()).device), output_hidden_states=False)[0])
-            t5_tokenizer, t5 = parts["text_encoder_3"]
-            inputs = t5_tokenizer(captions, padding="max_length", max_length=min(self.max_text_length, t5_tokenizer.model_max_length),
-                                  truncation=True, add_special_tokens=True, return_tensors="pt")
-            device = next(t5.parameters()).device
-            t5_embeds = t5(inputs.input_ids.to(device), attention_mask=inputs.attention_mask.to(device))[0]
-            llama_tokenizer, llama = parts["text_encoder_4"]
-            inputs = llama_tokenizer(captions, padding="max_length",
-                                     max_length=min(self.max_text_length, llama_tokenizer.model_max_length),
-                                     truncation=True, add_special_tokens=True, return_tensors="pt")
-            llama_device = next(llama.parameters()).device
-            hidden = llama(inputs.input_ids.to(llama_device), attention_mask=inputs.attention_mask.to(llama_device),
-                           output_hidden_states=True).hidden_states
-            # hidden_states[0] is the token embedding; the pipeline's stack starts at hidden_states[1].
-            llama_embeds = torch.stack([hidden[k + 1] for k in self.llama_layers], dim=1)
-        return {"t5_embeds": t5_embeds, "llama_embeds": llama_embeds.to(device),
-                "pooled_embeds": torch.cat([p.to(device) for p in pooled], dim=-1)}
+            encoded = encode_clips_and_t5(parts, captions, self.max_text_length)
+            if LLAMA not in self.kept_text_encoders:
+                llama = encode_llama(parts[LLAMA], captions, self.max_text_length, self.llama_layers)
+                encoded["llama_embeds"] = llama.to(encoded["t5_embeds"].device)
+        return encoded
+
+    def encode_kept_text(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        """llama_embeds of the captions from the kept Llama (text_encoder_4.keep_loaded), without a graph."""
+        import torch
+
+        if LLAMA not in self.kept_text_encoders:
+            return {}
+        part = self.text_parts()[LLAMA]
+        if part[1] is None:
+            raise RuntimeError("load_text_encoder(name='text_encoder_4') must be called before encode_kept_text()")
+        with torch.no_grad():
+            return {"llama_embeds": encode_llama(part, list(captions), self.max_text_length, self.llama_layers)}
 
     # -- training ----------------------------------------------------------------------------------
     def transformer_names(self) -> tuple[str, ...]:
@@ -279,7 +291,7 @@ class HiDreamAdapter(ModelAdapter):
         logger.info("loading the %s of %s", name, self.folder)
         transformer = HiDreamImageTransformer2DModel.from_pretrained(self.folder, subfolder=name, torch_dtype=dtype)
         transformer.requires_grad_(False).eval()
-        switch_off_aux_loss(transformer)
+        set_aux_loss_weight(transformer, self.moe_aux_loss_weight)
         _place(transformer, device, dtype)
         return transformer
 
@@ -287,7 +299,7 @@ class HiDreamAdapter(ModelAdapter):
                                    work_device: Any = None, checkpoint: str | None = None) -> Any:
         transformer = super().load_quantized_transformer(name, weight_dtype, cache_dir=cache_dir,
                                                          work_device=work_device, checkpoint=checkpoint)
-        switch_off_aux_loss(transformer)
+        set_aux_loss_weight(transformer, self.moe_aux_loss_weight)
         return transformer
 
     @cached_property
@@ -309,23 +321,7 @@ class HiDreamAdapter(ModelAdapter):
                           key="video_config.use_temporal_attention")
 
     def quantize_filter(self, part: str, weight_dtype: str) -> LayerFilter:
-        from core.memory.quantize import LayerFilter
-
-        if part in ("text_encoder", "text_encoder_2"):
-            return LayerFilter(self.family, part, r"(text_model\.)?encoder\.layers\.\d+\..+", setting=f"{part}.weight_dtype")
-        if part == "text_encoder_3":
-            # T5: every Linear, without the feed-forward output (wo) for NFLOAT_4, as Wan's and CogVideoX's T5.
-            return LayerFilter(self.family, part, r".+", exclude=r".+\.wo" if weight_dtype == "NFLOAT_4" else None,
-                               setting="text_encoder_3.weight_dtype")
-        if part == "text_encoder_4":
-            # Every Linear of Llama's decoder layers; the token embedding and the norms stay.
-            return LayerFilter(self.family, part, r"layers\.\d+\..+", setting="text_encoder_4.weight_dtype")
-        if part != "transformer":
-            raise ValueError(f"{self.family} has no quantizable part {part!r}")
-        # Every Linear inside both stacks (attention, the shared and routed experts, the blocks'
-        # adaLN modulation). The patch, time and pooled embedders, the caption projections and the
-        # final layer stay in the compute dtype, as do all norms and the gates' weights (Parameters).
-        return LayerFilter(self.family, part, r"(double|single)_stream_blocks\.\d+\..+", setting="transformer.weight_dtype")
+        return layer_filter(self.family, part, weight_dtype)
 
     def block_stacks(self, transformer: Any) -> list[Any]:
         return [getattr(transformer, stack) for stack in STACKS]
@@ -336,6 +332,12 @@ class HiDreamAdapter(ModelAdapter):
         double, single = int(config.get("num_layers", 16)), int(config.get("num_single_layers", 32))
         return ([f"double_stream_blocks.{i}.{t}" for i in range(double) for t in LORA_TARGETS]
                 + [f"single_stream_blocks.{i}.{t}" for i in range(single) for t in LORA_TARGETS])
+
+    def comfy_lora_keys(self) -> Any:
+        """ComfyUI's HiDream names: diffusers' own, prefixed (core/export/comfy_hidream.py)."""
+        from core.export.comfy_hidream import diffusers_to_comfy
+
+        return diffusers_to_comfy
 
     def predict(
         self, transformer: Any, noisy: torch.Tensor, sigmas: torch.Tensor, batch: dict[str, Any],
@@ -362,17 +364,27 @@ class HiDreamAdapter(ModelAdapter):
         by_layer: list[Any] = [None] * (max(self.llama_layers) + 1)
         for index, layer in enumerate(self.llama_layers):
             by_layer[layer] = llama[index]
-        out = transformer(
-            hidden_states=noisy[:, :, 0].to(dtype),
-            timesteps=model_timesteps(sigmas, self.num_train_timesteps).to(noisy.device),
-            encoder_hidden_states_t5=batch["t5_embeds"].to(dtype),
-            encoder_hidden_states_llama3=by_layer,
-            pooled_embeds=batch["pooled_embeds"].to(dtype),
-            return_dict=False,
-        )[0]
+        # The gates compute their loss only in training mode with a weight above 0 (hidream_moe.py).
+        collect = transformer.training and self.moe_aux_loss_weight > 0
+        with collected_aux_losses(transformer) if collect else contextlib.nullcontext([]) as aux_losses:
+            out = transformer(
+                hidden_states=noisy[:, :, 0].to(dtype),
+                timesteps=model_timesteps(sigmas, self.num_train_timesteps).to(noisy.device),
+                encoder_hidden_states_t5=batch["t5_embeds"].to(dtype),
+                encoder_hidden_states_llama3=by_layer,
+                pooled_embeds=batch["pooled_embeds"].to(dtype),
+                return_dict=False,
+            )[0]
+        self._aux_loss = sum(loss.float() for loss in aux_losses) if aux_losses else None
         if transformer.training and not transformer.config.force_inference_output:
             out = unpatchify_training_output(out, rows, cols, patch)
         return -out.unsqueeze(2)
+
+    def auxiliary_loss(self, transformer: Any) -> torch.Tensor | None:
+        """The MoE gates' load-balancing losses of the last training forward, summed (each already times
+        transformer.moe_aux_loss_weight, the gates' alpha); None with the weight 0."""
+        loss, self._aux_loss = self._aux_loss, None
+        return loss
 
     # -- sampling ----------------------------------------------------------------------------------
     def sample(self, denoisers: dict[str, Any], request: SampleRequest, *, device: torch.device | str,
@@ -382,34 +394,3 @@ class HiDreamAdapter(ModelAdapter):
         from .hidream_sampling import sample_image
 
         return sample_image(self, denoisers, request, device=device, dtype=dtype)
-
-
-@lru_cache(maxsize=1)
-def llama_decoder_class() -> type:
-    """transformers' LlamaModel, told that the folder's LlamaForCausalLM checkpoint also holds the LM head
-    it does not load (else every load prints an "UNEXPECTED lm_head.weight" report)."""
-    from transformers import LlamaModel
-
-    class LlamaDecoder(LlamaModel):
-        _keys_to_ignore_on_load_unexpected = [r"^lm_head\."]  # noqa: RUF012 (transformers' own attribute)
-
-    return LlamaDecoder
-
-
-def switch_off_aux_loss(transformer: Any) -> None:
-    """aux_loss_alpha 0 on every MoE gate: the gate then skips the auxiliary loss in training mode,
-    which diffusers computes and then drops (module docstring)."""
-    from diffusers.models.transformers.transformer_hidream_image import MoEGate
-
-    for module in transformer.modules():
-        if isinstance(module, MoEGate):
-            module.alpha = 0.0
-
-
-def unpatchify_training_output(out: torch.Tensor, rows: int, cols: int, patch: int) -> torch.Tensor:
-    """The transformer's training-mode output (B, C, S, p*p), S image tokens (padded to max_seq for a
-    non-square image), as its eval-mode output (B, C, rows * p, cols * p): token s is patch (s // cols,
-    s % cols), its p*p values in (row, column) order, as HiDreamImageTransformer2DModel.patchify lays them."""
-    b, c = out.shape[:2]
-    grid = out[:, :, : rows * cols].reshape(b, c, rows, cols, patch, patch)
-    return grid.permute(0, 1, 2, 4, 3, 5).reshape(b, c, rows * patch, cols * patch)

@@ -46,10 +46,21 @@ def sample_image(adapter: ModelAdapter, denoisers: dict[str, Any], request: Samp
     try:
         transformer.eval()  # no LoRA dropout while sampling; the inference path of the experts
         with torch.no_grad():
-            # The pipeline's own text path (encode_prompt, which encode_text follows); it encodes the
-            # negative prompt itself where guidance_scale > 1 asks for classifier-free guidance.
+            # The pipeline's own text path (encode_prompt, which encode_text follows), with the negative
+            # prompt where guidance_scale > 1 asks for classifier-free guidance. Called here to cast the
+            # conditions to the transformer's dtype: the pipeline passes each encoder's own (its Llama
+            # path ignores the dtype asked), and a quantized encoder computes in bfloat16 where the
+            # transformer may run in float32.
+            compute = transformer.x_embedder.proj.weight.dtype
+            encoded = pipe.encode_prompt(prompt=request.prompt, negative_prompt=request.negative_prompt or None,
+                                         device=device, dtype=compute,
+                                         do_classifier_free_guidance=request.guidance_scale > 1)
+            t5, negative_t5, llama, negative_llama, pooled, negative_pooled = (
+                None if e is None else e.to(compute) for e in encoded)
             image = pipe(
-                prompt=request.prompt, negative_prompt=request.negative_prompt or None,
+                prompt_embeds_t5=t5, negative_prompt_embeds_t5=negative_t5, prompt_embeds_llama3=llama,
+                negative_prompt_embeds_llama3=negative_llama, pooled_prompt_embeds=pooled,
+                negative_pooled_prompt_embeds=negative_pooled,
                 width=width, height=height, num_inference_steps=request.steps,
                 guidance_scale=request.guidance_scale, generator=generator, output_type="np",
             ).images

@@ -101,6 +101,7 @@ class HunyuanVideoAdapter(ModelAdapter):
         return bool(self.transformer_config.get("guidance_embeds", True))
 
     def configure(self, config: dict[str, Any]) -> None:
+        super().configure(config)
         transformer = config.get("transformer") or {}
         self.training_guidance = float(transformer.get("guidance_scale", 1.0))
 

@@ -135,6 +135,8 @@ class Loop:
             # One denoiser per optimizer step (two-expert models), the same in every process.
             transformer, view, step_objective, expert = r.routes.pick(int(batch["step"]) // accumulation)
             batch = r.parts.prepare_batch(batch, r.captions_of)
+            if adapter.kept_text_encoders:  # what the cache does not hold, encoded now
+                batch = {**batch, **adapter.encode_kept_text(r.captions_of(batch["sample_ids"]))}
             # Noise and noise levels per sample, seeded by (seed, batch step, position in the global
             # batch): the same in every run with any number of processes, and a resumed run
             # continues the same sequence.
@@ -153,6 +155,9 @@ class Loop:
                 target = objective.target(latents, noise, sigmas) if objective.needs_target else None
                 loss, parts = training_loss(prediction.float(), target, sigmas, objective, weight,
                                             first_frame_fixed=fixed, latents=latents, noisy=noisy)
+                auxiliary = adapter.auxiliary_loss(view)  # the family's own term, already weighted
+                if auxiliary is not None:
+                    loss = loss + auxiliary.float()
                 # Every process decides on the same losses, so all skip a step or none does.
                 losses = gather(loss.detach())
                 if not torch.isfinite(losses).all():

@@ -124,6 +124,12 @@ def capability_refusals(config: dict[str, Any], adapter: ModelAdapter) -> list[C
             f"training_method {method}: {name} trains with {' or '.join(adapter.training_methods)} in this version; "
             f"choose {adapter.training_methods[0]}", key="training_method"))
     out.extend(_unused_part_settings(config, adapter, name))
+    if method == "FINE_TUNE" and adapter.finetune_text_encoders is not None:
+        for section in adapter.text_encoder_names:
+            if config[section]["train"] and section not in adapter.finetune_text_encoders:
+                out.append(ConfigError(
+                    f"{section}.train: {name} fine-tunes its transformer only in this version; turn it off",
+                    key=f"{section}.train"))
     if config["objective"]["image_to_video_share"] > 0 and not adapter.image_to_video:
         out.append(ConfigError(
             f"objective.image_to_video_share: {name} cannot learn image-to-video from a clip's first frame "
@@ -153,7 +159,8 @@ def capability_refusals(config: dict[str, Any], adapter: ModelAdapter) -> list[C
 
 def _unused_part_settings(config: dict[str, Any], adapter: ModelAdapter, name: str) -> list[ConfigError]:
     """Settings of parts the model does not have, changed from their defaults: a second text encoder's
-    section for a model with one, the distilled guidance for a transformer without that input."""
+    section for a model with one, the distilled guidance for a transformer without that input, the
+    experts' load-balancing weight for one without experts."""
     from core.config.settings import defaults
 
     default, out = defaults(), []
@@ -171,6 +178,21 @@ def _unused_part_settings(config: dict[str, Any], adapter: ModelAdapter, name: s
             f"transformer.guidance_scale {scale}: {name}'s transformer takes no distilled-guidance input, so it would "
             f"do nothing; set it to {default['transformer']['guidance_scale']} (samples' guidance is sampling.guidance_scale)",
             key="transformer.guidance_scale"))
+    for section in adapter.text_encoder_names:
+        if not (config.get(section) or {}).get("keep_loaded"):
+            continue
+        if section not in adapter.live_text_encoders:
+            out.append(ConfigError(f"{section}.keep_loaded: {name} caches its {section}'s outputs only; turn it off",
+                                   key=f"{section}.keep_loaded"))
+        elif config["training_method"] == "EMBEDDING" or config[section]["train"]:
+            out.append(ConfigError(
+                f"{section}.keep_loaded: a kept encoder encodes without gradients, so it cannot train or learn "
+                f"embeddings; turn keep_loaded off (or {section}.train off)", key=f"{section}.keep_loaded"))
+    weight = config["transformer"].get("moe_aux_loss_weight")
+    if not adapter.mixture_of_experts and weight:
+        out.append(ConfigError(
+            f"transformer.moe_aux_loss_weight {weight}: {name}'s transformer has no mixture of experts, so there "
+            "is no load-balancing loss to add; set it to 0", key="transformer.moe_aux_loss_weight"))
     return out
 
 

@@ -227,6 +227,10 @@ class Trainer:
         plan = prepare_data(config, adapter, accelerator, self.callbacks.on_log, lambda: self.commands.stop_requested)
         if plan is None:
             return TrainResult(0, 0, True, [])
+        if adapter.kept_text_encoders:  # loaded for the run: they encode each batch's captions
+            from core.models.conditions import load_text_encoders, text_weight_dtypes
+
+            load_text_encoders(adapter, accelerator.device, text_weight_dtypes(adapter, config), adapter.kept_text_encoders)
 
         denoisers = chosen_denoisers(config, adapter)
         parts = parts_for(config["training_method"])(config, adapter, accelerator.device)

@@ -109,6 +109,8 @@ class Validator:
         self.seed = int(config["seed"])
         cached = [s.cached if hasattr(s, "cached") else s for s in samples]
         self.samples: list[CachedSample] = cached
+        # For the kept text encoders (adapter.kept_text_encoders), which encode each batch: planned samples' captions.
+        self.captions = [s.item.caption if hasattr(s, "item") else None for s in samples]
         self.dataset = CachedSampleDataset(cached, Path(cache_dir).expanduser())
         self.quantiles = tuple(float(q) for q in quantiles)
         self.keys = tuple(quantile_key(q) for q in self.quantiles)
@@ -139,6 +141,10 @@ class Validator:
                 log.warning("validation clip left out: %s", e)
             return None
         batch = collate_batch([{**entry, "sample_id": index, "variant": 0, "step": 0}])
+        if self.adapter.kept_text_encoders:
+            if self.captions[index] is None:
+                raise ValueError("validation with kept text encoders needs planned samples (their captions), not cache entries alone")
+            batch.update(self.adapter.encode_kept_text([self.captions[index]]))
         return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
     def evaluate(self, models: Callable[[float], Any] | Sequence[tuple[Denoiser, Any]]) -> dict[str, float]:
