@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from core.memory.caching import CAPTION_BATCH
 from core.models.base import ModelAdapter
 from core.models.conditions import load_text_encoders
 
@@ -27,7 +28,7 @@ from .plan import DataPlan, PlannedSample
 
 log = logging.getLogger(__name__)
 
-TEXT_BATCH = 16
+TEXT_BATCH = CAPTION_BATCH  # captions per encode_text call; the estimate's caching figure counts as many
 
 
 @dataclass

@@ -19,6 +19,14 @@ Text, as HunyuanVideoPipeline.encode_prompt:
 - CLIP-L (text_encoder_2): the caption (the pipeline passes `prompt`, not prompt_2, to CLIP) padded
   to 77 tokens, encoded without a mask, its pooler_output: pooled_projections (D,).
 
+Caching at real sizes: the VAE encodes with diffusers' tiling and slicing on (load_vae), at the
+tile sizes core/memory/known_models.py's VAE_ENCODE_TILES names (diffusers' defaults: 256-pixel
+tiles 192 apart; its frame chunks of 16, 12 apart, are on by default). A clip of at most 256 x 256
+pixels is one tile and encodes exactly as untiled; a larger one is encoded tile by tile and the
+overlaps blended, so one 720p frame chunk needs about as much memory as a 256-pixel one (the
+estimate's caching figure counts one tile). The blend is diffusers' linear cross-fade over the
+64-pixel overlaps, the latents there a mix of two tiles' (tests/test_caching_memory.py bounds it).
+
 The forward call is the pipeline's: latents as they are, the flow-matching timestep sigma * 1000 as
 float32, the mask in the transformer's dtype, the pooled CLIP vector, and the distilled-guidance
 input `guidance_scale * 1000` in the transformer's dtype, where guidance_scale is the setting
@@ -33,6 +41,7 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from core.identity import folder_identity
+from core.memory.known_models import VAE_ENCODE_TILES
 
 from .base import ModelAdapter, SampleRequest
 from .conditions import ConditionSpec
@@ -88,6 +97,8 @@ class HunyuanVideoAdapter(ModelAdapter):
             raise ValueError(f"{family!r} is not a Hunyuan Video family; expected one of {', '.join(HUNYUAN_FAMILIES)}")
         self.family = family
         self.training_guidance = 1.0  # transformer.guidance_scale (configure)
+        # enable_tiling's sizes for encoding (and the samples' decoding); the identity of a cache entry.
+        self.vae_tiles = dict(VAE_ENCODE_TILES["AutoencoderKLHunyuanVideo"])
         self._vae: Any = None
         self._text = {
             "text_encoder": FrozenTextEncoder(self.folder, "LlamaModel"),
@@ -149,7 +160,8 @@ class HunyuanVideoAdapter(ModelAdapter):
     # -- identities ------------------------------------------------------------------------------
     def vae_identity(self) -> str:
         if "vae" not in self._identities:
-            self._identities["vae"] = folder_identity("hunyuan-video-vae", self.folder / "vae")
+            # The tiles shape the latents of clips larger than one tile.
+            self._identities["vae"] = folder_identity("hunyuan-video-vae", self.folder / "vae", extra={"tiles": self.vae_tiles})
         return self._identities["vae"]
 
     def text_identity(self) -> str:
@@ -166,6 +178,10 @@ class HunyuanVideoAdapter(ModelAdapter):
     def load_vae(self, device: torch.device | str, dtype: torch.dtype) -> Any:
         if self._vae is None:
             self._vae = load_frozen_vae(self.folder, "AutoencoderKLHunyuanVideo", dtype)
+            tiles = self.vae_tiles
+            self._vae.enable_tiling(tiles["height"], tiles["width"], tiles["frames"], tiles["stride_height"],
+                                    tiles["stride_width"], tiles["stride_frames"])
+            self._vae.enable_slicing()  # a batch of clips encodes one clip at a time
         _place(self._vae, device, dtype)
         return self._vae
 
