@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .known_models import TEXT_ENCODER_TOKENS, VAE_ENCODE_TILES, ModelConfigs
+from .known_models import LLAVA_TOKENS, TEXT_ENCODER_TOKENS, VAE_ENCODE_TILES, ModelConfigs
 from .model_sizes import DTYPE_BYTES, TransformerSizes, compute_bytes, transformer_class
 from .part_sizes import PartSizes, text_encoder_part, vae_encode_activation_bytes, vae_part
 
@@ -73,7 +73,7 @@ def caching_memory(config: dict[str, Any], configs: ModelConfigs, transformer: T
             continue
         dtype = _section_dtype(config, name)
         text_stage += sizes.weight_bytes(dtype)
-        length = tokens.get(name, 77 if sizes.kind == "clip_text_model" else transformer.text_tokens)
+        length = LLAVA_TOKENS if sizes.kind == "llava" else tokens.get(name, 77 if sizes.kind == "clip_text_model" else transformer.text_tokens)
         largest = max(largest, sizes.caching_activation_bytes(length, CAPTION_BATCH, compute_bytes(dtype)))
     text_stage += largest
     return {"vae": vae_stage, "text": text_stage, "peak": max(vae_stage, text_stage), "tiled": tiles is not None,

@@ -92,8 +92,23 @@ HUNYUAN_VIDEO_VAE = {"_class_name": "AutoencoderKLHunyuanVideo", "z_dim": 16, "l
 LLAVA_LLAMA3_8B_TEXT = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
                         "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 128320,
                         "attention_bias": False}
+# HunyuanVideo-I2V (hunyuanvideo-community/HunyuanVideo-I2V): diffusers' convert_hunyuan_video_to_diffusers.py
+# (huggingface/diffusers at ff927474edad6058284371f59f04e6fe820fb6bd), TRANSFORMER_CONFIGS["HYVideo-T/2-I2V-16ch"]:
+# the text-to-video transformer's sizes with image_condition_type token_replace (no extra parameters).
+# Its text encoder is the whole LlavaForConditionalGeneration of xtuner/llava-llama-3-8b-v1_1: the
+# language model above with its lm_head, and the vision tower of LlavaConfig's defaults (transformers
+# 5.25: CLIP ViT-L/14 at 336 pixels, the 576 image tokens the pipeline's template names).
+HUNYUAN_VIDEO_I2V = {"_class_name": "HunyuanVideoTransformer3DModel", "in_channels": 16, "out_channels": 16,
+                     "num_attention_heads": 24, "attention_head_dim": 128, "num_layers": 20, "num_single_layers": 40,
+                     "num_refiner_layers": 2, "mlp_ratio": 4.0, "patch_size": 2, "patch_size_t": 1, "qk_norm": "rms_norm",
+                     "guidance_embeds": True, "text_embed_dim": 4096, "pooled_projection_dim": 768,
+                     "image_condition_type": "token_replace"}
+LLAVA_LLAMA3_8B = {"model_type": "llava", "vision_feature_layer": -2,
+                   "vision_config": {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
+                                     "num_attention_heads": 16, "image_size": 336, "patch_size": 14}}
 CLIP_L_TEXT = {"model_type": "clip_text_model", "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
                "num_attention_heads": 12, "vocab_size": 49408, "max_position_embeddings": 77}
+LLAVA_LLAMA3_8B["text_config"] = dict(LLAVA_LLAMA3_8B_TEXT)
 # How an adapter tiles its VAE's encoding when it caches latents (diffusers' enable_tiling, here
 # diffusers' own defaults: 256-pixel tiles 192 apart, 16-frame chunks 12 apart), by VAE class: the
 # adapter asks for exactly this and the estimate's caching figure counts one tile of it.
@@ -104,6 +119,8 @@ VAE_ENCODE_TILES: dict[str, dict[str, int]] = {
 # The tokens each text encoder reads per caption where it is not the transformer's text length (CLIP:
 # 77): Hunyuan Video's Llama reads 256 caption tokens after its 95-token chat template (crop_start).
 TEXT_ENCODER_TOKENS: dict[str, dict[str, int]] = {"HunyuanVideoTransformer3DModel": {"text_encoder": 256 + 95}}
+# HunyuanVideo-I2V's Llava reads the 103-token I2V template with its <image> widened to 576 image tokens.
+LLAVA_TOKENS = 256 + 103 - 1 + 576
 HIDREAM_I1_FULL = {"_class_name": "HiDreamImageTransformer2DModel", "attention_head_dim": 128,
                    "axes_dims_rope": [64, 32, 32], "caption_channels": [4096, 4096], "max_resolution": [128, 128],
                    "in_channels": 16, "llama_layers": [*range(32), *[31] * 16], "num_attention_heads": 20,
@@ -147,6 +164,9 @@ KNOWN_MODELS: dict[str, ModelConfigs] = {
     "hunyuanvideo-community/HunyuanVideo": ModelConfigs("HunyuanVideo", "", [HUNYUAN_VIDEO], {}, HUNYUAN_VIDEO_VAE,
                                                          text_encoders={"text_encoder": LLAVA_LLAMA3_8B_TEXT,
                                                                         "text_encoder_2": CLIP_L_TEXT}),
+    "hunyuanvideo-community/HunyuanVideo-I2V": ModelConfigs("HunyuanVideo-I2V", "", [HUNYUAN_VIDEO_I2V], {}, HUNYUAN_VIDEO_VAE,
+                                                             text_encoders={"text_encoder": LLAVA_LLAMA3_8B,
+                                                                            "text_encoder_2": CLIP_L_TEXT}),
     "HiDream-ai/HiDream-I1-Full": ModelConfigs("HiDream-I1 Full", "", [HIDREAM_I1_FULL], {}, HIDREAM_VAE),
 }
 

@@ -101,7 +101,27 @@ def text_encoder_part(name: str, config: dict[str, Any], parameters: int | None 
         count = (int(config["vocab_size"]) + int(config.get("max_position_embeddings", 77))) * d
         count += sum(n * (i * o + o) for i, o, _, n in linears) + (2 * layers + 1) * 2 * d
         return PartSizes(name, kind, parameters or count, linears, d, layers, ffn, int(config["num_attention_heads"]))
+    if kind == "llava":
+        return _llava_part(name, config, parameters)
     return None
+
+
+def _llava_part(name: str, config: dict[str, Any], parameters: int | None) -> PartSizes | None:
+    """LlavaForConditionalGeneration: its language model (a Llama) with its lm_head, the CLIP vision
+    tower and the two-layer projector; only the language model's block Linears quantize."""
+    language = text_encoder_part(name, {"model_type": "llama", **config["text_config"]})
+    vision = config["vision_config"]
+    if language is None:
+        return None
+    h, ffn, layers = int(vision["hidden_size"]), int(vision["intermediate_size"]), int(vision["num_hidden_layers"])
+    patches = (int(vision["image_size"]) // int(vision["patch_size"])) ** 2
+    tower = 3 * int(vision["patch_size"]) ** 2 * h + h + (patches + 1) * h + 2 * h
+    tower += layers * (4 * (h * h + h) + (h * ffn + ffn) + (ffn * h + h) + 4 * h) + 2 * h
+    d = language.hidden
+    projector = (h * d + d) + (d * d + d)
+    head = int(config["text_config"]["vocab_size"]) * d
+    count = language.parameters + tower + projector + head
+    return PartSizes(name, "llava", parameters or count, language.linears, d, language.layers, language.ffn, language.heads)
 
 
 def vae_part(config: dict[str, Any], parameters: int | None) -> PartSizes | None:
