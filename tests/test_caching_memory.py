@@ -141,3 +141,16 @@ def test_a_720p_clip_caches_within_24_gb_because_its_vae_tiles() -> None:
     parts = {p["name"]: p for p in estimate.details["parts"]}
     assert parts["text_encoder"]["kind"] == "llama" and 7.4e9 < parts["text_encoder"]["parameters"] < 7.6e9
     assert parts["text_encoder_2"]["kind"] == "clip_text_model" and 1.2e8 < parts["text_encoder_2"]["parameters"] < 1.25e8
+
+
+@pytest.mark.parametrize("family", ["hunyuan_video", "hunyuan_video_i2v", "cogvideox", "wan21"])
+def test_the_config_layouts_count_what_the_files_hold(tiny_model: Callable[[str], Path], family: str) -> None:
+    """Each text encoder sized from its config.json alone (Llama, CLIP text, Llava, T5, UMT5) has the
+    parameters its safetensors files hold: the layouts the built-in configs are sized by."""
+    from core.memory.part_sizes import text_encoder_part
+
+    configs = configs_from_folder(tiny_model(family))
+    assert configs.encoders()
+    for name, config in configs.encoders().items():
+        part = text_encoder_part(name, config)
+        assert part is not None and part.parameters == configs.parameters[name], (family, name, part)
