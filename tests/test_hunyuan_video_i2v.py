@@ -219,3 +219,40 @@ def test_the_i2v_preset_fits_24_gb_by_the_estimate() -> None:
     assert estimate.fits(24 * GIB) and estimate.phase == "training"
     parts = {p["name"]: p for p in estimate.details["parts"]}
     assert parts["text_encoder"]["kind"] == "llava" and parts["text_encoder"]["weight_dtype"] == "FLOAT_8"
+
+
+def test_each_clip_variant_caches_the_caption_read_with_its_own_first_frame(i2v: Path, tmp_path: Path) -> None:
+    """Two variants of one clip (random windows) start on different frames: two text entries, each the
+    Llava's reading of the caption with that variant's first frame, and the dataset gives each variant its own."""
+    from core.data.cache import ContentHasher
+    from core.data.dataset import CachedSampleDataset
+    from core.data.plan import plan_data
+    from core.data.precompute import fill_caches, sample_pixels
+
+    data = tmp_path / "data"
+    data.mkdir()
+    make_clip(data / "clip.mp4", width=64, height=64, fps=16, seconds=2.0)
+    (data / "clip.txt").write_text("a square moving across the frame", encoding="utf-8")
+    config = _i2v_config(i2v, data, tmp_path, cache_variants=2, video_config={"temporal_augmentation": True, "max_frames": 32})
+    adapter = adapter_for(config)
+    plan = plan_data(config, adapter, ContentHasher(config["cache_dir"]))
+    (sample,) = plan.train
+    assert len(sample.plans) == 2 and sample.plans[0] != sample.plans[1]
+    assert len(set(sample.text_keys)) == 2 and sample.text_key == sample.text_keys[0]
+    report = fill_caches(plan, adapter, config["cache_dir"])
+    assert report.texts_computed == 2 and report.latents_computed == 2
+    dataset = CachedSampleDataset({0: sample.cached}, config["cache_dir"])
+    for name in adapter.text_encoder_names:
+        adapter.load_text_encoder("cpu", torch.float32, name=name)
+    for variant, frame_plan in enumerate(sample.plans):
+        first = sample_pixels(sample, frame_plan)[0]
+        expected = adapter.encode_text([sample.item.caption], images=[first])
+        entry = dataset.load(0, variant)
+        mask = expected["prompt_attention_mask"][0]
+        stored = entry["prompt_embeds"]
+        torch.testing.assert_close(stored, expected["prompt_embeds"][0][: stored.shape[0]])
+        assert int(mask.sum()) == stored.shape[0]
+    # The two first frames differ, and so do the two readings of the one caption.
+    assert not torch.equal(dataset.load(0, 0)["prompt_embeds"], dataset.load(0, 1)["prompt_embeds"])
+    # Cached again: nothing computed.
+    assert fill_caches(plan_data(config, adapter, ContentHasher(config["cache_dir"])), adapter, config["cache_dir"]).texts_reused == 2
