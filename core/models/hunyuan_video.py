@@ -8,26 +8,15 @@ posterior sample times scaling_factor (seeded, so an entry is reproducible), in 
 transformer's own (B, C, F, H, W) layout. The VAE compresses 8x in space and 4x in time, so clips
 take 4k + 1 frames; the transformer patches 2x2 in space (1 in time): sides are multiples of 16.
 
-Text, as HunyuanVideoPipeline.encode_prompt:
-- Llama (text_encoder): the caption inside the pipeline's DEFAULT_PROMPT_TEMPLATE, tokenized to
-  256 + crop_start tokens (padding, truncation, with its attention mask), the hidden state
-  `hidden_states[-(num_hidden_layers_to_skip + 1)]` (the pipeline skips 2: the third-to-last), and
-  the first crop_start (95) positions, the template's system part, cut away from the embeddings and
-  the mask. What is kept: prompt_embeds (256, D) and prompt_attention_mask (256,).
-  The transformer reads only the masked tokens (its token refiner pools and attends under the mask,
-  and the joint attention masks every text position past the caption's length), so the padded
-  positions are zeroed here, so the cache stores only the caption's tokens; the collate pads
-  embeddings and mask back to the 256 together.
-- CLIP-L (text_encoder_2): the caption (the pipeline passes `prompt`, not prompt_2, to CLIP) padded
-  to 77 tokens, encoded without a mask, its pooler_output: pooled_projections (D,).
+Text: hunyuan_video_text.py (the pipelines' encode_prompt).
 
 Caching at real sizes: the VAE encodes with diffusers' tiling and slicing on (load_vae), at the
 tile sizes core/memory/known_models.py's VAE_ENCODE_TILES names (diffusers' defaults: 256-pixel
 tiles 192 apart; its frame chunks of 16, 12 apart, are on by default). A clip of at most 256 x 256
 pixels is one tile and encodes exactly as untiled; a larger one is encoded tile by tile and the
-overlaps blended, so one 720p frame chunk needs about as much memory as a 256-pixel one (the
-estimate's caching figure counts one tile). The blend is diffusers' linear cross-fade over the
-64-pixel overlaps, the latents there a mix of two tiles' (tests/test_caching_memory.py bounds it).
+overlaps blended (diffusers' linear cross-fade over the 64-pixel overlaps; tests/test_caching_memory.py
+pins it), so one 720p frame chunk needs about as much memory as a 256-pixel one (the estimate's
+caching figure counts one tile).
 
 The forward call is the pipeline's: latents as they are, the flow-matching timestep sigma * 1000 as
 float32, the mask in the transformer's dtype, the pooled CLIP vector, and the distilled-guidance
@@ -48,6 +37,7 @@ from core.memory.known_models import VAE_ENCODE_TILES
 from .base import ModelAdapter, SampleRequest
 from .conditions import ConditionSpec
 from .hunyuan_video_i2v import CONDITION_TYPES, I2V_PIPELINE, image_embed_interleave
+from .hunyuan_video_text import HIDDEN_LAYERS_SKIPPED
 from .loading import FrozenTextEncoder, component, load_frozen_vae
 from .loading import place as _place
 from .loading import read_json as _read_json
@@ -63,11 +53,8 @@ logger = logging.getLogger(__name__)
 
 HUNYUAN_FAMILIES = ("hunyuan_video", "hunyuan_video_i2v")
 PIPELINES = {"HunyuanVideoPipeline": "hunyuan_video", I2V_PIPELINE: "hunyuan_video_i2v"}
-# HunyuanVideoPipeline.__call__'s max_sequence_length, _get_llama_prompt_embeds' num_hidden_layers_to_skip
-# and _get_clip_prompt_embeds' max_sequence_length.
+# HunyuanVideoPipeline.__call__'s max_sequence_length.
 MAX_TEXT_LENGTH = 256
-HIDDEN_LAYERS_SKIPPED = 2
-CLIP_LENGTH = 77
 # The transformer's two stacks, in the order its forward runs them.
 STACKS = ("transformer_blocks", "single_transformer_blocks")
 # The attention projections of both stacks, as finetrainers' HunyuanVideo LoRA example targets them
@@ -299,70 +286,19 @@ class HunyuanVideoAdapter(ModelAdapter):
     def encode_text(self, captions: list[str], grad: bool = False, images: list[Any] | None = None) -> dict[str, torch.Tensor]:
         """As HunyuanVideoPipeline.encode_prompt (module docstring), the padded positions zeroed;
         image-to-video: with each caption's image (its clip's first frame, PIL or (H, W, 3) uint8), as
-        HunyuanVideoImageToVideoPipeline.encode_prompt."""
-        import torch
+        HunyuanVideoImageToVideoPipeline.encode_prompt (hunyuan_video_text.py)."""
+        from .hunyuan_video_text import llama_conditions, llava_conditions
 
-        if isinstance(captions, str):
-            captions = [captions]
-        captions = list(captions)
-        if self.image_conditioned:
-            return self._encode_with_images(captions, images, grad)
-        llama_tokenizer, llama = self._text["text_encoder"].tokenizer, self._text["text_encoder"].encoder
-        clip_tokenizer, clip = self._text["text_encoder_2"].tokenizer, self._text["text_encoder_2"].encoder
-        if llama is None or clip is None:
+        captions = [captions] if isinstance(captions, str) else list(captions)
+        parts = self.text_parts()
+        if any(encoder is None for _, encoder in parts.values()):
             raise RuntimeError("load_text_encoder() must be called for text_encoder and text_encoder_2 before encode_text()")
-        template = self.prompt_template
-        crop_start = self._crop_start(llama_tokenizer)
-        inputs = llama_tokenizer(
-            [template["template"].format(c) for c in captions], max_length=self.max_text_length + crop_start,
-            padding="max_length", truncation=True, return_tensors="pt", return_length=False,
-            return_overflowing_tokens=False, return_attention_mask=True,
-        )
-        clip_inputs = clip_tokenizer(captions, padding="max_length", max_length=CLIP_LENGTH, truncation=True, return_tensors="pt")
-        device = next(llama.parameters()).device
-        ids, mask = inputs.input_ids.to(device), inputs.attention_mask.to(device)
-        with torch.enable_grad() if grad else torch.no_grad():
-            hidden = llama(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
-            embeds = hidden[-(HIDDEN_LAYERS_SKIPPED + 1)]
-            if crop_start > 0:
-                embeds, mask = embeds[:, crop_start:], mask[:, crop_start:]
-            keep = mask.bool()
-            embeds = torch.where(keep[:, :, None], embeds, torch.zeros((), dtype=embeds.dtype, device=device))
-            clip_device = next(clip.parameters()).device
-            pooled = clip(clip_inputs.input_ids.to(clip_device), output_hidden_states=False).pooler_output
-        return {"prompt_embeds": embeds, "prompt_attention_mask": keep, "pooled_projections": pooled.to(device)}
-
-    def _encode_with_images(self, captions: list[str], images: list[Any] | None, grad: bool) -> dict[str, torch.Tensor]:
-        import numpy as np
-        import torch
-        from PIL import Image
-
-        from .hunyuan_video_i2v import llava_prompt_embeds
-
+        if not self.image_conditioned:
+            return llama_conditions(parts, captions, self.prompt_template, self.max_text_length, grad)
         if images is None or len(images) != len(captions):
             raise ValueError(f"{self.family} encodes each caption with its clip's first frame: give one image per caption")
-        llava_tokenizer, llava = self._text["text_encoder"].tokenizer, self._text["text_encoder"].encoder
-        clip_tokenizer, clip = self._text["text_encoder_2"].tokenizer, self._text["text_encoder_2"].encoder
-        if llava is None or clip is None:
-            raise RuntimeError("load_text_encoder() must be called for text_encoder and text_encoder_2 before encode_text()")
-        pictures = [i if isinstance(i, Image.Image) else Image.fromarray(np.asarray(i, dtype=np.uint8)) for i in images]
-        with torch.enable_grad() if grad else torch.no_grad():
-            embeds, mask = llava_prompt_embeds(llava_tokenizer, llava, self._image_processor, captions, pictures,
-                                               self.prompt_template, self.max_text_length, image_embed_interleave(self.condition_type))
-            keep = mask.bool()
-            embeds = torch.where(keep[:, :, None], embeds, torch.zeros((), dtype=embeds.dtype, device=embeds.device))
-            clip_inputs = clip_tokenizer(captions, padding="max_length", max_length=CLIP_LENGTH, truncation=True, return_tensors="pt")
-            pooled = clip(clip_inputs.input_ids.to(next(clip.parameters()).device), output_hidden_states=False).pooler_output
-        return {"prompt_embeds": embeds, "prompt_attention_mask": keep, "pooled_projections": pooled.to(embeds.device)}
-
-    def _crop_start(self, tokenizer: Any) -> int:
-        """The template's crop_start, or where it has none the pipeline's count: the template's tokens
-        padded to the tokenizer's length, less the <|eot_id|> and the placeholder."""
-        crop_start = self.prompt_template.get("crop_start")
-        if crop_start is None:
-            crop_start = tokenizer(self.prompt_template["template"], padding="max_length", return_tensors="pt",
-                                   return_attention_mask=False)["input_ids"].shape[-1] - 2
-        return int(crop_start)
+        return llava_conditions(parts, self._image_processor, captions, images, self.prompt_template, self.max_text_length,
+                                image_embed_interleave(self.condition_type), grad)
 
     # -- training ----------------------------------------------------------------------------------
     def transformer_names(self) -> tuple[str, ...]:
