@@ -1,7 +1,8 @@
 """Sample videos from a Hunyuan Video model as it is now, with HunyuanVideoPipeline or, for
 image-to-video, HunyuanVideoImageToVideoPipeline (HunyuanVideoAdapter.sample).
 
-It reaches the adapter only through the ModelAdapter interface.
+It reaches the adapter through the ModelAdapter interface, and for image-to-video its
+image_processor (the I2V folder's CLIPImageProcessor, which the pipeline takes).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def sample_video(adapter: ModelAdapter, denoisers: dict[str, Any], request: Samp
             raise ValueError(f"{adapter.family} needs request.image, the first frame to start from")
         image = request.image
         extra["image"] = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, dtype=np.uint8))
-        pipe = HunyuanVideoImageToVideoPipeline(**components, image_processor=adapter.image_processor)
+        pipe = HunyuanVideoImageToVideoPipeline(**components, image_processor=adapter.image_processor)  # type: ignore[attr-defined]
     else:
         pipe = HunyuanVideoPipeline(**components)
     pipe.set_progress_bar_config(disable=True)
