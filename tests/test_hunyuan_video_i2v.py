@@ -256,3 +256,16 @@ def test_each_clip_variant_caches_the_caption_read_with_its_own_first_frame(i2v:
     assert not torch.equal(dataset.load(0, 0)["prompt_embeds"], dataset.load(0, 1)["prompt_embeds"])
     # Cached again: nothing computed.
     assert fill_caches(plan_data(config, adapter, ContentHasher(config["cache_dir"])), adapter, config["cache_dir"]).texts_reused == 2
+
+
+def test_samples_start_from_the_image_with_the_i2v_pipeline(i2v: Path) -> None:
+    from core.models.base import SampleRequest
+
+    adapter = _loaded(i2v)
+    transformer = adapter.load_transformer("transformer", "cpu", torch.float32)
+    image = (np.random.default_rng(0).random((32, 48, 3)) * 255).astype(np.uint8)
+    request = SampleRequest("a red ball", 48, 32, 5, 2, 6.0, 0, image=image)
+    video = adapter.sample({"transformer": transformer}, request, device="cpu", dtype=torch.float32)
+    assert video.shape == (5, 32, 48, 3) and video.dtype == np.uint8
+    with pytest.raises(ValueError, match="needs request.image"):
+        adapter.sample({"transformer": transformer}, SampleRequest("a red ball", 48, 32, 5, 2, 6.0, 0), device="cpu", dtype=torch.float32)
