@@ -48,6 +48,29 @@ def gib(value: int) -> str:
     return f"{value / GIB:.2f} GiB"
 
 
+def model_part_lines(estimate: Estimate) -> list[tuple[str, str]]:
+    """(part, what it is) for every part the run loads (details["parts"]): "text_encoder_2",
+    "clip_text_model, BFLOAT_16: 0.23 GiB, caching only"."""
+    lines = []
+    for part in estimate.details.get("parts", []):
+        size = gib(part["bytes"]) if part.get("bytes") is not None else "not sized"
+        when = "caching only" if part.get("when") == "caching" else "in training"
+        lines.append((part["name"], f"{part['kind']}, {part['weight_dtype']}: {size}, {when}"))
+    return lines
+
+
+def caching_text(estimate: Estimate) -> str:
+    """The caching phase's figure beside the training step's, and which is the higher."""
+    caching = estimate.details.get("caching")
+    if not caching:
+        return ""
+    tiled = " (tiled)" if caching.get("tiled") else ""
+    unsized = f"; not counted: {', '.join(caching['unsized'])}" if caching.get("unsized") else ""
+    higher = "filling the caches needs more than a training step" if estimate.phase == "caching" else "a training step needs more"
+    return (f"Filling the caches: about {gib(estimate.caching_needed_bytes)} (VAE{tiled} {gib(caching['vae'])}, "
+            f"text encoders {gib(caching['text'])}{unsized}); {higher}.")
+
+
 def part_notes(estimate: Estimate) -> dict[str, str]:
     """What each part is made of, in the words of `main.py estimate`."""
     d = estimate.details
@@ -110,6 +133,13 @@ class EstimatePanel(SidePanel):
             self.parts.addWidget(bar, 2 * row, 2)
             self.parts.addWidget(note, 2 * row + 1, 0, 1, 3)
             self.part_rows[key] = (name, value, bar, note)
+        self.caching_label = QLabel()
+        self.caching_label.setWordWrap(True)
+        self.caching_label.setObjectName("estimateCaching")
+        # The model's parts (transformer, each text encoder, VAE) with their dtypes and bytes.
+        self.model_parts = QGridLayout()
+        self.model_parts.setHorizontalSpacing(10)
+        self.model_part_labels: dict[str, tuple[QLabel, QLabel]] = {}
         self.model_label = muted_label()
         self.error_label = muted_label()
         self.error_label.setObjectName("estimateError")
@@ -118,6 +148,8 @@ class EstimatePanel(SidePanel):
             self.body.addWidget(widget)
         self.body.addSpacing(6)
         self.body.addLayout(self.parts)
+        self.body.addWidget(self.caching_label)
+        self.body.addLayout(self.model_parts)
         self.body.addWidget(self.model_label)
         self.body.addWidget(self.error_label)
         self.body.addStretch(1)
@@ -187,9 +219,11 @@ class EstimatePanel(SidePanel):
         for name, value, bar, note in self.part_rows.values():
             for widget in (name, value, bar, note):
                 widget.setVisible(estimate is not None)
+        self._show_model_parts(estimate)
         if estimate is None:
             self.peak_label.setText("-")
             self.needed_label.setText("")
+            self.caching_label.setText("")
             self.model_label.setText("")
             self.gpu_label.setText(self._gpu_text(None))
             return
@@ -203,6 +237,7 @@ class EstimatePanel(SidePanel):
             bar.setValue(round(1000 * amount / peak))  # the part's share of the peak
             bar.setToolTip(f"{100 * amount / peak:.0f}% of the estimated peak")
             note.setText(notes.get(key, ""))
+        self.caching_label.setText(caching_text(estimate))
         d = estimate.details
         cache = "".join(f" The text cache holds {size / 2**20:.1f} MiB per caption of {name} (keep_loaded off)."
                         for name, size in (d.get("text_cache_bytes_per_caption") or {}).items())
@@ -211,6 +246,23 @@ class EstimatePanel(SidePanel):
             f"{d.get('tokens')} tokens, batch {d.get('batch')}.{cache}"
         )
         self.gpu_label.setText(self._gpu_text(estimate))
+
+    def _show_model_parts(self, estimate: Estimate | None) -> None:
+        lines = model_part_lines(estimate) if estimate is not None else []
+        if [name for name, _ in lines] != list(self.model_part_labels):
+            for name_label, text_label in self.model_part_labels.values():
+                for label in (name_label, text_label):
+                    self.model_parts.removeWidget(label)
+                    label.deleteLater()
+            self.model_part_labels = {}
+            for row, (name, _) in enumerate(lines):
+                name_label, text_label = QLabel(name), muted_label()
+                text_label.setObjectName(f"estimatePart_{name}")
+                self.model_parts.addWidget(name_label, row, 0)
+                self.model_parts.addWidget(text_label, row, 1)
+                self.model_part_labels[name] = (name_label, text_label)
+        for name, text in lines:
+            self.model_part_labels[name][1].setText(text)
 
     def _gpu_text(self, estimate: Estimate | None) -> str:
         if not self.gpu_checked:

@@ -201,10 +201,9 @@ def test_other_families_are_not_supported_yet(tmp_path: Path) -> None:
                                                            "image_encoder": ["transformers", "CLIPVisionModel"]}))
     with pytest.raises(UserError, match="Wan 2.1 image-to-video model, which is not supported yet for training"):
         adapter_for({"model_type": "AUTO", "base_model": str(tmp_path)})
-    # HunyuanVideo-I2V folders: recognised by name, not trained yet (text-to-video is).
+    # HunyuanVideo-I2V folders train now (tests/test_hunyuan_video_i2v.py): the same adapter, its I2V family.
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "HunyuanVideoImageToVideoPipeline"}))
-    with pytest.raises(UserError, match="HunyuanVideo image-to-video model, which is not supported yet for training"):
-        adapter_for({"model_type": "AUTO", "base_model": str(tmp_path)})
+    assert adapter_for({"model_type": "AUTO", "base_model": str(tmp_path)}).family == "hunyuan_video_i2v"
     # A pipeline the table does not know at all.
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "SomeOtherPipeline"}))
     with pytest.raises(UserError, match="SomeOtherPipeline, which this app does not know"):

@@ -108,7 +108,7 @@ def test_the_built_in_llama_config_builds_the_8b_decoder() -> None:
 
     from core.memory.text_sizes import decoder_parameters
 
-    config = KNOWN_MODELS["HiDream-ai/HiDream-I1-Full"].other_text_encoders["text_encoder_4"]
+    config = KNOWN_MODELS["HiDream-ai/HiDream-I1-Full"].other_text_encoders()["text_encoder_4"]
     with torch.device("meta"):
         model = LlamaModel(LlamaConfig(**config))
     count = sum(p.numel() for p in model.parameters())

@@ -16,6 +16,7 @@ from core.config import load_preset_overlay, resolve
 from core.memory.estimate import estimate_memory
 from core.memory.known_models import KNOWN_MODELS
 from core.memory.model_sizes import transformer_sizes
+from core.memory.part_sizes import text_encoder_part
 
 GIB = 1024**3
 CLASS = {"_class_name": "HunyuanVideoTransformer3DModel"}
@@ -61,7 +62,21 @@ def test_the_built_in_hunyuan_video_config_builds_the_real_class() -> None:
     count = sum(p.numel() for p in model.parameters())
     assert count == sum(p.numel() for p in defaults.parameters()) == transformer_sizes(config).parameters()
     assert 12.8e9 < count < 12.9e9  # "13B"
-    assert known.vae == {"z_dim": 16, "scale_factor_spatial": 8, "scale_factor_temporal": 4}
+    from diffusers import AutoencoderKLHunyuanVideo
+    from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
+
+    with torch.device("meta"):
+        vae = AutoencoderKLHunyuanVideo()
+        llama = LlamaModel(LlamaConfig(**known.text_encoders["text_encoder"]))
+        clip = CLIPTextModel(CLIPTextConfig(**known.text_encoders["text_encoder_2"]))
+    assert {k: known.vae[k] for k in ("z_dim", "scale_factor_spatial", "scale_factor_temporal")} == {
+        "z_dim": 16, "scale_factor_spatial": 8, "scale_factor_temporal": 4}
+    assert list(vae.config.block_out_channels) == known.vae["block_out_channels"]
+    assert known.vae["parameters"] == sum(p.numel() for p in vae.parameters())
+    # The parts list's counts from the built-in configs are the classes' own.
+    parts = {name: text_encoder_part(name, config) for name, config in known.text_encoders.items()}
+    assert parts["text_encoder"].parameters == sum(p.numel() for p in llama.parameters())
+    assert parts["text_encoder_2"].parameters == sum(p.numel() for p in clip.parameters())
 
 
 def test_offloading_counts_blocks_of_both_stacks() -> None:

@@ -125,3 +125,31 @@ def test_no_gpu_says_so(panel: EstimatePanel, monkeypatch: pytest.MonkeyPatch) -
 def test_small_values_in_mib() -> None:
     assert gib(3 * GIB // 2) == "1.50 GiB"
     assert gib(5 * 2**20) == "5.0 MiB"
+
+
+def test_shows_the_families_parts_with_both_hunyuan_text_encoders(qtbot, threads: list[int]) -> None:
+    """Every part the run loads, from the family's own configs: Hunyuan Video's Llama and CLIP-L text
+    encoders (not a T5), each in its section's weight_dtype, and the caching phase's figure."""
+    state = ConfigState()
+    config = load_preset("#hunyuan video LoRA")
+    config["text_encoder"]["weight_dtype"] = "FLOAT_8"
+    state.replace(config)
+    widget = EstimatePanel(state)
+    qtbot.addWidget(widget)
+    widget.show()
+    try:
+        assert widget.settle() and widget.estimate is not None
+        parts = {p["name"]: p for p in widget.estimate.details["parts"]}
+        assert list(widget.model_part_labels) == ["transformer", "text_encoder", "text_encoder_2", "vae"]
+        llama = widget.model_part_labels["text_encoder"][1]
+        clip = widget.model_part_labels["text_encoder_2"][1]
+        assert llama.isVisible() and clip.isVisible()
+        assert llama.text() == f"llama, FLOAT_8: {gib(parts['text_encoder']['bytes'])}, caching only"
+        assert clip.text() == f"clip_text_model, BFLOAT_16: {gib(parts['text_encoder_2']['bytes'])}, caching only"
+        # FLOAT_8 stores the Llama's block Linears in a byte each: about half its bfloat16 size.
+        assert 7 * GIB < parts["text_encoder"]["bytes"] < 8.5 * GIB
+        assert "HunyuanVideoTransformer3DModel, FLOAT_8" in widget.model_part_labels["transformer"][1].text()
+        assert "Filling the caches" in widget.caching_label.text() and "(tiled)" in widget.caching_label.text()
+        assert gib(widget.estimate.caching_needed_bytes) in widget.caching_label.text()
+    finally:
+        widget.shutdown()

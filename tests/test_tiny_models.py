@@ -35,6 +35,7 @@ PIPELINES = {
     "wan22_a14b": "WanPipeline",
     "wan22_a14b_i2v": "WanImageToVideoPipeline",
     "hunyuan_video": "HunyuanVideoPipeline",
+    "hunyuan_video_i2v": "HunyuanVideoImageToVideoPipeline",
     "cogvideox": "CogVideoXPipeline",
     "cogvideox_i2v": "CogVideoXImageToVideoPipeline",
     "cogvideox15": "CogVideoXPipeline",
@@ -48,6 +49,7 @@ VIDEO_CALLS = {
     "wan22_a14b": dict(height=32, width=32, num_frames=5),
     "wan22_a14b_i2v": dict(height=32, width=32, num_frames=5),
     "hunyuan_video": dict(height=32, width=32, num_frames=5),
+    "hunyuan_video_i2v": dict(height=32, width=32, num_frames=5),
     "cogvideox": dict(height=32, width=32, num_frames=9),  # CogVideoX's VAE round-trips 8k+1 frames
     "cogvideox_i2v": dict(height=64, width=64, num_frames=9),  # its learned positions: one size only
     "cogvideox15": dict(height=32, width=32, num_frames=9),
@@ -106,7 +108,8 @@ def test_pipeline_loads_and_runs(built, family):
     for name, tokenizer in pipe.components.items():
         if name.startswith("tokenizer"):
             encoder = pipe.components[name.replace("tokenizer", "text_encoder")]
-            assert encoder.config.vocab_size >= len(tokenizer), name
+            config = getattr(encoder.config, "text_config", encoder.config)  # Llava: its language model's
+            assert config.vocab_size >= len(tokenizer), name
 
     if family == "wan22_a14b":
         assert pipe.transformer_2 is not None
@@ -151,6 +154,13 @@ def test_pipeline_loads_and_runs(built, family):
             from PIL import Image
 
             call["image"] = Image.new("RGB", (call["width"], call["height"]), (200, 30, 30))
+    if family == "hunyuan_video_i2v":
+        from PIL import Image
+
+        # token_replace: the image's latents take the first frame, so the transformer takes 16 channels.
+        assert pipe.transformer.config.image_condition_type == "token_replace"
+        assert pipe.transformer.config.in_channels == pipe.vae.config.latent_channels
+        call["image"] = Image.new("RGB", (call["width"], call["height"]), (200, 30, 30))
     if family == "wan22_a14b_i2v":
         from PIL import Image
 
@@ -167,6 +177,25 @@ def test_pipeline_loads_and_runs(built, family):
     frames = out.frames
     assert frames.shape == (1, call["num_frames"], call["height"], call["width"], 3)
     assert torch.isfinite(torch.from_numpy(frames)).all()
+
+
+def test_hunyuan_i2v_prompt_places_the_image_and_survives_the_crops(built):
+    """The I2V pipeline widens the template's <image> at position 5 to 576 tokens, drops the first 103
+    positions and the 4 before the assistant's reply: they must be exactly the template's."""
+    from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video_image2video import DEFAULT_PROMPT_TEMPLATE
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(built["hunyuan_video_i2v"] / "tokenizer")
+    template = DEFAULT_PROMPT_TEMPLATE["template"]
+    crop = DEFAULT_PROMPT_TEMPLATE["crop_start"]
+    prefix_ids = tokenizer(template.split("{}")[0]).input_ids
+    assert len(prefix_ids) == crop
+    assert prefix_ids.index(tokenizer.convert_tokens_to_ids("<image>")) == DEFAULT_PROMPT_TEMPLATE["image_emb_start"]
+    ids = tokenizer(template.format(PROMPT)).input_ids
+    assert ids[:crop] == prefix_ids
+    assert tokenizer.convert_ids_to_tokens(ids[-5:]) == ["<|eot_id|>", "<|start_header_id|>", "assistant", "<|end_header_id|>", "\n\n"]
+    assert tokenizer.decode(ids[crop:-5], skip_special_tokens=True).strip() == PROMPT
+    assert tokenizer.unk_token_id not in ids
 
 
 def test_hunyuan_prompt_survives_the_template_crop(built):

@@ -85,6 +85,15 @@ def estimate_command(args: argparse.Namespace) -> int:
         print(f"  text cache       {size / 2**20:.1f} MiB per caption on disk for {section} (keep_loaded off)")
     print(f"  {'peak':16s} {_gib(result.peak_bytes)}  (predicted torch.cuda.max_memory_allocated)")
     print(f"  {'needed':16s} {_gib(result.needed_bytes)}  (with the CUDA context and the allocator's reserve)")
+    caching = d["caching"]
+    unsized = f"; not counted: {', '.join(caching['unsized'])}" if caching["unsized"] else ""
+    print(f"  {'caching':16s} {_gib(result.caching_needed_bytes)}  (needed while filling the caches: VAE "
+          f"{_gib(caching['vae']).strip()}{' tiled' if caching['tiled'] else ''}, text encoders {_gib(caching['text']).strip()}{unsized})")
+    print(f"  the higher phase: {result.phase}")
+    print("  parts:")
+    for part in d["parts"]:
+        size = _gib(part["bytes"]) if part["bytes"] is not None else "  not sized"
+        print(f"    {part['name']:16s} {size}  ({part['kind']}, {part['weight_dtype']}, on the GPU for {part['when']})")
     if vram is not None:
         verdict = "fits" if result.fits(vram) else "does not fit"
         print(f"{verdict} in {vram / GIB:.1f} GiB ({gpu})")

@@ -31,6 +31,7 @@ MODEL_TYPES = (
     "WAN_2_2_A14B_T2V",
     "WAN_2_2_A14B_I2V",
     "HUNYUAN_VIDEO",
+    "HUNYUAN_VIDEO_I2V",
     "COGVIDEOX",
     "COGVIDEOX_I2V",
     "HIDREAM",
@@ -47,8 +48,8 @@ LORA_ONLY = {"training_method": ("LORA",)}
 # AUTO included: the folder decides, and the engine refuses these settings on a one-transformer model.
 A14B_ONLY = {"model_type": ("AUTO", "WAN_2_2_A14B_T2V", "WAN_2_2_A14B_I2V")}
 # AUTO included: the folder decides; the setting does nothing for a model without the part.
-GUIDANCE_DISTILLED = {"model_type": ("AUTO", "HUNYUAN_VIDEO")}
-TWO_TEXT_ENCODERS = {"model_type": ("AUTO", "HUNYUAN_VIDEO", "HIDREAM")}
+GUIDANCE_DISTILLED = {"model_type": ("AUTO", "HUNYUAN_VIDEO", "HUNYUAN_VIDEO_I2V")}
+TWO_TEXT_ENCODERS = {"model_type": ("AUTO", "HUNYUAN_VIDEO", "HUNYUAN_VIDEO_I2V", "HIDREAM")}
 FOUR_TEXT_ENCODERS = {"model_type": ("AUTO", "HIDREAM")}
 MIXTURE_OF_EXPERTS = {"model_type": ("AUTO", "HIDREAM")}
 EMBEDDING_ONLY = {"training_method": ("EMBEDDING",)}

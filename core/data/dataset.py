@@ -43,6 +43,10 @@ class CachedSample:
 
     latent_keys: tuple[str, ...]
     text_key: str
+    text_keys: tuple[str, ...] = ()  # one per variant, where the text conditions depend on the first frame
+
+    def text_key_of(self, variant: int) -> str:
+        return self.text_keys[variant] if self.text_keys else self.text_key
 
     def __post_init__(self) -> None:
         if not self.latent_keys:
@@ -100,9 +104,10 @@ class CachedSampleDataset(Dataset):
         latents = self.latents.get(latent_key)
         if latents is None:
             raise MissingCacheEntry(f"sample {sample_id!r}: latents {latent_key} (variant {variant}) are not in {self.latents.root}")
-        text = self._text_entry(sample.text_key)
+        key = sample.text_key_of(variant)
+        text = self._text_entry(key)
         if text is None:
-            raise MissingCacheEntry(f"sample {sample_id!r}: text embeddings {sample.text_key} are not in {self.text.root}")
+            raise MissingCacheEntry(f"sample {sample_id!r}: text embeddings {key} are not in {self.text.root}")
         tensors, padding = text
         return {**latents, **tensors, PADDING: padding}
 

@@ -43,10 +43,12 @@ class PlannedSample:
     plans: tuple[FramePlan, ...]  # one per cached variant
     latent_keys: tuple[str, ...]  # one per variant, in the same order
     text_key: str
+    # One per variant where the text conditions depend on the clip's first frame (adapter.text_takes_image).
+    text_keys: tuple[str, ...] = ()
 
     @property
     def cached(self) -> CachedSample:
-        return CachedSample(self.latent_keys, self.text_key)
+        return CachedSample(self.latent_keys, self.text_key, self.text_keys)
 
 
 @dataclass
@@ -154,9 +156,11 @@ def plan_samples(
             )
             for plan in plans
         )
-        planned.append(
-            PlannedSample(item, info, content, bucket, plans, keys, text_key(item.caption, text_identity, adapter.max_text_length, text_dtype))
-        )
+        caption_key = text_key(item.caption, text_identity, adapter.max_text_length, text_dtype)
+        # A text encoder that reads the first frame: one entry per variant, keyed by its latents' key too.
+        frame_keys = tuple(text_key(item.caption, f"{text_identity}|{key}", adapter.max_text_length, text_dtype)
+                           for key in keys) if getattr(adapter, "text_takes_image", False) else ()
+        planned.append(PlannedSample(item, info, content, bucket, plans, keys, frame_keys[0] if frame_keys else caption_key, frame_keys))
     hasher.save()
     return planned
 

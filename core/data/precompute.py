@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from core.memory.caching import CAPTION_BATCH
 from core.models.base import ModelAdapter
 from core.models.conditions import load_text_encoders
 
@@ -27,7 +28,7 @@ from .plan import DataPlan, PlannedSample
 
 log = logging.getLogger(__name__)
 
-TEXT_BATCH = 16
+TEXT_BATCH = CAPTION_BATCH  # captions per encode_text call; the estimate's caching figure counts as many
 
 
 @dataclass
@@ -94,6 +95,24 @@ def _decoded(todo: list[tuple[PlannedSample, FramePlan, str]], workers: int) -> 
             yield sample, key, result
 
 
+def _missing_texts(plan: DataPlan, texts: TextCache, layout: dict[str, Any], report: CacheReport,
+                   with_images: bool) -> list[tuple[str, str, tuple[PlannedSample, FramePlan] | None]]:
+    """(key, caption, the variant whose first frame the encoder reads, or None) of each text entry to make."""
+    todo: list[tuple[str, str, tuple[PlannedSample, FramePlan] | None]] = []
+    seen: set[str] = set()
+    for sample in plan.train + plan.validation:
+        keys = sample.text_keys if with_images and sample.text_keys else (sample.text_key,)
+        for variant, key in enumerate(keys):
+            if key in seen:
+                continue
+            seen.add(key)
+            if texts.has(key, layout):  # an entry lacking a key the family returns is made again
+                report.texts_reused += 1
+            else:
+                todo.append((key, sample.item.caption, (sample, sample.plans[variant]) if with_images else None))
+    return todo
+
+
 def fill_caches(
     plan: DataPlan,
     adapter: ModelAdapter,
@@ -135,22 +154,18 @@ def fill_caches(
     plan.drop(failed, report.failed)
 
     layout = adapter.condition_layout()
-    captions: dict[str, str] = {}
-    for sample in plan.train + plan.validation:
-        if sample.text_key in captions:
-            continue
-        if texts.has(sample.text_key, layout):  # an entry lacking a key the family returns is made again
-            report.texts_reused += 1
-            captions[sample.text_key] = ""
-        else:
-            captions[sample.text_key] = sample.item.caption
-    missing = [(k, c) for k, c in captions.items() if c]
+    missing = _missing_texts(plan, texts, layout, report, bool(getattr(adapter, "text_takes_image", False)))
     if missing and not stop():
         load_text_encoders(adapter, device, plan.text_weight_dtypes, list(plan.text_weight_dtypes))  # the cached ones
         for start in range(0, len(missing), TEXT_BATCH):
             chunk = missing[start : start + TEXT_BATCH]
-            encoded = adapter.encode_text([caption for _, caption in chunk])
-            for row, (key, _) in enumerate(chunk):
+            if chunk[0][2] is None:
+                encoded = adapter.encode_text([caption for _, caption, _ in chunk])
+            else:
+                # The text encoder reads each variant's first frame, as its pipeline reads the start image.
+                images = [sample_pixels(*job)[0] for _, _, job in chunk]
+                encoded = adapter.encode_text([caption for _, caption, _ in chunk], images=images)  # type: ignore[call-arg]
+            for row, (key, _, _) in enumerate(chunk):
                 texts.put_conditions(key, {name: encoded[name][row].cpu() for name in layout}, layout)
                 report.texts_computed += 1
             tick("captions", start + len(chunk), len(missing))

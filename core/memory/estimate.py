@@ -11,6 +11,11 @@ It predicts torch.cuda.max_memory_allocated() of a training step, split into fou
 - workspace: the transient dequantized weight of the largest quantized layer, the autocast copies
   of fully trained weights, the optimizer step's temporaries and the latent-sized loss tensors.
 
+The caching phase before training (core/memory/caching.py: the VAE encoding the clips, then the text
+encoders the captions) has its own peak, details["caching"]; `phase` says which of the two is higher
+and `fits` asks that the higher one fit. details["parts"] lists every part the run loads (the
+transformer, each text encoder, the VAE) with its weight_dtype and bytes.
+
 needed_bytes adds what max_memory_allocated does not see: the CUDA context and library handles
 (CUDA_CONTEXT_BYTES) and the caching allocator's reserve beyond allocated (ALLOCATOR_OVERHEAD).
 These two and BACKWARD_EXTRA are the calibration constants; docs/memory.md says where each comes
@@ -23,6 +28,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from .caching import caching_memory, model_parts
 from .known_models import ModelConfigs, model_configs
 from .model_sizes import (
     DTYPE_BYTES,
@@ -61,11 +67,23 @@ class Estimate:
     needed_bytes: int
     details: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def caching_needed_bytes(self) -> int:
+        """What filling the caches needs, with the same context and reserve as a training step (0 unknown)."""
+        peak = int((self.details.get("caching") or {}).get("peak", 0))
+        return int(peak * (1 + ALLOCATOR_OVERHEAD)) + CUDA_CONTEXT_BYTES if peak else 0
+
+    @property
+    def phase(self) -> str:
+        """The phase with the higher peak: "training" or "caching"."""
+        return "caching" if self.caching_needed_bytes > self.needed_bytes else "training"
+
     def fits(self, vram_bytes: int) -> bool:
-        return self.needed_bytes <= vram_bytes
+        return max(self.needed_bytes, self.caching_needed_bytes) <= vram_bytes
 
     def as_json(self) -> dict[str, Any]:
-        return {"peak_bytes": self.peak_bytes, "needed_bytes": self.needed_bytes, "parts": dict(self.parts), "details": self.details}
+        return {"peak_bytes": self.peak_bytes, "needed_bytes": self.needed_bytes, "parts": dict(self.parts),
+                "caching_needed_bytes": self.caching_needed_bytes, "phase": self.phase, "details": self.details}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -227,6 +245,11 @@ def estimate_memory(config: dict[str, Any], configs: ModelConfigs | None = None,
 
     parts = {"weights": weights, "trainable_state": trainable_state, "activations": activations,
              "workspace": max(workspace, step_peak)}
+    side = shape["side"] * spatial * t.patch[1]  # the largest sample's pixels, as a square of its area
+    details["caching"] = caching_memory(config, configs, t, shape["frames"], side)
+    trained_text = {name: method == "EMBEDDING" or bool((config.get(name) or {}).get("train")) for name in configs.encoders()}
+    transformer_bytes = sum(s.total_bytes(wdtype) for s in transformers)
+    details["parts"] = model_parts(config, configs, transformer_bytes, t, trained_text)
     peak = sum(parts.values())
     needed = int(peak * (1 + ALLOCATOR_OVERHEAD)) + CUDA_CONTEXT_BYTES
     return Estimate(peak, parts, needed, details)
@@ -241,7 +264,7 @@ def other_text_encoder_bytes(config: dict[str, Any], configs: ModelConfigs) -> t
 
     kept: dict[str, int] = {}
     cached: dict[str, int] = {}
-    for section, encoder in configs.other_text_encoders.items():
+    for section, encoder in configs.other_text_encoders().items():
         part = config.get(section) or {}
         weight_dtype = str(part.get("weight_dtype", "BFLOAT_16"))
         if part.get("keep_loaded"):

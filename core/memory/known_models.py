@@ -31,9 +31,8 @@ Sources of the numbers:
   (24 heads of 128, 20 dual-stream and 40 single-stream blocks, 2 refiner blocks, mlp_ratio 4,
   patch 2 x 2 x 1, guidance_embeds, text_embed_dim 4096, pooled_projection_dim 768): 12.82 B
   parameters. Its VAE: `AutoencoderKLHunyuanVideo()`'s defaults (16 latent channels, 8x spatial,
-  4x temporal). Its text encoders (a Llama 3 8B and CLIP-L) are not sized here: the estimator's
-  text-encoder table is T5's, and Hunyuan Video trains neither encoder (LoRA only), so no estimate
-  counts them; the Llama config is not built in.
+  4x temporal). Its text encoders, a Llama 3 8B (LlamaModel) and CLIP-L's text model: the configs
+  kohya-ss/musubi-tuner builds them from (below), for the parts list and the caching figure.
 - HiDream-I1-Full transformer (HiDream-ai/HiDream-I1-Full): scripts/convert_hidream_to_diffusers.py
   of hlky/diffusers at bd3e1965714fa791aa9f5f595782800e5ec82c8d (the conversion of that release's
   checkpoint written while HiDream was added to diffusers), which loads the release's transformer
@@ -60,6 +59,8 @@ from typing import Any
 
 from core.errors import ConfigError
 
+from .part_sizes import folder_parameters
+
 log = logging.getLogger(__name__)
 
 _WAN_COMMON = {"attention_head_dim": 128, "cross_attn_norm": True, "eps": 1e-06, "freq_dim": 256,
@@ -83,7 +84,46 @@ HUNYUAN_VIDEO = {"_class_name": "HunyuanVideoTransformer3DModel", "in_channels":
                  "num_attention_heads": 24, "attention_head_dim": 128, "num_layers": 20, "num_single_layers": 40,
                  "num_refiner_layers": 2, "mlp_ratio": 4.0, "patch_size": 2, "patch_size_t": 1, "qk_norm": "rms_norm",
                  "guidance_embeds": True, "text_embed_dim": 4096, "pooled_projection_dim": 768}
-HUNYUAN_VIDEO_VAE = {"z_dim": 16, "scale_factor_spatial": 8, "scale_factor_temporal": 4}
+# AutoencoderKLHunyuanVideo()'s defaults (the release's VAE, as its transformer), with its parameter
+# count: that class built on the meta device (diffusers 0.42) holds 246,478,803.
+HUNYUAN_VIDEO_VAE = {"_class_name": "AutoencoderKLHunyuanVideo", "z_dim": 16, "latent_channels": 16,
+                     "scale_factor_spatial": 8, "scale_factor_temporal": 4, "block_out_channels": [128, 256, 512, 512],
+                     "parameters": 246_478_803}
+# Its text encoders (kohya-ss/musubi-tuner at 790641960e73c396dda28ed23a12689ef2717744,
+# hunyuan_model/text_encoder.py: LLAMA_CONFIG, the language model of xtuner/llava-llama-3-8b-v1_1 that
+# the release ships as a LlamaModel, and CLIP_CONFIG, openai/clip-vit-large-patch14's text model).
+LLAVA_LLAMA3_8B_TEXT = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                        "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 128320,
+                        "attention_bias": False}
+# HunyuanVideo-I2V (hunyuanvideo-community/HunyuanVideo-I2V): diffusers' convert_hunyuan_video_to_diffusers.py
+# (huggingface/diffusers at ff927474edad6058284371f59f04e6fe820fb6bd), TRANSFORMER_CONFIGS["HYVideo-T/2-I2V-16ch"]:
+# the text-to-video transformer's sizes with image_condition_type token_replace (no extra parameters).
+# Its text encoder is the whole LlavaForConditionalGeneration of xtuner/llava-llama-3-8b-v1_1: the
+# language model above with its lm_head, and the vision tower of LlavaConfig's defaults (transformers
+# 5.25: CLIP ViT-L/14 at 336 pixels, the 576 image tokens the pipeline's template names).
+HUNYUAN_VIDEO_I2V = {"_class_name": "HunyuanVideoTransformer3DModel", "in_channels": 16, "out_channels": 16,
+                     "num_attention_heads": 24, "attention_head_dim": 128, "num_layers": 20, "num_single_layers": 40,
+                     "num_refiner_layers": 2, "mlp_ratio": 4.0, "patch_size": 2, "patch_size_t": 1, "qk_norm": "rms_norm",
+                     "guidance_embeds": True, "text_embed_dim": 4096, "pooled_projection_dim": 768,
+                     "image_condition_type": "token_replace"}
+LLAVA_LLAMA3_8B = {"model_type": "llava", "vision_feature_layer": -2,
+                   "vision_config": {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
+                                     "num_attention_heads": 16, "image_size": 336, "patch_size": 14}}
+CLIP_L_TEXT = {"model_type": "clip_text_model", "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+               "num_attention_heads": 12, "vocab_size": 49408, "max_position_embeddings": 77}
+LLAVA_LLAMA3_8B["text_config"] = dict(LLAVA_LLAMA3_8B_TEXT)
+# How an adapter tiles its VAE's encoding when it caches latents (diffusers' enable_tiling, here
+# diffusers' own defaults: 256-pixel tiles 192 apart, 16-frame chunks 12 apart), by VAE class: the
+# adapter asks for exactly this and the estimate's caching figure counts one tile of it.
+VAE_ENCODE_TILES: dict[str, dict[str, int]] = {
+    "AutoencoderKLHunyuanVideo": {"height": 256, "width": 256, "frames": 16, "stride_height": 192, "stride_width": 192,
+                                  "stride_frames": 12, "spatial": 1, "spatial_ratio": 8, "temporal_ratio": 4},
+}
+# The tokens each text encoder reads per caption where it is not the transformer's text length (CLIP:
+# 77): Hunyuan Video's Llama reads 256 caption tokens after its 95-token chat template (crop_start).
+TEXT_ENCODER_TOKENS: dict[str, dict[str, int]] = {"HunyuanVideoTransformer3DModel": {"text_encoder": 256 + 95}}
+# HunyuanVideo-I2V's Llava reads the 103-token I2V template with its <image> widened to 576 image tokens.
+LLAVA_TOKENS = 256 + 103 - 1 + 576
 HIDREAM_I1_FULL = {"_class_name": "HiDreamImageTransformer2DModel", "attention_head_dim": 128,
                    "axes_dims_rope": [64, 32, 32], "caption_channels": [4096, 4096], "max_resolution": [128, 128],
                    "in_channels": 16, "llama_layers": [*range(32), *[31] * 16], "num_attention_heads": 20,
@@ -107,8 +147,19 @@ class ModelConfigs:
     text_encoder: dict[str, Any]
     vae: dict[str, Any] = field(default_factory=dict)
     expand_timesteps: bool = False  # Wan 2.2 TI2V-5B: one timestep per latent token
-    # The text encoders after the first, by settings section (text_encoder_2 ...): their config.json.
-    other_text_encoders: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Every text encoder by component name (text_encoder, text_encoder_2, ...): the parts list and the
+    # caching figure; empty: `text_encoder` alone.
+    text_encoders: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Parameter counts by component, from the folder's safetensors headers (core/memory/part_sizes.py).
+    parameters: dict[str, int] = field(default_factory=dict)
+
+    def encoders(self) -> dict[str, dict[str, Any]]:
+        return dict(self.text_encoders) if self.text_encoders else {"text_encoder": dict(self.text_encoder)}
+
+    def other_text_encoders(self) -> dict[str, dict[str, Any]]:
+        """The text encoders after the first (text_encoder_2 ...) by settings section: those whose
+        caching or keeping loaded the estimate counts beside the first (estimate.other_text_encoder_bytes)."""
+        return {n: c for n, c in self.encoders().items() if n != "text_encoder"}
 
 
 KNOWN_MODELS: dict[str, ModelConfigs] = {
@@ -120,9 +171,14 @@ KNOWN_MODELS: dict[str, ModelConfigs] = {
     "THUDM/CogVideoX-2b": ModelConfigs("CogVideoX 2B", "", [COGVIDEOX_2B], T5_V1_1_XXL, COGVIDEOX_VAE),
     "THUDM/CogVideoX-5b": ModelConfigs("CogVideoX 5B", "", [COGVIDEOX_5B], T5_V1_1_XXL, COGVIDEOX_VAE),
     "THUDM/CogVideoX-5b-I2V": ModelConfigs("CogVideoX 5B I2V", "", [COGVIDEOX_5B_I2V], T5_V1_1_XXL, COGVIDEOX_VAE),
-    "hunyuanvideo-community/HunyuanVideo": ModelConfigs("HunyuanVideo", "", [HUNYUAN_VIDEO], {}, HUNYUAN_VIDEO_VAE),
+    "hunyuanvideo-community/HunyuanVideo": ModelConfigs("HunyuanVideo", "", [HUNYUAN_VIDEO], {}, HUNYUAN_VIDEO_VAE,
+                                                         text_encoders={"text_encoder": LLAVA_LLAMA3_8B_TEXT,
+                                                                        "text_encoder_2": CLIP_L_TEXT}),
+    "hunyuanvideo-community/HunyuanVideo-I2V": ModelConfigs("HunyuanVideo-I2V", "", [HUNYUAN_VIDEO_I2V], {}, HUNYUAN_VIDEO_VAE,
+                                                             text_encoders={"text_encoder": LLAVA_LLAMA3_8B,
+                                                                            "text_encoder_2": CLIP_L_TEXT}),
     "HiDream-ai/HiDream-I1-Full": ModelConfigs("HiDream-I1 Full", "", [HIDREAM_I1_FULL], {}, HIDREAM_VAE,
-                                               other_text_encoders={"text_encoder_4": LLAMA_3_1_8B}),
+                                               text_encoders={"text_encoder_4": LLAMA_3_1_8B}),
 }
 
 
@@ -142,13 +198,17 @@ def configs_from_folder(folder: Path) -> ModelConfigs:
         raise ConfigError(f"{folder} has no transformer/config.json; point base_model at a diffusers model folder", key="base_model")
     text = folder / "text_encoder" / "config.json"
     vae = folder / "vae" / "config.json"
-    others = {f"text_encoder_{n}": folder / f"text_encoder_{n}" / "config.json" for n in range(2, 10)}
+    # The pipeline's text encoders by component name, in model_index.json's order of their numbers.
+    names = sorted((n for n in index if n.startswith("text_encoder") and (folder / n / "config.json").is_file()),
+                   key=lambda n: (len(n), n))
+    parameters = {n: count for n in [*names, "vae"] if (count := folder_parameters(folder / n)) is not None}
     return ModelConfigs(
         name=folder.name, source=str(folder), transformers=transformers,
         text_encoder=_read(text) if text.is_file() else dict(UMT5_XXL),
         vae=_read(vae) if vae.is_file() else {},
         expand_timesteps=bool(index.get("expand_timesteps", False)),
-        other_text_encoders={name: _read(path) for name, path in others.items() if path.is_file()},
+        text_encoders={n: _read(folder / n / "config.json") for n in names},
+        parameters=parameters,
     )
 
 
@@ -167,7 +227,7 @@ def model_configs(base_model: str) -> ModelConfigs:
         if hub_id.lower() == text.lower():
             return ModelConfigs(known.name, f"built-in config of {hub_id}", [dict(t) for t in known.transformers],
                                 dict(known.text_encoder), dict(known.vae), known.expand_timesteps,
-                                {name: dict(c) for name, c in known.other_text_encoders.items()})
+                                {n: dict(c) for n, c in known.text_encoders.items()})
     raise ConfigError(
         f"base_model {text} is neither a local model folder nor a model the estimator knows "
         f"({', '.join(KNOWN_MODELS)}); download it or point base_model at its folder",

@@ -327,6 +327,11 @@ class ModelAdapter(ABC):
         """(video latents, image condition or None) of a batch of cached entries."""
         return cached, None
 
+    # Whether the text conditions depend on the clip's first frame as well as the caption (an
+    # image-to-video model whose text encoder reads the image): encode_text then takes
+    # images=[one per caption], and the text cache keeps one entry per clip variant.
+    text_takes_image: bool = False
+
     # Whether the model learns image-to-video from the clip's own first frame, with no extra input
     # (Wan 2.2 TI2V-5B: per-token timesteps let the first frame's tokens be clean).
     image_to_video: bool = False

@@ -1,23 +1,22 @@
-"""The Hunyuan Video family, text-to-video (HunyuanVideoPipeline folders such as
-hunyuanvideo-community/HunyuanVideo), following diffusers' HunyuanVideoPipeline.
+"""The Hunyuan Video family: text-to-video (HunyuanVideoPipeline folders such as
+hunyuanvideo-community/HunyuanVideo), following diffusers' HunyuanVideoPipeline, and image-to-video
+(HunyuanVideoImageToVideoPipeline folders such as hunyuanvideo-community/HunyuanVideo-I2V), whose
+Llava text encoder and image conditioning hunyuan_video_i2v.py describes.
 
 Latents: as the pipeline decodes them (latents / vae.config.scaling_factor), so the cache holds a
 posterior sample times scaling_factor (seeded, so an entry is reproducible), in the VAE's and the
 transformer's own (B, C, F, H, W) layout. The VAE compresses 8x in space and 4x in time, so clips
 take 4k + 1 frames; the transformer patches 2x2 in space (1 in time): sides are multiples of 16.
 
-Text, as HunyuanVideoPipeline.encode_prompt:
-- Llama (text_encoder): the caption inside the pipeline's DEFAULT_PROMPT_TEMPLATE, tokenized to
-  256 + crop_start tokens (padding, truncation, with its attention mask), the hidden state
-  `hidden_states[-(num_hidden_layers_to_skip + 1)]` (the pipeline skips 2: the third-to-last), and
-  the first crop_start (95) positions, the template's system part, cut away from the embeddings and
-  the mask. What is kept: prompt_embeds (256, D) and prompt_attention_mask (256,).
-  The transformer reads only the masked tokens (its token refiner pools and attends under the mask,
-  and the joint attention masks every text position past the caption's length), so the padded
-  positions are zeroed here, so the cache stores only the caption's tokens; the collate pads
-  embeddings and mask back to the 256 together.
-- CLIP-L (text_encoder_2): the caption (the pipeline passes `prompt`, not prompt_2, to CLIP) padded
-  to 77 tokens, encoded without a mask, its pooler_output: pooled_projections (D,).
+Text: hunyuan_video_text.py (the pipelines' encode_prompt).
+
+Caching at real sizes: the VAE encodes with diffusers' tiling and slicing on (load_vae), at the
+tile sizes core/memory/known_models.py's VAE_ENCODE_TILES names (diffusers' defaults: 256-pixel
+tiles 192 apart; its frame chunks of 16, 12 apart, are on by default). A clip of at most 256 x 256
+pixels is one tile and encodes exactly as untiled; a larger one is encoded tile by tile and the
+overlaps blended (diffusers' linear cross-fade over the 64-pixel overlaps; tests/test_caching_memory.py
+pins it), so one 720p frame chunk needs about as much memory as a 256-pixel one (the estimate's
+caching figure counts one tile).
 
 The forward call is the pipeline's: latents as they are, the flow-matching timestep sigma * 1000 as
 float32, the mask in the transformer's dtype, the pooled CLIP vector, and the distilled-guidance
@@ -33,9 +32,12 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from core.identity import folder_identity
+from core.memory.known_models import VAE_ENCODE_TILES
 
 from .base import ModelAdapter, SampleRequest
 from .conditions import ConditionSpec
+from .hunyuan_video_i2v import CONDITION_TYPES, I2V_PIPELINE, image_embed_interleave
+from .hunyuan_video_text import HIDDEN_LAYERS_SKIPPED
 from .loading import FrozenTextEncoder, component, load_frozen_vae
 from .loading import place as _place
 from .loading import read_json as _read_json
@@ -49,12 +51,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-HUNYUAN_FAMILIES = ("hunyuan_video",)
-# HunyuanVideoPipeline.__call__'s max_sequence_length, _get_llama_prompt_embeds' num_hidden_layers_to_skip
-# and _get_clip_prompt_embeds' max_sequence_length.
+HUNYUAN_FAMILIES = ("hunyuan_video", "hunyuan_video_i2v")
+PIPELINES = {"HunyuanVideoPipeline": "hunyuan_video", I2V_PIPELINE: "hunyuan_video_i2v"}
+# HunyuanVideoPipeline.__call__'s max_sequence_length.
 MAX_TEXT_LENGTH = 256
-HIDDEN_LAYERS_SKIPPED = 2
-CLIP_LENGTH = 77
 # The transformer's two stacks, in the order its forward runs them.
 STACKS = ("transformer_blocks", "single_transformer_blocks")
 # The attention projections of both stacks, as finetrainers' HunyuanVideo LoRA example targets them
@@ -83,18 +83,56 @@ class HunyuanVideoAdapter(ModelAdapter):
 
     def __init__(self, folder: str | os.PathLike, family: str | None = None) -> None:
         super().__init__(folder)
-        family = family or "hunyuan_video"
+        if family is None:
+            index = self.folder / "model_index.json"
+            family = (self.detect(_read_json(index)) if index.is_file() else None) or "hunyuan_video"
         if family not in HUNYUAN_FAMILIES:
             raise ValueError(f"{family!r} is not a Hunyuan Video family; expected one of {', '.join(HUNYUAN_FAMILIES)}")
         self.family = family
         self.training_guidance = 1.0  # transformer.guidance_scale (configure)
+        # enable_tiling's sizes for encoding (and the samples' decoding); the identity of a cache entry.
+        self.vae_tiles = dict(VAE_ENCODE_TILES["AutoencoderKLHunyuanVideo"])
         self._vae: Any = None
+        self._image_processor: Any = None
         self._text = {
-            "text_encoder": FrozenTextEncoder(self.folder, "LlamaModel"),
+            "text_encoder": FrozenTextEncoder(self.folder, "LlavaForConditionalGeneration" if self.image_conditioned else "LlamaModel"),
             "text_encoder_2": FrozenTextEncoder(self.folder, "CLIPTextModel", subfolder="text_encoder_2",
                                                 tokenizer_subfolder="tokenizer_2"),
         }
         self._identities: dict[str, str] = {}
+
+    @classmethod
+    def detect(cls, index: dict[str, Any]) -> str | None:
+        """HunyuanVideoPipeline folders are text-to-video, HunyuanVideoImageToVideoPipeline ones image-to-video."""
+        return PIPELINES.get(str(index.get("_class_name", "")))
+
+    @property
+    def image_conditioned(self) -> bool:  # type: ignore[override]
+        return self.family == "hunyuan_video_i2v"
+
+    @property
+    def text_takes_image(self) -> bool:  # type: ignore[override]
+        return self.image_conditioned
+
+    @property
+    def training_methods(self) -> tuple[str, ...]:  # type: ignore[override]
+        # Image-to-video trains LoRA: its prompt embeddings need the clip's frame, which the live text
+        # encoding of fine-tuned encoders and textual inversion does not have.
+        return ("LORA",) if self.image_conditioned else ("LORA", "FINE_TUNE", "EMBEDDING")
+
+    @property
+    def condition_type(self) -> str | None:
+        """The I2V transformer's image_condition_type (token_replace or latent_concat); None for text-to-video."""
+        if not self.image_conditioned:
+            return None
+        value = self.transformer_config.get("image_condition_type")
+        if value not in CONDITION_TYPES:
+            from core.errors import ConfigError
+
+            raise ConfigError(f"{self.folder / 'transformer' / 'config.json'} has image_condition_type {value!r}; a "
+                              f"HunyuanVideo-I2V transformer has one of {', '.join(CONDITION_TYPES)}; re-download the model",
+                              key="base_model")
+        return str(value)
 
     @property
     def guidance_distilled(self) -> bool:  # type: ignore[override]
@@ -126,7 +164,10 @@ class HunyuanVideoAdapter(ModelAdapter):
 
     @cached_property
     def prompt_template(self) -> dict[str, Any]:
-        from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
+        if self.image_conditioned:
+            from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video_image2video import DEFAULT_PROMPT_TEMPLATE
+        else:
+            from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
 
         return dict(DEFAULT_PROMPT_TEMPLATE)
 
@@ -150,7 +191,10 @@ class HunyuanVideoAdapter(ModelAdapter):
     # -- identities ------------------------------------------------------------------------------
     def vae_identity(self) -> str:
         if "vae" not in self._identities:
-            self._identities["vae"] = folder_identity("hunyuan-video-vae", self.folder / "vae")
+            # The tiles shape the latents of clips larger than one tile.
+            # I2V entries carry the image's latents after the clip's (split_latents).
+            self._identities["vae"] = folder_identity("hunyuan-video-vae", self.folder / "vae",
+                                                      extra={"tiles": self.vae_tiles, "image": self.image_conditioned})
         return self._identities["vae"]
 
     def text_identity(self) -> str:
@@ -158,8 +202,10 @@ class HunyuanVideoAdapter(ModelAdapter):
             template = self.prompt_template
             self._identities["text"] = folder_identity(
                 "hunyuan-video-text", *(self.folder / name for name in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")),
+                *([self.folder / "image_processor"] if self.image_conditioned else []),
                 extra={"template": template["template"], "crop_start": template.get("crop_start"),
-                       "length": self.max_text_length, "skipped": HIDDEN_LAYERS_SKIPPED, "padding": "zeroed"},
+                       "length": self.max_text_length, "skipped": HIDDEN_LAYERS_SKIPPED, "padding": "zeroed",
+                       "interleave": image_embed_interleave(self.condition_type) if self.image_conditioned else None},
             )
         return self._identities["text"]
 
@@ -167,6 +213,10 @@ class HunyuanVideoAdapter(ModelAdapter):
     def load_vae(self, device: torch.device | str, dtype: torch.dtype) -> Any:
         if self._vae is None:
             self._vae = load_frozen_vae(self.folder, "AutoencoderKLHunyuanVideo", dtype)
+            tiles = self.vae_tiles
+            self._vae.enable_tiling(tiles["height"], tiles["width"], tiles["frames"], tiles["stride_height"],
+                                    tiles["stride_width"], tiles["stride_frames"])
+            self._vae.enable_slicing()  # a batch of clips encodes one clip at a time
         _place(self._vae, device, dtype)
         return self._vae
 
@@ -174,10 +224,20 @@ class HunyuanVideoAdapter(ModelAdapter):
                           *, name: str = "text_encoder") -> Any:
         if name not in self._text:
             raise ValueError(f"{self.family} has the text encoders {', '.join(self._text)}; there is no {name!r}")
+        if self.image_conditioned and name == "text_encoder" and self._image_processor is None:
+            from transformers import CLIPImageProcessor
+
+            component(self.folder, "image_processor")
+            self._image_processor = CLIPImageProcessor.from_pretrained(self.folder, subfolder="image_processor")
         return self._text[name].load(device, dtype, weight_dtype, lambda dtype_name: self.quantize_filter(name, dtype_name))
 
     def text_parts(self) -> dict[str, tuple[Any, Any]]:
         return {name: (part.tokenizer, part.encoder) for name, part in self._text.items()}
+
+    @property
+    def image_processor(self) -> Any:
+        """The I2V folder's CLIPImageProcessor (loaded with the text encoder), which prepares the frame for Llava."""
+        return self._image_processor
 
     def condition_layout(self) -> dict[str, ConditionSpec]:
         # Llama's (L, D) embeddings zeroed past the caption and its (L,) mask, both padded on the token
@@ -186,7 +246,7 @@ class HunyuanVideoAdapter(ModelAdapter):
                 "pooled_projections": ConditionSpec(None, 0.0)}
 
     def unload_encoders(self) -> None:
-        self._vae = None
+        self._vae = self._image_processor = None
         for part in self._text.values():
             part.unload()
 
@@ -195,7 +255,9 @@ class HunyuanVideoAdapter(ModelAdapter):
         self, frames: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None = None
     ) -> torch.Tensor:
         """(B, 3, F, H, W) in [-1, 1] -> float32 (B, 16, (F-1)/4+1, H/8, W/8): a posterior sample times
-        vae.config.scaling_factor (seed 0 when no generator, so it is reproducible either way)."""
+        vae.config.scaling_factor (seed 0 when no generator, so it is reproducible either way); for
+        image-to-video one more frame after them: the first frame's latents as the I2V pipeline's
+        prepare_latents makes them (that frame alone through the VAE, its mode times scaling_factor)."""
         import torch
 
         if self._vae is None:
@@ -205,50 +267,39 @@ class HunyuanVideoAdapter(ModelAdapter):
         if generator is None:
             generator = torch.Generator(device="cpu").manual_seed(0)
         param = next(self._vae.parameters())
+        scale = float(self._vae.config.scaling_factor)
         with torch.no_grad():
             dist = self._vae.encode(frames.to(device=param.device, dtype=param.dtype)).latent_dist
-            return dist.sample(generator=generator).float() * float(self._vae.config.scaling_factor)
+            latents = dist.sample(generator=generator).float() * scale
+            if not self.image_conditioned:
+                return latents
+            image = self._vae.encode(frames[:, :, :1].to(device=param.device, dtype=param.dtype)).latent_dist.mode()
+        return torch.cat([latents, image.float() * scale], dim=2)
 
-    def encode_text(self, captions: list[str], grad: bool = False) -> dict[str, torch.Tensor]:
-        """As HunyuanVideoPipeline.encode_prompt (module docstring), the padded positions zeroed."""
-        import torch
+    def split_latents(self, cached: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Image-to-video: (the latent frames learned, the image latents). token_replace learns the frames
+        after the first (the image's latents take the first place), latent_concat all of the clip's."""
+        if not self.image_conditioned:
+            return cached, None
+        first = 1 if self.condition_type == "token_replace" else 0
+        return cached[:, :, first:-1], cached[:, :, -1:]
 
-        if isinstance(captions, str):
-            captions = [captions]
-        captions = list(captions)
-        llama_tokenizer, llama = self._text["text_encoder"].tokenizer, self._text["text_encoder"].encoder
-        clip_tokenizer, clip = self._text["text_encoder_2"].tokenizer, self._text["text_encoder_2"].encoder
-        if llama is None or clip is None:
+    def encode_text(self, captions: list[str], grad: bool = False, images: list[Any] | None = None) -> dict[str, torch.Tensor]:
+        """As HunyuanVideoPipeline.encode_prompt (module docstring), the padded positions zeroed;
+        image-to-video: with each caption's image (its clip's first frame, PIL or (H, W, 3) uint8), as
+        HunyuanVideoImageToVideoPipeline.encode_prompt (hunyuan_video_text.py)."""
+        from .hunyuan_video_text import llama_conditions, llava_conditions
+
+        captions = [captions] if isinstance(captions, str) else list(captions)
+        parts = self.text_parts()
+        if any(encoder is None for _, encoder in parts.values()):
             raise RuntimeError("load_text_encoder() must be called for text_encoder and text_encoder_2 before encode_text()")
-        template = self.prompt_template
-        crop_start = self._crop_start(llama_tokenizer)
-        inputs = llama_tokenizer(
-            [template["template"].format(c) for c in captions], max_length=self.max_text_length + crop_start,
-            padding="max_length", truncation=True, return_tensors="pt", return_length=False,
-            return_overflowing_tokens=False, return_attention_mask=True,
-        )
-        clip_inputs = clip_tokenizer(captions, padding="max_length", max_length=CLIP_LENGTH, truncation=True, return_tensors="pt")
-        device = next(llama.parameters()).device
-        ids, mask = inputs.input_ids.to(device), inputs.attention_mask.to(device)
-        with torch.enable_grad() if grad else torch.no_grad():
-            hidden = llama(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
-            embeds = hidden[-(HIDDEN_LAYERS_SKIPPED + 1)]
-            if crop_start > 0:
-                embeds, mask = embeds[:, crop_start:], mask[:, crop_start:]
-            keep = mask.bool()
-            embeds = torch.where(keep[:, :, None], embeds, torch.zeros((), dtype=embeds.dtype, device=device))
-            clip_device = next(clip.parameters()).device
-            pooled = clip(clip_inputs.input_ids.to(clip_device), output_hidden_states=False).pooler_output
-        return {"prompt_embeds": embeds, "prompt_attention_mask": keep, "pooled_projections": pooled.to(device)}
-
-    def _crop_start(self, tokenizer: Any) -> int:
-        """The template's crop_start, or where it has none the pipeline's count: the template's tokens
-        padded to the tokenizer's length, less the <|eot_id|> and the placeholder."""
-        crop_start = self.prompt_template.get("crop_start")
-        if crop_start is None:
-            crop_start = tokenizer(self.prompt_template["template"], padding="max_length", return_tensors="pt",
-                                   return_attention_mask=False)["input_ids"].shape[-1] - 2
-        return int(crop_start)
+        if not self.image_conditioned:
+            return llama_conditions(parts, captions, self.prompt_template, self.max_text_length, grad)
+        if images is None or len(images) != len(captions):
+            raise ValueError(f"{self.family} encodes each caption with its clip's first frame: give one image per caption")
+        return llava_conditions(parts, self._image_processor, captions, images, self.prompt_template, self.max_text_length,
+                                image_embed_interleave(self.condition_type), grad)
 
     # -- training ----------------------------------------------------------------------------------
     def transformer_names(self) -> tuple[str, ...]:
@@ -292,6 +343,9 @@ class HunyuanVideoAdapter(ModelAdapter):
     def quantize_filter(self, part: str, weight_dtype: str) -> LayerFilter:
         from core.memory.quantize import LayerFilter
 
+        if part == "text_encoder" and self.image_conditioned:
+            # Every Linear of Llava's language model's decoder layers; its vision tower and projector stay.
+            return LayerFilter(self.family, part, r"(model\.)?language_model\.(model\.)?layers\.\d+\..+", setting="text_encoder.weight_dtype")
         if part == "text_encoder":
             # Every Linear of Llama's decoder layers; the token embedding and the norms stay.
             return LayerFilter(self.family, part, r"layers\.\d+\..+", setting="text_encoder.weight_dtype")
@@ -341,15 +395,24 @@ class HunyuanVideoAdapter(ModelAdapter):
         first_frame_fixed: torch.Tensor | None = None, condition: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """(B, C, F, H, W) noisy latents -> the flow velocity in the same layout, called as
-        HunyuanVideoPipeline calls its transformer (module docstring)."""
+        HunyuanVideoPipeline calls its transformer (module docstring); image-to-video with the image
+        latents `condition` as the I2V pipeline puts them (hunyuan_video_i2v.model_input), and for
+        token_replace the prediction of the frames after the image's."""
         from .objectives import model_timesteps
 
         if first_frame_fixed is not None and bool(first_frame_fixed.any()):
             raise ValueError(f"{self.family} has no first-frame conditioning")
         # The Conv3d patch embedding's dtype: the storage dtype of the weights, whatever autocast does.
         dtype = transformer.x_embedder.proj.weight.dtype
-        return transformer(
-            hidden_states=noisy.to(dtype),
+        hidden = noisy
+        if self.image_conditioned:
+            from .hunyuan_video_i2v import model_input
+
+            if condition is None:
+                raise ValueError(f"{self.family} needs the image latents (split_latents) to predict")
+            hidden = model_input(self.condition_type, noisy, condition)
+        out = transformer(
+            hidden_states=hidden.to(dtype),
             timestep=model_timesteps(sigmas, self.num_train_timesteps).to(noisy.device),
             encoder_hidden_states=batch["prompt_embeds"].to(dtype),
             encoder_attention_mask=batch["prompt_attention_mask"].to(dtype),
@@ -357,13 +420,15 @@ class HunyuanVideoAdapter(ModelAdapter):
             guidance=self.guidance(transformer, noisy.shape[0], self.training_guidance, noisy.device),
             return_dict=False,
         )[0]
+        return out[:, :, 1:] if self.condition_type == "token_replace" else out
 
     # -- sampling ----------------------------------------------------------------------------------
     def sample(self, denoisers: dict[str, Any], request: SampleRequest, *, device: torch.device | str,
                dtype: torch.dtype) -> Any:
-        """A video from HunyuanVideoPipeline around the given transformer as it is (LoRA active):
-        (frames, height, width, 3) uint8; request.guidance_scale is the pipeline's guidance_scale (the
-        distilled guidance). Sizes round down to what the model takes."""
+        """A video from HunyuanVideoPipeline (image-to-video: HunyuanVideoImageToVideoPipeline, from
+        request.image) around the given transformer as it is (LoRA active): (frames, height, width, 3)
+        uint8; request.guidance_scale is the pipeline's guidance_scale (the distilled guidance). Sizes
+        round down to what the model takes."""
         from .hunyuan_video_sampling import sample_video
 
         return sample_video(self, denoisers, request, device=device, dtype=dtype)

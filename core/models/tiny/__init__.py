@@ -21,7 +21,7 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-TINY_FAMILIES: tuple[str, ...] = ("wan21", "wan22_ti2v_5b", "wan22_a14b", "wan22_a14b_i2v", "hunyuan_video", "cogvideox",
+TINY_FAMILIES: tuple[str, ...] = ("wan21", "wan22_ti2v_5b", "wan22_a14b", "wan22_a14b_i2v", "hunyuan_video", "hunyuan_video_i2v", "cogvideox",
                                  "cogvideox_i2v", "cogvideox15", "cogvideox15_i2v", "hidream")
 
 # family -> (module under core.models.tiny, builder function name)
@@ -31,6 +31,7 @@ _BUILDERS: dict[str, tuple[str, str]] = {
     "wan22_a14b": ("wan", "build_wan22_a14b"),
     "wan22_a14b_i2v": ("wan", "build_wan22_a14b_i2v"),
     "hunyuan_video": ("hunyuan", "build_hunyuan_video"),
+    "hunyuan_video_i2v": ("hunyuan", "build_hunyuan_video_i2v"),
     "cogvideox": ("cogvideox", "build_cogvideox"),
     "cogvideox_i2v": ("cogvideox", "build_cogvideox_i2v"),
     "cogvideox15": ("cogvideox", "build_cogvideox15"),
