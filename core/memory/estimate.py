@@ -30,6 +30,7 @@ from typing import Any
 
 from .caching import caching_memory, model_parts
 from .known_models import ModelConfigs, model_configs
+from .part_sizes import text_encoder_part
 from .model_sizes import (
     DTYPE_BYTES,
     BlockStack,
@@ -167,11 +168,18 @@ def estimate_memory(config: dict[str, Any], configs: ModelConfigs | None = None,
     details.update(offloaded_blocks=offloaded, weight_dtype=wdtype)
     text_in_graph = method == "EMBEDDING" or config["text_encoder"]["train"]
     text_full = config["text_encoder"]["train"] and method == "FINE_TUNE"
-    te = text_encoder_sizes(configs.text_encoder)
+    # The first text encoder, sized by its own layout (part_sizes: T5, Llama, CLIP, Llava); the T5
+    # layout where that does not know it, and for the activations of one in the graph.
+    first_encoder = configs.encoders().get("text_encoder") or configs.text_encoder
+    te = text_encoder_sizes(first_encoder)
+    te_part = text_encoder_part("text_encoder", first_encoder, configs.parameters.get("text_encoder"))
+    te_dtype = config["text_encoder"]["weight_dtype"]
     if text_in_graph and not text_full:
-        weights += te.weight_bytes(config["text_encoder"]["weight_dtype"])
+        weights += te_part.weight_bytes(te_dtype) if te_part else te.weight_bytes(te_dtype)
     kept, cache_per_caption = other_text_encoder_bytes(config, configs)
     weights += sum(kept.values())
+    other_weights, other_activations = _other_encoders_in_graph(config, configs, method, set(kept))
+    weights += other_weights
     details.update(kept_text_encoders=kept, text_cache_bytes_per_caption=cache_per_caption)
 
     # trainable parameters: LoRA and embedding rows train in float32 (weight, gradient, float32 state);
@@ -189,13 +197,15 @@ def estimate_memory(config: dict[str, Any], configs: ModelConfigs | None = None,
             small += len(transformers) * count * sum(rank * (i + o) for i, o in found)
             small_factored += len(transformers) * count * sum(4 * (rank + i) + 4 * (o + rank) for i, o in found)
     if method == "EMBEDDING":
-        small += len(config["embedding"]["placeholder_tokens"]) * te.d_model
+        small += len(config["embedding"]["placeholder_tokens"]) * (te_part.hidden if te_part else te.d_model)
     full: list[tuple[int, int, int]] = []  # (parameters, bytes per weight, Adafactor's factored state in fp32 bytes)
     if full_transformer:
         full += [(s.parameters(), DTYPE_BYTES.get(wdtype, 4), 4 * s.block_linear_factors()) for s in transformers]
     if text_full:
-        full.append((te.parameters(), DTYPE_BYTES.get(config["text_encoder"]["weight_dtype"], 4),
-                     4 * te.layers * (4 * (te.d_model + te.heads * te.d_kv) + 3 * (te.d_model + te.d_ff))))
+        # Adafactor's factored state: a row and a column vector per block Linear.
+        factored = (4 * sum(n * (i + o) for i, o, _, n in te_part.linears) if te_part
+                    else 4 * te.layers * (4 * (te.d_model + te.heads * te.d_kv) + 3 * (te.d_model + te.d_ff)))
+        full.append((te_part.parameters if te_part else te.parameters(), DTYPE_BYTES.get(te_dtype, 4), factored))
     state = small_factored if optimizer == "ADAFACTOR" else small * OPTIMIZER_STATE_BYTES[optimizer]
     trainable_state = small * 8 + state
     for params, wb, factored in full:
@@ -228,7 +238,8 @@ def estimate_memory(config: dict[str, Any], configs: ModelConfigs | None = None,
         activations = int(activations * factor)
     details["activation_factor"] = factor
     if text_in_graph:
-        activations += text_encoder_activation_bytes(configs.text_encoder, text_tokens, train_b) * batch
+        activations += text_encoder_activation_bytes(first_encoder, text_tokens, train_b) * batch
+    activations += other_activations(text_tokens, train_b) * batch
     details["checkpointing"] = checkpointing
 
     # workspace
@@ -253,6 +264,27 @@ def estimate_memory(config: dict[str, Any], configs: ModelConfigs | None = None,
     peak = sum(parts.values())
     needed = int(peak * (1 + ALLOCATOR_OVERHEAD)) + CUDA_CONTEXT_BYTES
     return Estimate(peak, parts, needed, details)
+
+
+def _other_encoders_in_graph(config: dict[str, Any], configs: ModelConfigs, method: str,
+                             kept: set[str]) -> tuple[int, Any]:
+    """(weight bytes, activation bytes per sample as a function of (tokens, bytes per value)) of the
+    text encoders after the first that run in the training step's graph: all of them with EMBEDDING
+    (a placeholder per tokenizer), a section with `train` set. Those kept loaded are counted already."""
+    in_graph = {name: c for name, c in configs.other_text_encoders().items()
+                if name not in kept and (method == "EMBEDDING" or bool((config.get(name) or {}).get("train")))}
+    weights = 0
+    for name, encoder in in_graph.items():
+        part = text_encoder_part(name, encoder, configs.parameters.get(name))
+        if part is not None:
+            weights += part.weight_bytes(str((config.get(name) or {}).get("weight_dtype", "BFLOAT_16")))
+
+    def activations(tokens: int, b: int) -> int:
+        # A CLIP's 77 tokens, not the transformer's text length (the pipelines encode it so).
+        return sum(text_encoder_activation_bytes(c, min(tokens, int(c.get("max_position_embeddings", tokens))), b)
+                   for c in in_graph.values() if c.get("model_type") in ("clip_text_model", "t5", "umt5", "llama"))
+
+    return weights, activations
 
 
 def other_text_encoder_bytes(config: dict[str, Any], configs: ModelConfigs) -> tuple[dict[str, int], dict[str, int]]:

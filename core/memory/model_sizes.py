@@ -483,10 +483,17 @@ class TextEncoderSizes:
 
 
 def text_encoder_sizes(config: dict[str, Any]) -> TextEncoderSizes:
+    """A T5-family encoder's layout; a decoder's config (Llama, a Llava's language model) is read by
+    its own key names into the same layout, for the activation terms (its exact size: part_sizes)."""
+    if config.get("model_type") == "llava":
+        config = config.get("text_config", {})
     feed_forward = str(config.get("feed_forward_proj", "gated-gelu"))
+    d_model = int(config.get("d_model", config.get("hidden_size", 4096)))
+    heads = int(config.get("num_heads", config.get("num_attention_heads", 64)))
+    d_kv = int(config.get("d_kv", config.get("head_dim") or (d_model // heads if "hidden_size" in config else 64)))
     return TextEncoderSizes(
-        d_model=int(config.get("d_model", 4096)), d_ff=int(config.get("d_ff", 10240)), d_kv=int(config.get("d_kv", 64)),
-        heads=int(config.get("num_heads", 64)), layers=int(config.get("num_layers", 24)),
+        d_model=d_model, d_ff=int(config.get("d_ff", config.get("intermediate_size", 10240))), d_kv=d_kv,
+        heads=heads, layers=int(config.get("num_layers", config.get("num_hidden_layers", 24))),
         vocab=int(config.get("vocab_size", 256384)), buckets=int(config.get("relative_attention_num_buckets", 32)),
         gated=feed_forward.startswith("gated") or bool(config.get("is_gated_act", False)),
         bias_layers=1 if config.get("model_type") == "t5" else int(config.get("num_layers", 24)),
