@@ -136,3 +136,12 @@ def test_keep_loaded_counts_the_llama_and_cached_counts_its_cache(tiny_model) ->
     tiny = estimate_memory(resolve({"model_type": "HIDREAM", "base_model": str(folder), "frames": 1, "resolution": 64,
                                     "text_encoder_4": {"weight_dtype": "FLOAT_32"}}))
     assert tiny.details["text_cache_bytes_per_caption"] == {"text_encoder_4": per_caption.nbytes}
+
+
+def test_an_image_model_is_estimated_at_one_frame_whatever_frames_says() -> None:
+    """HiDream trains every sample as one frame (its adapter's FrameRule.still()); a config that
+    keeps the video default of `frames` (16) gets the one-image estimate, as the data plan trains."""
+    preset = _preset("#hidream LoRA")
+    one, sixteen = estimate_memory(preset | {"frames": 1}), estimate_memory(preset | {"frames": 16})
+    assert sixteen.details["frames"] == 1 and sixteen.details["tokens"] == 64 * 64
+    assert sixteen.needed_bytes == one.needed_bytes

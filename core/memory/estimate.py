@@ -33,6 +33,7 @@ from .known_models import ModelConfigs, model_configs
 from .part_sizes import text_encoder_part
 from .model_sizes import (
     DTYPE_BYTES,
+    IMAGE_TRANSFORMERS,
     BlockStack,
     QUANTIZED,
     TransformerSizes,
@@ -102,7 +103,8 @@ def lora_weight_cast_bytes(t: TransformerSizes, targets: list[tuple[int, int]], 
 
 def tokens_per_sample(config: dict[str, Any], t: TransformerSizes, spatial: int, temporal: int) -> dict[str, int]:
     """Latent frames, latent height/width in patches, and tokens of the largest training sample."""
-    frames = max(1, config["frames"])
+    # An image model trains every sample as one frame (its adapter's frame rule), as the data plan does.
+    frames = 1 if transformer_class(t.config) in IMAGE_TRANSFORMERS else max(1, config["frames"])
     frames = (frames - 1) // temporal * temporal + 1  # rounded down to k * ratio + 1
     latent_frames = (frames - 1) // temporal + 1
     # A transformer that patches time takes a multiple of its temporal patch: the adapter pads the

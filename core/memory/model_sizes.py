@@ -411,6 +411,10 @@ TRANSFORMER_SIZES = {"WanTransformer3DModel": wan_transformer_sizes,
                      "HiDreamImageTransformer2DModel": hidream_transformer_sizes}
 
 
+# Denoisers of still images: a sample is one frame, whatever `frames` says (the adapter's FrameRule.still()).
+IMAGE_TRANSFORMERS = frozenset({"HiDreamImageTransformer2DModel"})
+
+
 def transformer_class(config: dict[str, Any]) -> str:
     """The diffusers class a denoiser's config describes (the built-in configs without one are Wan's)."""
     return str(config.get("_class_name") or "WanTransformer3DModel")
