@@ -12,6 +12,7 @@ See docs/data-pipeline.md, "Discovery".
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
@@ -49,6 +50,10 @@ class Item:
     repeats: int
     kind: str  # "video" or "image", by extension
     root: Path  # the dataset folder this item was found in
+    # The folder's training options (its dataset section): the chance its caption is dropped for the
+    # empty one at a use, and what its loss is multiplied by. Its caption_prefix is in `caption`.
+    caption_dropout: float = 0.0
+    loss_weight: float = 1.0
 
     @property
     def is_video(self) -> bool:
@@ -96,9 +101,20 @@ def discover_datasets(config: dict[str, Any]) -> tuple[list[Item], list[Issue]]:
             issues.append(Issue(Path(f"datasets[{index}]"), f"{DATASET_MISSING} path is empty; choose a folder of clips"))
             continue
         found, problems = discover(Path(raw), index, int(dataset.get("repeats", 1)))
-        items.extend(found)
+        prefix, separator = str(dataset.get("caption_prefix") or ""), str(dataset.get("caption_separator", ", "))
+        options = {"caption_dropout": float(dataset.get("caption_dropout", 0.0)), "loss_weight": float(dataset.get("loss_weight", 1.0))}
+        items.extend(dataclasses.replace(item, caption=prefixed_caption(prefix, separator, item.caption), **options) for item in found)
         issues.extend(problems)
     return items, issues
+
+
+def prefixed_caption(prefix: str, separator: str, caption: str) -> str:
+    """The caption a dataset's caption_prefix makes: 'prefix<separator>caption' (just one where the
+    other is empty), as the text encoder gets it."""
+    prefix = prefix.strip()
+    if not prefix:
+        return caption
+    return prefix + separator + caption if caption else prefix
 
 
 def read_caption(path: Path) -> tuple[str | None, str | None]:

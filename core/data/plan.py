@@ -46,7 +46,7 @@ class PlannedSample:
 
     @property
     def cached(self) -> CachedSample:
-        return CachedSample(self.latent_keys, self.text_key)
+        return CachedSample(self.latent_keys, self.text_key, self.item.caption_dropout, self.item.loss_weight)
 
 
 @dataclass
@@ -58,6 +58,8 @@ class DataPlan:
     # encoder's weight_dtype by name (its compute dtype and quantized storage; part of the text keys).
     vae_dtype: Any = None
     text_weight_dtypes: dict[str, str] = field(default_factory=dict)
+    # The empty caption's text key, where a dataset drops captions (caption_dropout > 0); else None.
+    empty_text_key: str | None = None
 
     def sampler_records(self) -> list[SampleRecord]:
         """For BucketBatchSampler: the sample id is the index into `train`."""
@@ -211,12 +213,14 @@ def plan_data(
         log.warning("%s", issue)
     if not train:
         raise UserError(f"no clip or image the model can train on; first problem: {refused[0]}")
+    drops = any(s.item.caption_dropout > 0 for s in train)
     return DataPlan(
         train,
         validation,
         issues + refused,
         vae_dtype=vae_dtype,
         text_weight_dtypes=text_weights,
+        empty_text_key=text_key("", adapter.text_identity(), adapter.max_text_length, names[1]) if drops else None,
     )
 
 

@@ -135,16 +135,15 @@ def fill_caches(
     plan.drop(failed, report.failed)
 
     layout = adapter.condition_layout()
-    captions: dict[str, str] = {}
-    for sample in plan.train + plan.validation:
-        if sample.text_key in captions:
-            continue
-        if texts.has(sample.text_key, layout):  # an entry lacking a key the family returns is made again
+    wanted = [(s.text_key, s.item.caption) for s in plan.train + plan.validation]
+    if plan.empty_text_key is not None:  # what a dropped caption trains on (caption_dropout)
+        wanted.append((plan.empty_text_key, ""))
+    missing: list[tuple[str, str]] = []
+    for key, caption in dict(wanted).items():
+        if texts.has(key, layout):  # an entry lacking a key the family returns is made again
             report.texts_reused += 1
-            captions[sample.text_key] = ""
         else:
-            captions[sample.text_key] = sample.item.caption
-    missing = [(k, c) for k, c in captions.items() if c]
+            missing.append((key, caption))
     if missing and not stop():
         load_text_encoders(adapter, device, plan.text_weight_dtypes)
         for start in range(0, len(missing), TEXT_BATCH):

@@ -84,6 +84,16 @@ class RunParts:
     rng_to_restore: dict[str, Any] | None = None
 
 
+def _captions_with_dropout(captions_of: Callable[[list[Any]], list[str]], batch: dict[str, Any]) -> Callable[[list[Any]], list[str]]:
+    """captions_of for a method that encodes captions live: the empty caption where the batch's
+    sample dropped its own (caption_dropout), as the cached entries it replaces do."""
+    dropped = batch.get("caption_dropped")
+    if dropped is None or not bool(dropped.any()):
+        return captions_of
+    flags = [bool(d) for d in dropped.tolist()]
+    return lambda ids: ["" if flag else caption for caption, flag in zip(captions_of(ids), flags)]
+
+
 class Loop:
     def __init__(self, run: RunParts, result: TrainResult) -> None:
         self.run = run
@@ -133,7 +143,7 @@ class Loop:
             latents, condition = adapter.split_latents(batch["latents"].to(accelerator.device))
             # One denoiser per optimizer step (two-expert models), the same in every process.
             transformer, view, step_objective, expert = r.routes.pick(int(batch["step"]) // accumulation)
-            batch = r.parts.prepare_batch(batch, r.captions_of)
+            batch = r.parts.prepare_batch(batch, _captions_with_dropout(r.captions_of, batch))
             # Noise and noise levels per sample, seeded by (seed, batch step, position in the global
             # batch): the same in every run with any number of processes, and a resumed run
             # continues the same sequence.
@@ -151,7 +161,8 @@ class Loop:
                     prediction = adapter.predict(view, noisy, sigmas, batch, first_frame_fixed=fixed, condition=condition)
                 target = objective.target(latents, noise, sigmas) if objective.needs_target else None
                 loss, parts = training_loss(prediction.float(), target, sigmas, objective, weight,
-                                            first_frame_fixed=fixed, latents=latents, noisy=noisy)
+                                            first_frame_fixed=fixed, latents=latents, noisy=noisy,
+                                            sample_weights=batch.get("loss_weights"))
                 # Every process decides on the same losses, so all skip a step or none does.
                 losses = gather(loss.detach())
                 if not torch.isfinite(losses).all():
