@@ -90,6 +90,20 @@ def discover(folder: Path, dataset_index: int = 0, repeats: int = 1) -> tuple[li
     return items, issues
 
 
+def discover_with_captions(folder: Path) -> tuple[list[Item], list[Issue], dict[Path, Path]]:
+    """discover(folder), and for every media file found (usable or not) its caption file or, where it
+    has none, the path a new one goes to (beside it, or in the captions/ mirror): the dataset editor."""
+    folder = Path(os.path.expanduser(str(folder)))
+    if not folder.is_dir():
+        items, issues = discover(folder)
+        return items, issues, {}
+    walker = _Walker(folder, 0, 1)
+    walker.walk(folder)
+    items = sorted(walker.items, key=lambda i: str(i.path))
+    issues = sorted(walker.issues, key=lambda i: (str(i.path), i.reason))
+    return items, issues, dict(sorted(walker.caption_places.items(), key=lambda kv: str(kv[0])))
+
+
 def discover_datasets(config: dict[str, Any]) -> tuple[list[Item], list[Issue]]:
     """The items of every configured dataset (config["datasets"]), each with its repeats."""
     items: list[Item] = []
@@ -148,6 +162,8 @@ class _Walker:
         self.visited: dict[tuple[int, int], Path] = {}
         self.seen_files: set[tuple[int, int]] = set()
         self.caption_maps: dict[Path, dict[str, Path]] = {}
+        # Every media file met (usable or not) -> its caption file, or where one would go.
+        self.caption_places: dict[Path, Path] = {}
 
     def walk(self, folder: Path, captions: Path | None = None, ancestors: tuple[tuple[int, int], ...] = ()) -> None:
         """Scan folder; captions is the mirror folder of captions for the videos/ + captions/ layout."""
@@ -220,8 +236,9 @@ class _Walker:
                 continue
             stem = os.path.splitext(name)[0]
             caption_path = mirror.get(stem) or beside.get(stem)
+            expected = (captions if captions is not None else folder) / (stem + CAPTION_EXTENSION)
+            self.caption_places[path] = caption_path or expected
             if caption_path is None:
-                expected = (captions if captions is not None else folder) / (stem + CAPTION_EXTENSION)
                 shown = expected.name if captions is None else expected.relative_to(self.root).as_posix()
                 self.issues.append(Issue(path, f"{NO_CAPTION}: expected {shown}"))
                 continue
