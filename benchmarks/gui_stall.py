@@ -298,8 +298,8 @@ def editor_main(args: argparse.Namespace) -> int:
             bar.setValue(value)
             app.processEvents()
 
-    steps += [("Data tab", lambda: window.select_tab("data")), ("editor, cold", choose), ("editor, warm", lambda: window.dataset_editor.reload()),
-              ("filters", filters_and_scroll)]
+    steps += [("Data tab", lambda: window.select_tab("data")), ("editor, cold", choose),
+              ("editor, warm", lambda: window.dataset_editor.reload()), ("filters", filters_and_scroll)]
 
     def next_step() -> None:
         if not steps:

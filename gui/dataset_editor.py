@@ -15,7 +15,6 @@ gui.thumbnails' pool; the grid takes them in batches.
 from __future__ import annotations
 
 import copy
-import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -48,8 +47,6 @@ from .dataset_options import DatasetOptions
 from .side_panel import PROBLEM_COLOUR, muted_label, set_text_colour, title_label
 from .thumbnails import ThumbnailLoader
 from .video_player import VideoPlayer
-
-log = logging.getLogger(__name__)
 
 THUMB = QSize(*THUMBNAIL_BOX)
 CELL = QSize(THUMBNAIL_BOX[0] + 24, THUMBNAIL_BOX[1] + 48)  # a thumbnail and two lines of text under it
