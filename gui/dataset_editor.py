@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from PySide6.QtCore import QItemSelection, QModelIndex, QSignalBlocker, QSize, Qt, Signal
+from PySide6.QtGui import QShowEvent
 from PySide6.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -67,6 +68,7 @@ class DatasetEditor(QWidget):
         self.base_entries: list[ClipEntry] = []  # as listed, before the doctor's report is merged in
         self.report: Any = None  # the doctor's last DatasetReport
         self.current: ClipEntry | None = None
+        self._needs_listing = False  # the folder changed while hidden: listed when shown
         self.loader = loader or ThumbnailLoader(parent=self)
         self.loader.ready.connect(self._thumbnail)
         self.job = BackgroundJob(_list, 0, "listing a dataset folder", self)
@@ -203,15 +205,26 @@ class DatasetEditor(QWidget):
         self.loader.cancel()
         self._update_count()
         if folder:
-            self._set_note("Listing the folder...")
-            self.job.request(os.path.expanduser(folder), now=True)
+            self.reload()
         else:
             self._set_note("Add a folder of clips, or drop folders on this tab." if not paths else "")
 
     def reload(self) -> None:
-        """List the folder again (files added or removed outside the app)."""
-        if self.folder:
-            self.job.request(os.path.expanduser(self.folder), now=True)
+        """List the folder again (files added or removed outside the app); hidden, when next shown
+        (the window builds this tab's page after its first paint: no decoding for a tab not seen)."""
+        self._needs_listing = False
+        if not self.folder:
+            return
+        if not self.isVisible():
+            self._needs_listing = True
+            return
+        self._set_note("Listing the folder...")
+        self.job.request(os.path.expanduser(self.folder), now=True)
+
+    def showEvent(self, event: QShowEvent) -> None:  # noqa: N802 (Qt's name)
+        super().showEvent(event)
+        if self._needs_listing:
+            self.reload()
 
     def choose_folder(self) -> None:
         start = os.path.expanduser(self.folder or "~")
@@ -368,6 +381,9 @@ class DatasetEditor(QWidget):
         """Finish the listing and the thumbnails under way (tests, screenshots); False on timeout."""
         from PySide6.QtCore import QCoreApplication, QDeadlineTimer, QEventLoop
 
+        if self._needs_listing and self.folder:  # hidden so far: list it now, as asked
+            self._needs_listing = False
+            self.job.request(os.path.expanduser(self.folder), now=True)
         if not self.job.wait(timeout_ms):
             return False
         deadline = QDeadlineTimer(timeout_ms)

@@ -107,6 +107,7 @@ def test_a_caption_in_a_captions_folder_is_saved_there(qtbot, tmp_path: Path, so
     (root / "captions" / "clip.txt").write_text("paired caption", encoding="utf-8")
     widget = DatasetEditor(_state(root))
     qtbot.addWidget(widget)
+    widget.show()
     assert widget.settle()
     assert widget.select_clip(root / "videos" / "clip.mp4")
     assert widget.caption_edit.toPlainText() == "paired caption"
@@ -190,6 +191,8 @@ def test_thumbnails_arrive_in_the_background_and_are_cached(qtbot, dataset: Path
     monkeypatch.setattr(thumbnails_module, "first_frame", recording)
     widget = DatasetEditor(_state(dataset))
     qtbot.addWidget(widget)
+    assert not widget.job.is_busy() and widget.model.rowCount() == 0, "nothing is listed for a hidden editor"
+    widget.show()
     assert widget.job.wait()
     assert widget.model.rowCount() == 5
     # Listed at once; the thumbnails come later, from the pool.
@@ -204,6 +207,7 @@ def test_thumbnails_arrive_in_the_background_and_are_cached(qtbot, dataset: Path
     # A second editor reads them from the cache: nothing is decoded again.
     again = DatasetEditor(_state(dataset))
     qtbot.addWidget(again)
+    again.show()
     assert again.settle()
     assert len(again.model.thumbnails) == 4
     assert len(threads) == made + 1, "only the broken clip is tried again"
@@ -229,6 +233,15 @@ def test_folders_dropped_on_the_data_tab_are_added(qtbot, dataset: Path, tmp_pat
     window = MainWindow(remember=False)
     qtbot.addWidget(window)
     window.state.replace({**copy.deepcopy(load_preset(PRESET)), "datasets": [{"path": str(dataset), "repeats": 1}]})
+    window.show()
+    try:
+        _drop_folders(window, dataset, other, tmp_path)
+    finally:
+        window.state.mark_saved()  # closing must not ask about unsaved settings, whatever failed
+        window.close()
+
+
+def _drop_folders(window: MainWindow, dataset: Path, other: Path, tmp_path: Path) -> None:
     assert window.select_tab("data")
     page = window.tabs.currentWidget()
     assert page.acceptDrops()
@@ -256,5 +269,3 @@ def test_folders_dropped_on_the_data_tab_are_added(qtbot, dataset: Path, tmp_pat
     # The table of folders above shows the dropped one too.
     table = window.forms["data"].fields["datasets"].editor
     assert table.rowCount() == 2
-    window.state.mark_saved()
-    window.close()
