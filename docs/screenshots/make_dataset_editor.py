@@ -3,6 +3,8 @@ below it, its thumbnails in, the doctor's report merged into the cells, one clip
 caption and a caption prefix set on the folder.
 
     xvfb-run -a -s "-screen 0 1400x1000x24" python docs/screenshots/make_dataset_editor.py
+    QT_QPA_PLATFORM=offscreen python docs/screenshots/make_dataset_editor.py   (no X server; how the
+                                                                                committed one was made)
 
 The per-user folders (the thumbnail cache among them) are a temporary folder's; the demo dataset's
 files are only read.
