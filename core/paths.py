@@ -39,6 +39,8 @@ def _user_dir(kind: str) -> Path:
         return Path(platformdirs.user_log_dir(APP_NAME, appauthor=False))
     if kind == "state":
         return Path(platformdirs.user_state_dir(APP_NAME, appauthor=False))
+    if kind == "cache":
+        return Path(platformdirs.user_cache_dir(APP_NAME, appauthor=False))
     raise ValueError(f"unknown user folder kind {kind!r}")
 
 
@@ -55,6 +57,11 @@ def user_log_dir() -> Path:
 def user_state_dir() -> Path:
     """Window geometry, the last settings used, and similar state."""
     return _user_dir("state")
+
+
+def user_cache_dir() -> Path:
+    """What can be made again and is kept only to be quick: the dataset editor's thumbnails."""
+    return _user_dir("cache")
 
 
 def shown_path(path: Path, roots: list[Path]) -> str:

@@ -43,7 +43,10 @@ class DatasetsField(SettingField):
         repeats = setting.item.child("repeats")
         assert isinstance(path, Setting) and isinstance(repeats, Setting), "datasets items need path and repeats"
         self._path_setting, self._repeats_setting = path, repeats
+        self._committing = False
         super().__init__(key, setting, state)
+        # The dataset editor edits the list too (options, dropped folders): show its edits.
+        state.edited.connect(lambda edited: self.refresh() if edited == key and not self._committing else None)
 
     def _build(self) -> QWidget:
         table = QTableWidget(0, 2)
@@ -105,16 +108,22 @@ class DatasetsField(SettingField):
     # -- table <-> config ----------------------------------------------------------------------
 
     def rows(self) -> list[dict[str, Any]]:
-        """The list as the table shows it."""
+        """The list as the table shows it, each folder's other options (not in the table) as they were."""
+        current = self.state.config.get(self.key) or []
         out = []
         for row in range(self.editor.rowCount()):
             item = self.editor.item(row, PATH_COLUMN)
             spin = self.editor.cellWidget(row, REPEATS_COLUMN)
-            out.append({"path": item.text() if item else "", "repeats": spin.value() if spin else 1})
+            kept = dict(current[row]) if row < len(current) else {}
+            out.append({**kept, "path": item.text() if item else "", "repeats": spin.value() if spin else 1})
         return out
 
     def _commit(self, rows: list[dict[str, Any]] | None = None) -> None:
-        self._edit(self.rows() if rows is None else rows)
+        self._committing = True
+        try:
+            self._edit(self.rows() if rows is None else rows)
+        finally:
+            self._committing = False
 
     def _show(self, value: Any) -> None:
         table: QTableWidget = self.editor

@@ -21,7 +21,9 @@ def probe_inputs(config: dict[str, Any]) -> dict[str, Any]:
     images only); what the doctor never reads (the optimizer, LoRA, sampling...) is left out, so
     changing it does not probe the dataset again."""
     return {
-        "datasets": [{k: v for k, v in d.items() if k != "repeats"} for d in config.get("datasets") or []],
+        # Of a dataset only its folder: repeats is replan's, and the caption and loss options change
+        # what training does with the files, not what the doctor finds in them.
+        "datasets": [d.get("path") for d in config.get("datasets") or []],
         "video_config": {k: v for k, v in (config.get("video_config") or {}).items() if k not in VIDEO_PLAN_KEYS},
         **{k: config.get(k) for k in ("validation", "seed", "frames", "resolution", "strict_data", "base_model", "model_type")},
     }

@@ -42,6 +42,7 @@ from .train_worker import RunOutcome
 from .window_state import fit_and_center, save_last_settings, window_settings
 
 if TYPE_CHECKING:
+    from .dataset_editor import DatasetEditor
     from .doctor_panel import DoctorPanel
     from .estimate_panel import EstimatePanel
     from .plots import TrainingPlots
@@ -70,7 +71,8 @@ class MainWindow(PresetActions, QMainWindow):
         # Sampling tabs' settings the doctor, the VRAM estimate, the samples) is built when first shown.
         self.tabs = QTabWidget()
         self.tabs.setDocumentMode(True)
-        self.pages = TabPages(self.tabs, self.state, self._make_side_panel, self._remembered, DEFAULT_SIZE[0])
+        self.pages = TabPages(self.tabs, self.state, self._make_side_panel, self._remembered, DEFAULT_SIZE[0], self._make_below)
+        self.pages.built_page.connect(self._page_built)
         self.forms = LazyForms(self.pages)
 
         self._close_when_stopped = False  # the user closed the window during a run and said stop
@@ -150,6 +152,36 @@ class MainWindow(PresetActions, QMainWindow):
             return SampleViewer(self.state)
         return None
 
+    def _make_below(self, name: str) -> QWidget | None:
+        """The widget under a tab's settings: the dataset editor on the Data tab, fed by its doctor."""
+        if name != "data":
+            return None
+        from .dataset_editor import DatasetEditor
+
+        from .doctor_panel import DoctorPanel
+
+        editor = DatasetEditor(self.state)
+        doctor = self.pages.side_panels.get("data")
+        if isinstance(doctor, DoctorPanel):
+            doctor.reported.connect(editor.set_report)
+            editor.captions_changed.connect(doctor.check_now)
+            if doctor.report is not None:
+                editor.set_report(None, doctor.report)
+        return editor
+
+    def _page_built(self, name: str, page: QWidget) -> None:
+        if name == "data":
+            from .folder_drops import FolderDrops
+
+            # Folders dropped anywhere on the Data tab become datasets (the editor shows the last).
+            self.folder_drops = FolderDrops(page)
+            self.folder_drops.dropped.connect(self.dataset_editor.add_folders)
+
+    @property
+    def dataset_editor(self) -> DatasetEditor:
+        self.pages.form("data")
+        return self.pages.below_widgets["data"]  # type: ignore[return-value]
+
     @property
     def side_panels(self) -> dict[str, SidePanel]:
         """The side panels built so far, by tab."""
@@ -217,9 +249,12 @@ class MainWindow(PresetActions, QMainWindow):
         self.run_area.settle(timeout_ms)
         self.start_check.settle(timeout_ms)
         page = self.tabs.currentWidget()
-        for panel in self.side_panels.values():
+        # A copy: settling turns the event loop, which may build the other tabs' pages meanwhile.
+        for panel in list(self.side_panels.values()):
             if panel.isVisible() and page.isAncestorOf(panel):
                 panel.settle(timeout_ms)
+        if "data" in self.pages.below_widgets and self.dataset_editor.isVisible() and page.isAncestorOf(self.dataset_editor):
+            self.dataset_editor.settle(timeout_ms)
 
     # -- reacting to the config ----------------------------------------------------------------
 
@@ -353,6 +388,8 @@ class MainWindow(PresetActions, QMainWindow):
             self.hide()  # the background import cannot be interrupted: wait for it out of sight
         for panel in self.side_panels.values():
             panel.shutdown()
+        if "data" in self.pages.below_widgets:
+            self.dataset_editor.shutdown()
         self.start_check.shutdown()
         self.run_panel.shutdown()
         self.run_area.shutdown()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator, Mapping
 
-from PySide6.QtCore import QByteArray, QObject, Qt, QTimer
+from PySide6.QtCore import QByteArray, QObject, Qt, QTimer, Signal
 from PySide6.QtWidgets import QFrame, QScrollArea, QSplitter, QTabWidget, QVBoxLayout, QWidget
 
 from .config_state import ConfigState
@@ -43,6 +43,8 @@ class LazyForms(Mapping[str, SettingsForm]):
 
 
 class TabPages(QObject):
+    built_page = Signal(str, QWidget)  # (tab name, its whole page) once a page is built
+
     def __init__(
         self,
         tabs: QTabWidget,
@@ -50,12 +52,16 @@ class TabPages(QObject):
         side_panel: Callable[[str], SidePanel | None],
         splitter_state: Callable[[str], QByteArray | None],
         width: int,
+        below: Callable[[str], QWidget | None] | None = None,
     ) -> None:
         """side_panel(name): the panel beside that tab's settings (or None), made when the page is built;
-        splitter_state(key): a divider's remembered state; width: the window's default width."""
+        splitter_state(key): a divider's remembered state; width: the window's default width;
+        below(name): a widget under the settings and the panel (the Data tab's dataset editor), or None."""
         super().__init__(tabs)
         self.tabs, self.state = tabs, state
         self._side_panel, self._splitter_state, self._width = side_panel, splitter_state, width
+        self._below = below or (lambda name: None)
+        self.below_widgets: dict[str, QWidget] = {}
         self.keys: dict[str, tuple[str, ...]] = {spec.name: tuple(tab_keys(spec)) for spec in TABS}
         self.built: dict[str, SettingsForm] = {}
         self.side_panels: dict[str, SidePanel] = {}
@@ -118,7 +124,22 @@ class TabPages(QObject):
                 splitter.restoreState(remembered)
             self.side_splitters[name] = splitter
             page = splitter
+        bottom = self._below(name)
+        if bottom is not None:
+            self.below_widgets[name] = bottom
+            column = QSplitter(Qt.Orientation.Vertical)
+            column.setChildrenCollapsible(False)
+            column.addWidget(page)
+            column.addWidget(bottom)
+            column.setStretchFactor(0, 2)
+            column.setStretchFactor(1, 3)
+            remembered = self._splitter_state(f"side_below_{name}")  # saved as every side_splitters entry is
+            if remembered is not None:
+                column.restoreState(remembered)
+            self.side_splitters[f"below_{name}"] = column
+            page = column
         self._holders[name].addWidget(page)
         page.show()  # now, not at the layout's queued show: a panel shown refreshes at once
         form.update_state()  # the fields show the config already; what applies and what is wrong
+        self.built_page.emit(name, self._holders[name].parentWidget())
         log.debug("tab %s built", name)

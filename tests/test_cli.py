@@ -50,7 +50,8 @@ def test_set_reads_json_values_and_text() -> None:
     assert shown["lora"]["rank"] == 32
     assert shown["sampling"]["prompts"] == ["a fox", "a boat"]
     assert shown["base_model"] == "/models/my wan"
-    assert shown["datasets"] == [{"path": "/data/clips", "repeats": 3}]
+    assert shown["datasets"] == [{"path": "/data/clips", "repeats": 3, "caption_prefix": "", "caption_separator": ", ",
+                                  "caption_dropout": 0.0, "loss_weight": 1.0}]
 
 
 @pytest.mark.parametrize("kind", sorted(BAD_FILES))

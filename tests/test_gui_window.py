@@ -262,9 +262,12 @@ def test_lists_and_datasets_edit_the_config(window: MainWindow, tmp_path: Path) 
 
     datasets = field(window, "data", "datasets")
     datasets.add_folder(str(tmp_path))
-    assert window.config["datasets"] == [{"path": str(tmp_path), "repeats": 1}]
+    assert [(d["path"], d["repeats"]) for d in window.config["datasets"]] == [(str(tmp_path), 1)]
+    # The folder's other options (set in the dataset editor below) survive an edit in the table.
+    window.state.edit("datasets", [{**window.config["datasets"][0], "caption_prefix": "ohwx"}])
     datasets.editor.cellWidget(0, 1).setValue(3)
     assert window.config["datasets"][0]["repeats"] == 3
+    assert window.config["datasets"][0]["caption_prefix"] == "ohwx"
     datasets.editor.selectRow(0)
     assert datasets.remove_button.isEnabled()
     datasets.remove_button.click()

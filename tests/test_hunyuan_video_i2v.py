@@ -269,3 +269,21 @@ def test_samples_start_from_the_image_with_the_i2v_pipeline(i2v: Path) -> None:
     assert video.shape == (5, 32, 48, 3) and video.dtype == np.uint8
     with pytest.raises(ValueError, match="needs request.image"):
         adapter.sample({"transformer": transformer}, SampleRequest("a red ball", 48, 32, 5, 2, 6.0, 0), device="cpu", dtype=torch.float32)
+
+
+def test_caption_dropout_is_refused_by_name_where_the_text_reads_the_first_frame(i2v: Path, tmp_path: Path) -> None:
+    """The Llava reads each clip's first frame with its caption, so no one empty-caption entry can
+    stand in for a dropped caption: the plan refuses caption_dropout, naming the key."""
+    from core.data.cache import ContentHasher
+    from core.data.plan import plan_data
+    from core.errors import ConfigError
+
+    data = tmp_path / "data"
+    data.mkdir()
+    make_clip(data / "clip.mp4", width=64, height=64, fps=16, seconds=1.0)
+    (data / "clip.txt").write_text("a square", encoding="utf-8")
+    config = _i2v_config(i2v, data, tmp_path, datasets=[{"path": str(data), "repeats": 1, "caption_dropout": 0.5}])
+    config["datasets"] = [resolve({"datasets": config["datasets"]})["datasets"][0]]
+    with pytest.raises(ConfigError, match="caption_dropout") as refused:
+        plan_data(config, adapter_for(config), ContentHasher(config["cache_dir"]))
+    assert refused.value.key == "datasets.caption_dropout"

@@ -151,7 +151,9 @@ def test_nullable_part_learning_rate_and_integral_floats() -> None:
 
 
 def test_dataset_items_get_their_defaults() -> None:
-    assert validate_overlay({"datasets": [{"path": "/data"}]})["datasets"] == [{"path": "/data", "repeats": 1}]
+    assert validate_overlay({"datasets": [{"path": "/data"}]})["datasets"] == [
+        {"path": "/data", "repeats": 1, "caption_prefix": "", "caption_separator": ", ", "caption_dropout": 0.0, "loss_weight": 1.0}
+    ]
 
 
 def test_frames_larger_than_the_window_is_refused() -> None:

@@ -188,5 +188,9 @@ def path(name: str, default: str, help: str, path_kind: str, **kw: Any) -> Setti
     return Setting(name, PATH, default, help, path_kind=path_kind, **kw)
 
 
+def string(name: str, default: str, help: str, **kw: Any) -> Setting:
+    return Setting(name, STR, default, help, **kw)
+
+
 def string_list(name: str, default: list[str], help: str, **kw: Any) -> Setting:
     return Setting(name, STR_LIST, tuple(default), help, **kw)

@@ -20,6 +20,7 @@ from .fields import (
     integer,
     number,
     path,
+    string,
     string_list,
 )
 
@@ -102,6 +103,37 @@ DATASET = Section(
             PATH_FOLDER,
         ),
         integer("repeats", 1, "How many times this folder's clips count per pass over the data.", lo=1, hi=10_000),
+        string(
+            "caption_prefix",
+            "",
+            "Text put before every caption of this folder, such as a trigger word, with caption_separator "
+            "between; it is part of what the text encoder encodes (and of its cache key). Empty: the "
+            "captions as they are.",
+            label="Caption prefix",
+        ),
+        string(
+            "caption_separator",
+            ", ",
+            "What goes between caption_prefix and the caption (when both are not empty).",
+            label="Caption separator",
+        ),
+        number(
+            "caption_dropout",
+            0.0,
+            "Probability that a sample of this folder trains on the empty caption instead of its own, "
+            "drawn anew at every use (seeded: the same after a resume). Teaches the model the "
+            "unconditioned prediction that classifier-free guidance uses; 0: never.",
+            lo=0.0,
+            hi=1.0,
+        ),
+        number(
+            "loss_weight",
+            1.0,
+            "Multiplies the loss of this folder's samples: above 1 the folder counts for more in each "
+            "step, below 1 for less (0: it trains nothing).",
+            lo=0.0,
+            hi=100.0,
+        ),
     ),
 )
 

@@ -43,6 +43,8 @@ class CachedSample:
 
     latent_keys: tuple[str, ...]
     text_key: str
+    caption_dropout: float = 0.0  # chance a use trains on the empty caption (its dataset's setting)
+    loss_weight: float = 1.0  # what its loss is multiplied by (its dataset's setting)
     text_keys: tuple[str, ...] = ()  # one per variant, where the text conditions depend on the first frame
 
     def text_key_of(self, variant: int) -> str:
@@ -65,8 +67,13 @@ class CachedSampleDataset(Dataset):
     # clips in a new random order, which would make an LRU smaller than the set evict everything.
     TEXT_MEMO_BYTES = 64 * 1024 * 1024
 
-    def __init__(self, samples: Sequence[CachedSample] | Mapping[Hashable, CachedSample], cache_dir: str | Path) -> None:
+    def __init__(self, samples: Sequence[CachedSample] | Mapping[Hashable, CachedSample], cache_dir: str | Path,
+                 *, seed: int = 0, empty_text_key: str | None = None) -> None:
+        """empty_text_key: the empty caption's entry, which a sample with caption_dropout trains on
+        when its draw for (seed, step, sample, use) says so; needed where any sample drops captions."""
         self.samples = samples
+        self.seed = int(seed)
+        self.empty_text_key = empty_text_key
         self.latents = LatentCache(cache_dir)
         self.text = TextCache(cache_dir)
         self._text_memo: dict[str, tuple[dict[str, torch.Tensor], dict[str, StoredCondition]]] = {}
@@ -91,10 +98,15 @@ class CachedSampleDataset(Dataset):
 
     def __getitem__(self, item: Item) -> dict[str, Any]:
         sample_id, use, step = item
-        variant = int(use) % len(self.samples[sample_id].latent_keys)  # type: ignore[index]
-        return {**self.load(sample_id, variant), "sample_id": sample_id, "variant": variant, "step": int(step)}
+        sample = self.samples[sample_id]  # type: ignore[index]
+        variant = int(use) % len(sample.latent_keys)
+        dropped = caption_dropped(sample.caption_dropout, self.seed, int(step), sample_id, int(use))
+        if dropped and self.empty_text_key is None:
+            raise ValueError(f"sample {sample_id!r} drops its caption (caption_dropout), and the dataset was given no empty caption's key")
+        return {**self.load(sample_id, variant, empty_caption=dropped), "sample_id": sample_id, "variant": variant,
+                "step": int(step), "caption_dropped": dropped, "loss_weight": float(sample.loss_weight)}
 
-    def load(self, sample_id: Hashable, variant: int) -> dict[str, Any]:
+    def load(self, sample_id: Hashable, variant: int, *, empty_caption: bool = False) -> dict[str, Any]:
         """{"latents": (C, f, h, w), each condition key as stored, PADDING: how to pad them} of one
         variant, such as a prompt_embeds (tokens, D) trimmed to the caption's tokens (the collate pads
         it back to the length the encoder gave) and a fixed-size prompt_mask.
@@ -104,7 +116,7 @@ class CachedSampleDataset(Dataset):
         latents = self.latents.get(latent_key)
         if latents is None:
             raise MissingCacheEntry(f"sample {sample_id!r}: latents {latent_key} (variant {variant}) are not in {self.latents.root}")
-        key = sample.text_key_of(variant)
+        key = self.empty_text_key if empty_caption and self.empty_text_key is not None else sample.text_key_of(variant)
         text = self._text_entry(key)
         if text is None:
             raise MissingCacheEntry(f"sample {sample_id!r}: text embeddings {key} are not in {self.text.root}")
@@ -116,6 +128,18 @@ def step_seed(seed: int, step: int, stream: str = "frame-dropout") -> int:
     """A seed for (run seed, step), stable across processes and platforms."""
     digest = hashlib.sha256(f"{stream}:{int(seed)}:{int(step)}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def caption_dropped(probability: float, seed: int, step: int, sample_id: Hashable, use: int) -> bool:
+    """Whether this use of a sample trains on the empty caption: a draw from a generator seeded by
+    (seed, step, sample, use), so it is the same with any number of workers or processes and after
+    a resume. Probability 0 draws nothing."""
+    if probability <= 0:
+        return False
+    if probability >= 1:
+        return True
+    generator = torch.Generator().manual_seed(step_seed(seed, step, f"caption-dropout:{sample_id}:{use}"))
+    return bool(torch.rand(1, generator=generator).item() < probability)
 
 
 class BatchCollator:
@@ -147,6 +171,9 @@ class BatchCollator:
             "latents": latents,
             **conditions,
             "variants": torch.tensor([s["variant"] for s in samples], dtype=torch.long),
+            # Per sample: trained on the empty caption (caption_dropout), and its dataset's loss_weight.
+            "caption_dropped": torch.tensor([bool(s.get("caption_dropped", False)) for s in samples], dtype=torch.bool),
+            "loss_weights": torch.tensor([float(s.get("loss_weight", 1.0)) for s in samples], dtype=torch.float32),
             "sample_ids": [s["sample_id"] for s in samples],
             "step": step,
         }

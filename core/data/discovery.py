@@ -12,6 +12,7 @@ See docs/data-pipeline.md, "Discovery".
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
@@ -49,6 +50,10 @@ class Item:
     repeats: int
     kind: str  # "video" or "image", by extension
     root: Path  # the dataset folder this item was found in
+    # The folder's training options (its dataset section): the chance its caption is dropped for the
+    # empty one at a use, and what its loss is multiplied by. Its caption_prefix is in `caption`.
+    caption_dropout: float = 0.0
+    loss_weight: float = 1.0
 
     @property
     def is_video(self) -> bool:
@@ -85,6 +90,20 @@ def discover(folder: Path, dataset_index: int = 0, repeats: int = 1) -> tuple[li
     return items, issues
 
 
+def discover_with_captions(folder: Path) -> tuple[list[Item], list[Issue], dict[Path, Path]]:
+    """discover(folder), and for every media file found (usable or not) its caption file or, where it
+    has none, the path a new one goes to (beside it, or in the captions/ mirror): the dataset editor."""
+    folder = Path(os.path.expanduser(str(folder)))
+    if not folder.is_dir():
+        items, issues = discover(folder)
+        return items, issues, {}
+    walker = _Walker(folder, 0, 1)
+    walker.walk(folder)
+    items = sorted(walker.items, key=lambda i: str(i.path))
+    issues = sorted(walker.issues, key=lambda i: (str(i.path), i.reason))
+    return items, issues, dict(sorted(walker.caption_places.items(), key=lambda kv: str(kv[0])))
+
+
 def discover_datasets(config: dict[str, Any]) -> tuple[list[Item], list[Issue]]:
     """The items of every configured dataset (config["datasets"]), each with its repeats."""
     items: list[Item] = []
@@ -96,9 +115,20 @@ def discover_datasets(config: dict[str, Any]) -> tuple[list[Item], list[Issue]]:
             issues.append(Issue(Path(f"datasets[{index}]"), f"{DATASET_MISSING} path is empty; choose a folder of clips"))
             continue
         found, problems = discover(Path(raw), index, int(dataset.get("repeats", 1)))
-        items.extend(found)
+        prefix, separator = str(dataset.get("caption_prefix") or ""), str(dataset.get("caption_separator", ", "))
+        options = {"caption_dropout": float(dataset.get("caption_dropout", 0.0)), "loss_weight": float(dataset.get("loss_weight", 1.0))}
+        items.extend(dataclasses.replace(item, caption=prefixed_caption(prefix, separator, item.caption), **options) for item in found)
         issues.extend(problems)
     return items, issues
+
+
+def prefixed_caption(prefix: str, separator: str, caption: str) -> str:
+    """The caption a dataset's caption_prefix makes: 'prefix<separator>caption' (just one where the
+    other is empty), as the text encoder gets it."""
+    prefix = prefix.strip()
+    if not prefix:
+        return caption
+    return prefix + separator + caption if caption else prefix
 
 
 def read_caption(path: Path) -> tuple[str | None, str | None]:
@@ -132,6 +162,8 @@ class _Walker:
         self.visited: dict[tuple[int, int], Path] = {}
         self.seen_files: set[tuple[int, int]] = set()
         self.caption_maps: dict[Path, dict[str, Path]] = {}
+        # Every media file met (usable or not) -> its caption file, or where one would go.
+        self.caption_places: dict[Path, Path] = {}
 
     def walk(self, folder: Path, captions: Path | None = None, ancestors: tuple[tuple[int, int], ...] = ()) -> None:
         """Scan folder; captions is the mirror folder of captions for the videos/ + captions/ layout."""
@@ -204,8 +236,9 @@ class _Walker:
                 continue
             stem = os.path.splitext(name)[0]
             caption_path = mirror.get(stem) or beside.get(stem)
+            expected = (captions if captions is not None else folder) / (stem + CAPTION_EXTENSION)
+            self.caption_places[path] = caption_path or expected
             if caption_path is None:
-                expected = (captions if captions is not None else folder) / (stem + CAPTION_EXTENSION)
                 shown = expected.name if captions is None else expected.relative_to(self.root).as_posix()
                 self.issues.append(Issue(path, f"{NO_CAPTION}: expected {shown}"))
                 continue

@@ -48,7 +48,8 @@ class PlannedSample:
 
     @property
     def cached(self) -> CachedSample:
-        return CachedSample(self.latent_keys, self.text_key, self.text_keys)
+        return CachedSample(self.latent_keys, self.text_key, self.item.caption_dropout, self.item.loss_weight,
+                            self.text_keys)
 
 
 @dataclass
@@ -60,6 +61,8 @@ class DataPlan:
     # encoder's weight_dtype by name (its compute dtype and quantized storage; part of the text keys).
     vae_dtype: Any = None
     text_weight_dtypes: dict[str, str] = field(default_factory=dict)
+    # The empty caption's text key, where a dataset drops captions (caption_dropout > 0); else None.
+    empty_text_key: str | None = None
 
     def sampler_records(self) -> list[SampleRecord]:
         """For BucketBatchSampler: the sample id is the index into `train`."""
@@ -217,12 +220,19 @@ def plan_data(
         log.warning("%s", issue)
     if not train:
         raise UserError(f"no clip or image the model can train on; first problem: {refused[0]}")
+    drops = any(s.item.caption_dropout > 0 for s in train)
+    if drops and adapter.text_takes_image:
+        # Its text conditions are read with each clip's first frame: there is no one empty caption's entry.
+        raise ConfigError(f"caption_dropout is not supported for {adapter.family}: its text encoder reads each clip's "
+                          "first frame with the caption; set caption_dropout to 0 in every dataset",
+                          key="datasets.caption_dropout")
     return DataPlan(
         train,
         validation,
         issues + refused,
         vae_dtype=vae_dtype,
         text_weight_dtypes=text_weights,
+        empty_text_key=text_key("", adapter.text_identity(), adapter.max_text_length, names[1]) if drops else None,
     )
 
 

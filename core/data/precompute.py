@@ -155,6 +155,11 @@ def fill_caches(
 
     layout = adapter.condition_layout()
     missing = _missing_texts(plan, texts, layout, report, bool(getattr(adapter, "text_takes_image", False)))
+    if plan.empty_text_key is not None:  # what a dropped caption trains on (caption_dropout)
+        if texts.has(plan.empty_text_key, layout):
+            report.texts_reused += 1
+        else:
+            missing.append((plan.empty_text_key, "", None))
     if missing and not stop():
         load_text_encoders(adapter, device, plan.text_weight_dtypes, list(plan.text_weight_dtypes))  # the cached ones
         for start in range(0, len(missing), TEXT_BATCH):

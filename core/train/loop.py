@@ -85,6 +85,16 @@ class RunParts:
     rng_to_restore: dict[str, Any] | None = None
 
 
+def _captions_with_dropout(captions_of: Callable[[list[Any]], list[str]], batch: dict[str, Any]) -> Callable[[list[Any]], list[str]]:
+    """captions_of for a method that encodes captions live: the empty caption where the batch's
+    sample dropped its own (caption_dropout), as the cached entries it replaces do."""
+    dropped = batch.get("caption_dropped")
+    if dropped is None or not bool(dropped.any()):
+        return captions_of
+    flags = [bool(d) for d in dropped.tolist()]
+    return lambda ids: ["" if flag else caption for caption, flag in zip(captions_of(ids), flags)]
+
+
 class Loop:
     def __init__(self, run: RunParts, result: TrainResult) -> None:
         self.run = run
@@ -134,9 +144,10 @@ class Loop:
             latents, condition = adapter.split_latents(batch["latents"].to(accelerator.device))
             # One denoiser per optimizer step (two-expert models), the same in every process.
             transformer, view, step_objective, expert = r.routes.pick(int(batch["step"]) // accumulation)
-            batch = r.parts.prepare_batch(batch, r.captions_of)
+            captions_of = _captions_with_dropout(r.captions_of, batch)
+            batch = r.parts.prepare_batch(batch, captions_of)
             if adapter.kept_text_encoders:  # what the cache does not hold, encoded now
-                batch = {**batch, **adapter.encode_kept_text(r.captions_of(batch["sample_ids"]))}
+                batch = {**batch, **adapter.encode_kept_text(captions_of(batch["sample_ids"]))}
             # Noise and noise levels per sample, seeded by (seed, batch step, position in the global
             # batch): the same in every run with any number of processes, and a resumed run
             # continues the same sequence.
@@ -154,7 +165,8 @@ class Loop:
                     prediction = adapter.predict(view, noisy, sigmas, batch, first_frame_fixed=fixed, condition=condition)
                 target = objective.target(latents, noise, sigmas) if objective.needs_target else None
                 loss, parts = training_loss(prediction.float(), target, sigmas, objective, weight,
-                                            first_frame_fixed=fixed, latents=latents, noisy=noisy)
+                                            first_frame_fixed=fixed, latents=latents, noisy=noisy,
+                                            sample_weights=batch.get("loss_weights"))
                 auxiliary = adapter.auxiliary_loss(view)  # the family's own term, already weighted
                 if auxiliary is not None:
                     loss = loss + auxiliary.float()

@@ -209,6 +209,7 @@ def training_loss(
     *,
     latents: torch.Tensor | None = None,
     noisy: torch.Tensor | None = None,
+    sample_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The training loss (a scalar float32 tensor) and its parts for logging, for any objective.
 
@@ -228,6 +229,10 @@ def training_loss(
 
     ``first_frame_fixed`` (B,) bool: the samples trained as image-to-video, whose first latent frame
     was given clean; their first frame is left out of both terms (there is nothing to learn there).
+
+    ``sample_weights`` (B,): each sample's dataset ``loss_weight``, multiplied into its weight in
+    both terms (None: all 1). The mean over the batch still divides by B, so a sample of weight 2
+    contributes twice what it would at 1.
     """
     if target is not None and prediction.shape != target.shape:
         raise ValueError(f"prediction {tuple(prediction.shape)} and target {tuple(target.shape)} differ in shape")
@@ -237,6 +242,8 @@ def training_loss(
     compared, expected = objective.loss_pair(prediction.float(), None if target is None else target.float(), latents, noisy, sigmas)
     pred, tgt = compared.float(), expected.float()
     weights = objective.weight(sigmas)
+    if sample_weights is not None:
+        weights = weights.to(pred.device) * sample_weights.to(pred.device, torch.float32)
     reduce_dims = tuple(range(1, pred.ndim))
 
     if first_frame_fixed is None or pred.ndim != 5:

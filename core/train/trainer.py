@@ -268,7 +268,8 @@ class Trainer:
             world_size=world_size, start_step=min(start_step * accumulation, batches),
         )
         loader = make_loader(
-            CachedSampleDataset(plan.cached_samples(), Path(config["cache_dir"]).expanduser()),
+            CachedSampleDataset(plan.cached_samples(), Path(config["cache_dir"]).expanduser(), seed=config["seed"],
+                                empty_text_key=plan.empty_text_key),
             ShardedBatchSampler(sampler, rank, world_size),
             num_workers=config["dataloader_threads"],
             pin_memory=torch.cuda.is_available(),
