@@ -40,6 +40,8 @@ TRAIN_DTYPES = ("FLOAT_32", "FLOAT_16", "BFLOAT_16")
 WEIGHT_DTYPES = ("FLOAT_32", "BFLOAT_16", "FLOAT_16", "FLOAT_8", "INT_8", "INT_4", "NFLOAT_4")
 OPTIMIZERS = ("ADAMW", "ADAMW_8BIT", "ADAFACTOR", "PRODIGY", "SGD")
 LR_SCHEDULERS = ("CONSTANT", "LINEAR", "COSINE", "COSINE_WITH_RESTARTS")
+DISTRIBUTED_STRATEGIES = ("DDP", "FSDP")
+FSDP_SHARDINGS = ("FULL_SHARD", "SHARD_GRAD_OP")
 FRAME_SAMPLE_STRATEGIES = ("uniform", "random", "keyframe")
 
 EXPERT_CHOICES = ("BOTH", "HIGH_NOISE", "LOW_NOISE")
@@ -586,6 +588,39 @@ SCHEMA = Section(
                 number("holdout_fraction", 0.0, "Fraction of the clips held out for validation (fixed by seed).", lo=0.0, hi=0.5, label="Hold-out fraction"),
                 path("folder", "", "A separate folder of validation clips; when set, holdout_fraction is not used.", PATH_FOLDER),
             ),
+        ),
+        Section(
+            "distributed",
+            "Training with several processes (GPUs, machines), started with accelerate launch (docs/training.md, "
+            "\"Several GPUs\"). One process trains the same whatever these say.",
+            (
+                choice(
+                    "strategy",
+                    DISTRIBUTED_STRATEGIES,
+                    "DDP",
+                    "How several processes share the work. DDP: every process holds the whole model and the "
+                    "gradients are averaged. FSDP (torch's FSDP2 through accelerate's FSDP plugin): the "
+                    "transformer's blocks are wrapped one by one and their parameters, gradients and optimizer "
+                    "state are sharded across the processes, so each holds about 1/N of them (activations are not "
+                    "shared); the result is gathered on the main process and saved whole, as with DDP. FSDP trains "
+                    "one denoiser with LORA or FINE_TUNE, and cannot combine with layer offloading, the fused "
+                    "backward pass, quantized transformer weights, trained text encoders, EMA, validation or sampling "
+                    "prompts (each refused by name).",
+                    label="Multi-process strategy",
+                ),
+                choice(
+                    "sharding",
+                    FSDP_SHARDINGS,
+                    "FULL_SHARD",
+                    "What FSDP keeps sharded. FULL_SHARD: parameters are gathered for each block's forward and "
+                    "backward and freed after, least memory. SHARD_GRAD_OP: gradients and optimizer state stay "
+                    "sharded, but each block's gathered parameters are kept from its forward to its backward "
+                    "(more memory, one all-gather less per block).",
+                    applies_when={"distributed.strategy": ("FSDP",)},
+                    label="FSDP sharding",
+                ),
+            ),
+            label="Several GPUs",
         ),
         VIDEO_CONFIG,
     ),

@@ -83,6 +83,7 @@ class RunParts:
     samples_requested: bool = False  # prompts are set: every process pauses while the main one samples
     backup: Callable[[int, int, int], Any] | None = None  # (step, batch step, epoch) -> path
     rng_to_restore: dict[str, Any] | None = None
+    sharded_model: Any = None  # FSDP: the sharded denoiser (backups gather from it), else None
 
 
 class Loop:

@@ -123,6 +123,6 @@ def load_trained(params: Mapping[str, torch.nn.Parameter], tensors: Mapping[str,
     if missing or extra:
         raise UserError(f"the backup {where} holds other trained weights than this run trains "
                         f"({len(missing)} missing, {len(extra)} unknown, e.g. {sorted(missing or extra)[0]}); train from the start")
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(tensors[name].to(p.device, p.dtype))
+    from .fsdp import load_whole
+
+    load_whole(params, tensors)  # FSDP's sharded parameters take their shard of each

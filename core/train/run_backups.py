@@ -60,7 +60,12 @@ def restore(run: RunParts, backup: Backup, result: TrainResult) -> None:
 
     trained, state, ema_tensors = read_backup(backup)
     load_trained(run.parts.named_trainable(), trained, backup.path)
-    run.optimizer.load_state_dict(state["optimizer"])
+    if run.sharded_model is not None:  # FSDP: every process takes its shard of the whole state
+        from .fsdp import load_optimizer
+
+        load_optimizer(run.sharded_model, run.optimizer, state["optimizer"])
+    else:
+        run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
     if run.ema is not None:
         if ema_tensors is None:
@@ -76,18 +81,29 @@ def restore(run: RunParts, backup: Backup, result: TrainResult) -> None:
 
 
 def backup_writer(run: RunParts, backups: BackupFolder, config: dict[str, Any], data: dict[str, Any],
-                  result: TrainResult) -> Callable[[int, int, int], Path]:
-    """write(step, batch step, epoch): a backup of the run as it is after that step."""
+                  result: TrainResult, *, sharded_model: Any = None, is_main: bool = True) -> Callable[[int, int, int], Path | None]:
+    """write(step, batch step, epoch): a backup of the run as it is after that step. With a
+    sharded_model (FSDP) every process calls it: the trained weights and the optimizer state are
+    gathered whole, and the main process writes them (None elsewhere), in the files an unsharded
+    run writes, so the backup continues on any number of processes."""
     from .resume import backup_filler, backup_info, rng_states
     from .run_info import app_version
 
     version = app_version()
 
-    def write(step: int, batch_step: int, epoch: int) -> Path:
-        state = {"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(), "rng": rng_states()}
+    def write(step: int, batch_step: int, epoch: int) -> Path | None:
+        trained, optimizer = run.parts.named_trainable(), None
+        if sharded_model is not None:
+            from .fsdp import gather_optimizer, gather_tensors
+
+            trained, optimizer = gather_tensors(trained, is_main), gather_optimizer(sharded_model, run.optimizer)
+            if not is_main:
+                return None
+        state = {"optimizer": optimizer if optimizer is not None else run.optimizer.state_dict(),
+                 "scheduler": run.scheduler.state_dict(), "rng": rng_states()}
         if run.ema is not None:
             state["ema"] = run.ema.state_dict()
-        fill = backup_filler(run.parts.named_trainable(), state, run.ema.tensors() if run.ema is not None else None)
+        fill = backup_filler(trained, state, run.ema.tensors() if run.ema is not None else None)
         extra = {"smoother": run.smoother.state_dict(), "skipped_steps": result.skipped_steps,
                  "total_steps": run.total_steps, "training_method": config["training_method"],
                  "plateau": run.plateau.state_dict() if run.plateau is not None else None}

@@ -104,8 +104,11 @@ def _release_accelerate_state() -> None:
     group (PartialState) stays: a launched multi-process job still needs it."""
     from accelerate.state import AcceleratorState, GradientState
 
+    from .fsdp import leave_fsdp
+
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
+    leave_fsdp()
 
 
 class _Routes:
@@ -199,12 +202,21 @@ class Trainer:
         adapter = adapter_for(config)
         self._model_folder = adapter.folder  # for the out-of-memory advice
         _cache_package_checks()
+        from .fsdp import enter_fsdp, fsdp_plugin, remember_environment, wants_fsdp
+
+        plugin = None
+        if wants_fsdp(config):
+            remember_environment()
+            plugin = fsdp_plugin(config)
         accelerator = Accelerator(
             mixed_precision=_precision(config["train_dtype"]),
             gradient_accumulation_steps=config["gradient_accumulation_steps"],
             cpu=not torch.cuda.is_available(),
             kwargs_handlers=[InitProcessGroupKwargs(timeout=PROCESS_GROUP_TIMEOUT)],
+            fsdp_plugin=plugin,
         )
+        # FSDP needs several processes; one trains as it would without it.
+        sharded = plugin is not None and enter_fsdp(accelerator, plugin)
         if not accelerator.is_main_process:
             # One voice towards the client: progress bars, logs and the window follow the main process.
             self.callbacks = TrainerCallbacks()
@@ -236,7 +248,8 @@ class Trainer:
         parts = parts_for(config["training_method"])(config, adapter, accelerator.device)
         parts.load(denoisers, lambda name: self._load_denoiser(adapter, name, accelerator))
         # Layer offloading keeps some blocks' frozen weights in CPU memory; the rest goes to the device.
-        placed = [place_denoiser(t, adapter, config, accelerator.device) for t in parts.transformers]
+        # FSDP loaded them on the CPU: each block's shard goes to the device as it is wrapped.
+        placed = [None if sharded else place_denoiser(t, adapter, config, accelerator.device) for t in parts.transformers]
         offloaders = Offloaders(placed)
         optimizer, fused = self._optimizer(parts)
 
@@ -280,7 +293,10 @@ class Trainer:
         # optimizer step (made for loaders that shrink with the process count), but total_steps
         # already counts global steps; the loop steps it itself, once per optimizer step.
         transformers = list(parts.transformers)
-        if parts.trains_denoisers():
+        state_dtypes: dict[str, Any] = {}
+        if sharded:
+            transformers, optimizer, state_dtypes = self._shard(accelerator, adapter, transformers, optimizer)
+        elif parts.trains_denoisers():
             if world_size > 1:
                 for transformer in transformers:
                     ignore_frozen_for_ddp(transformer)
@@ -312,6 +328,7 @@ class Trainer:
             batches_per_pass=max(1, len(sampler.pass_batches(0))), smoother=smoother, fused=fused, ema=ema,
             captions_of=lambda ids: [plan.train[int(i)].item.caption for i in ids],
         )
+        run.sharded_model = models[0] if sharded else None
         self._add_validation(run, plan)
         self._add_samples(run, plan, workspace)
         if backup is not None:
@@ -324,12 +341,19 @@ class Trainer:
         elif accelerator.is_main_process:
             set_earlier_runs_aside(workspace, backups, self.callbacks)
         # Backups are written when due, when asked for (Backup now) and when a run is stopped.
-        run.backup = backup_writer(run, backups, config, data, result) if accelerator.is_main_process else (lambda *a: None)
+        if sharded:  # gathered by every process, written by the main one
+            run.backup = backup_writer(run, backups, config, data, result, sharded_model=models[0],
+                                       is_main=accelerator.is_main_process)
+        elif accelerator.is_main_process:
+            run.backup = backup_writer(run, backups, config, data, result)
+        else:
+            run.backup = lambda *a: None
         run.metrics = MetricsWriter(workspace, enabled=accelerator.is_main_process, resume_step=start_step if backup else None)
         if accelerator.is_main_process:
             write_run_info(workspace, config, dict(zip((d.name for d in denoisers), models)),
                            {"total_steps": total_steps, "samples": len(plan.train), "family": adapter.family,
                             "world_size": world_size, "global_batch_size": global_batch,
+                            "distributed": getattr(self, "_fsdp_info", None) if sharded else None,
                             "denoisers": [vars(d) for d in denoisers], "resumed_from_step": start_step,
                             "estimated_peak_bytes": estimated_peak_bytes(config, adapter.folder)})
         try:
@@ -339,6 +363,8 @@ class Trainer:
             offloaders.detach()
             loader.close()  # the workers end with the steps, also on Stop, an exception or Ctrl+C
 
+        if sharded and result.steps > 0:
+            models = self._gather_for_saving(run, models, state_dtypes)
         if accelerator.is_main_process and result.steps > 0:
             # Finite weights only; a save that fails keeps them in a backup and says how to finish it.
             result.output_paths.extend(save_result(run, models, result, outputs, backups))
@@ -347,6 +373,38 @@ class Trainer:
         return result
 
     # -- pieces of _run --------------------------------------------------------------------------
+    def _shard(self, accelerator: Any, adapter: Any, transformers: list[Any], optimizer: Any) -> tuple[list[Any], Any, dict[str, Any]]:
+        """FSDP: the one trained denoiser (fsdp_refusals) and its optimizer prepared together, each block
+        wrapped on its own; also the state dict's dtypes before sharding (the save restores them)."""
+        import torch
+
+        from .fsdp import parameter_counts, wrap_blocks
+
+        (transformer,) = transformers
+        blocks = wrap_blocks(accelerator, adapter.block_stacks(transformer))
+        dtypes = {name: value.dtype for name, value in transformer.state_dict().items()}
+        transformer, optimizer = accelerator.prepare(transformer, optimizer)
+        local, whole = parameter_counts(transformer)
+        held = accelerator.gather(torch.tensor([local], device=accelerator.device)).tolist()
+        # For run_info.json: what each process holds, the proof that the model is sharded.
+        self._fsdp_info = {"sharding": self.config["distributed"]["sharding"], "wrapped": blocks,
+                           "parameters": whole, "parameters_per_process": held}
+        log.info("FSDP over %d processes: %s wrapped one by one; the processes hold %s of %d parameters",
+                 accelerator.num_processes, ", ".join(blocks), held, whole)
+        return [transformer], optimizer, dtypes
+
+    def _gather_for_saving(self, run: RunParts, models: list[Any], dtypes: dict[str, Any]) -> list[Any]:
+        """FSDP: the trained models whole on the main process (every process joins the gathering); the
+        method's writer then saves them as it saves an unsharded run's."""
+        from .fsdp import whole_copy
+
+        main = run.accelerator.is_main_process
+        copies = [whole_copy(m, dtypes, main, trained_only=self.config["training_method"] == "LORA") for m in models]
+        if main:
+            run.parts.transformers = copies  # what save_result checks (finite weights) and saves
+            run.parts._trainable = None
+        return copies
+
     def _optimizer(self, parts: Any) -> tuple[Any, bool]:
         """The optimizer over the method's parameter groups; with fused_backward, one that steps
         each weight inside the backward pass (core/train/fused_backward.py)."""
