@@ -83,7 +83,6 @@ class RunParts:
     samples_requested: bool = False  # prompts are set: every process pauses while the main one samples
     backup: Callable[[int, int, int], Any] | None = None  # (step, batch step, epoch) -> path
     rng_to_restore: dict[str, Any] | None = None
-    sharded_model: Any = None  # FSDP: the sharded denoiser (backups gather from it), else None
 
 
 class Loop:
@@ -221,8 +220,10 @@ class Loop:
                 self._sample(step, configured=sample and r.samples_requested, asked=asked)
             due = bool(every["backup"]) and step % every["backup"] == 0
             if r.backup is not None and (backup_asked or due or (stop and step < r.total_steps)):
+                # Every record up to the backup on disk before the backup is: a crash right after it
+                # is in place loses none that resume keeps (a resume drops the records after its step).
+                r.metrics.flush()
                 r.backup(step, batch_step, epoch)
-                r.metrics.flush()  # every record up to the backup on disk: a crash now loses none that resume keeps
             window_loss, window_count, samples_since, last = 0.0, 0, 0, time.perf_counter()
             if stop:
                 result.stopped_early = True

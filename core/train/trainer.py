@@ -268,7 +268,7 @@ class Trainer:
 
         from .resume import data_fingerprint
 
-        data = data_fingerprint(plan, world_size)
+        data = data_fingerprint(plan, world_size, config["batch_size"], config["video_config"]["video_batch_size_multiplier"])
         if backup is not None:
             from .extend import check_length
 
@@ -328,7 +328,6 @@ class Trainer:
             batches_per_pass=max(1, len(sampler.pass_batches(0))), smoother=smoother, fused=fused, ema=ema,
             captions_of=lambda ids: [plan.train[int(i)].item.caption for i in ids],
         )
-        run.sharded_model = models[0] if sharded else None
         self._add_validation(run, plan)
         self._add_samples(run, plan, workspace)
         if backup is not None:
@@ -341,13 +340,9 @@ class Trainer:
         elif accelerator.is_main_process:
             set_earlier_runs_aside(workspace, backups, self.callbacks)
         # Backups are written when due, when asked for (Backup now) and when a run is stopped.
-        if sharded:  # gathered by every process, written by the main one
-            run.backup = backup_writer(run, backups, config, data, result, sharded_model=models[0],
-                                       is_main=accelerator.is_main_process)
-        elif accelerator.is_main_process:
-            run.backup = backup_writer(run, backups, config, data, result)
-        else:
-            run.backup = lambda *a: None
+        # With several processes every one joins (its RNG states; FSDP: the shards), the main one writes.
+        run.backup = backup_writer(run, backups, config, data, result, together=world_size > 1,
+                                   sharded_model=models[0] if sharded else None)
         run.metrics = MetricsWriter(workspace, enabled=accelerator.is_main_process, resume_step=start_step if backup else None)
         if accelerator.is_main_process:
             write_run_info(workspace, config, dict(zip((d.name for d in denoisers), models)),
@@ -363,6 +358,9 @@ class Trainer:
             offloaders.detach()
             loader.close()  # the workers end with the steps, also on Stop, an exception or Ctrl+C
 
+        if world_size > 1:
+            # A failed final save keeps the weights in a backup that the main process writes alone.
+            run.backup = _backup_after_the_run(run, backups, data, result, sharded)
         if sharded and result.steps > 0:
             models = self._gather_for_saving(run, models, state_dtypes)
         if accelerator.is_main_process and result.steps > 0:
@@ -446,6 +444,22 @@ class Trainer:
         run.samples = SampleMaker(run.adapter, config, workspace, run.accelerator.device, compute_dtype(config["train_dtype"]),
                                   image=image, on_sample=self.callbacks.on_sample,
                                   unload_encoders_after=not run.parts.keeps_text_encoder, on_sampling=self.callbacks.on_sampling)
+
+
+def _backup_after_the_run(run: RunParts, backups: Any, data: dict[str, Any], result: TrainResult, sharded: bool) -> Any:
+    """The backup writer for a failed final save, which the main process calls alone: DDP's main
+    process holds everything; a sharded optimizer state cannot be gathered by one process."""
+    if not sharded:
+        return backup_writer(run, backups, run.config, data, result)
+
+    def refuse(step: int, *_: Any) -> None:
+        from core.errors import UserError
+
+        newest = backups.newest()
+        kept = f"; the backup of step {newest.step} is kept" if newest is not None else ""
+        raise UserError(f"with FSDP the sharded optimizer state of step {step} cannot be gathered after the run{kept}")
+
+    return refuse
 
 
 def first_frame(plan: Any) -> Any:
