@@ -608,6 +608,15 @@ SCHEMA = Section(
                     "prompts (each refused by name).",
                     label="Multi-process strategy",
                 ),
+                integer(
+                    "processes",
+                    0,
+                    "How many processes (GPUs, over all machines) the run is for: the VRAM estimate divides what "
+                    "FSDP shards by it, and a run launched with another number of processes is refused. 0: as many "
+                    "as accelerate launch starts (the estimate then assumes one).",
+                    lo=0,
+                    hi=4096,
+                ),
                 choice(
                     "sharding",
                     FSDP_SHARDINGS,

@@ -67,6 +67,7 @@ RUN_LENGTH_KEYS = ("max_steps", "epochs", "stop_after")
 RESUMABLE_CHANGES = (
     # Per process: what must stay is the global batch (batch_size x processes), compared with the data.
     "batch_size",
+    "distributed.processes",
     "backup",
     "sampling",
     # The data is compared by content instead (resume.data_fingerprint: every training clip's cache

@@ -165,6 +165,13 @@ class Trainer:
         problems = start_refusals(self.config, adapter, world_size=world_size, cuda=torch.cuda.is_available())
         if problems:
             raise problems[0]
+        planned = self.config["distributed"]["processes"]
+        if planned and planned != world_size:
+            from core.errors import ConfigError
+
+            raise ConfigError(f"distributed.processes is {planned} but {world_size} process(es) were launched; launch "
+                              f"{planned} (accelerate launch --num_processes {planned}), or set it to {world_size} or 0",
+                              key="distributed.processes")
         if adapter.fixed_size is not None:
             height, width = adapter.fixed_size
             self.callbacks.on_log(logging.INFO, f"{family_name(adapter.family)} takes frames of {width}x{height} pixels only: "
