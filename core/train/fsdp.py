@@ -242,3 +242,32 @@ def whole_copy(model: Any, dtypes: Mapping[str, Any], is_main: bool, *, trained_
     if unexpected or (missing and not trained_only):
         raise RuntimeError(f"the gathered weights do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
     return copy
+
+
+def shard_denoiser(accelerator: Any, adapter: Any, transformers: list[Any], optimizer: Any,
+                   sharding: str) -> tuple[list[Any], Any, dict[str, Any], dict[str, Any]]:
+    """The one trained denoiser (fsdp_refusals) and its optimizer prepared together by accelerate,
+    each block wrapped on its own. Also returned: the state dict's dtypes before sharding (the save
+    restores them) and, for run_info.json, what each process holds: the proof that it is sharded."""
+    import torch
+
+    (transformer,) = transformers
+    blocks = wrap_blocks(accelerator, adapter.block_stacks(transformer))
+    dtypes = {name: value.dtype for name, value in transformer.state_dict().items()}
+    transformer, optimizer = accelerator.prepare(transformer, optimizer)
+    local, whole = parameter_counts(transformer)
+    held = accelerator.gather(torch.tensor([local], device=accelerator.device)).tolist()
+    log.info("FSDP over %d processes: %s wrapped one by one; the processes hold %s of %d parameters",
+             accelerator.num_processes, ", ".join(blocks), held, whole)
+    info = {"sharding": sharding, "wrapped": blocks, "parameters": whole, "parameters_per_process": held}
+    return [transformer], optimizer, dtypes, info
+
+
+def gather_for_saving(run: Any, models: list[Any], dtypes: Mapping[str, Any], *, trained_only: bool) -> list[Any]:
+    """The trained models whole on the main process (every process joins the gathering), put in the
+    run's parts, whose writer then saves them as it saves an unsharded run's. run: loop.RunParts."""
+    main = run.accelerator.is_main_process
+    copies = [whole_copy(m, dtypes, main, trained_only=trained_only) for m in models]
+    if main:
+        run.parts.use_transformers(copies)  # what save_result checks (finite weights) and saves
+    return copies

@@ -63,7 +63,7 @@ class RunParts:
     accelerator: Any
     adapter: Any
     parts: Any  # methods.TrainedParts
-    routes: Any  # trainer._Routes
+    routes: Any  # experts.Routes
     optimizer: Any
     scheduler: Any
     loader: Any

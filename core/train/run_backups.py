@@ -179,3 +179,17 @@ def _set_samples_aside(folder: Path) -> list[Path]:
         for path in files:
             os.replace(path, aside / path.name)
     return [aside]
+
+
+def backup_after_the_run(run: RunParts, backups: BackupFolder, data: dict[str, Any], result: TrainResult, sharded: bool) -> Any:
+    """The backup writer for a failed final save, which the main process calls alone: DDP's main
+    process holds everything; a sharded optimizer state cannot be gathered by one process."""
+    if not sharded:
+        return backup_writer(run, backups, run.config, data, result)
+
+    def refuse(step: int, *_: Any) -> None:
+        newest = backups.newest()
+        kept = f"; the backup of step {newest.step} is kept" if newest is not None else ""
+        raise UserError(f"with FSDP the sharded optimizer state of step {step} cannot be gathered after the run{kept}")
+
+    return refuse

@@ -32,7 +32,7 @@ from core.models.registry import adapter_for, family_name
 
 from .data_prep import prepare_data
 from .events import TrainerCallbacks, TrainerCommands
-from .experts import chosen_denoisers, denoiser_objective, route
+from .experts import Routes, chosen_denoisers
 from .loop import Loop, RunParts, TrainResult
 from .methods import parts_for
 from .output_guard import check_outputs, check_paths_set, save_result
@@ -46,6 +46,7 @@ from .placement import (
     place_denoiser,
 )
 from .run_backups import (
+    backup_after_the_run,
     backup_to_resume,
     backup_writer,
     restore,
@@ -67,21 +68,6 @@ PROCESS_GROUP_TIMEOUT = timedelta(hours=12)
 
 def _precision(train_dtype: str) -> str:
     return {"FLOAT_32": "no", "FLOAT_16": "fp16", "BFLOAT_16": "bf16"}[train_dtype]
-
-
-class _ModelView:
-    """The model as adapter.predict sees it under DDP: calls go through the wrapper (whose forward
-    prepares the gradient all-reduce), attribute reads (config, dtype, ...) go to the model inside,
-    which the wrapper does not expose."""
-
-    def __init__(self, wrapper: Any, model: Any) -> None:
-        self._wrapper, self._model = wrapper, model
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self._wrapper(*args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._model, name)
 
 
 def _cache_package_checks() -> None:
@@ -109,44 +95,6 @@ def _release_accelerate_state() -> None:
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
     leave_fsdp()
-
-
-class _Routes:
-    """The denoisers, and which one (with its narrowed objective) an optimizer step uses."""
-
-    def __init__(self, denoisers: list[Any], wrappers: list[Any], models: list[Any], config: dict[str, Any], *,
-                 several_in_model: bool, trained: bool) -> None:
-        self.denoisers, self.wrappers, self.models = denoisers, wrappers, models
-        # What adapter.predict calls: under DDP the wrapper, with attribute reads going to the model.
-        self.views = [w if m is w else _ModelView(w, m) for w, m in zip(wrappers, models)]
-        self.objectives = [denoiser_objective(config["objective"], d) for d in denoisers]
-        self.objective, self.seed = config["objective"], config["seed"]
-        self.several_in_model = several_in_model
-        self.trained = trained  # whether the denoisers train (else they stay in eval mode)
-        self._active: int | None = None
-
-    def pick(self, optimizer_step: int) -> tuple[Any, Any, dict[str, Any], dict[str, str]]:
-        """(wrapper, view, objective, extra metrics fields) of the denoiser training this step."""
-        index = route(self.denoisers, self.objective, self.seed, optimizer_step)
-        extra = {"expert": self.denoisers[index].name} if self.several_in_model else {}
-        if index != self._active and self.trained:
-            # The resting expert keeps eval mode. Only on a change: train() walks every module,
-            # about as long as the whole step costs on a tiny model.
-            for i, model in enumerate(self.models):
-                model.train(i == index)
-        self._active = index
-        return self.wrappers[index], self.views[index], self.objectives[index], extra
-
-    def model_for_sigma(self, sigma: float) -> Any:
-        """The (unwrapped) denoiser serving noise level sigma, for validation outside DDP; None when
-        no trained expert serves it (a HIGH_NOISE or LOW_NOISE run): that quantile is left out."""
-        for denoiser, model in zip(self.denoisers, self.models):
-            if denoiser.low <= sigma <= denoiser.high:
-                return model
-        return None
-
-    def sampling_denoisers(self) -> dict[str, Any]:
-        return {d.name: m for d, m in zip(self.denoisers, self.models)}
 
 
 class Trainer:
@@ -302,7 +250,10 @@ class Trainer:
         transformers = list(parts.transformers)
         state_dtypes: dict[str, Any] = {}
         if sharded:
-            transformers, optimizer, state_dtypes = self._shard(accelerator, adapter, transformers, optimizer)
+            from .fsdp import shard_denoiser
+
+            transformers, optimizer, state_dtypes, self._fsdp_info = shard_denoiser(
+                accelerator, adapter, transformers, optimizer, config["distributed"]["sharding"])
         elif parts.trains_denoisers():
             if world_size > 1:
                 for transformer in transformers:
@@ -328,7 +279,7 @@ class Trainer:
         result = TrainResult(0, total_steps, False, [])
         run = RunParts(
             config=config, accelerator=accelerator, adapter=adapter, parts=parts,
-            routes=_Routes(denoisers, transformers, models, config, several_in_model=len(adapter.transformer_names()) > 1,
+            routes=Routes(denoisers, transformers, models, config, several_in_model=len(adapter.transformer_names()) > 1,
                            trained=parts.trains_denoisers()),
             optimizer=optimizer, scheduler=scheduler, loader=loader, metrics=None, offloaders=offloaders,
             callbacks=self.callbacks, commands=self.commands, total_steps=total_steps,
@@ -367,9 +318,11 @@ class Trainer:
 
         if world_size > 1:
             # A failed final save keeps the weights in a backup that the main process writes alone.
-            run.backup = _backup_after_the_run(run, backups, data, result, sharded)
+            run.backup = backup_after_the_run(run, backups, data, result, sharded)
         if sharded and result.steps > 0:
-            models = self._gather_for_saving(run, models, state_dtypes)
+            from .fsdp import gather_for_saving
+
+            models = gather_for_saving(run, models, state_dtypes, trained_only=config["training_method"] == "LORA")
         if accelerator.is_main_process and result.steps > 0:
             # Finite weights only; a save that fails keeps them in a backup and says how to finish it.
             result.output_paths.extend(save_result(run, models, result, outputs, backups))
@@ -378,38 +331,6 @@ class Trainer:
         return result
 
     # -- pieces of _run --------------------------------------------------------------------------
-    def _shard(self, accelerator: Any, adapter: Any, transformers: list[Any], optimizer: Any) -> tuple[list[Any], Any, dict[str, Any]]:
-        """FSDP: the one trained denoiser (fsdp_refusals) and its optimizer prepared together, each block
-        wrapped on its own; also the state dict's dtypes before sharding (the save restores them)."""
-        import torch
-
-        from .fsdp import parameter_counts, wrap_blocks
-
-        (transformer,) = transformers
-        blocks = wrap_blocks(accelerator, adapter.block_stacks(transformer))
-        dtypes = {name: value.dtype for name, value in transformer.state_dict().items()}
-        transformer, optimizer = accelerator.prepare(transformer, optimizer)
-        local, whole = parameter_counts(transformer)
-        held = accelerator.gather(torch.tensor([local], device=accelerator.device)).tolist()
-        # For run_info.json: what each process holds, the proof that the model is sharded.
-        self._fsdp_info = {"sharding": self.config["distributed"]["sharding"], "wrapped": blocks,
-                           "parameters": whole, "parameters_per_process": held}
-        log.info("FSDP over %d processes: %s wrapped one by one; the processes hold %s of %d parameters",
-                 accelerator.num_processes, ", ".join(blocks), held, whole)
-        return [transformer], optimizer, dtypes
-
-    def _gather_for_saving(self, run: RunParts, models: list[Any], dtypes: dict[str, Any]) -> list[Any]:
-        """FSDP: the trained models whole on the main process (every process joins the gathering); the
-        method's writer then saves them as it saves an unsharded run's."""
-        from .fsdp import whole_copy
-
-        main = run.accelerator.is_main_process
-        copies = [whole_copy(m, dtypes, main, trained_only=self.config["training_method"] == "LORA") for m in models]
-        if main:
-            run.parts.transformers = copies  # what save_result checks (finite weights) and saves
-            run.parts._trainable = None
-        return copies
-
     def _optimizer(self, parts: Any) -> tuple[Any, bool]:
         """The optimizer over the method's parameter groups; with fused_backward, one that steps
         each weight inside the backward pass (core/train/fused_backward.py)."""
@@ -451,22 +372,6 @@ class Trainer:
         run.samples = SampleMaker(run.adapter, config, workspace, run.accelerator.device, compute_dtype(config["train_dtype"]),
                                   image=image, on_sample=self.callbacks.on_sample,
                                   unload_encoders_after=not run.parts.keeps_text_encoder, on_sampling=self.callbacks.on_sampling)
-
-
-def _backup_after_the_run(run: RunParts, backups: Any, data: dict[str, Any], result: TrainResult, sharded: bool) -> Any:
-    """The backup writer for a failed final save, which the main process calls alone: DDP's main
-    process holds everything; a sharded optimizer state cannot be gathered by one process."""
-    if not sharded:
-        return backup_writer(run, backups, run.config, data, result)
-
-    def refuse(step: int, *_: Any) -> None:
-        from core.errors import UserError
-
-        newest = backups.newest()
-        kept = f"; the backup of step {newest.step} is kept" if newest is not None else ""
-        raise UserError(f"with FSDP the sharded optimizer state of step {step} cannot be gathered after the run{kept}")
-
-    return refuse
 
 
 def first_frame(plan: Any) -> Any:
