@@ -611,11 +611,14 @@ SCHEMA = Section(
                 integer(
                     "processes",
                     0,
-                    "How many processes (GPUs, over all machines) the run is for: the VRAM estimate divides what "
-                    "FSDP shards by it, and a run launched with another number of processes is refused. 0: as many "
-                    "as accelerate launch starts (the estimate then assumes one).",
+                    "How many processes (GPUs, over all machines) the run is for. Above 1, Start in the window runs "
+                    "the engine under accelerate launch with that many processes on this machine, showing the main "
+                    "process's loss and memory; the VRAM estimate divides what FSDP shards by it; and a run launched "
+                    "with another number of processes is refused. 0: as many as accelerate launch starts (the "
+                    "estimate then assumes one, the window runs one).",
                     lo=0,
                     hi=4096,
+                    label="GPUs (processes)",
                 ),
                 choice(
                     "sharding",
