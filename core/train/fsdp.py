@@ -23,10 +23,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from core.errors import ConfigError
+from core.memory.quantize import is_quantized_dtype
 
 log = logging.getLogger(__name__)
-
-QUANTIZED = ("FLOAT_8", "INT_8", "INT_4", "NFLOAT_4")
 
 
 def wants_fsdp(config: Mapping[str, Any]) -> bool:
@@ -55,7 +54,7 @@ def fsdp_refusals(config: Mapping[str, Any], denoiser_count: int | None = None) 
         refuse("fused_backward", "(it steps each weight inside the backward pass, before FSDP has reduced the "
                "gradient shards)", "turn it off")
     dtype = config["transformer"]["weight_dtype"]
-    if dtype in QUANTIZED:
+    if is_quantized_dtype(dtype):
         refuse("transformer.weight_dtype", f"{dtype} (packed quantized tensors cannot be split into shards)",
                "choose BFLOAT_16 or FLOAT_32")
     trained_encoders = [k for k, v in config.items() if k.startswith("text_encoder") and isinstance(v, dict) and v.get("train")]
