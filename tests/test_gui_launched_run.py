@@ -39,6 +39,9 @@ def test_a_two_process_run_from_the_window_plots_live_and_stops_cleanly(qtbot, w
     assert outcome.stopped_early and 2 <= outcome.steps < 200
     assert thread.process is not None and thread.process.returncode == 0  # the launcher ended, with its processes
     assert plots.point_count("loss") == outcome.steps and plots.point_count("process_rss_bytes") == outcome.steps
+    # The other process's memory: its own line (a GPU's allocated memory too, where there are GPUs).
+    assert plots.point_count("process_rss_bytes_rank1") == outcome.steps
+    assert plots.curve_item("process_rss_bytes_rank1").name() == "process RAM (RSS), process 1"
     workspace = Path(window.state.config["workspace_dir"])
     assert json.loads((workspace / "run_info.json").read_text(encoding="utf-8"))["world_size"] == 2
     assert BackupFolder(workspace).newest().step == outcome.steps  # Stop wrote a backup of the last step

@@ -58,7 +58,10 @@ def test_two_machines_over_loopback_train_the_demo_preset(tmp_path: Path, user_h
 
     info = json.loads((tmp_path / "workspace" / "run_info.json").read_text(encoding="utf-8"))
     assert info["world_size"] == 2 and info["global_batch_size"] == 2
-    assert [r["step"] for r in read_metrics(tmp_path / "workspace" / "metrics.jsonl")] == list(range(1, STEPS + 1))
+    records = read_metrics(tmp_path / "workspace" / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+    # The main process records the other's memory too (on a CPU: its RAM; no GPU fields).
+    assert all(r["process_rss_bytes_rank1"] > 0 and "cuda_allocated_bytes_rank1" not in r for r in records)
     (first_out, _), (second_out, _) = outputs
     # The global main process (machine 0) speaks and saves; machine 1 trained beside it.
     assert f"finished: {STEPS} of {STEPS} steps" in first_out and "saved " in first_out

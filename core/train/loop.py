@@ -20,6 +20,7 @@ from core.errors import UserError
 
 from .draws import sample_first_frame_fixed, sample_noise
 from .events import TrainerCallbacks, TrainerCommands
+from .memory_readings import other_processes_memory
 from .objective import condition_first_frame, training_loss
 from .placement import activation_offload
 
@@ -193,12 +194,14 @@ class Loop:
             if r.ema is not None:
                 r.ema.update()
             now = time.perf_counter()
+            # The other processes' memory beside the main one's (every process joins the gathering).
+            others = other_processes_memory(accelerator) if world_size > 1 else {}
             record = step_record(
                 step, epoch, window_loss / window_count,
                 r.scheduler.get_last_lr()[0], smoother=r.smoother, timestep=float(gather(sigmas).mean()) * 1000,
                 samples_per_s=samples_since / max(now - last, 1e-9), seconds_per_step=now - last,
                 device=accelerator.device, loss_temporal=parts.get("temporal"),
-                offload_bytes_per_step=r.offloaders.take_bytes_moved(), **expert,
+                offload_bytes_per_step=r.offloaders.take_bytes_moved(), **expert, **others,
             )
             if r.validator is not None and every["validation"] and step % every["validation"] == 0:
                 record.update(self._validate(step, record.get("loss_smoothed")))
