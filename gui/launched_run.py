@@ -63,7 +63,11 @@ class LaunchedTrainThread(TrainThread):
     def request_stop(self) -> None:
         self._ask(FolderCommands.STOP)
 
-    def request_sample(self) -> None:
+    def request_sample(self, request: Any = None) -> None:
+        if request is not None:  # the sample window's own prompt and sizes do not travel as a file
+            self.log_line.emit(logging.WARNING, "a sample with its own prompt cannot be asked of a run on several "
+                               "processes; Sample now samples sampling.prompts")
+            return
         self._ask(FolderCommands.SAMPLE)
 
     def request_backup(self) -> None:

@@ -137,7 +137,7 @@ class FolderCommands(TrainerCommands):
         self.folder = Path(folder)
         self.main = main
 
-    def _asked(self, name: str, *, take: bool) -> bool:
+    def _file_asked(self, name: str, *, take: bool) -> bool:
         if not self.main:
             return False
         path = self.folder / name
@@ -149,7 +149,7 @@ class FolderCommands(TrainerCommands):
 
     @property
     def stop_requested(self) -> bool:
-        if self._asked(self.STOP, take=False):
+        if self._file_asked(self.STOP, take=False):
             self.request_stop()
         return super().stop_requested
 
@@ -162,7 +162,7 @@ class FolderCommands(TrainerCommands):
         return True
 
     def take_sample_request(self) -> bool:
-        return self._asked(self.SAMPLE, take=True) | super().take_sample_request()
+        return self._file_asked(self.SAMPLE, take=True) | super().take_sample_request()
 
     def take_backup_request(self) -> bool:
-        return self._asked(self.BACKUP, take=True) | super().take_backup_request()
+        return self._file_asked(self.BACKUP, take=True) | super().take_backup_request()

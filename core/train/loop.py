@@ -84,6 +84,7 @@ class RunParts:
     samples_requested: bool = False  # prompts are set: every process pauses while the main one samples
     backup: Callable[[int, int, int], Any] | None = None  # (step, batch step, epoch) -> path
     rng_to_restore: dict[str, Any] | None = None
+    sharded: bool = False  # distributed.strategy FSDP across several processes
 
 
 class Loop:
@@ -217,6 +218,10 @@ class Loop:
             if sample_asked and not r.samples_requested:
                 r.callbacks.on_log(logging.WARNING, "no sample made: sampling.prompts is empty; add a prompt (sampling tab)")
             asked = r.commands.take_asked_samples()  # the window's sample window: its own parameters
+            if asked and r.sharded:
+                r.callbacks.on_log(logging.WARNING, "no sample made: a sharded (FSDP) model cannot sample in the main "
+                                   "process alone; sample from the saved result")
+                asked = []
             stop, sample, any_asked, backup_asked = self._requests(
                 r.commands.stop_requested, sample_due or sample_asked, bool(asked), r.commands.take_backup_request())
             if (sample and r.samples_requested) or any_asked:

@@ -286,6 +286,7 @@ class Trainer:
             batches_per_pass=max(1, len(sampler.pass_batches(0))), smoother=smoother, fused=fused, ema=ema,
             captions_of=lambda ids: [plan.train[int(i)].item.caption for i in ids],
         )
+        run.sharded = sharded
         self._add_validation(run, plan)
         self._add_samples(run, plan, workspace)
         if backup is not None:
