@@ -41,7 +41,7 @@ WEIGHT_DTYPES = ("FLOAT_32", "BFLOAT_16", "FLOAT_16", "FLOAT_8", "INT_8", "INT_4
 OPTIMIZERS = ("ADAMW", "ADAMW_8BIT", "ADAFACTOR", "PRODIGY", "SGD")
 LR_SCHEDULERS = ("CONSTANT", "LINEAR", "COSINE", "COSINE_WITH_RESTARTS")
 DISTRIBUTED_STRATEGIES = ("DDP", "FSDP")
-FSDP_SHARDINGS = ("FULL_SHARD", "SHARD_GRAD_OP")
+FSDP_SHARDINGS = ("FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD")
 FRAME_SAMPLE_STRATEGIES = ("uniform", "random", "keyframe")
 
 EXPERT_CHOICES = ("BOTH", "HIGH_NOISE", "LOW_NOISE")
@@ -620,6 +620,16 @@ SCHEMA = Section(
                     hi=4096,
                     label="GPUs (processes)",
                 ),
+                integer(
+                    "machines",
+                    1,
+                    "How many machines the processes are spread over, the same number of processes on each: "
+                    "HYBRID_SHARD shards within a machine, so the VRAM estimate divides by processes / machines, "
+                    "and a HYBRID_SHARD run launched on another number of machines is refused.",
+                    lo=1,
+                    hi=1024,
+                    applies_when={"distributed.strategy": ("FSDP",)},
+                ),
                 choice(
                     "sharding",
                     FSDP_SHARDINGS,
@@ -627,7 +637,9 @@ SCHEMA = Section(
                     "What FSDP keeps sharded. FULL_SHARD: parameters are gathered for each block's forward and "
                     "backward and freed after, least memory. SHARD_GRAD_OP: gradients and optimizer state stay "
                     "sharded, but each block's gathered parameters are kept from its forward to its backward "
-                    "(more memory, one all-gather less per block).",
+                    "(more memory, one all-gather less per block). HYBRID_SHARD: FULL_SHARD within each machine, "
+                    "the model replicated across machines (gradients averaged between them): each process holds "
+                    "1/(its machine's processes), and only the replicas' gradients cross the network.",
                     applies_when={"distributed.strategy": ("FSDP",)},
                     label="FSDP sharding",
                 ),

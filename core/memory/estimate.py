@@ -320,8 +320,14 @@ def other_text_encoder_bytes(config: dict[str, Any], configs: ModelConfigs) -> t
 
 
 def _fsdp_processes(config: dict[str, Any]) -> int:
+    """The processes one shard is split over: all of them, or with HYBRID_SHARD one machine's."""
     distributed = config.get("distributed") or {}
-    return max(1, int(distributed.get("processes") or 1)) if distributed.get("strategy") == "FSDP" else 1
+    if distributed.get("strategy") != "FSDP":
+        return 1
+    processes = max(1, int(distributed.get("processes") or 1))
+    if distributed.get("sharding") == "HYBRID_SHARD":
+        processes //= max(1, int(distributed.get("machines") or 1))
+    return max(1, processes)
 
 
 def _shard(parts: dict[str, int], details: dict[str, Any], config: dict[str, Any], t: TransformerSizes, n: int, *,
@@ -347,7 +353,7 @@ def _shard(parts: dict[str, int], details: dict[str, Any], config: dict[str, Any
     parts["workspace"] = max(workspace, step_peak // n)
     details["distributed"] = {
         "strategy": "FSDP", "processes": n, "sharding": sharding,
-        "assumes": f"parameters, gradients and optimizer state divided by {n} processes; {'every block' if sharding == 'SHARD_GRAD_OP' else 'two blocks'} "
+        "assumes": f"parameters, gradients and optimizer state divided by {n} processes{' (of a machine)' if sharding == 'HYBRID_SHARD' else ''}; {'every block' if sharding == 'SHARD_GRAD_OP' else 'two blocks'} "
                    "gathered whole at the peak; activations per process, not divided"
                    + ("; float32 master weights of the trained weights (accelerate's FSDP mixed precision)" if trained_blocks and train_b < 4 else ""),
     }

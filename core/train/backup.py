@@ -68,6 +68,7 @@ RESUMABLE_CHANGES = (
     # Per process: what must stay is the global batch (batch_size x processes), compared with the data.
     "batch_size",
     "distributed.processes",
+    "distributed.machines",
     "backup",
     "sampling",
     # The data is compared by content instead (resume.data_fingerprint: every training clip's cache

@@ -80,8 +80,9 @@ def fsdp_plugin(config: Mapping[str, Any]) -> Any:
 
     return FullyShardedDataParallelPlugin(
         fsdp_version=2,
-        # FULL_SHARD frees each block's gathered parameters after its forward; SHARD_GRAD_OP keeps them.
-        reshard_after_forward=config["distributed"]["sharding"] == "FULL_SHARD",
+        # FULL_SHARD (and HYBRID_SHARD within a machine) frees each block's gathered parameters after
+        # its forward; SHARD_GRAD_OP keeps them.
+        reshard_after_forward=config["distributed"]["sharding"] != "SHARD_GRAD_OP",
         auto_wrap_policy="transformer_based_wrap",
         # Every process loads the weights it is given (the same files); no meta-device loading.
         cpu_ram_efficient_loading=False,
@@ -89,10 +90,33 @@ def fsdp_plugin(config: Mapping[str, Any]) -> Any:
     )
 
 
-def enter_fsdp(accelerator: Any, plugin: Any) -> bool:
+def launched_machines() -> int:
+    """Machines of this launch: torch elastic's WORLD_SIZE / LOCAL_WORLD_SIZE (the same process count on each)."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return max(1, world // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))))
+
+
+def hybrid_parallelism(config: Mapping[str, Any]) -> Any:
+    """HYBRID_SHARD across machines: accelerate's ParallelismConfig, the model replicated across the
+    machines (dp_replicate) and sharded over each machine's processes (dp_shard); None for another
+    sharding, or on one machine (where HYBRID_SHARD is FULL_SHARD)."""
+    import os
+
+    if config["distributed"]["sharding"] != "HYBRID_SHARD" or launched_machines() < 2:
+        return None
+    from accelerate import ParallelismConfig
+
+    machines = launched_machines()
+    return ParallelismConfig(dp_replicate_size=machines, dp_shard_size=int(os.environ["WORLD_SIZE"]) // machines)
+
+
+def enter_fsdp(accelerator: Any, plugin: Any, parallelism: Any = None) -> bool:
     """Whether this run shards: several processes and the plugin given. A CPU job (accelerate 1.16:
     MULTI_CPU even with an FSDP plugin, AcceleratorState ~line 947) gets the state a GPU job gets
-    there: distributed type FSDP and the plugin with the run's mixed precision."""
+    there: distributed type FSDP, the plugin with the run's mixed precision and, for HYBRID_SHARD, the
+    device mesh of `parallelism` (which a GPU job's Accelerator was given; a CPU job's refuses it)."""
     from accelerate.state import AcceleratorState, PartialState
     from accelerate.utils import DistributedType
 
@@ -106,6 +130,9 @@ def enter_fsdp(accelerator: Any, plugin: Any) -> bool:
     if accelerator.mixed_precision != "no":
         plugin.set_mixed_precision(accelerator.mixed_precision)
     state.fsdp_plugin = plugin
+    if parallelism is not None:
+        state.parallelism_config = parallelism
+        state.device_mesh = parallelism.get_device_mesh("cpu")
     state.distributed_type = DistributedType.FSDP
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP
     return True

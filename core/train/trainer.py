@@ -113,7 +113,17 @@ class Trainer:
         problems = start_refusals(self.config, adapter, world_size=world_size, cuda=torch.cuda.is_available())
         if problems:
             raise problems[0]
-        planned = self.config["distributed"]["processes"]
+        distributed = self.config["distributed"]
+        if distributed["strategy"] == "FSDP" and distributed["sharding"] == "HYBRID_SHARD":
+            from .fsdp import launched_machines
+
+            if launched_machines() != distributed["machines"]:
+                from core.errors import ConfigError
+
+                raise ConfigError(f"distributed.machines is {distributed['machines']} but this run was launched on "
+                                  f"{launched_machines()} machine(s); set it to {launched_machines()}, or launch on "
+                                  f"{distributed['machines']}", key="distributed.machines")
+        planned = distributed["processes"]
         if planned and planned != world_size:
             from core.errors import ConfigError
 
@@ -157,21 +167,23 @@ class Trainer:
         adapter = adapter_for(config)
         self._model_folder = adapter.folder  # for the out-of-memory advice
         _cache_package_checks()
-        from .fsdp import enter_fsdp, fsdp_plugin, remember_environment, wants_fsdp
+        from .fsdp import enter_fsdp, fsdp_plugin, hybrid_parallelism, remember_environment, wants_fsdp
 
-        plugin = None
+        plugin = parallelism = None
         if wants_fsdp(config):
             remember_environment()
-            plugin = fsdp_plugin(config)
+            plugin, parallelism = fsdp_plugin(config), hybrid_parallelism(config)
         accelerator = Accelerator(
             mixed_precision=_precision(config["train_dtype"]),
             gradient_accumulation_steps=config["gradient_accumulation_steps"],
             cpu=not torch.cuda.is_available(),
             kwargs_handlers=[InitProcessGroupKwargs(timeout=PROCESS_GROUP_TIMEOUT)],
             fsdp_plugin=plugin,
+            # HYBRID_SHARD's device mesh: accelerate builds it for GPU jobs only (enter_fsdp on a CPU).
+            parallelism_config=parallelism if torch.cuda.is_available() else None,
         )
         # FSDP needs several processes; one trains as it would without it.
-        sharded = plugin is not None and enter_fsdp(accelerator, plugin)
+        sharded = plugin is not None and enter_fsdp(accelerator, plugin, parallelism)
         if not accelerator.is_main_process:
             # One voice towards the client: progress bars, logs and the window follow the main process.
             self.callbacks = TrainerCallbacks()
