@@ -81,3 +81,20 @@ def test_a_run_launched_with_another_process_count_is_refused(tmp_path: Path, us
                     "--set", f"output_path={tmp_path / 'out.safetensors'}", env={"HF_HUB_OFFLINE": "1"})
     assert done.returncode == 2, done.stderr[-3000:]
     assert "distributed.processes is 2 but 1 process(es) were launched" in done.stderr
+
+
+def test_hybrid_shard_divides_by_one_machines_processes() -> None:
+    full = estimate_memory(_a14b())
+    hybrid = estimate_memory(_with(_a14b(), sharding="HYBRID_SHARD", machines=2))  # 2 machines of 4
+    four = estimate_memory(_with(_a14b(), processes=4))  # FULL_SHARD over 4
+    assert hybrid.parts == four.parts and hybrid.parts["trainable_state"] == 2 * full.parts["trainable_state"]
+    assert "divided by 4 processes (of a machine)" in hybrid.details["distributed"]["assumes"]
+
+
+def test_a_hybrid_run_on_another_machine_count_is_refused(tmp_path: Path, user_home: Path) -> None:
+    done = run_main("train", "--preset", "#demo tiny wan LoRA", "--set", "distributed.strategy=FSDP",
+                    "--set", "distributed.sharding=HYBRID_SHARD", "--set", "distributed.machines=2", "--set", "sampling.prompts=[]",
+                    "--set", f"workspace_dir={tmp_path / 'ws'}", "--set", f"cache_dir={tmp_path / 'cache'}",
+                    "--set", f"output_path={tmp_path / 'out.safetensors'}", env={"HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "distributed.machines is 2 but this run was launched on 1 machine(s)" in done.stderr
