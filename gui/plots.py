@@ -18,6 +18,7 @@ panning a plot stops the following; its "A" button (bottom left, on hover) start
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -64,6 +65,11 @@ CURVES = (
 )
 LEVELS = {"VRAM estimate": ("#d9822b", "#f0a050"), "GPU capacity": ("#c9302c", "#ff6b66")}  # light, dark
 TITLES = {"loss": "Loss", "memory": "Memory (GiB)"}
+
+
+# The other processes of a multi-process run (core/train/memory_readings.py, other_processes_memory).
+_PER_PROCESS = re.compile(r"^(cuda_allocated_bytes|process_rss_bytes)_rank(\d+)$")
+PROCESS_COLORS = ("#6a9fd4", "#8fbc8f", "#b58fd4", "#d4a26a", "#d46a8f", "#6ad4c4", "#a0a0a0")
 
 
 class _Curve:
@@ -125,6 +131,7 @@ class TrainingPlots(QWidget):
 
         self._curves: dict[str, _Curve] = {}
         self._specs = {spec.field: spec for spec in CURVES}
+        self._process_specs: dict[str, CurveSpec] = {}  # the other processes' memory lines, as they appear
         for spec in CURVES:
             if spec.always:
                 self._add_curve(spec)
@@ -159,7 +166,24 @@ class TrainingPlots(QWidget):
                 continue
             curve = self._curves.get(field) or self._add_curve(spec)
             curve.series.append(x, value / spec.scale)
+        if "process_rss_bytes_rank1" in record or "cuda_allocated_bytes_rank1" in record:  # several processes
+            self._add_per_process(x, record)
         self._schedule()
+
+    def _add_per_process(self, x: float, record: Mapping[str, Any]) -> None:
+        """`cuda_allocated_bytes_rank1`, `process_rss_bytes_rank1`, ...: a line per other process."""
+        for field, value in record.items():
+            match = _PER_PROCESS.match(field)
+            if match is None or type(value) is not int:
+                continue
+            spec = self._process_specs.get(field)
+            if spec is None:
+                base = next(s for s in CURVES if s.field == match.group(1))
+                rank = int(match.group(2))
+                spec = self._process_specs[field] = CurveSpec(field, "memory", f"{base.name}, process {rank}",
+                                                       PROCESS_COLORS[(rank - 1) % len(PROCESS_COLORS)], scale=GIB)
+            curve = self._curves.get(field) or self._add_curve(spec)
+            curve.series.append(x, value / spec.scale)
 
     def add_records(self, records: list[Mapping[str, Any]]) -> None:
         """Append many records at once (a workspace's history) and draw them."""

@@ -42,7 +42,7 @@ from .run_messages import (
     output_links,
     sampling_text,
 )
-from .train_worker import EngineWarmUp, RunError, RunOutcome, TrainThread
+from .train_worker import EngineWarmUp, RunError, RunOutcome, TrainThread, several_processes
 
 if TYPE_CHECKING:
     from core.train.run_history import RunHistory
@@ -176,7 +176,12 @@ class RunPanel(QWidget):
             self._show_error(RunError(str(e), keys=e.keys), "Training cannot start")
             return False
 
-        thread = TrainThread(config, resume=resume)
+        if several_processes(config):  # distributed.processes > 1: child processes under accelerate launch
+            from .launched_run import LaunchedTrainThread
+
+            thread: TrainThread = LaunchedTrainThread(config, resume=resume)
+        else:
+            thread = TrainThread(config, resume=resume)
         queued = Qt.ConnectionType.QueuedConnection  # explicit: every slot runs on the GUI thread
         thread.progress.connect(self._on_progress, queued)
         thread.metrics.connect(self._on_metrics, queued)

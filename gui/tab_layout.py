@@ -63,6 +63,7 @@ TABS: tuple[TabSpec, ...] = (
             "warmup_steps",
             "objective",
             "ema",
+            "distributed",
         ),
     ),
     TabSpec("lora", "LoRA", ("lora",)),

@@ -107,6 +107,11 @@ class RunOutcome:
     error: RunError | None = None
 
 
+def several_processes(config: dict[str, Any]) -> bool:
+    """Whether Start runs the engine as child processes (gui/launched_run.py): distributed.processes > 1."""
+    return int((config.get("distributed") or {}).get("processes") or 0) > 1
+
+
 class _Relay(TrainerCallbacks):
     """The engine's callbacks: each one records its thread and emits a signal, nothing more,
     because the engine waits for it and its time counts into the step."""

@@ -83,6 +83,8 @@ def estimate_command(args: argparse.Namespace) -> int:
         print(f"  {'':16s} of the weights: {section} kept loaded, {_gib(size).strip()}")
     for section, size in d.get("text_cache_bytes_per_caption", {}).items():
         print(f"  text cache       {size / 2**20:.1f} MiB per caption on disk for {section} (keep_loaded off)")
+    if d.get("distributed"):
+        print(f"  per process of {d['distributed']['processes']} (FSDP {d['distributed']['sharding']}): {d['distributed']['assumes']}")
     print(f"  {'peak':16s} {_gib(result.peak_bytes)}  (predicted torch.cuda.max_memory_allocated)")
     print(f"  {'needed':16s} {_gib(result.needed_bytes)}  (with the CUDA context and the allocator's reserve)")
     caching = d["caching"]

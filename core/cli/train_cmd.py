@@ -27,6 +27,13 @@ def register(commands: argparse._SubParsersAction) -> None:
         help="continue from the newest backup in workspace_dir/backups (made with the same settings and data; "
         "max_steps or epochs may be raised to train a finished run further)",
     )
+    cmd.add_argument(
+        "--commands-dir",
+        metavar="FOLDER",
+        help="a folder in which another program asks the run to stop, sample or back up, by creating a file "
+        "named stop, sample or backup there (the window does so for a run on several GPUs); the main process "
+        "looks between steps",
+    )
     cmd.set_defaults(func=train_command)
 
 
@@ -34,10 +41,11 @@ def train_command(args: argparse.Namespace) -> int:
     config = settings_from_args(args)
     from tqdm import tqdm
 
-    from core.train.events import TrainerCallbacks, TrainerCommands
+    from core.train.events import FolderCommands, TrainerCallbacks, TrainerCommands
     from core.train.trainer import Trainer
 
-    commands = TrainerCommands()
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    commands = FolderCommands(args.commands_dir, main=main_process) if args.commands_dir else TrainerCommands()
 
     class ProgressBar(TrainerCallbacks):
         def __init__(self) -> None:
@@ -73,7 +81,7 @@ def train_command(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGINT, previous)
         if callbacks.bar is not None:
             callbacks.bar.close()
-    if int(os.environ.get("RANK", "0")) != 0:
+    if not main_process:
         return 0  # several processes (accelerate launch): the main one speaks for the run
     state = "stopped early" if result.stopped_early else "finished"
     if result.resumed_from:

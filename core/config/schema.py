@@ -41,6 +41,8 @@ TRAIN_DTYPES = ("FLOAT_32", "FLOAT_16", "BFLOAT_16")
 WEIGHT_DTYPES = ("FLOAT_32", "BFLOAT_16", "FLOAT_16", "FLOAT_8", "INT_8", "INT_4", "NFLOAT_4")
 OPTIMIZERS = ("ADAMW", "ADAMW_8BIT", "ADAFACTOR", "PRODIGY", "SGD")
 LR_SCHEDULERS = ("CONSTANT", "LINEAR", "COSINE", "COSINE_WITH_RESTARTS")
+DISTRIBUTED_STRATEGIES = ("DDP", "FSDP")
+FSDP_SHARDINGS = ("FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD")
 FRAME_SAMPLE_STRATEGIES = ("uniform", "random", "keyframe")
 
 EXPERT_CHOICES = ("BOTH", "HIGH_NOISE", "LOW_NOISE")
@@ -618,6 +620,63 @@ SCHEMA = Section(
                 number("holdout_fraction", 0.0, "Fraction of the clips held out for validation (fixed by seed).", lo=0.0, hi=0.5, label="Hold-out fraction"),
                 path("folder", "", "A separate folder of validation clips; when set, holdout_fraction is not used.", PATH_FOLDER),
             ),
+        ),
+        Section(
+            "distributed",
+            "Training with several processes (GPUs, machines), started with accelerate launch (docs/training.md, "
+            "\"Several GPUs\"). One process trains the same whatever these say.",
+            (
+                choice(
+                    "strategy",
+                    DISTRIBUTED_STRATEGIES,
+                    "DDP",
+                    "How several processes share the work. DDP: every process holds the whole model and the "
+                    "gradients are averaged. FSDP (torch's FSDP2 through accelerate's FSDP plugin): the "
+                    "transformer's blocks are wrapped one by one and their parameters, gradients and optimizer "
+                    "state are sharded across the processes, so each holds about 1/N of them (activations are not "
+                    "shared); the result is gathered on the main process and saved whole, as with DDP. FSDP trains "
+                    "one denoiser with LORA or FINE_TUNE, and cannot combine with layer offloading, the fused "
+                    "backward pass, quantized transformer weights, trained text encoders, EMA, validation or sampling "
+                    "prompts (each refused by name).",
+                    label="Multi-process strategy",
+                ),
+                integer(
+                    "processes",
+                    0,
+                    "How many processes (GPUs, over all machines) the run is for. Above 1, Start in the window runs "
+                    "the engine under accelerate launch with that many processes on this machine, showing the main "
+                    "process's loss and memory; the VRAM estimate divides what FSDP shards by it; and a run launched "
+                    "with another number of processes is refused. 0: as many as accelerate launch starts (the "
+                    "estimate then assumes one, the window runs one).",
+                    lo=0,
+                    hi=4096,
+                    label="GPUs (processes)",
+                ),
+                integer(
+                    "machines",
+                    1,
+                    "How many machines the processes are spread over, the same number of processes on each: "
+                    "HYBRID_SHARD shards within a machine, so the VRAM estimate divides by processes / machines, "
+                    "and a HYBRID_SHARD run launched on another number of machines is refused.",
+                    lo=1,
+                    hi=1024,
+                    applies_when={"distributed.strategy": ("FSDP",)},
+                ),
+                choice(
+                    "sharding",
+                    FSDP_SHARDINGS,
+                    "FULL_SHARD",
+                    "What FSDP keeps sharded. FULL_SHARD: parameters are gathered for each block's forward and "
+                    "backward and freed after, least memory. SHARD_GRAD_OP: gradients and optimizer state stay "
+                    "sharded, but each block's gathered parameters are kept from its forward to its backward "
+                    "(more memory, one all-gather less per block). HYBRID_SHARD: FULL_SHARD within each machine, "
+                    "the model replicated across machines (gradients averaged between them): each process holds "
+                    "1/(its machine's processes), and only the replicas' gradients cross the network.",
+                    applies_when={"distributed.strategy": ("FSDP",)},
+                    label="FSDP sharding",
+                ),
+            ),
+            label="Several GPUs",
         ),
         VIDEO_CONFIG,
     ),

@@ -158,6 +158,7 @@ def estimate_memory(config: dict[str, Any], configs: ModelConfigs | None = None,
     fraction = config["layer_offload_fraction"] if checkpointing != "OFF" and not full_transformer else 0.0
     details: dict[str, Any] = {"model": configs.name, "configs_from": configs.source, **shape, "batch": batch,
                                "transformers": len(transformers), "blocks": t.n_blocks}
+    shards = _fsdp_processes(config)  # 1: nothing sharded (one process, or DDP's whole copy in each)
 
     # weights
     weights = 0
@@ -167,6 +168,7 @@ def estimate_memory(config: dict[str, Any], configs: ModelConfigs | None = None,
             in_flight = min(DEFAULT_SLOTS, offloaded)
             indices = offloaded_block_indices(fraction, sizes.n_blocks)
             weights += sizes.blocks_bytes(wdtype, indices, in_flight) + sizes.outside_bytes(wdtype)
+    transformer_weights = weights  # what FSDP shards of the weights (the text encoders stay whole)
     details.update(offloaded_blocks=offloaded, weight_dtype=wdtype)
     text_in_graph = method == "EMBEDDING" or config["text_encoder"]["train"]
     text_full = config["text_encoder"]["train"] and method == "FINE_TUNE"
@@ -211,6 +213,8 @@ def estimate_memory(config: dict[str, Any], configs: ModelConfigs | None = None,
     state = small_factored if optimizer == "ADAFACTOR" else small * OPTIMIZER_STATE_BYTES[optimizer]
     trainable_state = small * 8 + state
     for params, wb, factored in full:
+        if shards > 1 and train_b < 4:
+            wb = 4  # accelerate's FSDP keeps float32 master weights of what trains under mixed precision
         per_weight_state = {"ADAMW": 2 * wb, "ADAMW_8BIT": 2, "SGD": wb, "PRODIGY": 4 * wb}
         state_bytes = factored * wb // 4 if optimizer == "ADAFACTOR" else params * per_weight_state[optimizer]
         trainable_state += params * wb + (0 if fused else params * wb) + state_bytes
@@ -250,7 +254,7 @@ def estimate_memory(config: dict[str, Any], configs: ModelConfigs | None = None,
     workspace = latent_elements * 4 * 6  # latents, noise, noisy input, target, prediction, its gradient (float32)
     if wdtype in QUANTIZED and not full_transformer:
         workspace += t.max_linear_elements() * compute_bytes(wdtype)  # one layer dequantized at a time
-    if full_transformer and DTYPE_BYTES.get(wdtype, 4) != train_b:
+    if full_transformer and DTYPE_BYTES.get(wdtype, 4) != train_b and shards == 1:
         workspace += sum(s.parameters() for s in transformers) * train_b  # autocast's copies of the trained weights
     # A fused backward and Adafactor step one weight at a time: their temporaries are one layer's.
     per_weight = fused or optimizer == "ADAFACTOR"
@@ -263,6 +267,9 @@ def estimate_memory(config: dict[str, Any], configs: ModelConfigs | None = None,
     trained_text = {name: method == "EMBEDDING" or bool((config.get(name) or {}).get("train")) for name in configs.encoders()}
     transformer_bytes = sum(s.total_bytes(wdtype) for s in transformers)
     details["parts"] = model_parts(config, configs, transformer_bytes, t, trained_text)
+    if shards > 1:
+        _shard(parts, details, config, t, shards, trained_blocks=full_transformer, step_peak=step_peak,
+               workspace=workspace, train_b=train_b, transformer_weights=transformer_weights)
     peak = sum(parts.values())
     needed = int(peak * (1 + ALLOCATOR_OVERHEAD)) + CUDA_CONTEXT_BYTES
     return Estimate(peak, parts, needed, details)
@@ -310,6 +317,46 @@ def other_text_encoder_bytes(config: dict[str, Any], configs: ModelConfigs) -> t
             if size is not None:
                 cached[section] = size
     return kept, cached
+
+
+def _fsdp_processes(config: dict[str, Any]) -> int:
+    """The processes one shard is split over: all of them, or with HYBRID_SHARD one machine's."""
+    distributed = config.get("distributed") or {}
+    if distributed.get("strategy") != "FSDP":
+        return 1
+    processes = max(1, int(distributed.get("processes") or 1))
+    if distributed.get("sharding") == "HYBRID_SHARD":
+        processes //= max(1, int(distributed.get("machines") or 1))
+    return max(1, processes)
+
+
+def _shard(parts: dict[str, int], details: dict[str, Any], config: dict[str, Any], t: TransformerSizes, n: int, *,
+           trained_blocks: bool, step_peak: int, workspace: int, train_b: int, transformer_weights: int) -> None:
+    """FSDP over n processes (core/train/fsdp.py): each holds 1/n of every parameter, gradient and
+    optimizer state; a block's parameters are gathered whole for its forward and backward (FULL_SHARD:
+    this block and the prefetched next one; SHARD_GRAD_OP: every block from its forward to its
+    backward, so all of them at the backward's start); activations are each process's own."""
+    sharding = config["distributed"]["sharding"]
+    whole = transformer_weights  # the frozen transformer's (0 for FINE_TUNE, whose weights train)
+    if trained_blocks:  # FINE_TUNE: the gathered copies are in the compute dtype
+        each = [n_params * train_b for n_params in (s.block_parameters() for s in t.block_stacks() for _ in range(s.count))]
+    else:
+        each = t.each_block_bytes(config["transformer"]["weight_dtype"])
+    gathered = sum(each) if sharding == "SHARD_GRAD_OP" else sum(sorted(each, reverse=True)[:2])
+    # The root unit (everything outside the blocks) is gathered for the whole step.
+    block_params = sum(s.count * s.block_parameters() for s in t.block_stacks())
+    gathered += (t.parameters() - block_params) * train_b if trained_blocks else t.outside_bytes(config["transformer"]["weight_dtype"])
+    if whole and sharding == "SHARD_GRAD_OP":
+        gathered = whole - whole // n  # every block whole again at the peak: no saving on the weights
+    parts["weights"] += whole // n + gathered - whole  # the text encoders' weights stay as they are
+    parts["trainable_state"] //= n
+    parts["workspace"] = max(workspace, step_peak // n)
+    details["distributed"] = {
+        "strategy": "FSDP", "processes": n, "sharding": sharding,
+        "assumes": f"parameters, gradients and optimizer state divided by {n} processes{' (of a machine)' if sharding == 'HYBRID_SHARD' else ''}; {'every block' if sharding == 'SHARD_GRAD_OP' else 'two blocks'} "
+                   "gathered whole at the peak; activations per process, not divided"
+                   + ("; float32 master weights of the trained weights (accelerate's FSDP mixed precision)" if trained_blocks and train_b < 4 else ""),
+    }
 
 
 def _lora_targets(config: dict[str, Any], stack: BlockStack) -> list[tuple[int, int]]:

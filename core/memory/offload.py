@@ -409,17 +409,27 @@ def _install(module: Any, name: str, is_param: bool, tensor: Any) -> None:
         module._buffers[name] = tensor
 
 
+def _on_device(tensor: Any, device: Any) -> bool:
+    """Whether tensor is on device: "cpu:0" (a multi-process CPU job's device) is the CPU, as "cpu"."""
+    import torch
+
+    device = torch.device(device)
+    return tensor.device.type == device.type and (tensor.device.type == "cpu" or tensor.device.index == device.index)
+
+
 def _move_except(root: Any, device: Any, skip_ids: set[int]) -> None:
     """root.to(device) for every submodule except those in skip_ids (and what they contain)."""
     def visit(module: Any) -> None:
         if id(module) in skip_ids:
             return
         for name, tensor, is_param in _own_tensors(module):
-            if tensor is None or tensor.device == device:
+            if tensor is None or _on_device(tensor, device):
                 continue
             moved = tensor.to(device)
             if is_param:
-                if type(moved) is type(tensor) and not _is_wrapper(tensor) and getattr(tensor, "quant_state", None) is None:
+                # A plain Parameter's .to() gives a plain Tensor (a non-leaf, for a trainable one):
+                # its data moves instead.
+                if not _is_wrapper(tensor) and getattr(tensor, "quant_state", None) is None:
                     tensor.data = moved  # keeps the Parameter object (an optimizer may hold it)
                 else:
                     module._parameters[name] = _as_parameter(moved) if not tensor.requires_grad else moved

@@ -98,7 +98,9 @@ def _storage_leaves(tensor: Any) -> Iterator[Any]:
     if _is_wrapper_subclass(tensor):
         inner_names, _ = tensor.__tensor_flatten__()
         for name in inner_names:
-            yield from _storage_leaves(getattr(tensor, name))
+            inner = getattr(tensor, name)
+            if _is_tensor(inner):  # a sharded DTensor (FSDP) also names its device mesh: the local shard counts
+                yield from _storage_leaves(inner)
         return
     yield tensor
     # bitsandbytes: Params4bit.quant_state (absmax, code, offset, nested state2), Int8Params.SCB/CB.

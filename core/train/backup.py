@@ -65,6 +65,10 @@ RUN_LENGTH_KEYS = ("max_steps", "epochs", "stop_after")
 # Settings that change nothing in the trained weights or in the order of what is trained: a backup
 # made with other values of these resumes. Everything else must match (see settings_fingerprint).
 RESUMABLE_CHANGES = (
+    # Per process: what must stay is the global batch (batch_size x processes), compared with the data.
+    "batch_size",
+    "distributed.processes",
+    "distributed.machines",
     "backup",
     "sampling",
     # The data is compared by content instead (resume.data_fingerprint: every training clip's cache
@@ -338,6 +342,13 @@ def check_resumable(backup: Backup, *, app_version: str, fingerprint: Mapping[st
     if data is None:
         return
     saved_data = info.get("data", {})
+    saved_batch, batch = saved_data.get("global_batch"), data.get("global_batch")
+    if saved_batch != batch and saved_batch is not None and batch is not None:
+        from core.errors import ConfigError
+
+        raise ConfigError(f"{where} was made with a global batch of {saved_batch[0]} images / {saved_batch[1]} videos "
+                          f"(batch_size x processes), this run's is {batch[0]} / {batch[1]}; set batch_size so that "
+                          "batch_size x processes is what it was, or train from the start", key="batch_size")
     for key in sorted(set(saved_data) | set(data)):
         if saved_data.get(key) != data.get(key):
             raise UserError(f"{where} was made with other training data ({key} changed: clips were added, removed or edited, "

@@ -17,7 +17,9 @@ Threading contract:
 
 from __future__ import annotations
 
+import os
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -119,3 +121,48 @@ class TrainerCommands:
         with self._lock:
             requested, self._backup = self._backup, False
         return requested
+
+
+class FolderCommands(TrainerCommands):
+    """Requests from a client in another process (the window running the engine under accelerate
+    launch): it creates the files `stop`, `sample` or `backup` in `folder`; the engine sees them
+    between steps, as if asked in-process. Only the main process reads the folder (the loop shares
+    every request with the others, core/train/loop.py), and it removes a sample or backup file when
+    it takes the request; `stop` stays."""
+
+    STOP, SAMPLE, BACKUP = "stop", "sample", "backup"
+
+    def __init__(self, folder: str | os.PathLike, *, main: bool) -> None:
+        super().__init__()
+        self.folder = Path(folder)
+        self.main = main
+
+    def _file_asked(self, name: str, *, take: bool) -> bool:
+        if not self.main:
+            return False
+        path = self.folder / name
+        if not path.exists():
+            return False
+        if take:
+            path.unlink(missing_ok=True)
+        return True
+
+    @property
+    def stop_requested(self) -> bool:
+        if self._file_asked(self.STOP, take=False):
+            self.request_stop()
+        return super().stop_requested
+
+    def wait_for_stop(self, timeout: float | None = None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.stop_requested:
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            time.sleep(0.2)
+        return True
+
+    def take_sample_request(self) -> bool:
+        return self._file_asked(self.SAMPLE, take=True) | super().take_sample_request()
+
+    def take_backup_request(self) -> bool:
+        return self._file_asked(self.BACKUP, take=True) | super().take_backup_request()

@@ -1,4 +1,5 @@
-"""Which denoisers a run trains, and which one each optimizer step trains (a two-expert model's).
+"""Which denoisers a run trains, and which one each optimizer step trains (a two-expert model's;
+Routes holds them for the loop).
 
 A model with two experts splits the noise levels at a boundary: the high-noise expert serves sigma in
 [boundary, 1], the low-noise one [0, boundary), as its pipeline does when sampling. Each optimizer
@@ -86,3 +87,56 @@ def route(denoisers: list[Denoiser], objective: dict[str, Any], seed: int, optim
         if sigma >= denoiser.low:
             return index
     return len(denoisers) - 1
+
+
+class ModelView:
+    """The model as adapter.predict sees it under DDP: calls go through the wrapper (whose forward
+    prepares the gradient all-reduce), attribute reads (config, dtype, ...) go to the model inside,
+    which the wrapper does not expose."""
+
+    def __init__(self, wrapper: Any, model: Any) -> None:
+        self._wrapper, self._model = wrapper, model
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._wrapper(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
+
+
+class Routes:
+    """The denoisers, and which one (with its narrowed objective) an optimizer step uses."""
+
+    def __init__(self, denoisers: list[Any], wrappers: list[Any], models: list[Any], config: dict[str, Any], *,
+                 several_in_model: bool, trained: bool) -> None:
+        self.denoisers, self.wrappers, self.models = denoisers, wrappers, models
+        # What adapter.predict calls: under DDP the wrapper, with attribute reads going to the model.
+        self.views = [w if m is w else ModelView(w, m) for w, m in zip(wrappers, models)]
+        self.objectives = [denoiser_objective(config["objective"], d) for d in denoisers]
+        self.objective, self.seed = config["objective"], config["seed"]
+        self.several_in_model = several_in_model
+        self.trained = trained  # whether the denoisers train (else they stay in eval mode)
+        self._active: int | None = None
+
+    def pick(self, optimizer_step: int) -> tuple[Any, Any, dict[str, Any], dict[str, str]]:
+        """(wrapper, view, objective, extra metrics fields) of the denoiser training this step."""
+        index = route(self.denoisers, self.objective, self.seed, optimizer_step)
+        extra = {"expert": self.denoisers[index].name} if self.several_in_model else {}
+        if index != self._active and self.trained:
+            # The resting expert keeps eval mode. Only on a change: train() walks every module,
+            # about as long as the whole step costs on a tiny model.
+            for i, model in enumerate(self.models):
+                model.train(i == index)
+        self._active = index
+        return self.wrappers[index], self.views[index], self.objectives[index], extra
+
+    def model_for_sigma(self, sigma: float) -> Any:
+        """The (unwrapped) denoiser serving noise level sigma, for validation outside DDP; None when
+        no trained expert serves it (a HIGH_NOISE or LOW_NOISE run): that quantile is left out."""
+        for denoiser, model in zip(self.denoisers, self.models):
+            if denoiser.low <= sigma <= denoiser.high:
+                return model
+        return None
+
+    def sampling_denoisers(self) -> dict[str, Any]:
+        return {d.name: m for d, m in zip(self.denoisers, self.models)}

@@ -20,6 +20,7 @@ from core.errors import UserError
 
 from .draws import sample_first_frame_fixed, sample_noise
 from .events import TrainerCallbacks, TrainerCommands
+from .memory_readings import other_processes_memory
 from .objective import condition_first_frame, training_loss
 from .placement import activation_offload
 
@@ -63,7 +64,7 @@ class RunParts:
     accelerator: Any
     adapter: Any
     parts: Any  # methods.TrainedParts
-    routes: Any  # trainer._Routes
+    routes: Any  # experts.Routes
     optimizer: Any
     scheduler: Any
     loader: Any
@@ -83,6 +84,7 @@ class RunParts:
     samples_requested: bool = False  # prompts are set: every process pauses while the main one samples
     backup: Callable[[int, int, int], Any] | None = None  # (step, batch step, epoch) -> path
     rng_to_restore: dict[str, Any] | None = None
+    sharded: bool = False  # distributed.strategy FSDP across several processes
 
 
 def _captions_with_dropout(captions_of: Callable[[list[Any]], list[str]], batch: dict[str, Any]) -> Callable[[list[Any]], list[str]]:
@@ -205,12 +207,14 @@ class Loop:
             if r.ema is not None:
                 r.ema.update()
             now = time.perf_counter()
+            # The other processes' memory beside the main one's (every process joins the gathering).
+            others = other_processes_memory(accelerator) if world_size > 1 else {}
             record = step_record(
                 step, epoch, window_loss / window_count,
                 r.scheduler.get_last_lr()[0], smoother=r.smoother, timestep=float(gather(sigmas).mean()) * 1000,
                 samples_per_s=samples_since / max(now - last, 1e-9), seconds_per_step=now - last,
                 device=accelerator.device, loss_temporal=parts.get("temporal"),
-                offload_bytes_per_step=r.offloaders.take_bytes_moved(), **expert,
+                offload_bytes_per_step=r.offloaders.take_bytes_moved(), **expert, **others,
             )
             if r.validator is not None and every["validation"] and step % every["validation"] == 0:
                 record.update(self._validate(step, record.get("loss_smoothed")))
@@ -226,14 +230,20 @@ class Loop:
             if sample_asked and not r.samples_requested:
                 r.callbacks.on_log(logging.WARNING, "no sample made: sampling.prompts is empty; add a prompt (sampling tab)")
             asked = r.commands.take_asked_samples()  # the window's sample window: its own parameters
+            if asked and r.sharded:
+                r.callbacks.on_log(logging.WARNING, "no sample made: a sharded (FSDP) model cannot sample in the main "
+                                   "process alone; sample from the saved result")
+                asked = []
             stop, sample, any_asked, backup_asked = self._requests(
                 r.commands.stop_requested, sample_due or sample_asked, bool(asked), r.commands.take_backup_request())
             if (sample and r.samples_requested) or any_asked:
                 self._sample(step, configured=sample and r.samples_requested, asked=asked)
             due = bool(every["backup"]) and step % every["backup"] == 0
             if r.backup is not None and (backup_asked or due or (stop and step < r.total_steps)):
+                # Every record up to the backup on disk before the backup is: a crash right after it
+                # is in place loses none that resume keeps (a resume drops the records after its step).
+                r.metrics.flush()
                 r.backup(step, batch_step, epoch)
-                r.metrics.flush()  # every record up to the backup on disk: a crash now loses none that resume keeps
             window_loss, window_count, samples_since, last = 0.0, 0, 0, time.perf_counter()
             if stop:
                 result.stopped_early = True

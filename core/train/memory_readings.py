@@ -110,3 +110,21 @@ def memory_snapshot(device: Any = None, *, reset_cuda_peak: bool = False) -> dic
             torch.cuda.reset_peak_memory_stats(device)
     snapshot["process_rss_bytes"] = process_rss_bytes()
     return snapshot
+
+
+# The memory of the other processes of a multi-process run, in the main process's records as
+# `<field>_rank<r>` (the window draws a line per GPU and process).
+PER_PROCESS_FIELDS = ("cuda_allocated_bytes", "process_rss_bytes")
+
+
+def other_processes_memory(accelerator: Any) -> dict[str, int]:
+    """Every other process's GPU memory allocated and RAM: `cuda_allocated_bytes_rank1`, ...; a
+    collective (every process calls it, one small all-gather); fields a process cannot tell are left out."""
+    import torch
+
+    snapshot = memory_snapshot(accelerator.device)
+    mine = torch.tensor([-1 if snapshot[f] is None else snapshot[f] for f in PER_PROCESS_FIELDS],
+                        dtype=torch.int64, device=accelerator.device)
+    every = accelerator.gather(mine).view(-1, len(PER_PROCESS_FIELDS)).tolist()
+    return {f"{field}_rank{rank}": int(value) for rank, row in enumerate(every) if rank > 0
+            for field, value in zip(PER_PROCESS_FIELDS, row) if value >= 0}

@@ -64,7 +64,11 @@ def load_denoiser(adapter: Any, name: str, config: dict[str, Any], accelerator: 
             transformer = adapter.load_quantized_transformer(name, weight_dtype, cache_dir=cache_dir,
                                                              work_device=work_device, checkpoint=checkpoint)
     else:
-        home = "cpu" if config["layer_offload_fraction"] > 0 else device
+        from accelerate.utils import DistributedType
+
+        # FSDP (distributed_type FSDP): each block's shard goes to the device when it is wrapped.
+        sharded = accelerator.distributed_type == DistributedType.FSDP
+        home = "cpu" if config["layer_offload_fraction"] > 0 or sharded else device
         transformer = adapter.load_transformer(name, home, compute_dtype(weight_dtype), checkpoint)
     if not config["video_config"]["use_temporal_attention"]:
         adapter.set_frame_local_attention(transformer)

@@ -28,6 +28,16 @@ from .backup import (
 )
 
 
+def rng_for_process(state: Mapping[str, Any], rank: int, world_size: int) -> dict[str, Any]:
+    """The RNG states a process continues with: its own from a backup of as many processes, else the
+    main process's (another process count shares the batches otherwise; what is drawn per sample is
+    seeded by (seed, step, position) and does not depend on these states)."""
+    per_process = state.get("rng_by_process")
+    if per_process and len(per_process) == world_size:
+        return per_process[rank]
+    return state["rng"]
+
+
 def rng_states() -> dict[str, Any]:
     import numpy as np
 
@@ -55,13 +65,17 @@ def restore_rng_states(states: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def data_fingerprint(plan: Any, world_size: int) -> dict[str, Any]:
+def data_fingerprint(plan: Any, world_size: int, batch_size: int, video_multiplier: float) -> dict[str, Any]:
     """What decides the data order: the cached entries of every training sample and its repeats,
-    and the number of processes sharing each batch."""
+    and the global batch sizes (images, videos: per process x processes), which decide the sequence
+    of batches and each sample's noise; the number of processes sharing them may change."""
+    from core.data.buckets import video_batch_size
+
     h = hashlib.sha256()
     for sample in plan.train:
         h.update(json.dumps([list(sample.latent_keys), sample.text_key, sample.item.repeats]).encode())
-    return {"train_samples": hashlib.sha256(h.digest()).hexdigest()[:32], "count": len(plan.train), "world_size": int(world_size)}
+    return {"train_samples": hashlib.sha256(h.digest()).hexdigest()[:32], "count": len(plan.train),
+            "global_batch": [int(batch_size * world_size), int(video_batch_size(batch_size, video_multiplier) * world_size)]}
 
 
 def _save_tensors(tensors: Mapping[str, torch.Tensor], path: Path) -> Path:
@@ -123,6 +137,6 @@ def load_trained(params: Mapping[str, torch.nn.Parameter], tensors: Mapping[str,
     if missing or extra:
         raise UserError(f"the backup {where} holds other trained weights than this run trains "
                         f"({len(missing)} missing, {len(extra)} unknown, e.g. {sorted(missing or extra)[0]}); train from the start")
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(tensors[name].to(p.device, p.dtype))
+    from .fsdp import load_whole
+
+    load_whole(params, tensors)  # FSDP's sharded parameters take their shard of each

@@ -60,7 +60,14 @@ def restore(run: RunParts, backup: Backup, result: TrainResult) -> None:
 
     trained, state, ema_tensors = read_backup(backup)
     load_trained(run.parts.named_trainable(), trained, backup.path)
-    run.optimizer.load_state_dict(state["optimizer"])
+    if state.get("optimizer_by_name"):
+        # Gathered from FSDP shards, by parameter name: each process takes its shard (or, on one
+        # process, all of it). FSDP trains one denoiser (fsdp_refusals).
+        from .fsdp import load_optimizer
+
+        load_optimizer(run.routes.models[0], run.optimizer, state["optimizer"])
+    else:
+        run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
     if run.ema is not None:
         if ema_tensors is None:
@@ -70,24 +77,49 @@ def restore(run: RunParts, backup: Backup, result: TrainResult) -> None:
     run.smoother.load_state_dict(info["smoother"])
     if run.plateau is not None and info.get("plateau"):
         run.plateau.load_state_dict(info["plateau"])
-    run.rng_to_restore = state["rng"]
+    from .resume import rng_for_process
+
+    accelerator = run.accelerator
+    run.rng_to_restore = rng_for_process(state, accelerator.process_index, accelerator.num_processes)
     result.steps = result.resumed_from = backup.step
     result.skipped_steps = int(info.get("skipped_steps", 0))
 
 
 def backup_writer(run: RunParts, backups: BackupFolder, config: dict[str, Any], data: dict[str, Any],
-                  result: TrainResult) -> Callable[[int, int, int], Path]:
-    """write(step, batch step, epoch): a backup of the run as it is after that step."""
+                  result: TrainResult, *, together: bool = False, sharded_model: Any = None) -> Callable[[int, int, int], Path | None]:
+    """write(step, batch step, epoch): a backup of the run as it is after that step. together:
+    every process calls it (several processes), each giving its RNG states, and the main process
+    writes (None elsewhere). With a sharded_model (FSDP) the trained weights and the optimizer state
+    are gathered whole too, into the files an unsharded run writes, so the backup continues on any
+    number of processes. Without together the main process writes alone (its own RNG states)."""
+    is_main = run.accelerator.is_main_process
     from .resume import backup_filler, backup_info, rng_states
     from .run_info import app_version
 
     version = app_version()
 
-    def write(step: int, batch_step: int, epoch: int) -> Path:
-        state = {"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(), "rng": rng_states()}
+    def write(step: int, batch_step: int, epoch: int) -> Path | None:
+        trained, optimizer, rng = run.parts.named_trainable(), None, rng_states()
+        per_process = None
+        if together:
+            from accelerate.utils import gather_object
+
+            per_process = gather_object([rng])  # every process's, in rank order
+        if sharded_model is not None:
+            from .fsdp import gather_optimizer, gather_tensors
+
+            trained, optimizer = gather_tensors(trained, is_main), gather_optimizer(sharded_model, run.optimizer)
+        if not is_main:
+            return None
+        state = {"optimizer": optimizer if optimizer is not None else run.optimizer.state_dict(),
+                 "scheduler": run.scheduler.state_dict(), "rng": rng}
+        if per_process is not None:
+            state["rng_by_process"] = per_process
+        if optimizer is not None:
+            state["optimizer_by_name"] = True
         if run.ema is not None:
             state["ema"] = run.ema.state_dict()
-        fill = backup_filler(run.parts.named_trainable(), state, run.ema.tensors() if run.ema is not None else None)
+        fill = backup_filler(trained, state, run.ema.tensors() if run.ema is not None else None)
         extra = {"smoother": run.smoother.state_dict(), "skipped_steps": result.skipped_steps,
                  "total_steps": run.total_steps, "training_method": config["training_method"],
                  "plateau": run.plateau.state_dict() if run.plateau is not None else None}
@@ -147,3 +179,17 @@ def _set_samples_aside(folder: Path) -> list[Path]:
         for path in files:
             os.replace(path, aside / path.name)
     return [aside]
+
+
+def backup_after_the_run(run: RunParts, backups: BackupFolder, data: dict[str, Any], result: TrainResult, sharded: bool) -> Any:
+    """The backup writer for a failed final save, which the main process calls alone: DDP's main
+    process holds everything; a sharded optimizer state cannot be gathered by one process."""
+    if not sharded:
+        return backup_writer(run, backups, run.config, data, result)
+
+    def refuse(step: int, *_: Any) -> None:
+        newest = backups.newest()
+        kept = f"; the backup of step {newest.step} is kept" if newest is not None else ""
+        raise UserError(f"with FSDP the sharded optimizer state of step {step} cannot be gathered after the run{kept}")
+
+    return refuse

@@ -14,6 +14,8 @@ from core.memory.offload import offload_config_problem
 from core.models.base import ModelAdapter
 from core.models.registry import family_name
 
+from .fsdp import fsdp_refusals
+
 FLOAT_WEIGHT_DTYPES = ("FLOAT_32", "BFLOAT_16", "FLOAT_16")
 
 
@@ -79,6 +81,7 @@ def start_refusals(config: dict[str, Any], adapter: ModelAdapter, *, world_size:
     has been imported): what needs torch or the family's diffusers classes (FINE_TUNE's checks, the
     objective's weighting, frame sizes, the VAE's ratios) is left out, the rest is the same list."""
     problems = refusals(config, world_size=world_size, cuda=cuda, text_encoders=adapter.text_encoder_names)
+    problems += fsdp_refusals(config, _trained_denoisers(config, adapter))
     if cuda is not None:
         if config["train_dtype"] == "FLOAT_16" and not cuda:
             # accelerate would silently compute in float32 on a CPU.
@@ -94,6 +97,16 @@ def start_refusals(config: dict[str, Any], adapter: ModelAdapter, *, world_size:
         if ratio is not None:
             problems.append(ratio)
     return problems
+
+
+def _trained_denoisers(config: dict[str, Any], adapter: ModelAdapter) -> int | None:
+    """How many denoisers the run trains; None where experts' settings are wrong (refused elsewhere)."""
+    from .experts import chosen_denoisers
+
+    try:
+        return len(chosen_denoisers(config, adapter))
+    except ConfigError:
+        return None
 
 
 def ratio_refusal(config: dict[str, Any], adapter: ModelAdapter) -> ConfigError | None:

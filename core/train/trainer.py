@@ -32,7 +32,7 @@ from core.models.registry import adapter_for, family_name
 
 from .data_prep import prepare_data
 from .events import TrainerCallbacks, TrainerCommands
-from .experts import chosen_denoisers, denoiser_objective, route
+from .experts import Routes, chosen_denoisers
 from .loop import Loop, RunParts, TrainResult
 from .methods import parts_for
 from .output_guard import check_outputs, check_paths_set, save_result
@@ -46,6 +46,7 @@ from .placement import (
     place_denoiser,
 )
 from .run_backups import (
+    backup_after_the_run,
     backup_to_resume,
     backup_writer,
     restore,
@@ -69,21 +70,6 @@ def _precision(train_dtype: str) -> str:
     return {"FLOAT_32": "no", "FLOAT_16": "fp16", "BFLOAT_16": "bf16"}[train_dtype]
 
 
-class _ModelView:
-    """The model as adapter.predict sees it under DDP: calls go through the wrapper (whose forward
-    prepares the gradient all-reduce), attribute reads (config, dtype, ...) go to the model inside,
-    which the wrapper does not expose."""
-
-    def __init__(self, wrapper: Any, model: Any) -> None:
-        self._wrapper, self._model = wrapper, model
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self._wrapper(*args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._model, name)
-
-
 def _cache_package_checks() -> None:
     """accelerate (1.x) asks importlib.metadata whether lomo_optim is installed twice in every
     optimizer step, about 1.7 ms a step: more than the rest of its bookkeeping on a small model.
@@ -104,46 +90,11 @@ def _release_accelerate_state() -> None:
     group (PartialState) stays: a launched multi-process job still needs it."""
     from accelerate.state import AcceleratorState, GradientState
 
+    from .fsdp import leave_fsdp
+
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
-
-
-class _Routes:
-    """The denoisers, and which one (with its narrowed objective) an optimizer step uses."""
-
-    def __init__(self, denoisers: list[Any], wrappers: list[Any], models: list[Any], config: dict[str, Any], *,
-                 several_in_model: bool, trained: bool) -> None:
-        self.denoisers, self.wrappers, self.models = denoisers, wrappers, models
-        # What adapter.predict calls: under DDP the wrapper, with attribute reads going to the model.
-        self.views = [w if m is w else _ModelView(w, m) for w, m in zip(wrappers, models)]
-        self.objectives = [denoiser_objective(config["objective"], d) for d in denoisers]
-        self.objective, self.seed = config["objective"], config["seed"]
-        self.several_in_model = several_in_model
-        self.trained = trained  # whether the denoisers train (else they stay in eval mode)
-        self._active: int | None = None
-
-    def pick(self, optimizer_step: int) -> tuple[Any, Any, dict[str, Any], dict[str, str]]:
-        """(wrapper, view, objective, extra metrics fields) of the denoiser training this step."""
-        index = route(self.denoisers, self.objective, self.seed, optimizer_step)
-        extra = {"expert": self.denoisers[index].name} if self.several_in_model else {}
-        if index != self._active and self.trained:
-            # The resting expert keeps eval mode. Only on a change: train() walks every module,
-            # about as long as the whole step costs on a tiny model.
-            for i, model in enumerate(self.models):
-                model.train(i == index)
-        self._active = index
-        return self.wrappers[index], self.views[index], self.objectives[index], extra
-
-    def model_for_sigma(self, sigma: float) -> Any:
-        """The (unwrapped) denoiser serving noise level sigma, for validation outside DDP; None when
-        no trained expert serves it (a HIGH_NOISE or LOW_NOISE run): that quantile is left out."""
-        for denoiser, model in zip(self.denoisers, self.models):
-            if denoiser.low <= sigma <= denoiser.high:
-                return model
-        return None
-
-    def sampling_denoisers(self) -> dict[str, Any]:
-        return {d.name: m for d, m in zip(self.denoisers, self.models)}
+    leave_fsdp()
 
 
 class Trainer:
@@ -162,6 +113,23 @@ class Trainer:
         problems = start_refusals(self.config, adapter, world_size=world_size, cuda=torch.cuda.is_available())
         if problems:
             raise problems[0]
+        distributed = self.config["distributed"]
+        if distributed["strategy"] == "FSDP" and distributed["sharding"] == "HYBRID_SHARD":
+            from .fsdp import launched_machines
+
+            if launched_machines() != distributed["machines"]:
+                from core.errors import ConfigError
+
+                raise ConfigError(f"distributed.machines is {distributed['machines']} but this run was launched on "
+                                  f"{launched_machines()} machine(s); set it to {launched_machines()}, or launch on "
+                                  f"{distributed['machines']}", key="distributed.machines")
+        planned = distributed["processes"]
+        if planned and planned != world_size:
+            from core.errors import ConfigError
+
+            raise ConfigError(f"distributed.processes is {planned} but {world_size} process(es) were launched; launch "
+                              f"{planned} (accelerate launch --num_processes {planned}), or set it to {world_size} or 0",
+                              key="distributed.processes")
         if adapter.fixed_size is not None:
             height, width = adapter.fixed_size
             self.callbacks.on_log(logging.INFO, f"{family_name(adapter.family)} takes frames of {width}x{height} pixels only: "
@@ -199,12 +167,23 @@ class Trainer:
         adapter = adapter_for(config)
         self._model_folder = adapter.folder  # for the out-of-memory advice
         _cache_package_checks()
+        from .fsdp import enter_fsdp, fsdp_plugin, hybrid_parallelism, remember_environment, wants_fsdp
+
+        plugin = parallelism = None
+        if wants_fsdp(config):
+            remember_environment()
+            plugin, parallelism = fsdp_plugin(config), hybrid_parallelism(config)
         accelerator = Accelerator(
             mixed_precision=_precision(config["train_dtype"]),
             gradient_accumulation_steps=config["gradient_accumulation_steps"],
             cpu=not torch.cuda.is_available(),
             kwargs_handlers=[InitProcessGroupKwargs(timeout=PROCESS_GROUP_TIMEOUT)],
+            fsdp_plugin=plugin,
+            # HYBRID_SHARD's device mesh: accelerate builds it for GPU jobs only (enter_fsdp on a CPU).
+            parallelism_config=parallelism if torch.cuda.is_available() else None,
         )
+        # FSDP needs several processes; one trains as it would without it.
+        sharded = plugin is not None and enter_fsdp(accelerator, plugin, parallelism)
         if not accelerator.is_main_process:
             # One voice towards the client: progress bars, logs and the window follow the main process.
             self.callbacks = TrainerCallbacks()
@@ -236,7 +215,8 @@ class Trainer:
         parts = parts_for(config["training_method"])(config, adapter, accelerator.device)
         parts.load(denoisers, lambda name: self._load_denoiser(adapter, name, accelerator))
         # Layer offloading keeps some blocks' frozen weights in CPU memory; the rest goes to the device.
-        placed = [place_denoiser(t, adapter, config, accelerator.device) for t in parts.transformers]
+        # FSDP loaded them on the CPU: each block's shard goes to the device as it is wrapped.
+        placed = [None if sharded else place_denoiser(t, adapter, config, accelerator.device) for t in parts.transformers]
         offloaders = Offloaders(placed)
         optimizer, fused = self._optimizer(parts)
 
@@ -255,7 +235,7 @@ class Trainer:
 
         from .resume import data_fingerprint
 
-        data = data_fingerprint(plan, world_size)
+        data = data_fingerprint(plan, world_size, config["batch_size"], config["video_config"]["video_batch_size_multiplier"])
         if backup is not None:
             from .extend import check_length
 
@@ -281,7 +261,13 @@ class Trainer:
         # optimizer step (made for loaders that shrink with the process count), but total_steps
         # already counts global steps; the loop steps it itself, once per optimizer step.
         transformers = list(parts.transformers)
-        if parts.trains_denoisers():
+        state_dtypes: dict[str, Any] = {}
+        if sharded:
+            from .fsdp import shard_denoiser
+
+            transformers, optimizer, state_dtypes, self._fsdp_info = shard_denoiser(
+                accelerator, adapter, transformers, optimizer, config["distributed"]["sharding"])
+        elif parts.trains_denoisers():
             if world_size > 1:
                 for transformer in transformers:
                     ignore_frozen_for_ddp(transformer)
@@ -306,13 +292,14 @@ class Trainer:
         result = TrainResult(0, total_steps, False, [])
         run = RunParts(
             config=config, accelerator=accelerator, adapter=adapter, parts=parts,
-            routes=_Routes(denoisers, transformers, models, config, several_in_model=len(adapter.transformer_names()) > 1,
+            routes=Routes(denoisers, transformers, models, config, several_in_model=len(adapter.transformer_names()) > 1,
                            trained=parts.trains_denoisers()),
             optimizer=optimizer, scheduler=scheduler, loader=loader, metrics=None, offloaders=offloaders,
             callbacks=self.callbacks, commands=self.commands, total_steps=total_steps,
             batches_per_pass=max(1, len(sampler.pass_batches(0))), smoother=smoother, fused=fused, ema=ema,
             captions_of=lambda ids: [plan.train[int(i)].item.caption for i in ids],
         )
+        run.sharded = sharded
         self._add_validation(run, plan)
         self._add_samples(run, plan, workspace)
         if backup is not None:
@@ -325,12 +312,15 @@ class Trainer:
         elif accelerator.is_main_process:
             set_earlier_runs_aside(workspace, backups, self.callbacks)
         # Backups are written when due, when asked for (Backup now) and when a run is stopped.
-        run.backup = backup_writer(run, backups, config, data, result) if accelerator.is_main_process else (lambda *a: None)
+        # With several processes every one joins (its RNG states; FSDP: the shards), the main one writes.
+        run.backup = backup_writer(run, backups, config, data, result, together=world_size > 1,
+                                   sharded_model=models[0] if sharded else None)
         run.metrics = MetricsWriter(workspace, enabled=accelerator.is_main_process, resume_step=start_step if backup else None)
         if accelerator.is_main_process:
             write_run_info(workspace, config, dict(zip((d.name for d in denoisers), models)),
                            {"total_steps": total_steps, "samples": len(plan.train), "family": adapter.family,
                             "world_size": world_size, "global_batch_size": global_batch,
+                            "distributed": getattr(self, "_fsdp_info", None) if sharded else None,
                             "denoisers": [vars(d) for d in denoisers], "resumed_from_step": start_step,
                             "estimated_peak_bytes": estimated_peak_bytes(config, adapter.folder)})
         try:
@@ -340,6 +330,13 @@ class Trainer:
             offloaders.detach()
             loader.close()  # the workers end with the steps, also on Stop, an exception or Ctrl+C
 
+        if world_size > 1:
+            # A failed final save keeps the weights in a backup that the main process writes alone.
+            run.backup = backup_after_the_run(run, backups, data, result, sharded)
+        if sharded and result.steps > 0:
+            from .fsdp import gather_for_saving
+
+            models = gather_for_saving(run, models, state_dtypes, trained_only=config["training_method"] == "LORA")
         if accelerator.is_main_process and result.steps > 0:
             # Finite weights only; a save that fails keeps them in a backup and says how to finish it.
             result.output_paths.extend(save_result(run, models, result, outputs, backups))

@@ -50,6 +50,11 @@ class TrainedParts(ABC):
             self._trainable = list(self.named_trainable().values())
         return self._trainable
 
+    def use_transformers(self, transformers: list[Any]) -> None:
+        """Hold these denoisers instead (FSDP's whole copies for the final save)."""
+        self.transformers = list(transformers)
+        self._trainable = None
+
     def trains_denoisers(self) -> bool:
         """Whether the denoisers hold trained parameters (then DDP wraps them)."""
         return True

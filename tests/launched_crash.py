@@ -1,0 +1,52 @@
+"""What tests/test_multiprocess_resume.py starts under `accelerate launch` instead of main.py: the
+same train command, in which the main process, once the backup of step K is in place, kills the
+whole launched job with SIGKILL (the launcher, then every process it started), as a power cut or
+`kill -9` of the job would. Linux (/proc). Usage: launched_crash.py K main.py-arguments..."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def kill_job() -> None:
+    """SIGKILL the launcher first (so it cannot end the others more gently), then its other children
+    (torch elastic starts each process in a session of its own), then this process."""
+    launcher = os.getppid()
+    os.kill(launcher, signal.SIGKILL)
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == launcher:  # the parent's pid, the 4th field of /proc/PID/stat
+            os.kill(int(entry.name), signal.SIGKILL)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def kill_job_after_backup(step: int) -> None:
+    import core.train.backup as backup
+
+    real = backup.BackupFolder.write
+
+    def write(self: Any, written_step: int, *args: Any, **kwargs: Any) -> Path:
+        path = real(self, written_step, *args, **kwargs)
+        if written_step == step:
+            kill_job()
+        return path
+
+    backup.BackupFolder.write = write
+
+
+if __name__ == "__main__":
+    kill_job_after_backup(int(sys.argv[1]))
+    import main
+
+    sys.exit(main.main(sys.argv[2:]))
