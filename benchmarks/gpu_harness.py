@@ -167,6 +167,8 @@ def run_case(config: dict[str, Any], device: Any, *, steps: int, warmup: int, de
     import torch
 
     from core.models.dtypes import compute_dtype
+    from accelerate.utils import DistributedType
+
     from core.models.registry import adapter_for
     from core.train.methods.lora import LoraParts
     from core.train.objective import sample_sigmas, training_loss
@@ -177,7 +179,8 @@ def run_case(config: dict[str, Any], device: Any, *, steps: int, warmup: int, de
     started = time.perf_counter()
     adapter = adapter_for(config, download=False)
     install_random_weights(adapter, device)
-    accelerator = SimpleNamespace(device=device, main_process_first=contextlib.nullcontext)
+    # One process, nothing sharded: what load_denoiser asks of an accelerator.
+    accelerator = SimpleNamespace(device=device, main_process_first=contextlib.nullcontext, distributed_type=DistributedType.NO)
     parts = LoraParts(config, adapter, device)
     denoiser = adapter.denoisers()[0]  # one denoiser: an A14B case trains its high-noise expert
     parts.load([denoiser], lambda name: load_denoiser(adapter, name, config, accelerator))
@@ -304,6 +307,8 @@ def dry_run_case(config: dict[str, Any]) -> dict[str, Any]:
     its LoRA on the meta device, the input shapes. Checks a real-size case's folder and settings on
     any machine (--dry-run)."""
     import torch
+
+    from accelerate.utils import DistributedType
 
     from core.models.registry import adapter_for
     from core.train.methods.lora import LoraParts

@@ -157,6 +157,13 @@ ELSEWHERE: dict[str, str] = {
     "validation.holdout_fraction": "which clips are held out: tests/test_holdout.py::test_split_sizes_and_disjointness, "
     "tests/test_doctor.py::test_holdout_and_overfitting_estimate_on_the_demo_dataset",
     "validation.folder": "validation clips from a folder: tests/test_holdout.py::test_validation_folder_replaces_the_fraction",
+    "distributed.strategy": "several processes: DDP tests/test_ddp.py, FSDP tests/test_fsdp.py (two CPU processes against one; "
+    "what cannot shard refused by name)",
+    "distributed.sharding": "FULL_SHARD and SHARD_GRAD_OP tests/test_fsdp.py, HYBRID_SHARD "
+    "tests/test_fsdp.py::test_hybrid_shard_over_two_machines_trains_what_one_process_trains",
+    "distributed.processes": "the window's launch tests/test_gui_launched_run.py; the estimate's divisor and the refusal of "
+    "another launch count tests/test_estimate_fsdp.py",
+    "distributed.machines": "HYBRID_SHARD's divisor and the refusal of another machine count: tests/test_estimate_fsdp.py",
 }
 
 TESTED = {c.key for c in CASES} | set(WATCHING)
