@@ -25,18 +25,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
+from .lora_modules import lora_modules
+
 if TYPE_CHECKING:
     import torch
 
 COMFY_PREFIX = "diffusion_model."
-_PARTS = (".lora_A.weight", ".lora_B.weight", ".lora_B.bias")
 
-
-def _split_key(key: str) -> tuple[str, str]:
-    for part in _PARTS:
-        if key.endswith(part):
-            return key[: -len(part)], part
-    raise ValueError(f"{key} is not a LoRA weight (expected .lora_A.weight, .lora_B.weight or .lora_B.bias)")
 
 
 def diffusers_to_comfy(state_dict: Mapping[str, torch.Tensor], scales: Mapping[str, float]) -> dict[str, torch.Tensor]:
@@ -49,10 +44,7 @@ def diffusers_to_comfy(state_dict: Mapping[str, torch.Tensor], scales: Mapping[s
     """
     import torch
 
-    modules: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in state_dict.items():
-        module, part = _split_key(key.removeprefix("transformer."))
-        modules.setdefault(module, {})[part] = tensor
+    modules = lora_modules(state_dict)
 
     out: dict[str, torch.Tensor] = {}
     for module, parts in modules.items():

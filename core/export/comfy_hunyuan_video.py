@@ -44,6 +44,8 @@ import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
+from .lora_modules import lora_modules
+
 if TYPE_CHECKING:
     import torch
 
@@ -94,7 +96,6 @@ GLOBAL_MODULES: dict[str, str] = {
 _BLOCK = re.compile(r"^(transformer_blocks|single_transformer_blocks|context_embedder\.token_refiner\.refiner_blocks)\.(\d+)\.(.+)$")
 _ORIGINAL_STACK = {"transformer_blocks": "double_blocks", "single_transformer_blocks": "single_blocks",
                    "context_embedder.token_refiner.refiner_blocks": "txt_in.individual_token_refiner.blocks"}
-_PARTS = (".lora_A.weight", ".lora_B.weight", ".lora_B.bias")
 
 
 def hunyuan_module_name(module: str) -> tuple[str, int | None]:
@@ -118,12 +119,6 @@ def hunyuan_module_name(module: str) -> tuple[str, int | None]:
         return GLOBAL_MODULES[module], None
     raise ValueError(f"{module} has no name in ComfyUI's Hunyuan Video LoRA format that diffusers reads back")
 
-
-def _split_key(key: str) -> tuple[str, str]:
-    for part in _PARTS:
-        if key.endswith(part):
-            return key[: -len(part)], part
-    raise ValueError(f"{key} is not a LoRA weight (expected .lora_A.weight, .lora_B.weight or .lora_B.bias)")
 
 
 def _scaled(up: torch.Tensor, scale: float) -> torch.Tensor:
@@ -152,10 +147,7 @@ def diffusers_to_comfy(state_dict: Mapping[str, torch.Tensor], scales: Mapping[s
     """
     import torch
 
-    modules: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in state_dict.items():
-        module, part = _split_key(key.removeprefix("transformer."))
-        modules.setdefault(module, {})[part] = tensor
+    modules = lora_modules(state_dict)
 
     # original name -> {member index or None: (lora_A, scaled lora_B)}
     layers: dict[str, dict[int | None, tuple[torch.Tensor, torch.Tensor]]] = {}

@@ -22,6 +22,8 @@ import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
+from .lora_modules import lora_modules
+
 if TYPE_CHECKING:
     import torch
 
@@ -56,7 +58,6 @@ GLOBAL_MODULES: dict[str, str] = {
 }
 
 _BLOCK_MODULE = re.compile(r"^blocks\.(\d+)\.(.+)$")
-_PARTS = (".lora_A.weight", ".lora_B.weight", ".lora_B.bias")
 
 
 def wan_module_name(module: str) -> tuple[str, bool]:
@@ -73,12 +74,6 @@ def wan_module_name(module: str) -> tuple[str, bool]:
     raise ValueError(f"{module} has no name in ComfyUI's Wan LoRA format")
 
 
-def _split_key(key: str) -> tuple[str, str]:
-    for part in _PARTS:
-        if key.endswith(part):
-            return key[: -len(part)], part
-    raise ValueError(f"{key} is not a LoRA weight (expected .lora_A.weight, .lora_B.weight or .lora_B.bias)")
-
 
 def diffusers_to_comfy(state_dict: Mapping[str, torch.Tensor], scales: Mapping[str, float]) -> dict[str, torch.Tensor]:
     """ComfyUI-format tensors for a peft LoRA state dict.
@@ -92,10 +87,7 @@ def diffusers_to_comfy(state_dict: Mapping[str, torch.Tensor], scales: Mapping[s
     """
     import torch
 
-    modules: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in state_dict.items():
-        module, part = _split_key(key.removeprefix("transformer."))
-        modules.setdefault(module, {})[part] = tensor
+    modules = lora_modules(state_dict)
 
     out: dict[str, torch.Tensor] = {}
     for module, parts in modules.items():
