@@ -308,8 +308,6 @@ def dry_run_case(config: dict[str, Any]) -> dict[str, Any]:
     any machine (--dry-run)."""
     import torch
 
-    from accelerate.utils import DistributedType
-
     from core.models.registry import adapter_for
     from core.train.methods.lora import LoraParts
 

@@ -25,7 +25,7 @@ from core.data.frames import NoAcceptedFrameCount, plan_frames, sample_length
 from core.data.media import MediaInfo
 from core.data.plan import plan_data
 from core.errors import ConfigError, UserError
-from core.memory.offload import BlockOffloader, offloaded_block_indices
+from core.memory.offload import offloaded_block_indices
 from core.memory.quantize import LayerFilter, quantize_model, quantized_layer_names, select_layers
 from core.memory.quantize_cache import load_quantized_part, quantized_cache_path
 from core.models.frame_rule import FrameRule

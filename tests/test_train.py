@@ -14,7 +14,6 @@ from safetensors.torch import load_file
 
 from core.config import load_preset, resolve
 from core.errors import ConfigError
-from core.models.tiny import build_tiny_model
 from core.train.events import TrainerCallbacks, TrainerCommands
 from core.train.metrics_reader import read_metrics
 from core.train.trainer import Trainer

@@ -37,7 +37,6 @@ from __future__ import annotations
 import logging
 import os
 from functools import cached_property
-from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 

@@ -75,9 +75,6 @@ class HunyuanVideoAdapter(ModelAdapter):
     max_text_length = MAX_TEXT_LENGTH
     text_encoder_names = ("text_encoder", "text_encoder_2")
     placeholder_encoders = ("text_encoder", "text_encoder_2")
-    # LoRA; FINE_TUNE of the transformer (and of either text encoder whose section says train);
-    # EMBEDDING with each placeholder in both tokenizers, each encoder with its own rows.
-    training_methods = ("LORA", "FINE_TUNE", "EMBEDDING")
     # Text and video tokens attend jointly in both stacks: no frame-local attention.
     frame_local_attention = False
 
@@ -116,6 +113,8 @@ class HunyuanVideoAdapter(ModelAdapter):
 
     @property
     def training_methods(self) -> tuple[str, ...]:  # type: ignore[override]
+        # Text-to-video: LoRA; FINE_TUNE of the transformer (and of either text encoder whose section
+        # says train); EMBEDDING with each placeholder in both tokenizers, each encoder its own rows.
         # Image-to-video trains LoRA: its prompt embeddings need the clip's frame, which the live text
         # encoding of fine-tuned encoders and textual inversion does not have.
         return ("LORA",) if self.image_conditioned else ("LORA", "FINE_TUNE", "EMBEDDING")
