@@ -89,8 +89,12 @@ def estimate_command(args: argparse.Namespace) -> int:
     print(f"  {'needed':16s} {_gib(result.needed_bytes)}  (with the CUDA context and the allocator's reserve)")
     caching = d["caching"]
     unsized = f"; not counted: {', '.join(caching['unsized'])}" if caching["unsized"] else ""
-    print(f"  {'caching':16s} {_gib(result.caching_needed_bytes)}  (needed while filling the caches: VAE "
-          f"{_gib(caching['vae']).strip()}{' tiled' if caching['tiled'] else ''}, text encoders {_gib(caching['text']).strip()}{unsized})")
+    if caching["vae"] == 0 and caching["text"] == 0 and caching["unsized"]:
+        # Nothing of the caching phase is sized for this model: no figure rather than a 0 that reads as "free".
+        print(f"  {'caching':16s}   not sized  (this model's VAE and text encoders{unsized})")
+    else:
+        print(f"  {'caching':16s} {_gib(result.caching_needed_bytes)}  (needed while filling the caches: VAE "
+              f"{_gib(caching['vae']).strip()}{' tiled' if caching['tiled'] else ''}, text encoders {_gib(caching['text']).strip()}{unsized})")
     print(f"  the higher phase: {result.phase}")
     print("  parts:")
     for part in d["parts"]:
