@@ -88,6 +88,13 @@ class ModelAdapter(ABC):
     # setting is on, kept_text_encoders, are (configure).
     live_text_encoders: tuple[str, ...] = ()
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # A family that lets an encoder stay loaded must encode with it: said when the class is made,
+        # not in the middle of a run.
+        if cls.live_text_encoders and cls.encode_kept_text is ModelAdapter.encode_kept_text:
+            raise TypeError(f"{cls.__name__} declares live_text_encoders {cls.live_text_encoders} but no encode_kept_text")
+
     def __init__(self, folder: str | os.PathLike) -> None:
         self.folder = Path(folder).expanduser().absolute()
         self.kept_text_encoders: tuple[str, ...] = ()
@@ -106,9 +113,8 @@ class ModelAdapter(ABC):
 
     def encode_kept_text(self, captions: list[str]) -> dict[str, torch.Tensor]:
         """The kept text encoders' conditions of a batch's captions, batched as encode_text's, without
-        a graph: what the loop and validation add to each batch of cached ones. Nothing when none is kept."""
-        if self.kept_text_encoders:
-            raise NotImplementedError(f"{type(self).__name__} keeps {self.kept_text_encoders} but cannot encode with them")
+        a graph: what the loop and validation add to each batch of cached ones. Nothing here: a family
+        with live_text_encoders overrides it (checked in __init_subclass__)."""
         return {}
 
     @classmethod
