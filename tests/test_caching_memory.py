@@ -154,3 +154,13 @@ def test_the_config_layouts_count_what_the_files_hold(tiny_model: Callable[[str]
     for name, config in configs.encoders().items():
         part = text_encoder_part(name, config)
         assert part is not None and part.parameters == configs.parameters[name], (family, name, part)
+
+
+def test_a_caching_phase_not_sized_at_all_says_so_instead_of_zero() -> None:
+    """Wan's built-in configs size neither its VAE nor its text encoder for caching: the estimate says
+    "not sized" rather than a 0.00 GiB that reads as free, and its phase line says what it compares."""
+    out = subprocess.run([sys.executable, "main.py", "estimate", "--preset", "#wan 2.2 LoRA 8GB"], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout
+    caching = next(line for line in out.splitlines() if line.strip().startswith("caching"))
+    assert "not sized" in caching and "0.00 GiB" not in caching
+    assert "the higher phase: training, of what is sized" in out

@@ -92,10 +92,11 @@ def estimate_command(args: argparse.Namespace) -> int:
     if caching["vae"] == 0 and caching["text"] == 0 and caching["unsized"]:
         # Nothing of the caching phase is sized for this model: no figure rather than a 0 that reads as "free".
         print(f"  {'caching':16s}   not sized  (this model's VAE and text encoders{unsized})")
+        print("  the higher phase: training, of what is sized (the caching phase is not)")
     else:
         print(f"  {'caching':16s} {_gib(result.caching_needed_bytes)}  (needed while filling the caches: VAE "
               f"{_gib(caching['vae']).strip()}{' tiled' if caching['tiled'] else ''}, text encoders {_gib(caching['text']).strip()}{unsized})")
-    print(f"  the higher phase: {result.phase}")
+        print(f"  the higher phase: {result.phase}")
     print("  parts:")
     for part in d["parts"]:
         size = _gib(part["bytes"]) if part["bytes"] is not None else "  not sized"
