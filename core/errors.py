@@ -10,6 +10,12 @@ class UserError(Exception):
     """A problem with the user's input or environment, stated in one actionable line."""
 
 
+class FollowedError(UserError):
+    """Raised on a process other than the main one of a multi-process run when it stops because the
+    main process failed (a backup it could not write): the main process tells the user why, this one
+    stays quiet rather than print the same line again."""
+
+
 class ConfigError(UserError):
     """A setting, preset or config file that cannot be used as it is."""
 

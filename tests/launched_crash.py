@@ -1,7 +1,8 @@
 """What tests/test_multiprocess_resume.py starts under `accelerate launch` instead of main.py: the
 same train command, in which the main process, once the backup of step K is in place, kills the
 whole launched job with SIGKILL (the launcher, then every process it started), as a power cut or
-`kill -9` of the job would. Linux (/proc). Usage: launched_crash.py K main.py-arguments..."""
+`kill -9` of the job would. Linux (/proc). Usage: launched_crash.py K main.py-arguments...
+With `fail:K` in place of K, the backup of step K fails instead (a full disk) and the run goes on."""
 
 from __future__ import annotations
 
@@ -34,19 +35,36 @@ def kill_job() -> None:
 def kill_job_after_backup(step: int) -> None:
     import core.train.backup as backup
 
-    real = backup.BackupFolder.write
+    real = backup.BackupFolder.finish  # where every backup (whole or in shards) is put in place
 
-    def write(self: Any, written_step: int, *args: Any, **kwargs: Any) -> Path:
+    def finish(self: Any, written_step: int, *args: Any, **kwargs: Any) -> Path:
         path = real(self, written_step, *args, **kwargs)
         if written_step == step:
             kill_job()
         return path
 
-    backup.BackupFolder.write = write
+    backup.BackupFolder.finish = finish
+
+
+def fail_backup(step: int) -> None:
+    """The disk fills up while the main process puts the backup of `step` in place."""
+    import errno
+
+    import core.train.backup as backup
+
+    real = backup.sync_file
+
+    def sync_file(path: Path) -> None:
+        if f".step-{step:08d}.tmp-" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(path)
+
+    backup.sync_file = sync_file
 
 
 if __name__ == "__main__":
-    kill_job_after_backup(int(sys.argv[1]))
+    how, _, step = sys.argv[1].rpartition(":")
+    fail_backup(int(step)) if how == "fail" else kill_job_after_backup(int(step))
     import main
 
     sys.exit(main.main(sys.argv[2:]))

@@ -1,8 +1,9 @@
 """Exact resume of a run on several processes: a two-process DDP run and a two-process FSDP run are
 killed with SIGKILL (the launcher and both processes) after a backup, continued with `--resume`, and
-end with the LoRA of the uninterrupted run, bit for bit. A backup continues on another number of
-processes where the global batch (batch_size x processes) stays the same, and is refused by name
-where it would not.
+end with the LoRA of the uninterrupted run, bit for bit; the FSDP run's backup is each process's
+shards. A backup continues on another number of processes where the global batch (batch_size x
+processes) stays the same (an FSDP backup's shards read into one process), and is refused by name
+where it would not. A backup the main process cannot write stops both processes, with one line.
 
 The runs go through `accelerate launch` as a user starts them; tests/launched_crash.py is main.py
 with the main process killing the job once the backup of step KILL_AFTER is in place. LoRA dropout
@@ -62,7 +63,7 @@ def _env(home: Path) -> dict[str, str]:
     return env
 
 
-def _launch(config: Path, home: Path, *, processes: int = 2, resume: bool = False, kill_after: int | None = None) -> subprocess.CompletedProcess:
+def _launch(config: Path, home: Path, *, processes: int = 2, resume: bool = False, kill_after: int | str | None = None) -> subprocess.CompletedProcess:
     script = ["tests/launched_crash.py", str(kill_after)] if kill_after is not None else ["main.py"]
     args = [sys.executable, *script, "train", "--config", str(config)]  # one process: as a user runs it
     if processes > 1:
@@ -85,8 +86,14 @@ def _killed_and_resumed(config: Path, home: Path) -> Path:
     workspace = json.loads(config.read_text(encoding="utf-8"))["workspace_dir"]
     backups = sorted(p.name for p in (Path(workspace) / "backups").iterdir() if not p.name.startswith("."))
     assert backups[-1] == f"step-{KILL_AFTER:08d}", backups  # killed after that backup, before the next
-    state = torch.load(Path(workspace) / "backups" / backups[-1] / "state.pt", weights_only=True)
+    backup = Path(workspace) / "backups" / backups[-1]
+    state = torch.load(backup / "state.pt", weights_only=True)
     assert len(state["rng_by_process"]) == 2  # every process's RNG states
+    if json.loads(config.read_text(encoding="utf-8"))["distributed"]["strategy"] == "FSDP":
+        # Each process wrote its shards; nothing was gathered whole.
+        files = {p.name for p in backup.iterdir()}
+        assert {".metadata", "__0_0.distcp", "__1_0.distcp"} <= files and "trained.safetensors" not in files, files
+        assert "optimizer" not in state
     resumed = _launch(config, home, resume=True)
     assert resumed.returncode == 0, resumed.stderr[-6000:]
     assert f"continuing from the backup of step {KILL_AFTER}" in resumed.stderr + resumed.stdout
@@ -123,15 +130,17 @@ def _without_dropout(path: Path) -> Path:
     return path
 
 
+@pytest.mark.parametrize("strategy", ["DDP", "FSDP"])
 def test_a_backup_continues_on_another_process_count_where_the_global_batch_is_the_same(
-        wan21: Path, dataset: Path, tmp_path: Path, user_home: Path) -> None:
+        strategy: str, wan21: Path, dataset: Path, tmp_path: Path, user_home: Path) -> None:
+    # FSDP: the two processes' shards are read into one process's whole weights and optimizer state.
     cache = tmp_path / "cache"
-    two = _without_dropout(_config(tmp_path, "two", wan21, dataset, cache, batch_size=1, strategy="DDP"))
+    two = _without_dropout(_config(tmp_path, "two", wan21, dataset, cache, batch_size=1, strategy=strategy))
     done = _launch(two, user_home)
     assert done.returncode == 0, done.stderr[-6000:]
     reference = load_file(tmp_path / "two" / "out" / "lora.safetensors")
 
-    crashed = _without_dropout(_config(tmp_path, "crashed", wan21, dataset, cache, batch_size=1, strategy="DDP"))
+    crashed = _without_dropout(_config(tmp_path, "crashed", wan21, dataset, cache, batch_size=1, strategy=strategy))
     killed = _launch(crashed, user_home, kill_after=KILL_AFTER)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-4000:]
     # One process with batch_size 1 would train half the global batch: refused, naming batch_size.
@@ -149,7 +158,25 @@ def test_a_backup_continues_on_another_process_count_where_the_global_batch_is_t
     b1 = torch.cat([reference[k].flatten() for k in sorted(reference)])
     b2 = torch.cat([result[k].flatten() for k in sorted(reference)])
     excess, scale = _rounding_excess(b1, b2), b1.float().abs().max().item()
-    print(f"resumed on 1 process vs 2: beyond one bf16 step max {excess.max().item():.3g}, "
+    print(f"{strategy} resumed on 1 process vs 2: beyond one bf16 step max {excess.max().item():.3g}, "
           f"norm ratio {(excess.norm() / b1.float().norm()).item():.3g}")
     assert excess.max().item() <= MAX_DIFF_TOLERANCE * scale
     assert (excess.norm() / b1.float().norm()).item() <= NORM_TOLERANCE
+
+
+@pytest.mark.parametrize("strategy", ["DDP", "FSDP"])
+def test_a_backup_that_cannot_be_written_stops_every_process(strategy: str, wan21: Path, dataset: Path,
+                                                              tmp_path: Path, user_home: Path) -> None:
+    # The other process must not go on to wait for the main one at the next step until the process
+    # group's timeout: the job ends, with the main process's line and the older backup kept.
+    config = _config(tmp_path, "full", wan21, dataset, tmp_path / "cache", batch_size=1, strategy=strategy)
+    failed = _launch(config, user_home, kill_after=f"fail:{KILL_AFTER}")
+    assert failed.returncode not in (0, -signal.SIGKILL), failed.stderr[-4000:]
+    workspace = Path(json.loads(config.read_text(encoding="utf-8"))["workspace_dir"])
+    line = f"could not write the backup {workspace / 'backups' / f'step-{KILL_AFTER:08d}'} (set by workspace_dir): the disk is full"
+    assert line in failed.stderr, failed.stderr[-4000:]
+    assert "the backup of step 2 is kept, continue from it with --resume" in failed.stderr
+    # One line, from the main process; what follows it is the launcher's report of a failed child.
+    ours = failed.stderr.split("torch/distributed/elastic")[0]
+    assert ours.count("error: ") == 1 and "Traceback" not in ours, ours[-4000:]
+    assert sorted(p.name for p in (workspace / "backups").iterdir()) == ["step-00000002"]

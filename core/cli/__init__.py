@@ -12,7 +12,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from core.errors import UserError
+from core.errors import FollowedError, UserError
 from core.log_setup import FILE_ONLY, log_file_path, setup_logging
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,9 @@ def run(parser: argparse.ArgumentParser, argv: Sequence[str]) -> int:
             parser.print_help()
             return EXIT_USER_ERROR
         return int(args.func(args) or 0)
+    except FollowedError as e:  # the main process of the run says it
+        log.info("stopped with the main process: %s", e, extra=FILE_ONLY)
+        return EXIT_USER_ERROR
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR

@@ -8,6 +8,10 @@ A backup is a folder `workspace_dir/backups/step-NNNNNNNN/`:
     ema.safetensors       the EMA of those weights (when ema.enabled)
     state.pt              optimizer and scheduler state, RNG states (torch.save; loaded with
                           weights_only=True, so it holds tensors and plain containers only)
+    .metadata, __<rank>_<n>.distcp
+                          an FSDP run's backup: each process's shards of the trained weights and
+                          the optimizer state, in place of trained.safetensors and state.pt's
+                          optimizer state (core/train/fsdp_backup.py)
     backup.json           written last: step, epoch, versions, the settings and data it was made
                           with, the loss smoothing and validation watch states, and the size and
                           sha256 of every file above ("files")
@@ -58,6 +62,7 @@ INFO_FILE = "backup.json"
 TRAINED_FILE = "trained.safetensors"
 EMA_FILE = "ema.safetensors"
 STATE_FILE = "state.pt"
+SHARDS_METADATA_FILE = ".metadata"  # an FSDP run's backup: its shards in place of trained.safetensors (fsdp_backup.py)
 _NAME = re.compile(r"^step-(\d{8,})$")
 
 RUN_LENGTH_KEYS = ("max_steps", "epochs", "stop_after")
@@ -175,7 +180,8 @@ def damage(backup: Backup) -> str | None:
     if backup.info.get("format") == 1:
         return None
     records = backup.info.get(FILES_KEY)
-    if not isinstance(records, dict) or TRAINED_FILE not in records or STATE_FILE not in records:
+    weights = SHARDS_METADATA_FILE if SHARDS_METADATA_FILE in (records or {}) else TRAINED_FILE
+    if not isinstance(records, dict) or weights not in records or STATE_FILE not in records:
         return f"its {INFO_FILE} lists no checksums of its files"
     listed = sorted(records.items())
     for name, record in listed:  # sizes first: a missing or truncated file is told without hashing
@@ -245,14 +251,47 @@ class BackupFolder:
         An existing backup of the same step is replaced (the new one is renamed in after the old
         one is moved aside). A failed write raises UserError naming the backup and what to do; the
         older backups are left as they were."""
-        final = self.root / f"step-{int(step):08d}"
+        building = self.begin(step)
+        try:
+            written = fill(building)
+        except BaseException as e:
+            self.abandon(building)
+            explained = backup_write_failure(e, self.final(step)) if isinstance(e, Exception) else None
+            if explained is None:
+                raise
+            raise explained from e
+        return self.finish(step, building, written, info)
+
+    def final(self, step: int) -> Path:
+        return self.root / f"step-{int(step):08d}"
+
+    def begin(self, step: int) -> Path:
+        """The temporary folder a backup of `step` is built in (the backups folder made, leftovers of
+        killed writes removed). UserError when it cannot be made (a full disk, no permission)."""
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             self._remove_leftovers()
-            building = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=self.root))
+            return Path(tempfile.mkdtemp(prefix=f".{self.final(step).name}.tmp-", dir=self.root))
+        except Exception as e:
+            explained = backup_write_failure(e, self.final(step))
+            if explained is None:
+                raise
+            raise explained from e
+
+    @staticmethod
+    def abandon(building: Path) -> None:
+        shutil.rmtree(building, ignore_errors=True)
+
+    def finish(self, step: int, building: Path, written: list[Path], info: Mapping[str, Any], *,
+               extra_records: Mapping[str, Any] | None = None) -> Path:
+        """Complete a backup built in `building`: fsync and record every written file (extra_records:
+        files other processes wrote and recorded themselves), write backup.json last, rename the folder
+        into place, prune. The folder is removed if any of it fails (UserError, as write's)."""
+        final = self.final(step)
+        try:
             try:
-                records = {}
-                for path in fill(building):
+                records = dict(extra_records or {})
+                for path in written:
                     sync_file(path)
                     records[path.name] = file_record(path)
                 full_info = {**dict(info), FILES_KEY: records}
@@ -261,10 +300,10 @@ class BackupFolder:
                 fsync_dir(building)
                 self._put_in_place(building, final)
             except BaseException:
-                shutil.rmtree(building, ignore_errors=True)
+                self.abandon(building)
                 raise
         except Exception as e:
-            explained = _write_failure(e, final)
+            explained = backup_write_failure(e, final)
             if explained is None:
                 raise
             raise explained from e
@@ -309,7 +348,7 @@ class BackupFolder:
                 shutil.rmtree(child, ignore_errors=True)
 
 
-def _write_failure(error: Exception, final: Path) -> UserError | None:
+def backup_write_failure(error: Exception, final: Path) -> UserError | None:
     """write_failure's line for a failed backup, naming the backup rather than its temporary
     folder, which is gone by the time the message is read."""
     if isinstance(error, OSError) and f".{final.name}.tmp-" in str(error.filename or ""):

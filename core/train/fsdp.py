@@ -9,11 +9,9 @@ FSDP only on GPU-like backends (AcceleratorState leaves a CPU job MULTI_CPU), wh
 on CPU processes over gloo; `enter_fsdp` puts a CPU job's state where a GPU job's is, so the very same
 accelerate code (prepare, clipping, gathering) runs in the two-CPU-process tests as on GPUs.
 
-What the rest of the engine reads whole is gathered here, with a collective every process joins:
-the trained weights and the optimizer state for a backup (full tensors on the main process, written in
-the backup's usual files, so a backup resumes on any number of processes), and the model for the
-final save (a copy on the meta device that takes the gathered tensors, saved by the method's usual
-writer in today's formats).
+The model for the final save is gathered here, with a collective every process joins: a copy on the
+meta device that takes the gathered tensors, saved by the method's usual writer in today's formats.
+Backups are not gathered: every process writes its shards (core/train/fsdp_backup.py).
 """
 
 from __future__ import annotations
@@ -203,40 +201,6 @@ def gather_tensors(named: Mapping[str, Any], is_main: bool) -> dict[str, Any]:
             out[name] = whole.cpu()
         del whole
     return out
-
-
-def gather_optimizer(model: Any, optimizer: Any) -> dict[str, Any]:
-    """The optimizer's state whole, by parameter name (torch.distributed.checkpoint's full optimizer
-    state dict: independent of the process count); on the main process, empty elsewhere."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-    inner = getattr(optimizer, "optimizer", optimizer)
-    return get_optimizer_state_dict(model, inner, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def load_optimizer(model: Any, optimizer: Any, state: dict[str, Any]) -> None:
-    """A whole optimizer state (gather_optimizer's) into the sharded optimizer; every process reads
-    the same backup, so each takes its shard from its own copy."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-    inner = getattr(optimizer, "optimizer", optimizer)
-    set_optimizer_state_dict(model, inner, optim_state_dict=state, options=StateDictOptions(full_state_dict=True))
-
-
-def load_whole(params: Mapping[str, Any], tensors: Mapping[str, Any]) -> None:
-    """Whole tensors into (possibly sharded) parameters: each process keeps its shard of each."""
-    import torch
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
-    with torch.no_grad():
-        for name, p in params.items():
-            value = tensors[name]
-            if isinstance(p, DTensor):
-                value = distribute_tensor(value.to(p.device, p.dtype), p.device_mesh, p.placements,
-                                          src_data_rank=None)  # every process holds the same whole tensor
-                p.copy_(value)
-            else:
-                p.copy_(value.to(p.device, p.dtype))
 
 
 def unsharded_class(model: Any) -> type:

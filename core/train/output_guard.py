@@ -299,18 +299,34 @@ def _diverged_message(bad: str, steps: int, config: Mapping[str, Any], backups: 
 
 def newest_finite_backup(backups: Any) -> Any:
     """The newest complete backup whose trained weights are all finite, or None (read on failure only)."""
+    from .fsdp_backup import is_sharded
+
+    for backup in reversed(backups.complete()):
+        try:
+            finite = _sharded_finite(backup.path) if is_sharded(backup.path) else _file_finite(backup.path)
+        except Exception as e:  # a damaged file (OSError, SafetensorError, DCP's errors): not a good backup
+            log.warning("backup %s could not be read (%s)", backup.path, e)
+            continue
+        if finite:
+            return backup
+    return None
+
+
+def _file_finite(folder: Any) -> bool:
     from safetensors import safe_open
 
     from .backup import TRAINED_FILE
 
-    for backup in reversed(backups.complete()):
-        try:
-            with safe_open(str(backup.path / TRAINED_FILE), framework="pt") as handle:
-                if all(first_nonfinite({key: handle.get_tensor(key)}) is None for key in handle.keys()):
-                    return backup
-        except Exception as e:  # a damaged file (OSError, SafetensorError): not a good backup
-            log.warning("backup %s could not be read (%s)", backup.path, e)
-    return None
+    with safe_open(str(folder / TRAINED_FILE), framework="pt") as handle:
+        return all(first_nonfinite({key: handle.get_tensor(key)}) is None for key in handle.keys())
+
+
+def _sharded_finite(folder: Any, per_read: int = 64) -> bool:
+    """An FSDP run's backup, read in groups of tensors (a fine-tune's weights whole would not fit)."""
+    from .fsdp_backup import read_trained, trained_names
+
+    names = trained_names(folder)
+    return all(first_nonfinite(read_trained(folder, names[i:i + per_read])) is None for i in range(0, len(names), per_read))
 
 
 def _save_failure(error: Exception, run: Any, result: Any, targets: list[Target], backups: Any,

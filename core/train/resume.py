@@ -120,10 +120,15 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
+def read_state(backup: Backup) -> dict[str, Any]:
+    """state.pt: the optimizer (but for an FSDP run's, which is in its shards), scheduler and RNG states."""
+    return torch.load(backup.path / STATE_FILE, map_location="cpu", weights_only=True)
+
+
 def read_backup(backup: Backup) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, torch.Tensor] | None]:
     """(trained weights, state.pt contents, EMA weights or None) of a complete backup."""
     trained = read_tensors(backup.path / TRAINED_FILE)
-    state = torch.load(backup.path / STATE_FILE, map_location="cpu", weights_only=True)
+    state = read_state(backup)
     ema_file = backup.path / EMA_FILE
     ema = read_tensors(ema_file) if ema_file.exists() else None
     return trained, state, ema
@@ -137,6 +142,6 @@ def load_trained(params: Mapping[str, torch.nn.Parameter], tensors: Mapping[str,
     if missing or extra:
         raise UserError(f"the backup {where} holds other trained weights than this run trains "
                         f"({len(missing)} missing, {len(extra)} unknown, e.g. {sorted(missing or extra)[0]}); train from the start")
-    from .fsdp import load_whole
-
-    load_whole(params, tensors)  # FSDP's sharded parameters take their shard of each
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(tensors[name].to(p.device, p.dtype))

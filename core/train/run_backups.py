@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from core.atomic import explained_write_errors
-from core.errors import UserError
+from core.errors import FollowedError, UserError
 
 from .backup import Backup, BackupFolder, stamp
 from .events import TrainerCallbacks
@@ -56,17 +56,17 @@ def _damage(backup: Backup) -> str | None:
 def restore(run: RunParts, backup: Backup, result: TrainResult) -> None:
     """Put the run where the backup was: weights, optimizer, schedule, EMA, smoothing, validation
     watch; the RNG states are restored by the loop once its data iterator exists."""
-    from .resume import load_trained, read_backup
+    from .fsdp_backup import is_sharded, load_shards
+    from .resume import load_trained, read_backup, read_state
 
-    trained, state, ema_tensors = read_backup(backup)
-    load_trained(run.parts.named_trainable(), trained, backup.path)
-    if state.get("optimizer_by_name"):
-        # Gathered from FSDP shards, by parameter name: each process takes its shard (or, on one
-        # process, all of it). FSDP trains one denoiser (fsdp_refusals).
-        from .fsdp import load_optimizer
-
-        load_optimizer(run.routes.models[0], run.optimizer, state["optimizer"])
+    if is_sharded(backup.path):
+        # An FSDP run's shards: each process takes its shard of each tensor (or, on one process, all
+        # of it). FSDP trains one denoiser (fsdp_refusals).
+        state, ema_tensors = read_state(backup), None
+        load_shards(backup.path, run.parts.named_trainable(), run.routes.models[0], run.optimizer)
     else:
+        trained, state, ema_tensors = read_backup(backup)
+        load_trained(run.parts.named_trainable(), trained, backup.path)
         run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
     if run.ema is not None:
@@ -86,53 +86,80 @@ def restore(run: RunParts, backup: Backup, result: TrainResult) -> None:
 
 
 def backup_writer(run: RunParts, backups: BackupFolder, config: dict[str, Any], data: dict[str, Any],
-                  result: TrainResult, *, together: bool = False, sharded_model: Any = None) -> Callable[[int, int, int], Path | None]:
+                  result: TrainResult, *, together: bool = False, fsdp_model: Any = None) -> Callable[[int, int, int], Path | None]:
     """write(step, batch step, epoch): a backup of the run as it is after that step. together:
     every process calls it (several processes), each giving its RNG states, and the main process
-    writes (None elsewhere). With a sharded_model (FSDP) the trained weights and the optimizer state
-    are gathered whole too, into the files an unsharded run writes, so the backup continues on any
-    number of processes. Without together the main process writes alone (its own RNG states)."""
+    writes (None elsewhere); a backup that fails stops every process. With an fsdp_model (the trained
+    denoiser of distributed.strategy FSDP, sharded or on one process) every process writes its shards
+    of the trained weights and the optimizer state (fsdp_backup.py), which continue on any number of
+    processes. Without together the main process writes alone (its own RNG states)."""
     is_main = run.accelerator.is_main_process
-    from .resume import backup_filler, backup_info, rng_states
+    from .resume import backup_info, rng_states
     from .run_info import app_version
 
     version = app_version()
 
     def write(step: int, batch_step: int, epoch: int) -> Path | None:
-        trained, optimizer, rng = run.parts.named_trainable(), None, rng_states()
-        per_process = None
+        rng, per_process = rng_states(), None
         if together:
             from accelerate.utils import gather_object
 
             per_process = gather_object([rng])  # every process's, in rank order
-        if sharded_model is not None:
-            from .fsdp import gather_optimizer, gather_tensors
-
-            trained, optimizer = gather_tensors(trained, is_main), gather_optimizer(sharded_model, run.optimizer)
-        if not is_main:
-            return None
-        state = {"optimizer": optimizer if optimizer is not None else run.optimizer.state_dict(),
-                 "scheduler": run.scheduler.state_dict(), "rng": rng}
+        state = {"scheduler": run.scheduler.state_dict(), "rng": rng}
         if per_process is not None:
             state["rng_by_process"] = per_process
-        if optimizer is not None:
-            state["optimizer_by_name"] = True
         if run.ema is not None:
             state["ema"] = run.ema.state_dict()
-        fill = backup_filler(trained, state, run.ema.tensors() if run.ema is not None else None)
         extra = {"smoother": run.smoother.state_dict(), "skipped_steps": result.skipped_steps,
                  "total_steps": run.total_steps, "training_method": config["training_method"],
                  "plateau": run.plateau.state_dict() if run.plateau is not None else None}
         info = backup_info(step=step, batch_step=batch_step, epoch=epoch, config=config, data=data,
                            app_version=version, extra=extra)
         try:
-            path = backups.write(step, fill, info)
+            if fsdp_model is not None:
+                from .fsdp_backup import write_sharded_backup
+
+                path = write_sharded_backup(run.accelerator, backups, step, run.parts.named_trainable(),
+                                            fsdp_model, run.optimizer, state, info)
+            elif together:
+                path = _written_by_main(run.accelerator, step, lambda: _write_whole(run, backups, step, state, info))
+            else:
+                path = _write_whole(run, backups, step, state, info)
         except UserError as e:
-            raise _run_stopped(e, backups, step) from e
-        run.callbacks.on_log(logging.INFO, f"backup of step {step} written to {path}")
+            raise (_run_stopped(e, backups, step) if is_main else e) from e
+        if path is not None:
+            run.callbacks.on_log(logging.INFO, f"backup of step {step} written to {path}")
         return path
 
     return write
+
+
+def _write_whole(run: RunParts, backups: BackupFolder, step: int, state: dict[str, Any], info: dict[str, Any]) -> Path:
+    """The backup of an unsharded run, written by the main process (every process holds the weights)."""
+    from .resume import backup_filler
+
+    state = {"optimizer": run.optimizer.state_dict(), **state}
+    return backups.write(step, backup_filler(run.parts.named_trainable(), state,
+                                             run.ema.tensors() if run.ema is not None else None), info)
+
+
+def _written_by_main(accelerator: Any, step: int, write: Callable[[], Path]) -> Path | None:
+    """write() on the main process, its outcome told to every process: a failed backup raises its
+    UserError on every process (the others' says what the main process's said), so that all of them
+    stop rather than wait for one another at the next step."""
+    from accelerate.utils import broadcast_object_list
+
+    path, failure = None, None
+    if accelerator.is_main_process:
+        try:
+            path = write()
+        except UserError as e:
+            failure = e
+    told = [str(path) if path is not None else None, str(failure) if failure is not None else None]
+    broadcast_object_list(told)
+    if told[1] is not None:
+        raise failure if failure is not None else FollowedError(f"the backup of step {step} was not written: {told[1]}")
+    return path
 
 
 def _run_stopped(error: UserError, backups: BackupFolder, step: int) -> UserError:

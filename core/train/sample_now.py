@@ -31,7 +31,7 @@ from typing import Any
 from core.errors import UserError
 from core.models.base import SampleRequest
 
-from .backup import TRAINED_FILE, BackupFolder
+from .backup import INFO_FILE, TRAINED_FILE, BackupFolder
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def newest_weights(config: dict[str, Any], adapter: Any) -> Weights:
     written = float("-inf")
     if backup is not None:
         found = Weights("backup", backup.step, {"backup": backup.path})
-        written = (backup.path / TRAINED_FILE).stat().st_mtime
+        written = (backup.path / INFO_FILE).stat().st_mtime  # written last
     if config["training_method"] == "LORA":
         names = [d.name for d in chosen_denoisers(config, adapter)]
         paths = parts_for("LORA").result_paths(config, adapter, names)
@@ -119,9 +119,10 @@ def _load_lora_file(transformer: Any, path: Path, adapter: Any) -> None:
 
 
 def _load_backup(parts: Any, folder: Path) -> None:
+    from .fsdp_backup import is_sharded, read_trained
     from .resume import read_tensors
 
-    tensors = read_tensors(folder / TRAINED_FILE)
+    tensors = read_trained(folder) if is_sharded(folder) else read_tensors(folder / TRAINED_FILE)
     params = parts.named_trainable()
     if set(params) != set(tensors):
         raise UserError(f"the backup {folder} holds other trained weights than the current settings make "

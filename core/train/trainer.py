@@ -313,8 +313,9 @@ class Trainer:
             set_earlier_runs_aside(workspace, backups, self.callbacks)
         # Backups are written when due, when asked for (Backup now) and when a run is stopped.
         # With several processes every one joins (its RNG states; FSDP: the shards), the main one writes.
+        # An FSDP run's backups are shards even on one process: they continue on any number of them.
         run.backup = backup_writer(run, backups, config, data, result, together=world_size > 1,
-                                   sharded_model=models[0] if sharded else None)
+                                   fsdp_model=models[0] if wants_fsdp(config) else None)
         run.metrics = MetricsWriter(workspace, enabled=accelerator.is_main_process, resume_step=start_step if backup else None)
         if accelerator.is_main_process:
             write_run_info(workspace, config, dict(zip((d.name for d in denoisers), models)),
