@@ -241,7 +241,14 @@ def shard_denoiser(accelerator: Any, adapter: Any, transformers: list[Any], opti
     restores them) and, for run_info.json, what each process holds: the proof that it is sharded."""
     import torch
 
+    import warnings
+
     (transformer,) = transformers
+    # FSDP2 warns, on every process and every run, that the model returns a view (diffusers' final
+    # reshape) which an in-place op would detach from its backward hook. The loss never changes the
+    # prediction in place (objective.training_loss), and tests/test_fsdp.py pins the sharded run's
+    # weights to the one-process run's; the warning would only tell users of a problem they do not have.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor", category=UserWarning)
     blocks = wrap_blocks(accelerator, adapter.block_stacks(transformer))
     dtypes = {name: value.dtype for name, value in transformer.state_dict().items()}
     transformer, optimizer = accelerator.prepare(transformer, optimizer)
