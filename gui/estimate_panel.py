@@ -15,6 +15,7 @@ from typing import Any
 
 from PySide6.QtWidgets import QGridLayout, QLabel, QProgressBar, QWidget
 
+from core.memory.caching import stage_sized
 from core.memory.estimate import Estimate, detect_vram, estimate_memory
 
 from .background import BackgroundJob, JobControl
@@ -67,8 +68,14 @@ def caching_text(estimate: Estimate) -> str:
     tiled = " (tiled)" if caching.get("tiled") else ""
     unsized = f"; not counted: {', '.join(caching['unsized'])}" if caching.get("unsized") else ""
     higher = "filling the caches needs more than a training step" if estimate.phase == "caching" else "a training step needs more"
-    return (f"Filling the caches: about {gib(estimate.caching_needed_bytes)} (VAE{tiled} {gib(caching['vae'])}, "
-            f"text encoders {gib(caching['text'])}{unsized}); {higher}.")
+    if not (stage_sized(caching, "vae") or stage_sized(caching, "text")):
+        return f"Filling the caches: not sized for this model{unsized}."
+    if caching.get("unsized"):
+        higher += ", of what is sized"
+    vae = gib(caching["vae"]) if stage_sized(caching, "vae") else "not sized"
+    text = gib(caching["text"]) if stage_sized(caching, "text") else "not sized"
+    return (f"Filling the caches: about {gib(estimate.caching_needed_bytes)} (VAE{tiled} {vae}, "
+            f"text encoders {text}{unsized}); {higher}.")
 
 
 def part_notes(estimate: Estimate) -> dict[str, str]:

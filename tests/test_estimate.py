@@ -7,6 +7,8 @@ tensor bytes TensorMemoryProbe measures. GPU-only constants are in docs/memory.m
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import re
 from pathlib import Path
@@ -269,18 +271,35 @@ def test_each_setting_moves_the_estimate_the_right_way() -> None:
 
 def test_fit_offloads_first_then_quantizes() -> None:
     config = _preset("#wan 2.2 LoRA")
-    changes, result = propose_fit(config, 12 * GIB)
+    # The training step's search alone: the text encoder left unsized, so filling the caches needs nothing.
+    built_in = model_configs(config["base_model"])
+    training_only = dataclasses.replace(built_in, text_encoder={k: v for k, v in built_in.text_encoder.items() if k != "model_type"})
+    changes, result = propose_fit(config, 12 * GIB, training_only)
     assert set(changes) == {"layer_offload_fraction"} and result.fits(12 * GIB)
     assert changes["layer_offload_fraction"] < 1.0
-    changes, result = propose_fit(config, 4 * GIB)  # offloading every block is enough
+    changes, result = propose_fit(config, 4 * GIB, training_only)  # offloading every block is enough
     assert changes == {"layer_offload_fraction": 1.0} and result.fits(4 * GIB)
     longer = _preset("#wan 2.2 LoRA", batch_size=4, frames=33, video_config={"max_frames": 33})
-    changes, result = propose_fit(longer, 5 * GIB)  # activations too: CPU_OFFLOADED before quantizing
+    changes, result = propose_fit(longer, 5 * GIB, training_only)  # activations too: CPU_OFFLOADED before quantizing
     assert changes == {"gradient_checkpointing": "CPU_OFFLOADED", "layer_offload_fraction": 1.0} and result.fits(5 * GIB)
-    changes, result = propose_fit(longer, int(4.5 * GIB))  # and then FLOAT_8
+    changes, result = propose_fit(longer, int(4.5 * GIB), training_only)  # and then FLOAT_8
     assert changes["transformer.weight_dtype"] == "FLOAT_8" and result.fits(int(4.5 * GIB))
-    assert propose_fit(config, 64 * GIB)[0] == {}
-    assert propose_fit(config, 1 * GIB) is None
+    assert propose_fit(config, 64 * GIB, training_only)[0] == {}
+    assert propose_fit(config, 1 * GIB, training_only) is None
+
+
+def test_fit_stores_the_cached_text_encoder_lighter_where_filling_the_caches_does_not_fit() -> None:
+    config = _preset("#wan 2.2 LoRA")
+    # UMT5-XXL in BFLOAT_16 (10.6 GiB of weights) does not cache on a 12 GiB card; in FLOAT_8 it does.
+    assert estimate_memory(config).caching_needed_bytes > 12 * GIB
+    changes, result = propose_fit(config, 12 * GIB)
+    assert changes["text_encoder.weight_dtype"] == "FLOAT_8" and "layer_offload_fraction" in changes
+    assert result.fits(12 * GIB) and result.caching_needed_bytes <= 12 * GIB
+    # Its 16-bit token embedding alone is 2 GiB: even NFLOAT_4 does not cache within 4 GiB.
+    assert propose_fit(config, 4 * GIB) is None
+    trained = _preset("#wan 2.2 LoRA", text_encoder={"train": True})
+    fitted = propose_fit(trained, 12 * GIB)
+    assert fitted is None or "text_encoder.weight_dtype" not in fitted[0]  # a trained encoder is not re-stored
 
 
 def test_cli_table_fit_and_errors(capsys: pytest.CaptureFixture) -> None:

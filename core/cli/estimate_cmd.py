@@ -94,9 +94,13 @@ def estimate_command(args: argparse.Namespace) -> int:
         print(f"  {'caching':16s}   not sized  (this model's VAE and text encoders{unsized})")
         print("  the higher phase: training, of what is sized (the caching phase is not)")
     else:
+        from core.memory.caching import stage_sized
+
+        vae = _gib(caching["vae"]).strip() if stage_sized(caching, "vae") else "not sized"
+        text = _gib(caching["text"]).strip() if stage_sized(caching, "text") else "not sized"
         print(f"  {'caching':16s} {_gib(result.caching_needed_bytes)}  (needed while filling the caches: VAE "
-              f"{_gib(caching['vae']).strip()}{' tiled' if caching['tiled'] else ''}, text encoders {_gib(caching['text']).strip()}{unsized})")
-        print(f"  the higher phase: {result.phase}")
+              f"{vae}{' tiled' if caching['tiled'] else ''}, text encoders {text}{unsized})")
+        print(f"  the higher phase: {result.phase}{', of what is sized' if caching['unsized'] else ''}")
     print("  parts:")
     for part in d["parts"]:
         size = _gib(part["bytes"]) if part["bytes"] is not None else "  not sized"
@@ -113,5 +117,5 @@ def estimate_command(args: argparse.Namespace) -> int:
             print(f"fits {args.fit:g} GiB as it is")
         else:
             sets = " ".join(f"--set {key}={value}" for key, value in proposal[0].items())
-            print(f"to fit {args.fit:g} GiB ({_gib(proposal[1].needed_bytes).strip()} needed): {sets}")
+            print(f"to fit {args.fit:g} GiB ({_gib(proposal[1].higher_phase_bytes).strip()} needed, {proposal[1].phase}): {sets}")
     return 0

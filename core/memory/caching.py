@@ -16,7 +16,7 @@ from .model_sizes import DTYPE_BYTES, TransformerSizes, compute_bytes, transform
 from .part_sizes import PartSizes, text_encoder_part, vae_encode_activation_bytes, vae_part
 
 # core/data/precompute.py encodes this many captions per call (it imports the number from here).
-CAPTION_BATCH = 16
+CAPTION_BATCH = 4
 
 
 def _section_dtype(config: dict[str, Any], name: str) -> str:
@@ -78,3 +78,12 @@ def caching_memory(config: dict[str, Any], configs: ModelConfigs, transformer: T
     text_stage += largest
     return {"vae": vae_stage, "text": text_stage, "peak": max(vae_stage, text_stage), "tiled": tiles is not None,
             "unsized": unsized}
+
+
+def stage_sized(caching: dict[str, Any], stage: str) -> bool:
+    """Whether a caching stage ("vae" or "text") has a figure: a stage of 0 bytes whose parts are all
+    unsized is not sized (its 0 would read as free)."""
+    unsized = caching.get("unsized", [])
+    if stage == "vae":
+        return caching["vae"] > 0 or not any(u.startswith("vae") for u in unsized)
+    return caching["text"] > 0 or not any(u.startswith("text_encoder") for u in unsized)

@@ -80,8 +80,13 @@ class Estimate:
         """The phase with the higher peak: "training" or "caching"."""
         return "caching" if self.caching_needed_bytes > self.needed_bytes else "training"
 
+    @property
+    def higher_phase_bytes(self) -> int:
+        """What the higher of the two phases needs: what a GPU must have."""
+        return max(self.needed_bytes, self.caching_needed_bytes)
+
     def fits(self, vram_bytes: int) -> bool:
-        return max(self.needed_bytes, self.caching_needed_bytes) <= vram_bytes
+        return self.higher_phase_bytes <= vram_bytes
 
     def as_json(self) -> dict[str, Any]:
         return {"peak_bytes": self.peak_bytes, "needed_bytes": self.needed_bytes, "parts": dict(self.parts),
@@ -394,18 +399,38 @@ def propose_fit(config: dict[str, Any], vram_bytes: int, configs: ModelConfigs |
     """The least slow changes that make the estimate fit vram_bytes, as {dotted key: value}, with
     the estimate they give; {} if it fits as it is; None if nothing tried fits.
 
-    Tried in this order (slowest last): the weight storage as it is, then FLOAT_8, then NFLOAT_4;
-    within each, checkpointing as it is, then ON, then CPU_OFFLOADED; within each, the lowest
-    layer_offload_fraction of 0, 0.25, 0.5, 0.75, 1 (at least the current one).
+    The training step first, tried in this order (slowest last): the weight storage as it is, then
+    FLOAT_8, then NFLOAT_4; within each, checkpointing as it is, then ON, then CPU_OFFLOADED; within
+    each, the lowest layer_offload_fraction of 0, 0.25, 0.5, 0.75, 1 (at least the current one).
+    Then, where filling the caches needs more than vram_bytes, the cached text encoders' storage:
+    FLOAT_8, then NFLOAT_4 (the phases are apart: one's settings do not change the other's memory).
     """
     configs = configs or model_configs(config["base_model"])
     base = estimate_memory(config, configs)
     if base.fits(vram_bytes):
         return {}, base
+    training = _fit_training(config, configs, vram_bytes)
+    if training is None:
+        return None
+    changes, trial = training
+    result = estimate_memory(trial, configs)
+    if result.caching_needed_bytes > vram_bytes:
+        caching = _fit_caching(trial, configs, vram_bytes)
+        if caching is None:
+            return None
+        changes = {**changes, **caching[0]}
+        result = estimate_memory(caching[1], configs)
+    return changes, result
+
+
+def _fit_training(config: dict[str, Any], configs: ModelConfigs, vram_bytes: int) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """(the changes, the config with them) that make the training step fit, or None."""
     order = ("OFF", "ON", "CPU_OFFLOADED")
     current_ckpt = config["gradient_checkpointing"]
     fractions = sorted({config["layer_offload_fraction"], *[f for f in (0.0, 0.25, 0.5, 0.75, 1.0) if f >= config["layer_offload_fraction"]]})
     fine_tune = config["training_method"] == "FINE_TUNE"
+    original = {"transformer.weight_dtype": config["transformer"]["weight_dtype"],
+                "gradient_checkpointing": current_ckpt, "layer_offload_fraction": config["layer_offload_fraction"]}
     for dtype in _lighter(config["transformer"]["weight_dtype"], ("FLOAT_8", "NFLOAT_4")) if not fine_tune else [config["transformer"]["weight_dtype"]]:
         for ckpt in order[order.index(current_ckpt):]:
             for fraction in fractions if ckpt != "OFF" else [0.0]:
@@ -413,11 +438,24 @@ def propose_fit(config: dict[str, Any], vram_bytes: int, configs: ModelConfigs |
                 trial = config
                 for key, value in changes.items():
                     trial = _set(trial, key, value)
-                result = estimate_memory(trial, configs)
-                if result.fits(vram_bytes):
-                    original = {"transformer.weight_dtype": config["transformer"]["weight_dtype"],
-                                "gradient_checkpointing": current_ckpt, "layer_offload_fraction": config["layer_offload_fraction"]}
-                    return {k: v for k, v in changes.items() if original[k] != v}, result
+                if estimate_memory(trial, configs).needed_bytes <= vram_bytes:
+                    return {k: v for k, v in changes.items() if original[k] != v}, trial
+    return None
+
+
+def _fit_caching(config: dict[str, Any], configs: ModelConfigs, vram_bytes: int) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """(the changes, the config with them) that make filling the caches fit: the text encoders that
+    are only cached (not trained) stored in FLOAT_8, then NFLOAT_4; None if neither fits."""
+    cached = [name for name in configs.encoders() if isinstance(config.get(name), dict) and not config[name].get("train")]
+    for dtype in ("FLOAT_8", "NFLOAT_4"):
+        changes = {f"{name}.weight_dtype": dtype for name in cached if dtype in _lighter(config[name]["weight_dtype"], (dtype,))[1:]}
+        if not changes:
+            continue
+        trial = config
+        for key, value in changes.items():
+            trial = _set(trial, key, value)
+        if estimate_memory(trial, configs).caching_needed_bytes <= vram_bytes:
+            return changes, trial
     return None
 
 

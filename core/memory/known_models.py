@@ -70,7 +70,7 @@ WAN21_14B = {**_WAN_COMMON, "ffn_dim": 13824, "in_channels": 16, "out_channels":
 WAN22_TI2V_5B = {**_WAN_COMMON, "ffn_dim": 14336, "in_channels": 48, "out_channels": 48, "num_attention_heads": 24, "num_layers": 30}
 WAN22_A14B_T2V = dict(WAN21_14B)
 WAN22_A14B_I2V = {**WAN21_14B, "in_channels": 36}
-UMT5_XXL = {"d_model": 4096, "d_ff": 10240, "d_kv": 64, "num_heads": 64, "num_layers": 24, "vocab_size": 256384,
+UMT5_XXL = {"model_type": "umt5", "d_model": 4096, "d_ff": 10240, "d_kv": 64, "num_heads": 64, "num_layers": 24, "vocab_size": 256384,
             "relative_attention_num_buckets": 32, "feed_forward_proj": "gated-gelu"}
 _COG_COMMON = {"_class_name": "CogVideoXTransformer3DModel", "attention_head_dim": 64, "in_channels": 16,
                "out_channels": 16, "time_embed_dim": 512, "text_embed_dim": 4096, "patch_size": 2,

@@ -45,13 +45,21 @@ class PartSizes:
 
     def caching_activation_bytes(self, tokens: int, batch: int, b: int) -> int:
         """A text encoder's peak tensors when it encodes `batch` captions of `tokens` without autograd:
-        every layer's hidden state (the adapters read one of the last ones, asked for all, as the
-        pipelines do), one layer's attention and feed-forward temporaries, and T5's position bias."""
+        the hidden states kept (a Llama's every layer: the adapters read one of the last ones, asked for
+        all as the pipelines do; a T5's or CLIP's last one, with the residual stream beside it), one
+        layer's attention and feed-forward temporaries, and T5's position bias. No KV cache
+        (loading.no_kv_cache). tests/test_caching_memory.py measures the real classes against it."""
         if not self.layers:
             return 0
-        per_token = (self.layers + 1) * self.hidden + 3 * self.ffn + 4 * self.hidden
+        kept = self.layers + 1 if self.kind in ALL_HIDDEN_STATES else 2
+        per_token = kept * self.hidden + 3 * self.ffn + 4 * self.hidden
         bias = self.heads * tokens * tokens if self.kind in ("t5", "umt5") else 0
         return batch * (tokens * per_token + bias) * b
+
+
+# The kinds whose encoding the adapters ask for every layer's hidden state (Hunyuan Video's and
+# HiDream's Llama); the others' callers read the last hidden state only.
+ALL_HIDDEN_STATES = ("llama", "llava")
 
 
 def folder_parameters(folder: Path) -> int | None:

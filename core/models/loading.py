@@ -69,6 +69,16 @@ def load_frozen_vae(folder: Path, vae_class: str, dtype: torch.dtype) -> Any:
     return vae.requires_grad_(False).eval()
 
 
+def no_kv_cache(encoder: Any) -> None:
+    """A decoder used as a text encoder (Llama, Llava's language model) reads its hidden states once:
+    its KV cache (every layer's keys and values, kept by default) would only hold memory, about half
+    a hidden state per layer and token (core/memory/part_sizes.py counts without it)."""
+    config = encoder.config
+    for part in (config, getattr(config, "text_config", None)):
+        if part is not None and getattr(part, "use_cache", False):
+            part.use_cache = False
+
+
 class FrozenTextEncoder:
     """One tokenizer / text encoder pair of a diffusers folder, loaded once, frozen, and loaded again
     only when asked for another quantized storage (the quantized Linear layers cannot be undone)."""
@@ -105,6 +115,7 @@ class FrozenTextEncoder:
                 self.encoder = cls.from_pretrained(
                     self.folder, subfolder=self.subfolder, dtype=dtype)
             self.encoder.requires_grad_(False).eval()
+            no_kv_cache(self.encoder)
             self.quantized = quantized
             if quantized:
                 work = device if torch.device(device).type == "cuda" else None

@@ -161,7 +161,7 @@ def out_of_memory_error(config: dict[str, Any], folder: Path | None) -> UserErro
         if folder is None:
             raise ValueError("no model folder")
         configs = configs_from_folder(folder)
-        needed = estimate_memory(config, configs).needed_bytes
+        needed = estimate_memory(config, configs).higher_phase_bytes
         proposal = propose_fit(config, vram, configs)
     except Exception as e:  # noqa: BLE001 - the estimator cannot answer for this model: general advice
         log.info("no memory estimate for the out-of-memory advice: %s", e)
@@ -176,4 +176,4 @@ def out_of_memory_error(config: dict[str, Any], folder: Path | None) -> UserErro
                          f"programs using the GPU, or {GENERAL_ADVICE}")
     sets = " ".join(f"--set {key}={value}" for key, value in changes.items())
     keys = tuple(changes)
-    return ConfigError(f"{head}; try {sets} (estimated {fitted.needed_bytes / GIB:.1f} GiB)", key=keys[0], also=keys[1:])
+    return ConfigError(f"{head}; try {sets} (estimated {fitted.higher_phase_bytes / GIB:.1f} GiB)", key=keys[0], also=keys[1:])
