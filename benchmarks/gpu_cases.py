@@ -8,7 +8,7 @@ settings changed. Order (a run stops where its --budget-s ends, so what matters 
    preset (BFLOAT_16, offload 0, checkpointing ON): offload 0.5, FLOAT_8, NFLOAT_4, CPU_OFFLOADED,
    offload 0.9, then FLOAT_8 and NFLOAT_4 at 0.5 (quantized and offloaded against each alone);
 3. one Wan 2.2 A14B expert (the high-noise one) at the settings the estimator proposes for 24 GB
-   (core.memory.estimate.propose_fit, "the 24 GB settings");
+   (core.memory.fit.propose_fit, "the 24 GB settings");
 4. the CogVideoX and Hunyuan Video presets;
 5. the rest of the grid weight_dtype BFLOAT_16 / FLOAT_8 / NFLOAT_4 x layer_offload_fraction
    0 / 0.5 / 0.9 x gradient_checkpointing ON / CPU_OFFLOADED.
@@ -108,7 +108,7 @@ def case_config(case: Case, smoke: bool) -> dict[str, Any]:
 def fitted(config: dict[str, Any], configs: Any, gib: float) -> tuple[dict[str, Any], dict[str, Any]]:
     """config with the least slow changes that the estimate fits in gib (propose_fit), and the changes;
     unchanged when nothing fits (the case then runs as it is and says so)."""
-    from core.memory.estimate import propose_fit
+    from core.memory.fit import propose_fit
 
     proposal = propose_fit(config, int(gib * GIB), configs)
     if proposal is None:

@@ -22,9 +22,9 @@ from core.memory.estimate import (
     GIB,
     block_activation_bytes,
     estimate_memory,
-    propose_fit,
     text_encoder_activation_bytes,
 )
+from core.memory.fit import propose_fit
 from core.memory.known_models import KNOWN_MODELS, model_configs
 from core.memory.model_sizes import text_encoder_sizes, wan_transformer_sizes
 from core.memory.probe import TensorMemoryProbe

@@ -41,7 +41,8 @@ def _budget(value: float | None, flag: str) -> int | None:
 
 
 def estimate_command(args: argparse.Namespace) -> int:
-    from core.memory.estimate import detect_vram, estimate_memory, propose_fit
+    from core.memory.estimate import detect_vram, estimate_memory
+    from core.memory.fit import propose_fit
     from core.memory.known_models import model_configs
 
     config = settings_from_args(args)

@@ -149,8 +149,9 @@ GENERAL_ADVICE = ("lower resolution, frames or batch_size, or store and move les
 
 def out_of_memory_error(config: dict[str, Any], folder: Path | None) -> UserError:
     """The one line for a CUDA out-of-memory error: the estimate for the GPU and the least slow
-    settings that the estimator says fit (core.memory.estimate.propose_fit)."""
-    from core.memory.estimate import GIB, detect_vram, estimate_memory, propose_fit
+    settings that the estimator says fit (core.memory.fit.propose_fit)."""
+    from core.memory.estimate import GIB, detect_vram, estimate_memory
+    from core.memory.fit import propose_fit
     from core.memory.known_models import configs_from_folder
 
     try:
