@@ -282,3 +282,23 @@ def test_the_doctor_leaves_out_what_the_model_does_not_take(tiny_model, tmp_path
     assert [f.path.name for f in report.files] == ["still.png"]
     assert any(i.path.name == "clip.mp4" and "image model" in i.reason for i in report.issues)
     assert report.usable and report.train_items == 1
+
+
+def test_a_file_its_bucket_scales_up_much_is_warned_of_and_an_image_folder_counts_images(tmp_path: Path) -> None:
+    # At resolution 256 a 96 x 64 image fills a bucket of about 256² pixels: scaled up about 3.5x.
+    make_image(tmp_path / "small.png", width=96, height=64)
+    make_image(tmp_path / "large.png", width=320, height=320, index=1)
+    for name in ("small", "large"):
+        _caption(tmp_path / f"{name}.png", f"a {name} picture")
+    report = diagnose_folder(tmp_path, _config(resolution=256))
+    [warning] = [i for i in report.issues if not i.fatal]
+    assert warning.path == tmp_path / "small.png" and not [i for i in report.issues if i.fatal]
+    small = next(f for f in report.files if f.path.name == "small.png")
+    scale = max(small.bucket.height / 64, small.bucket.width / 96)
+    assert warning.reason.startswith(f"scaled up {scale:.1f}x from 96x64 to fill its {small.bucket.width}x{small.bucket.height} bucket")
+    assert "use a larger image, or a lower resolution" in warning.reason
+    text = render_report(report)
+    assert "Warnings (1)" in text and "2 images train" in text and "Result: ready - 2 images can train." in text
+    assert " 1 image  " in text and "item" not in text.split("Buckets")[1].split("Files")[0]
+    # At the image's own size nothing is scaled up.
+    assert not [i for i in diagnose_folder(tmp_path, _config(resolution=64)).issues if not i.fatal]

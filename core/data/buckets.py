@@ -88,6 +88,21 @@ def assign_bucket(width: int, height: int, frames: int, resolution: int, divisor
     return Bucket(frames, h, w)
 
 
+# Above this scale a file is stretched enough to train visibly soft: fit_to_bucket scales it to
+# cover its bucket, and 1.5x is where interpolation blur shows at the sizes these models train.
+UPSCALE_WARNING = 1.5
+
+
+def upscale_warning(width: int, height: int, bucket: Bucket, kind: str) -> str:
+    """The warning for a file its bucket scales up by more than UPSCALE_WARNING, or ""."""
+    scale = max(bucket.height / height, bucket.width / width)  # what fit_to_bucket scales it by
+    if scale <= UPSCALE_WARNING:
+        return ""
+    what = "image" if kind == "image" else "clip"
+    return (f"scaled up {scale:.1f}x from {width}x{height} to fill its {bucket.width}x{bucket.height} bucket, so it trains "
+            f"blurred; use a larger {what}, or a lower resolution")
+
+
 def video_batch_size(batch_size: int, multiplier: float) -> int:
     """Samples in a video batch: batch_size scaled by the multiplier, rounded half up, at least 1."""
     return max(1, math.floor(batch_size * multiplier + 0.5))

@@ -23,6 +23,7 @@ from .buckets import (
     assign_bucket,
     steps_per_epoch,
     total_batches,
+    upscale_warning,
     video_batch_size,
 )
 from .discovery import (
@@ -165,6 +166,9 @@ def diagnose(config: dict[str, Any], progress: Callable[[int, int], None] | None
             else:
                 bucket = assign_bucket(info.width, info.height, frames, resolution, divisor)
             plans.append(FilePlan(item.path, info.kind, item.dataset_index, split, info.width, info.height, info.fps, info.duration, bucket.frames, bucket))
+            upscaled = upscale_warning(info.width, info.height, bucket, info.kind)
+            if upscaled:
+                issues.append(Issue(item.path, upscaled, fatal=False))
             if split == "train":
                 records.append(SampleRecord(len(records), bucket, item.repeats, info.is_video))
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from core.paths import shown_path
 
-from .doctor_report import EXIT_STRICT, EXIT_UNUSABLE, DatasetReport, SizeStat, Stat, images_only
+from .doctor_report import EXIT_STRICT, EXIT_UNUSABLE, DatasetReport, SizeStat, Stat, images_only, item_unit
 from .media import Issue
 
 MAX_FILES_LISTED = 50  # longer file lists are cut (--json has them all); problems are never cut
@@ -72,7 +72,7 @@ def _buckets(report: DatasetReport) -> list[str]:
     if not report.buckets:
         return out + ["  (nothing to train on)"]
     table = [
-        (str(b.bucket).replace("x", " x "), b.kind, _count(b.items, "item"), f"{b.samples_per_pass} per pass", f"batch {b.batch_size}", _count(b.batches_per_pass, "batch", "batches"))
+        (str(b.bucket).replace("x", " x "), b.kind, _count(b.items, "image" if b.kind == "image" else "clip"), f"{b.samples_per_pass} per pass", f"batch {b.batch_size}", _count(b.batches_per_pass, "batch", "batches"))
         for b in report.buckets
     ]
     return out + _table(table)
@@ -103,7 +103,7 @@ def _plan(report: DatasetReport) -> list[str]:
         held = f"{report.validation_items} from the validation folder"
     elif s.get("holdout_fraction"):
         held += f" (holdout_fraction {s['holdout_fraction']:g})"
-    out.append(f"  {_count(report.train_items, 'item')} train, {held}")
+    out.append(f"  {_count(report.train_items, _unit(report))} train, {held}")
     if report.train_items:
         if s.get("stop_after") == "EPOCHS":
             length = f"epochs {s.get('epochs')}"
@@ -141,7 +141,12 @@ def _result(report: DatasetReport) -> str:
         return f"Result: strict_data refused it - {_count(n, 'problem')} above; fix them or turn strict_data off to skip those files."
     skipped = len(report.fatal_issues)
     tail = f"; {_count(skipped, 'problem')} skipped (see above)" if skipped else ""
-    return f"Result: ready - {_count(report.train_items, 'item')} can train{tail}."
+    return f"Result: ready - {_count(report.train_items, _unit(report))} can train{tail}."
+
+
+def _unit(report: DatasetReport) -> str:
+    """What the report's items are: "image" (an image model's, or only images), "clip" or "item"."""
+    return item_unit(report.clips, report.images, bool(report.settings.get("stills_only")))
 
 
 def _table(rows: list[tuple[str, ...]]) -> list[str]:

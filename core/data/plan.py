@@ -18,7 +18,7 @@ from core.models.conditions import text_weight_dtypes
 from core.models.dtypes import compute_dtype
 
 from .augment import variant_count
-from .buckets import Bucket, SampleRecord, assign_bucket
+from .buckets import Bucket, SampleRecord, assign_bucket, upscale_warning
 from .cache import ContentHasher, latent_key, text_key
 from .dataset import CachedSample
 from .discovery import Item, discover_datasets
@@ -146,6 +146,9 @@ def plan_samples(
             bucket = Bucket(len(plans[0].times), *adapter.fixed_size)
         else:
             bucket = assign_bucket(info.width, info.height, len(plans[0].times), config["resolution"], adapter.size_divisor)
+        upscaled = upscale_warning(info.width, info.height, bucket, info.kind)
+        if upscaled:  # the doctor says the same (a warning: the file still trains)
+            refused.append(Issue(item.path, upscaled, fatal=False))
         keys = tuple(
             latent_key(
                 content,
@@ -214,12 +217,13 @@ def plan_data(
     train = plan_samples(train_items, usable, config, adapter, hasher, *names, issues=refused)
     # Validation reads variant 0 only (the same frames at every evaluation): no other is cached.
     validation = plan_samples(held_out, usable, config, adapter, hasher, *names, variants=1, issues=refused)
-    if refused and config["strict_data"]:
-        raise UserError(f"strict_data: {len(refused)} file(s) cannot be used, first {refused[0]}; fix them or turn strict_data off")
+    left_out = [issue for issue in refused if issue.fatal]
+    if left_out and config["strict_data"]:
+        raise UserError(f"strict_data: {len(left_out)} file(s) cannot be used, first {left_out[0]}; fix them or turn strict_data off")
     for issue in refused:
         log.warning("%s", issue)
     if not train:
-        raise UserError(f"no clip or image the model can train on; first problem: {refused[0]}")
+        raise UserError(f"no clip or image the model can train on; first problem: {left_out[0]}")
     drops = any(s.item.caption_dropout > 0 for s in train)
     if drops and adapter.text_takes_image:
         # Its text conditions are read with each clip's first frame: there is no one empty caption's entry.
