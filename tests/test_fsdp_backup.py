@@ -119,9 +119,13 @@ def test_a_shard_that_cannot_be_written_stops_the_run_and_keeps_the_older_backup
     assert not [p.name for p in backups.root.iterdir() if p.name.startswith(".")], "the half-built backup is removed"
 
 
-def test_shards_the_main_process_does_not_see_are_refused_naming_shared_storage(tmp_path: Path) -> None:
+def test_shards_the_main_process_does_not_see_are_refused_naming_shared_storage(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import core.train.fsdp_backup as fsdp_backup
     from core.train.backup import file_record
     from core.train.fsdp_backup import _finish
+
+    monkeypatch.setattr(fsdp_backup, "SHARED_STORAGE_WAIT_SECONDS", 0.0)  # not a network file system's delay
 
     backups = BackupFolder(tmp_path / "workspace")
     folder = backups.begin(4)
@@ -133,3 +137,26 @@ def test_shards_the_main_process_does_not_see_are_refused_naming_shared_storage(
                                         r"a folder every machine sees \(shared storage"):
         _finish(backups, 4, folder, [mine, elsewhere], {"scheduler": {}}, {"format": 2}, torch, STATE_FILE)
     assert not folder.exists() and backups.complete() == []
+
+
+def test_a_shard_that_shows_late_as_on_a_network_file_system_is_waited_for(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    import core.train.fsdp_backup as fsdp_backup
+    from core.train.backup import file_record
+    from core.train.fsdp_backup import _finish
+
+    monkeypatch.setattr(fsdp_backup, "SHARED_STORAGE_WAIT_SECONDS", 20.0)
+    backups = BackupFolder(tmp_path / "workspace")
+    folder = backups.begin(4)
+    (folder / ".metadata").write_bytes(b"m")
+    (folder / "__0_0.distcp").write_bytes(b"shard 0")
+    mine = {"__0_0.distcp": file_record(folder / "__0_0.distcp")}
+    late = threading.Timer(0.5, lambda: (folder / "__1_0.distcp").write_bytes(b"shard 1"))
+    late.start()
+    other = {"__1_0.distcp": {"bytes": 7, "sha256": "0" * 64}}
+    path = _finish(backups, 4, folder, [mine, other], {"scheduler": {}}, {"format": 2}, torch, STATE_FILE)
+    late.join()
+    assert path == backups.final(4) and (path / "__1_0.distcp").read_bytes() == b"shard 1"
+    assert set(BackupFolder(tmp_path / "workspace").newest().info["files"]) == {".metadata", "__0_0.distcp", "__1_0.distcp", STATE_FILE}

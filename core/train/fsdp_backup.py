@@ -168,14 +168,8 @@ def _finish(backups: Any, step: int, folder: Path, everyone: list[Any], state: d
         backups.abandon(folder)
         rank, why = failed[0]
         raise UserError(why if rank == 0 else f"{why} (process {rank}'s shards)")
-    records: dict[str, Any] = {}
-    unseen = []
-    for rank, files in enumerate(everyone):
-        for name, record in files.items():
-            path = folder / name
-            if not path.is_file() or path.stat().st_size != record["bytes"]:
-                unseen.append(rank)
-            records[name] = record
+    records = {name: record for files in everyone for name, record in files.items()}
+    unseen = _unseen_shards(folder, everyone)
     if unseen:
         backups.abandon(folder)
         raise ConfigError(f"the shards that process {sorted(set(unseen))[0]} wrote for the backup of step {step} are not in "
@@ -188,6 +182,38 @@ def _finish(backups: Any, step: int, folder: Path, everyone: list[Any], state: d
         backups.abandon(folder)
         raise _failure(backups, step, e) from e
     return backups.finish(step, folder, [folder / state_file, folder / SHARDS_METADATA_FILE], info, extra_records=records)
+
+
+# How long the main process waits for the other machines' shards to show in the folder: a network
+# file system (NFS) may show another machine's new files only once its attribute cache expires.
+SHARED_STORAGE_WAIT_SECONDS = 30.0
+
+
+def _unseen_shards(folder: Path, everyone: list[dict[str, Any]]) -> list[int]:
+    """The processes whose shards the main process does not see in `folder` with the size written,
+    after waiting up to SHARED_STORAGE_WAIT_SECONDS for them."""
+    import os
+    import time
+
+    def unseen() -> list[int]:
+        missing = []
+        for rank, files in enumerate(everyone):
+            for name, record in files.items():
+                try:
+                    with open(folder / name, "rb") as handle:  # an open revalidates what NFS cached
+                        size = os.fstat(handle.fileno()).st_size
+                except OSError:
+                    size = None
+                if size != record["bytes"]:
+                    missing.append(rank)
+        return missing
+
+    deadline = time.monotonic() + SHARED_STORAGE_WAIT_SECONDS
+    missing = unseen()
+    while missing and time.monotonic() < deadline:
+        time.sleep(1.0)
+        missing = unseen()
+    return missing
 
 
 def _shard_failure(error: BaseException, final: Path) -> str:
