@@ -45,7 +45,13 @@ from core.identity import folder_identity
 from .base import ModelAdapter, SampleRequest
 from .conditions import ConditionSpec
 from .frame_rule import FrameRule
-from .loading import FrozenTextEncoder, component, load_frozen_vae
+from .loading import (
+    FrozenTextEncoder,
+    component_config,
+    config_with_class_defaults,
+    load_frozen_transformer,
+    load_frozen_vae,
+)
 from .loading import place as _place
 from .loading import read_json as _read_json
 
@@ -95,21 +101,12 @@ class CogVideoXAdapter(ModelAdapter):
     # -- configs (read without loading any weights) ---------------------------------------------
     @cached_property
     def transformer_config(self) -> dict[str, Any]:
-        path = self.folder / "transformer" / "config.json"
-        return _read_json(path) if path.is_file() else {}
+        return component_config(self.folder, "transformer")
 
     @cached_property
     def vae_config(self) -> dict[str, Any]:
         """vae/config.json with AutoencoderKLCogVideoX's defaults filled in, as from_pretrained would."""
-        import inspect
-
-        from diffusers import AutoencoderKLCogVideoX
-
-        config = _read_json(self.folder / "vae" / "config.json")
-        for name, param in inspect.signature(AutoencoderKLCogVideoX.__init__).parameters.items():
-            if param.default is not inspect.Parameter.empty:
-                config.setdefault(name, param.default)
-        return config
+        return config_with_class_defaults(self.folder, "vae", "AutoencoderKLCogVideoX")
 
     @property
     def spatial_ratio(self) -> int:
@@ -260,8 +257,6 @@ class CogVideoXAdapter(ModelAdapter):
         return ("transformer",)
 
     def load_transformer(self, name: str, device: torch.device | str, dtype: torch.dtype, checkpoint: str | None = None) -> Any:
-        from diffusers import CogVideoXTransformer3DModel
-
         if name != "transformer":
             raise ValueError(f"{self.family} has one transformer; there is no {name!r}")
         if checkpoint:
@@ -270,10 +265,7 @@ class CogVideoXAdapter(ModelAdapter):
             # diffusers has no single-file loader for CogVideoXTransformer3DModel.
             raise ConfigError(f"transformer.model_path: CogVideoX loads its transformer from the diffusers folder only, "
                               f"not from {checkpoint}; leave it empty", key="transformer.model_path")
-        component(self.folder, name)
-        logger.info("loading the %s of %s", name, self.folder)
-        transformer = CogVideoXTransformer3DModel.from_pretrained(self.folder, subfolder=name, torch_dtype=dtype)
-        transformer.requires_grad_(False).eval()
+        transformer = load_frozen_transformer(self.folder, name, "CogVideoXTransformer3DModel", dtype)
         _place(transformer, device, dtype)
         return transformer
 

@@ -51,7 +51,13 @@ from .frame_rule import FrameRule
 from .hidream_layout import LORA_TARGETS, STACKS, layer_filter, unpatchify_training_output
 from .hidream_moe import collected_aux_losses, set_aux_loss_weight
 from .hidream_text import LLAMA, MAX_TEXT_LENGTH, encode_clips_and_t5, encode_llama, llama_decoder_class
-from .loading import FrozenTextEncoder, component, load_frozen_vae
+from .loading import (
+    FrozenTextEncoder,
+    component_config,
+    config_with_class_defaults,
+    load_frozen_transformer,
+    load_frozen_vae,
+)
 from .loading import place as _place
 from .loading import read_json as _read_json
 
@@ -114,21 +120,12 @@ class HiDreamAdapter(ModelAdapter):
     # -- configs (read without loading any weights) ---------------------------------------------
     @cached_property
     def transformer_config(self) -> dict[str, Any]:
-        path = self.folder / "transformer" / "config.json"
-        return _read_json(path) if path.is_file() else {}
+        return component_config(self.folder, "transformer")
 
     @cached_property
     def vae_config(self) -> dict[str, Any]:
         """vae/config.json with AutoencoderKL's defaults filled in, as from_pretrained would."""
-        import inspect
-
-        from diffusers import AutoencoderKL
-
-        config = _read_json(self.folder / "vae" / "config.json")
-        for name, param in inspect.signature(AutoencoderKL.__init__).parameters.items():
-            if param.default is not inspect.Parameter.empty:
-                config.setdefault(name, param.default)
-        return config
+        return config_with_class_defaults(self.folder, "vae", "AutoencoderKL")
 
     @cached_property
     def llama_layers(self) -> list[int]:
@@ -278,8 +275,6 @@ class HiDreamAdapter(ModelAdapter):
         return ("transformer",)
 
     def load_transformer(self, name: str, device: torch.device | str, dtype: torch.dtype, checkpoint: str | None = None) -> Any:
-        from diffusers import HiDreamImageTransformer2DModel
-
         if name != "transformer":
             raise ValueError(f"{self.family} has one transformer; there is no {name!r}")
         if checkpoint:
@@ -287,10 +282,7 @@ class HiDreamAdapter(ModelAdapter):
 
             raise ConfigError(f"transformer.model_path: HiDream loads its transformer from the diffusers folder "
                               f"only in this version, not from {checkpoint}; leave it empty", key="transformer.model_path")
-        component(self.folder, name)
-        logger.info("loading the %s of %s", name, self.folder)
-        transformer = HiDreamImageTransformer2DModel.from_pretrained(self.folder, subfolder=name, torch_dtype=dtype)
-        transformer.requires_grad_(False).eval()
+        transformer = load_frozen_transformer(self.folder, name, "HiDreamImageTransformer2DModel", dtype)
         set_aux_loss_weight(transformer, self.moe_aux_loss_weight)
         _place(transformer, device, dtype)
         return transformer

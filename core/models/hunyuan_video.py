@@ -38,7 +38,14 @@ from .base import ModelAdapter, SampleRequest
 from .conditions import ConditionSpec
 from .hunyuan_video_i2v import CONDITION_TYPES, I2V_PIPELINE, image_embed_interleave
 from .hunyuan_video_text import HIDDEN_LAYERS_SKIPPED
-from .loading import FrozenTextEncoder, component, load_frozen_vae
+from .loading import (
+    FrozenTextEncoder,
+    component,
+    component_config,
+    config_with_class_defaults,
+    load_frozen_transformer,
+    load_frozen_vae,
+)
 from .loading import place as _place
 from .loading import read_json as _read_json
 
@@ -145,21 +152,12 @@ class HunyuanVideoAdapter(ModelAdapter):
     # -- configs (read without loading any weights) ---------------------------------------------
     @cached_property
     def transformer_config(self) -> dict[str, Any]:
-        path = self.folder / "transformer" / "config.json"
-        return _read_json(path) if path.is_file() else {}
+        return component_config(self.folder, "transformer")
 
     @cached_property
     def vae_config(self) -> dict[str, Any]:
         """vae/config.json with AutoencoderKLHunyuanVideo's defaults filled in, as from_pretrained would."""
-        import inspect
-
-        from diffusers import AutoencoderKLHunyuanVideo
-
-        config = _read_json(self.folder / "vae" / "config.json")
-        for name, param in inspect.signature(AutoencoderKLHunyuanVideo.__init__).parameters.items():
-            if param.default is not inspect.Parameter.empty:
-                config.setdefault(name, param.default)
-        return config
+        return config_with_class_defaults(self.folder, "vae", "AutoencoderKLHunyuanVideo")
 
     @cached_property
     def prompt_template(self) -> dict[str, Any]:
@@ -305,8 +303,6 @@ class HunyuanVideoAdapter(ModelAdapter):
         return ("transformer",)
 
     def load_transformer(self, name: str, device: torch.device | str, dtype: torch.dtype, checkpoint: str | None = None) -> Any:
-        from diffusers import HunyuanVideoTransformer3DModel
-
         if name != "transformer":
             raise ValueError(f"{self.family} has one transformer; there is no {name!r}")
         if checkpoint:
@@ -315,10 +311,7 @@ class HunyuanVideoAdapter(ModelAdapter):
             # diffusers can read the original release's file; not built or tested here yet.
             raise ConfigError(f"transformer.model_path: Hunyuan Video loads its transformer from the diffusers folder "
                               f"only in this version, not from {checkpoint}; leave it empty", key="transformer.model_path")
-        component(self.folder, name)
-        logger.info("loading the %s of %s", name, self.folder)
-        transformer = HunyuanVideoTransformer3DModel.from_pretrained(self.folder, subfolder=name, torch_dtype=dtype)
-        transformer.requires_grad_(False).eval()
+        transformer = load_frozen_transformer(self.folder, name, "HunyuanVideoTransformer3DModel", dtype)
         _place(transformer, device, dtype)
         return transformer
 

@@ -59,6 +59,36 @@ def component(folder: Path, name: str) -> Path:
     return path
 
 
+def component_config(folder: Path, subfolder: str) -> dict[str, Any]:
+    """A component's config.json ({} where the folder has none)."""
+    path = folder / subfolder / "config.json"
+    return read_json(path) if path.is_file() else {}
+
+
+def config_with_class_defaults(folder: Path, subfolder: str, class_name: str) -> dict[str, Any]:
+    """A component's config.json with the diffusers class's defaults filled in, as from_pretrained
+    would: what a config leaves out, the class sets."""
+    import inspect
+
+    import diffusers
+
+    config = read_json(folder / subfolder / "config.json")
+    for name, param in inspect.signature(getattr(diffusers, class_name).__init__).parameters.items():
+        if param.default is not inspect.Parameter.empty:
+            config.setdefault(name, param.default)
+    return config
+
+
+def load_frozen_transformer(folder: Path, name: str, class_name: str, dtype: torch.dtype) -> Any:
+    """The folder's `name`/ (a denoiser) as the diffusers class `class_name`, frozen, in eval mode."""
+    import diffusers
+
+    component(folder, name)
+    logger.info("loading the %s of %s", name, folder)
+    transformer = getattr(diffusers, class_name).from_pretrained(folder, subfolder=name, torch_dtype=dtype)
+    return transformer.requires_grad_(False).eval()
+
+
 def load_frozen_vae(folder: Path, vae_class: str, dtype: torch.dtype) -> Any:
     """The folder's vae/ as the diffusers class `vae_class`, frozen, in eval mode."""
     import diffusers

@@ -16,7 +16,6 @@ spread.
 from __future__ import annotations
 
 import importlib.util
-import inspect
 import logging
 import os
 from functools import cached_property
@@ -27,7 +26,14 @@ from core.identity import folder_identity
 
 from .base import Denoiser, ModelAdapter, SampleRequest
 from .conditions import ConditionSpec
-from .loading import FrozenTextEncoder, component, load_frozen_vae
+from .loading import (
+    FrozenTextEncoder,
+    component,
+    component_config,
+    config_with_class_defaults,
+    load_frozen_transformer,
+    load_frozen_vae,
+)
 from .loading import place as _place
 from .loading import read_json as _read_json
 from .wan_attention import FrameLocalAttention
@@ -84,18 +90,11 @@ class WanAdapter(ModelAdapter):
     @cached_property
     def vae_config(self) -> dict[str, Any]:
         """vae/config.json with AutoencoderKLWan's defaults filled in, as from_pretrained would."""
-        from diffusers import AutoencoderKLWan
-
-        config = _read_json(self.folder / "vae" / "config.json")
-        for name, param in inspect.signature(AutoencoderKLWan.__init__).parameters.items():
-            if param.default is not inspect.Parameter.empty:
-                config.setdefault(name, param.default)
-        return config
+        return config_with_class_defaults(self.folder, "vae", "AutoencoderKLWan")
 
     @cached_property
     def transformer_patch_size(self) -> tuple[int, int, int]:
-        path = self.folder / "transformer" / "config.json"
-        patch = _read_json(path).get("patch_size", (1, 2, 2)) if path.is_file() else (1, 2, 2)
+        patch = component_config(self.folder, "transformer").get("patch_size", (1, 2, 2))
         return tuple(int(v) for v in patch)  # type: ignore[return-value]
 
     @property
@@ -257,15 +256,11 @@ class WanAdapter(ModelAdapter):
         return [Denoiser("transformer", "high-noise expert", split, 1.0), Denoiser("transformer_2", "low-noise expert", 0.0, split)]
 
     def load_transformer(self, name: str, device: torch.device | str, dtype: torch.dtype, checkpoint: str | None = None) -> Any:
-        from diffusers import WanTransformer3DModel
-
-        component(self.folder, name)
         if checkpoint:
-            transformer = self._load_single_file(name, Path(checkpoint).expanduser(), dtype)
+            component(self.folder, name)
+            transformer = self._load_single_file(name, Path(checkpoint).expanduser(), dtype).requires_grad_(False).eval()
         else:
-            logger.info("loading the %s of %s", name, self.folder)
-            transformer = WanTransformer3DModel.from_pretrained(self.folder, subfolder=name, torch_dtype=dtype)
-        transformer.requires_grad_(False).eval()
+            transformer = load_frozen_transformer(self.folder, name, "WanTransformer3DModel", dtype)
         _place(transformer, device, dtype)
         return transformer
 
