@@ -157,16 +157,16 @@ def test_the_config_layouts_count_what_the_files_hold(tiny_model: Callable[[str]
 
 
 def test_a_stage_not_sized_says_so_instead_of_zero() -> None:
-    """Wan's built-in configs size its text encoder (UMT5-XXL) for caching but not its VAE: the VAE
-    stage says "not sized" rather than a 0.00 GiB that reads as free, and the phase line says it
-    compares what is sized. The 8 GB preset's caching fits 8 GiB (UMT5 in FLOAT_8, CAPTION_BATCH captions)."""
-    out = subprocess.run([sys.executable, "main.py", "estimate", "--preset", "#wan 2.2 LoRA 8GB", "--vram", "8"], cwd=ROOT,
+    """CogVideoX's built-in configs size its text encoder (T5-v1.1-XXL) for caching but not its VAE:
+    the VAE stage says "not sized" rather than a 0.00 GiB that reads as free, and the phase line says
+    it compares what is sized. (Wan's VAE is sized: tests/test_wan_vae_memory.py.)"""
+    out = subprocess.run([sys.executable, "main.py", "estimate", "--preset", "#cogvideox LoRA 12GB", "--vram", "12"], cwd=ROOT,
                          capture_output=True, text=True, check=True).stdout
     caching = next(line for line in out.splitlines() if line.strip().startswith("caching"))
     assert "VAE not sized" in caching and "0.00 GiB" not in caching and "not counted: vae weights, vae activations" in caching
-    assert "the higher phase: caching, of what is sized" in out and "fits in 8.0 GiB" in out
-    estimate = estimate_memory(resolve(load_preset("#wan 2.2 LoRA 8GB")))
-    assert 0 < estimate.details["caching"]["text"] and estimate.caching_needed_bytes < 8 * GIB
+    assert "the higher phase: caching, of what is sized" in out and "fits in 12.0 GiB" in out
+    estimate = estimate_memory(resolve(load_preset("#cogvideox LoRA 12GB")))
+    assert 0 < estimate.details["caching"]["text"] and estimate.caching_needed_bytes < 12 * GIB
 
 
 # The real encoders' proportions at a small width: UMT5-XXL / T5-v1.1-XXL (heads x d_kv = d_model,

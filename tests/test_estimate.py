@@ -271,9 +271,11 @@ def test_each_setting_moves_the_estimate_the_right_way() -> None:
 
 def test_fit_offloads_first_then_quantizes() -> None:
     config = _preset("#wan 2.2 LoRA")
-    # The training step's search alone: the text encoder left unsized, so filling the caches needs nothing.
+    # The training step's search alone: the text encoder and the VAE left unsized (no model_type; no
+    # class or parameter count), so filling the caches needs nothing.
     built_in = model_configs(config["base_model"])
-    training_only = dataclasses.replace(built_in, text_encoder={k: v for k, v in built_in.text_encoder.items() if k != "model_type"})
+    training_only = dataclasses.replace(built_in, text_encoder={k: v for k, v in built_in.text_encoder.items() if k != "model_type"},
+                                        vae={k: v for k, v in built_in.vae.items() if k not in ("_class_name", "parameters")})
     changes, result = propose_fit(config, 12 * GIB, training_only)
     assert set(changes) == {"layer_offload_fraction"} and result.fits(12 * GIB)
     assert changes["layer_offload_fraction"] < 1.0

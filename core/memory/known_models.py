@@ -133,8 +133,17 @@ LLAMA_3_1_8B = {"model_type": "llama", "hidden_size": 4096, "intermediate_size":
                 "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 128256}
 HIDREAM_VAE = {"z_dim": 16, "scale_factor_spatial": 8, "scale_factor_temporal": 1}
 COGVIDEOX_VAE = {"z_dim": 16, "scale_factor_spatial": 8, "scale_factor_temporal": 4}
-WAN21_VAE = {"z_dim": 16, "scale_factor_spatial": 8, "scale_factor_temporal": 4}
-WAN22_VAE = {"z_dim": 48, "scale_factor_spatial": 16, "scale_factor_temporal": 4}
+# Wan 2.1's VAE (also Wan 2.2 A14B's): `AutoencoderKLWan()`'s defaults, as diffusers'
+# convert_wan_to_diffusers.py (at the commit above) builds it in convert_vae; Wan 2.2 TI2V-5B's: that
+# script's vae22_diffusers_config. Their parameter counts: the class built from them on the meta
+# device (diffusers 0.42; the decoder too, as the adapter loads the whole VAE).
+WAN21_VAE = {"_class_name": "AutoencoderKLWan", "z_dim": 16, "scale_factor_spatial": 8, "scale_factor_temporal": 4,
+             "base_dim": 96, "dim_mult": [1, 2, 4, 4], "num_res_blocks": 2, "temperal_downsample": [False, True, True],
+             "parameters": 126_892_531}
+WAN22_VAE = {"_class_name": "AutoencoderKLWan", "z_dim": 48, "scale_factor_spatial": 16, "scale_factor_temporal": 4,
+             "base_dim": 160, "decoder_base_dim": 256, "dim_mult": [1, 2, 4, 4], "num_res_blocks": 2,
+             "temperal_downsample": [False, True, True], "is_residual": True, "in_channels": 12, "out_channels": 12,
+             "patch_size": 2, "parameters": 704_688_668}
 
 
 @dataclass
