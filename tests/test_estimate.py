@@ -299,6 +299,11 @@ def test_fit_stores_the_cached_text_encoder_lighter_where_filling_the_caches_doe
     assert result.fits(12 * GIB) and result.caching_needed_bytes <= 12 * GIB
     # Its 16-bit token embedding alone is 2 GiB: even NFLOAT_4 does not cache within 4 GiB.
     assert propose_fit(config, 4 * GIB) is None
+    # 81 frames at 720: the Wan VAE's FLOAT_32 encoding is the stage that does not fit 8 GiB; in BFLOAT_16 it does.
+    longer = _preset("#wan 2.2 LoRA 8GB", frames=81, resolution=720, video_config={"max_frames": 81})
+    assert estimate_memory(longer).caching_needed_bytes > 8 * GIB
+    changes, result = propose_fit(longer, 8 * GIB)
+    assert changes["vae.weight_dtype"] == "BFLOAT_16" and "text_encoder.weight_dtype" not in changes and result.fits(8 * GIB)
     trained = _preset("#wan 2.2 LoRA", text_encoder={"train": True})
     fitted = propose_fit(trained, 12 * GIB)
     assert fitted is None or "text_encoder.weight_dtype" not in fitted[0]  # a trained encoder is not re-stored

@@ -77,16 +77,27 @@ def _fit_training(config: dict[str, Any], configs: ModelConfigs, vram_bytes: int
 
 
 def _fit_caching(config: dict[str, Any], configs: ModelConfigs, vram_bytes: int) -> tuple[dict[str, Any], dict[str, Any]] | None:
-    """(the changes, the config with them) that make filling the caches fit: the text encoders that
-    are only cached (not trained) stored in FLOAT_8, then NFLOAT_4; None if neither fits."""
+    """(the changes, the config with them) that make filling the caches fit, or None. The two stages
+    run one after the other, so each is lightened only as far as it must be: the text encoders that
+    are only cached (not trained) in FLOAT_8, then NFLOAT_4; the VAE in BFLOAT_16 (from FLOAT_32: it
+    encodes a clip in half the memory; its latents are cached in bfloat16's precision)."""
     cached = [name for name in configs.encoders() if isinstance(config.get(name), dict) and not config[name].get("train")]
+    text_options: list[dict[str, Any]] = [{}]
     for dtype in ("FLOAT_8", "NFLOAT_4"):
         changes = {f"{name}.weight_dtype": dtype for name in cached if dtype in _lighter(config[name]["weight_dtype"], (dtype,))[1:]}
-        if not changes:
-            continue
-        trial = config
-        for key, value in changes.items():
-            trial = _set(trial, key, value)
-        if estimate_memory(trial, configs).caching_needed_bytes <= vram_bytes:
-            return changes, trial
+        if changes:
+            text_options.append(changes)
+    vae_options: list[dict[str, Any]] = [{}]
+    if config.get("vae", {}).get("weight_dtype") == "FLOAT_32":
+        vae_options.append({"vae.weight_dtype": "BFLOAT_16"})
+    for vae in vae_options:
+        for text in text_options:
+            changes = {**text, **vae}
+            if not changes:
+                continue
+            trial = config
+            for key, value in changes.items():
+                trial = _set(trial, key, value)
+            if estimate_memory(trial, configs).caching_needed_bytes <= vram_bytes:
+                return changes, trial
     return None
