@@ -81,10 +81,9 @@ def caching_text(estimate: Estimate) -> str:
 def part_notes(estimate: Estimate) -> dict[str, str]:
     """What each part is made of, in the words of `main.py estimate`."""
     d = estimate.details
-    experts = f", {d['transformers']} transformers" if d.get("transformers", 1) > 1 else ""
     kept = "".join(f", {name} kept loaded ({gib(size)})" for name, size in (d.get("kept_text_encoders") or {}).items())
     return {
-        "weights": f"{d.get('weight_dtype')}, {d.get('offloaded_blocks')} of {d.get('blocks')} blocks offloaded{experts}{kept}",
+        "weights": f"{estimate.weights_note()}{kept}",
         "trainable_state": f"{d.get('trained_parameters', 0) / 1e6:.1f} M parameters, {d.get('optimizer')}",
         "activations": f"gradient checkpointing {d.get('checkpointing')}",
         "workspace": "loss tensors, dequantized layer, optimizer step",

@@ -72,8 +72,7 @@ def estimate_command(args: argparse.Namespace) -> int:
     print(f"  sample: {d['frames']} frames -> {d['latent_frames']} latent frames x {d['height']} x {d['width']} patches = "
           f"{d['tokens']} tokens, batch {d['batch']}")
     notes = {
-        "weights": f"{d['weight_dtype']}, {d['offloaded_blocks']} of {d['blocks']} blocks offloaded"
-        + (f", {d['transformers']} transformers" if d["transformers"] > 1 else ""),
+        "weights": result.weights_note(),
         "trainable_state": f"{d['trained_parameters'] / 1e6:.1f} M parameters, {d['optimizer']}",
         "activations": f"gradient_checkpointing {d['checkpointing']}",
         "workspace": "loss tensors, dequantized layer, optimizer step",

@@ -88,6 +88,14 @@ class Estimate:
     def fits(self, vram_bytes: int) -> bool:
         return self.higher_phase_bytes <= vram_bytes
 
+    def weights_note(self) -> str:
+        """What the weights line counts, in the words `main.py estimate` and the window print."""
+        d = self.details
+        if not self.parts.get("weights") and d.get("trained_parameters"):
+            return "none frozen: every weight trains, counted in trainable_state"
+        experts = f", {d['transformers']} transformers" if d.get("transformers", 1) > 1 else ""
+        return f"{d.get('weight_dtype')}, {d.get('offloaded_blocks')} of {d.get('blocks')} blocks offloaded{experts}"
+
     def as_json(self) -> dict[str, Any]:
         return {"peak_bytes": self.peak_bytes, "needed_bytes": self.needed_bytes, "parts": dict(self.parts),
                 "caching_needed_bytes": self.caching_needed_bytes, "phase": self.phase, "details": self.details}
