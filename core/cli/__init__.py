@@ -10,12 +10,14 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from collections.abc import Sequence
 
 from core.errors import FollowedError, UserError
 from core.log_setup import FILE_ONLY, log_file_path, setup_logging
 
 log = logging.getLogger(__name__)
+FOLLOWER_GRACE_SECONDS = 10.0
 
 EXIT_USER_ERROR = 2
 EXIT_FAILURE = 1
@@ -63,6 +65,9 @@ def run(parser: argparse.ArgumentParser, argv: Sequence[str]) -> int:
         return int(args.func(args) or 0)
     except FollowedError as e:  # the main process of the run says it
         log.info("stopped with the main process: %s", e, extra=FILE_ONLY)
+        # The launcher ends the whole job when the first process exits with an error: leave the main
+        # process the time to print its line (after its own cleanup) rather than cut it off.
+        time.sleep(FOLLOWER_GRACE_SECONDS)
         return EXIT_USER_ERROR
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
