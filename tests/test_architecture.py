@@ -39,7 +39,10 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
 FAMILY_NAME = re.compile(r"(?<![A-Za-z])(?:wan|Wan|WAN)(?![a-z])|(?i:cogvideo|hunyuan|hidream|a14b|ti2v)")
 # Where the shared engine may name a family: the table of known model sizes, one LoRA key map per family.
 NEUTRAL_PACKAGES = ("core/train", "core/data", "core/memory", "core/export")
-FAMILY_TABLES = ("core/memory/known_models.py", "core/memory/model_sizes.py", "core/export/comfy_*.py")
+# The tables that hold one family's facts for the shared code to look up by class: sizes and layouts
+# (a family's VAE formula included), and ComfyUI's key names.
+FAMILY_TABLES = ("core/memory/known_models.py", "core/memory/model_sizes.py", "core/memory/*_vae_sizes.py",
+                 "core/export/comfy_*.py")
 
 QT_MODULES = ("PySide6", "PyQt5", "PyQt6", "pyqtgraph", "shiboken6")
 

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from .known_models import LLAVA_TOKENS, TEXT_ENCODER_TOKENS, VAE_ENCODE_TILES, ModelConfigs
+from .known_models import LLAVA_TOKENS, TEXT_ENCODER_TOKENS, VAE_ENCODE_FORMULAS, VAE_ENCODE_TILES, ModelConfigs
 from .model_sizes import DTYPE_BYTES, TransformerSizes, compute_bytes, transformer_class
 from .part_sizes import PartSizes, text_encoder_part, vae_encode_activation_bytes, vae_part
-from .wan_vae_sizes import wan_vae_encode_activation_bytes
 
 # core/data/precompute.py encodes this many captions per call (it imports the number from here).
 CAPTION_BATCH = 4
@@ -58,9 +57,11 @@ def caching_memory(config: dict[str, Any], configs: ModelConfigs, transformer: T
     vae_dtype = _section_dtype(config, "vae")
     b = DTYPE_BYTES.get(vae_dtype, compute_bytes(vae_dtype))
     vae = vae_part(configs.vae, configs.parameters.get("vae"))
-    tiles = VAE_ENCODE_TILES.get(str(configs.vae.get("_class_name", "")))
-    if configs.vae.get("_class_name") == "AutoencoderKLWan":  # untiled, in causal chunks
-        activations: int | None = wan_vae_encode_activation_bytes(configs.vae, frames, side, side, b)
+    vae_class = str(configs.vae.get("_class_name", ""))
+    tiles = VAE_ENCODE_TILES.get(vae_class)
+    formula = VAE_ENCODE_FORMULAS.get(vae_class)
+    if formula is not None:
+        activations: int | None = formula(configs.vae, frames, side, side, b)
     else:
         activations = vae_encode_activation_bytes(configs.vae, tiles, frames, side, side, b)
     if vae is None:

@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,7 @@ from typing import Any
 from core.errors import ConfigError
 
 from .part_sizes import folder_parameters
+from .wan_vae_sizes import wan_vae_encode_activation_bytes
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +120,11 @@ LLAVA_LLAMA3_8B["text_config"] = dict(LLAVA_LLAMA3_8B_TEXT)
 VAE_ENCODE_TILES: dict[str, dict[str, int]] = {
     "AutoencoderKLHunyuanVideo": {"height": 256, "width": 256, "frames": 16, "stride_height": 192, "stride_width": 192,
                                   "stride_frames": 12, "spatial": 1, "spatial_ratio": 8, "temporal_ratio": 4},
+}
+# VAE classes whose encoding has a formula of its own instead of the tiled one above, by class:
+# (config, frames, height, width, bytes per element) -> the encoding's peak activations in bytes.
+VAE_ENCODE_FORMULAS: dict[str, Callable[[dict[str, Any], int, int, int, int], int]] = {
+    "AutoencoderKLWan": wan_vae_encode_activation_bytes,  # untiled, in causal chunks
 }
 # The tokens each text encoder reads per caption where it is not the transformer's text length (CLIP:
 # 77): Hunyuan Video's Llama reads 256 caption tokens after its 95-token chat template (crop_start).

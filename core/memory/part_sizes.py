@@ -57,8 +57,8 @@ class PartSizes:
         return batch * (tokens * per_token + bias) * b
 
 
-# The kinds whose encoding the adapters ask for every layer's hidden state (Hunyuan Video's and
-# HiDream's Llama); the others' callers read the last hidden state only.
+# The kinds whose every layer's hidden state the adapters ask for (the Llama encoders, read at one
+# or several of their layers); the others' callers read the last hidden state only.
 ALL_HIDDEN_STATES = ("llama", "llava")
 
 
