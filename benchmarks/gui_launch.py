@@ -12,7 +12,11 @@ The two windows are timed from the start of the process to the moment this scrip
 child's "window shown" line (its exit is not waited for). The app runs with an empty per-user
 folder (defaults, no window state), as on a first start.
 
-    python benchmarks/gui_launch.py [--runs 11] [--preset NAME]
+    python benchmarks/gui_launch.py [--runs 11] [--preset NAME] [--compare CHECKOUT]
+
+--compare adds another checkout's `main.py gui` (for example the main branch beside a feature
+branch) to the same alternation, so that a few milliseconds between the two are not lost in the
+drift between two separate runs.
 
 Offscreen unless a display is set (`xvfb-run -a python benchmarks/gui_launch.py` includes a real X
 server's window mapping and painting).
@@ -60,9 +64,9 @@ def time_until_exit(command: list[str], env: dict[str, str]) -> float:
     return time.perf_counter() - start
 
 
-def time_until_shown(command: list[str], env: dict[str, str]) -> float:
+def time_until_shown(command: list[str], env: dict[str, str], cwd: Path = ROOT) -> float:
     start = time.perf_counter()
-    with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT) as child:
+    with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=cwd) as child:
         assert child.stdout is not None
         for line in child.stdout:
             if line.startswith(SHOWN):
@@ -78,6 +82,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=11)
     parser.add_argument("--preset", help="open the window with this preset (default: none, as a first start)")
+    parser.add_argument("--compare", type=Path, metavar="CHECKOUT", help="also time this checkout's main.py gui, alternating")
     args = parser.parse_args()
 
     env = dict(os.environ)
@@ -90,6 +95,12 @@ def main() -> None:
         "bare Qt window": lambda: time_until_shown([sys.executable, "-c", BARE_WINDOW], env),
         "main.py gui": lambda: time_until_shown(gui, {**app_env, "VIDEO_TRAINER_HOME": tempfile.mkdtemp(prefix="vt-launch-")}),
     }
+    if args.compare is not None:
+        other = args.compare.resolve()
+        other_gui = [sys.executable, str(other / "main.py"), *gui[2:]]
+        commands[f"main.py gui in {other.name}"[:28]] = lambda: time_until_shown(
+            other_gui, {**app_env, "VIDEO_TRAINER_HOME": tempfile.mkdtemp(prefix="vt-launch-")}, cwd=other
+        )
     load_before = os.getloadavg()[0]
     times: dict[str, list[float]] = {name: [] for name in commands}
     for _ in range(args.runs):

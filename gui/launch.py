@@ -24,3 +24,10 @@ def gui_command(args: argparse.Namespace) -> int:
     from gui.app import run_app
 
     return run_app(preset=args.preset, tab=args.tab, screenshot=args.screenshot)
+
+
+def open_window() -> int:
+    """'main.py gui' without options (main.py calls it without building the parser)."""
+    from gui.app import run_app
+
+    return run_app()

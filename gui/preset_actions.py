@@ -10,7 +10,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from PySide6.QtWidgets import QInputDialog, QMessageBox, QStatusBar
+from PySide6.QtWidgets import QMessageBox, QStatusBar
 
 from core.config.presets import (
     BUNDLED_PREFIX,
@@ -116,6 +116,8 @@ class PresetActions:
         """Ask a name for a new user preset and save; False if cancelled or it failed."""
         if not self._check_savable():
             return False
+        from PySide6.QtWidgets import QInputDialog  # when asked for: its Python class is not made before the first paint
+
         name = self._suggested_name()
         while True:
             name, ok = QInputDialog.getText(self, "Save preset as", "Name of your preset:", text=name)

@@ -2,13 +2,18 @@
 
 The bar only shows and asks; the window does the loading and saving (signals below), so the
 dialogs and the config stay in one place.
+
+At start-up the list is made from the presets' file names only, before the window's first paint;
+their contents (a description for the tooltip, or why one cannot be loaded, which disables it) are
+read when the user first reaches for the list (a click, a key or the wheel on it), or when something
+asks (is_enabled, refresh).
 """
 
 from __future__ import annotations
 
 import logging
 
-from PySide6.QtCore import Qt, Signal
+from PySide6.QtCore import QEvent, QObject, Qt, Signal
 from PySide6.QtGui import QStandardItemModel
 from PySide6.QtWidgets import (
     QComboBox,
@@ -20,13 +25,15 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from core.config.presets import PresetInfo, list_presets
+from core.config.presets import PresetFile, list_preset_files, read_preset_info
 
 from .side_panel import NOTE_COLOUR, set_text_colour
 
 log = logging.getLogger(__name__)
 
 NAME_ROLE = Qt.ItemDataRole.UserRole
+# Events on the preset list by which the user reaches for it (QEvent.Type is made by any window anyway).
+_REACHING = (QEvent.Type.MouseButtonPress, QEvent.Type.KeyPress, QEvent.Type.Wheel)
 
 
 class PresetBar(QWidget):
@@ -85,39 +92,64 @@ class PresetBar(QWidget):
         row.addSpacing(8)
         row.addWidget(self.modified_label)
         row.addStretch(1)
-        self.refresh()
+        self._unread: dict[str, tuple[int, PresetFile]] = {}  # listed, not read yet: name -> (row, file)
+        self._fill(read=False)
+        self.combo.installEventFilter(self)  # the user reaching for the list: read them first
 
     # -- the list ------------------------------------------------------------------------------
 
     def refresh(self, select: str | None = None) -> None:
         """Re-read the presets; keep (or set) the selection by name."""
+        self._fill(select, read=True)
+
+    def eventFilter(self, watched: QObject, event: QEvent) -> bool:  # noqa: N802 (Qt's name)
+        if watched is self.combo and event.type() in _REACHING:
+            self._read_all()  # before the popup opens or a key moves the selection
+            self.combo.removeEventFilter(self)  # from now on every refresh() reads them at once
+        return False
+
+    def _fill(self, select: str | None = None, *, read: bool) -> None:
         keep = self.selected_name() if select is None else select
         self.combo.blockSignals(True)
         try:
             self.combo.clear()
-            infos = list_presets()
-            bundled = [p for p in infos if p.bundled]
-            own = [p for p in infos if not p.bundled]
-            for info in bundled:
-                self._add(info)
+            self._unread = {}
+            files = list_preset_files()
+            bundled = [f for f in files if f.bundled]
+            own = [f for f in files if not f.bundled]
+            for file in bundled:
+                self._add(file)
             if bundled and own:
                 self.combo.insertSeparator(self.combo.count())
-            for info in own:
-                self._add(info)
+            for file in own:
+                self._add(file)
+            if read:
+                self._read_all()
             self.combo.setCurrentIndex(self._index_of(keep) if keep else -1)
         finally:
             self.combo.blockSignals(False)
         self._update_buttons()
 
-    def _add(self, info: PresetInfo) -> None:
-        index = self.combo.count()
-        self.combo.addItem(info.name, info.name)
+    def _add(self, file: PresetFile) -> None:
+        self._unread[file.name] = (self.combo.count(), file)
+        self.combo.addItem(file.name, file.name)
+
+    def _read_all(self) -> None:
+        for name in list(self._unread):
+            self._read(name)
+
+    def _read(self, name: str) -> None:
+        """Read one listed preset: its description as the tooltip, or, if it cannot be loaded, why (disabled)."""
+        index, file = self._unread.pop(name)
+        info = read_preset_info(file)
         if info.error:
             model = self.combo.model()
             assert isinstance(model, QStandardItemModel)
             model.item(index).setEnabled(False)
             self.combo.setItemData(index, f"Cannot be loaded: {info.error}", Qt.ItemDataRole.ToolTipRole)
             log.warning("preset %s cannot be loaded: %s", info.name, info.error)
+            if self.combo.currentIndex() == index:
+                self.combo.setCurrentIndex(-1)  # as select() would have left it
         elif info.description:
             self.combo.setItemData(index, info.description, Qt.ItemDataRole.ToolTipRole)
 
@@ -125,6 +157,7 @@ class PresetBar(QWidget):
         index = self.combo.findData(name, NAME_ROLE)
         if index < 0:
             return -1
+        # A preset not read yet counts as loadable: the window selects the one it has just loaded.
         model = self.combo.model()
         if isinstance(model, QStandardItemModel) and not model.item(index).isEnabled():
             return -1
@@ -140,6 +173,7 @@ class PresetBar(QWidget):
         return out
 
     def is_enabled(self, name: str) -> bool:
+        self._read_all()
         index = self.combo.findData(name, NAME_ROLE)
         model = self.combo.model()
         return index >= 0 and isinstance(model, QStandardItemModel) and model.item(index).isEnabled()

@@ -40,6 +40,16 @@ def test_launch_benchmark_reports_the_ratio(tmp_path: Path) -> None:
     assert float(rows["import PySide6.QtWidgets"][-1]) == 1.0 and float(rows["main.py gui"][-1]) > 1.0
 
 
+def test_paint_costs_benchmark_counts_both_windows(tmp_path: Path) -> None:
+    result = run(["benchmarks/gui_paint_costs.py"], tmp_path / "home")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("colorScheme() in a fresh process") and lines[0].endswith(" ms")
+    for name in ("bare Qt window", "main.py gui"):
+        assert any(line.startswith(f"{name}: PySide's import hook before the first paint: ") for line in lines), lines
+        assert any(line.startswith(f"{name}: modules loaded at the first paint: ") for line in lines), lines
+
+
 def test_window_builds_at_200_percent(tmp_path: Path) -> None:
     """QT_SCALE_FACTOR=2: the same window in twice the pixels, the doctor's report (tables) included."""
     from gui.main_window import DEFAULT_SIZE

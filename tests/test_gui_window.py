@@ -125,6 +125,30 @@ def test_broken_user_preset_is_listed_disabled(window: MainWindow, home: Path) -
     assert "Cannot be loaded" in window.preset_bar.combo.itemData(index, Qt.ItemDataRole.ToolTipRole)
 
 
+def test_presets_are_listed_by_name_and_read_when_the_list_is_first_used(qtbot, home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import gui.preset_bar as preset_bar_module
+
+    (home / "presets").mkdir(parents=True)
+    (home / "presets" / "broken.json").write_text("{ not json", encoding="utf-8")
+    read: list[str] = []
+    real_read = preset_bar_module.read_preset_info
+    monkeypatch.setattr(preset_bar_module, "read_preset_info", lambda file: read.append(file.name) or real_read(file))
+    win = MainWindow()
+    qtbot.addWidget(win)
+    win.show()
+    qtbot.waitExposed(win)
+    bar = win.preset_bar
+    assert bar.names() == [*BUNDLED, "broken"] and read == []  # listed by file name, nothing read yet
+    qtbot.mousePress(bar.combo, Qt.MouseButton.LeftButton)  # the user opens the list: all are read first
+    bar.combo.hidePopup()
+    assert sorted(read) == sorted(bar.names())  # each once
+    broken = bar.combo.findText("broken")
+    assert not bar.combo.model().item(broken).isEnabled()
+    assert "Cannot be loaded" in bar.combo.itemData(broken, Qt.ItemDataRole.ToolTipRole)
+    described = next(p for p in list_presets() if p.description)
+    assert bar.combo.itemData(bar.combo.findText(described.name), Qt.ItemDataRole.ToolTipRole) == described.description
+
+
 def test_last_preset_and_geometry_are_remembered(window: MainWindow, qtbot) -> None:
     window.load(PRESET_8GB)
     window.resize(640, 500)

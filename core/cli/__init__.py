@@ -11,7 +11,7 @@ import argparse
 import logging
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from core.errors import FollowedError, UserError
 from core.log_setup import FILE_ONLY, log_file_path, setup_logging
@@ -56,13 +56,23 @@ def build_parser(headless: bool = True) -> tuple[argparse.ArgumentParser, argpar
 
 def run(parser: argparse.ArgumentParser, argv: Sequence[str]) -> int:
     """Parse argv and run the chosen command behind the one error boundary."""
-    setup_logging()
-    try:
+
+    def parsed_command() -> int:
         args = parser.parse_args(list(argv))
         if not getattr(args, "func", None):
             parser.print_help()
             return EXIT_USER_ERROR
         return int(args.func(args) or 0)
+
+    return run_guarded(parsed_command)
+
+
+def run_guarded(command: Callable[[], int]) -> int:
+    """Run a command behind the one error boundary: a UserError is one line and exit code 2, a bug
+    one line (its traceback in the log file) and exit code 1."""
+    setup_logging()
+    try:
+        return int(command() or 0)
     except FollowedError as e:  # the main process of the run says it
         log.info("stopped with the main process: %s", e, extra=FILE_ONLY)
         # The launcher ends the whole job when the first process exits with an error: leave the main

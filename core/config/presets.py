@@ -48,28 +48,48 @@ class PresetInfo:
     error: str | None = None  # why the file cannot be loaded; listed rather than hidden
 
 
-def _scan(folder: Path, bundled: bool) -> list[PresetInfo]:
+@dataclass(frozen=True)
+class PresetFile:
+    """A preset found by its file name, not read yet (read_preset_info reads it)."""
+
+    name: str
+    path: Path
+    bundled: bool
+
+
+def _files(folder: Path, bundled: bool) -> list[PresetFile]:
     if not folder.is_dir():
         return []
-    infos = []
+    files = []
     for file in sorted(folder.glob("*.json"), key=lambda p: p.stem.lower()):
-        name = file.stem
-        if bundled != name.startswith(BUNDLED_PREFIX):
+        if bundled != file.stem.startswith(BUNDLED_PREFIX):
             continue  # a '#' file in the user folder could shadow a bundled preset
-        try:
-            overlay, description = read_config_file(file)
-            infos.append(PresetInfo(name, file, bundled, description, overlay.get("model_type")))
-        except ConfigError as e:
-            infos.append(PresetInfo(name, file, bundled, error=str(e)))
-        except Exception as e:  # a bug in reading one file must not hide the other presets
-            log.exception("reading preset %s failed unexpectedly", file)
-            infos.append(PresetInfo(name, file, bundled, error=f"{file}: cannot be read ({type(e).__name__}: {e}); details in the log"))
-    return infos
+        files.append(PresetFile(file.stem, file, bundled))
+    return files
+
+
+def list_preset_files() -> list[PresetFile]:
+    """Bundled presets first, then the user's own, each sorted by name, found by their file names
+    without reading them (the window lists these before its first paint and reads them after)."""
+    return _files(bundled_preset_dir(), True) + _files(user_preset_dir(), False)
+
+
+def read_preset_info(file: PresetFile) -> PresetInfo:
+    """The preset's description and model type, or why it cannot be loaded; never raises."""
+    try:
+        overlay, description = read_config_file(file.path)
+        return PresetInfo(file.name, file.path, file.bundled, description, overlay.get("model_type"))
+    except ConfigError as e:
+        return PresetInfo(file.name, file.path, file.bundled, error=str(e))
+    except Exception as e:  # a bug in reading one file must not hide the other presets
+        log.exception("reading preset %s failed unexpectedly", file.path)
+        error = f"{file.path}: cannot be read ({type(e).__name__}: {e}); details in the log"
+        return PresetInfo(file.name, file.path, file.bundled, error=error)
 
 
 def list_presets() -> list[PresetInfo]:
-    """Bundled presets first, then the user's own, each sorted by name."""
-    return _scan(bundled_preset_dir(), True) + _scan(user_preset_dir(), False)
+    """Bundled presets first, then the user's own, each sorted by name, each read and checked."""
+    return [read_preset_info(file) for file in list_preset_files()]
 
 
 def find_preset(name_or_file: str) -> Path:
