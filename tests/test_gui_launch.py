@@ -37,7 +37,8 @@ def test_launch_benchmark_reports_the_ratio(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     rows = {line.split("  ")[0].strip(): line.split() for line in result.stdout.splitlines()[2:]}
     assert set(rows) == {"import PySide6.QtWidgets", "bare Qt window", "main.py gui"}
-    assert float(rows["import PySide6.QtWidgets"][-1]) == 1.0 and float(rows["main.py gui"][-1]) > 1.0
+    # The report's form, not its times (timed assertions are not allowed: one run under load can go either way).
+    assert float(rows["import PySide6.QtWidgets"][-1]) == 1.0 and float(rows["main.py gui"][-1]) > 0
 
 
 def test_paint_costs_benchmark_counts_both_windows(tmp_path: Path) -> None:
