@@ -28,6 +28,7 @@ from PySide6.QtWidgets import (
 from core.config.presets import LoadedPreset
 from core.config.settings import applies_key
 
+from .collector import GuiThreadCollector
 from .config_state import ConfigState, Problem, messages
 from .labels import wrapped_tooltip
 from .menus import AppMenus
@@ -57,6 +58,8 @@ class MainWindow(PresetActions, QMainWindow):
     def __init__(self, *, remember: bool = True, parent: QWidget | None = None) -> None:
         """remember: read and write window state (off for --screenshot, which must not change it)."""
         super().__init__(parent)
+        # Other threads run Python while the window lives: garbage is collected on this one (gui/collector.py).
+        self.collector = GuiThreadCollector(self)
         self.remember = remember
         self.loaded: LoadedPreset | None = None
         self.state = ConfigState(self)
