@@ -59,7 +59,15 @@ def _make(job: tuple[dict[str, Any], SampleRequest], control: JobControl) -> Any
 
     import_engine()  # torch and the rest as the trainer thread imports them (the GUI thread stays free)
     config, request = job
-    return make_sample(config, request)
+    # Not on this worker thread: a collection here could free Qt objects off the GUI thread (gui/collector.py).
+    return make_sample(config, request, release_memory=False)
+
+
+def _release_sample_memory() -> None:
+    """make_sample's models collected, and their GPU memory given back, here on the GUI thread."""
+    from core.train.sample_now import release_sample_memory
+
+    release_sample_memory()
 
 
 class SampleWindow(QDialog):
@@ -142,10 +150,12 @@ class SampleWindow(QDialog):
         self._job.shutdown()
 
     def _made(self, _job: Any, result: Any) -> None:
+        _release_sample_memory()
         self._say(f"Written: {result.path.name}, with {result.weights.describe()}.")
         self.host.show_sample(result.path)
 
     def _failed(self, _job: Any, message: str) -> None:
+        _release_sample_memory()
         self._say(message, problem=True)
 
     def _busy(self, busy: bool) -> None:

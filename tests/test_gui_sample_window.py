@@ -4,6 +4,7 @@ with the window's seed, size and frames after the current step."""
 
 from __future__ import annotations
 
+import gc
 import os
 import threading
 from collections.abc import Iterator
@@ -72,9 +73,16 @@ def test_between_runs_the_window_writes_a_video_that_decodes_and_plays_it(qtbot,
     with qtbot.waitSignal(window.run_panel.run_finished, timeout=TIMEOUT_MS):
         assert window.run_panel.start()
     dialog = _open_sample_window(window, "a red ball rolls")
-    dialog.make_button.click()
-    assert not dialog.make_button.isEnabled()  # the worker is on it; the window goes on
-    assert dialog.settle(TIMEOUT_MS)
+    collecting: list[int] = []  # the thread of every garbage collection while the sample is made
+    gc.callbacks.append(lambda phase, info: collecting.append(threading.get_ident()) if phase == "start" else None)
+    try:
+        dialog.make_button.click()
+        assert not dialog.make_button.isEnabled()  # the worker is on it; the window goes on
+        assert dialog.settle(TIMEOUT_MS)
+    finally:
+        gc.callbacks.pop()
+    # None on the worker thread, where freeing a Qt object deadlocked this test once (gui/collector.py).
+    assert collecting and set(collecting) == {threading.get_ident()}
     path = Path(window.config["workspace_dir"]) / "samples" / "step-000002-w1-a-red-ball-rolls.mp4"
     assert path.is_file(), dialog.status.text()
     assert read_video_frames(path).shape == (5, 48, 32, 3)

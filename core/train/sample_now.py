@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -160,9 +161,13 @@ def _denoisers(config: dict[str, Any], adapter: Any, weights: Weights, device: A
     return {d.name: m for d, m in zip(chosen, modules)}, parts, [o for o in offloaders if o is not None]
 
 
-def make_sample(config: dict[str, Any], request: SampleRequest, on_log: Callable[[int, str], None] | None = None) -> SampleResult:
+def make_sample(config: dict[str, Any], request: SampleRequest, on_log: Callable[[int, str], None] | None = None, *,
+                release_memory: bool = True) -> SampleResult:
     """One sample of `request` from the base model with the workspace's newest weights (newest_weights),
-    written into workspace_dir/samples; a UserError with the reason when it cannot be made."""
+    written into workspace_dir/samples; a UserError with the reason when it cannot be made.
+    release_memory: collect the garbage and empty torch's CUDA cache at the end; a caller on a worker
+    thread of the window passes False and does it on the GUI thread (release_sample_memory), where the
+    window collects garbage (gui/collector.py)."""
     import torch
 
     from core.models.dtypes import compute_dtype
@@ -200,6 +205,14 @@ def make_sample(config: dict[str, Any], request: SampleRequest, on_log: Callable
         for offloader in offloaders:
             offloader.detach()
         lock.release()
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()  # the models go with this call: give their memory back
+        if release_memory:
+            release_sample_memory()
+
+
+def release_sample_memory() -> None:
+    """The sample's models are garbage once make_sample returns: collect them and give their GPU
+    memory back (torch's cache would keep it from a run started next)."""
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
