@@ -122,9 +122,12 @@ def resolve_model_folder(base_model: str, *, download: bool = True, progress: Do
     from huggingface_hub import constants
 
     if not download or constants.HF_HUB_OFFLINE:
+        how = ("downloading is off (HF_HUB_OFFLINE); unset HF_HUB_OFFLINE and train once with an internet "
+               "connection to download it" if constants.HF_HUB_OFFLINE else
+               "this command does not download; training (or Start in the window) downloads it once")
         raise ConfigError(
-            f"base_model {text} is not in the local Hugging Face cache and downloading is off "
-            f"(HF_HUB_OFFLINE); download it once with an internet connection, or {WHAT_TO_DO}",
+            f"base_model {text} is not in the local Hugging Face cache and {how}, or set base_model to a local "
+            "diffusers model folder (the one holding model_index.json, vae/, text_encoder/, tokenizer/ and transformer/)",
             key="base_model",
         )
     logger.info("downloading %s from the Hugging Face hub into %s (once; later runs use the copy)", text, constants.HF_HUB_CACHE)
