@@ -26,14 +26,14 @@ from core.memory.quantize import is_quantized_dtype
 log = logging.getLogger(__name__)
 
 
-def wants_fsdp(config: Mapping[str, Any]) -> bool:
+def fsdp_requested(config: Mapping[str, Any]) -> bool:
     return config["distributed"]["strategy"] == "FSDP"
 
 
 def fsdp_refusals(config: Mapping[str, Any], denoiser_count: int | None = None) -> list[ConfigError]:
     """What cannot combine with distributed.strategy FSDP, each naming its keys. denoiser_count: how
     many denoisers the run trains (None: not known yet)."""
-    if not wants_fsdp(config):
+    if not fsdp_requested(config):
         return []
     out: list[ConfigError] = []
 

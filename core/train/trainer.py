@@ -167,10 +167,10 @@ class Trainer:
         adapter = adapter_for(config)
         self._model_folder = adapter.folder  # for the out-of-memory advice
         _cache_package_checks()
-        from .fsdp import enter_fsdp, fsdp_plugin, hybrid_parallelism, remember_environment, wants_fsdp
+        from .fsdp import enter_fsdp, fsdp_plugin, hybrid_parallelism, remember_environment, fsdp_requested
 
         plugin = parallelism = None
-        if wants_fsdp(config):
+        if fsdp_requested(config):
             remember_environment()
             plugin, parallelism = fsdp_plugin(config), hybrid_parallelism(config)
         accelerator = Accelerator(
@@ -315,7 +315,7 @@ class Trainer:
         # With several processes every one joins (its RNG states; FSDP: the shards), the main one writes.
         # An FSDP run's backups are shards even on one process: they continue on any number of them.
         run.backup = backup_writer(run, backups, config, data, result, together=world_size > 1,
-                                   fsdp_model=models[0] if wants_fsdp(config) else None)
+                                   fsdp_model=models[0] if fsdp_requested(config) else None)
         run.metrics = MetricsWriter(workspace, enabled=accelerator.is_main_process, resume_step=start_step if backup else None)
         if accelerator.is_main_process:
             write_run_info(workspace, config, dict(zip((d.name for d in denoisers), models)),
