@@ -135,7 +135,7 @@ def test_shards_the_main_process_does_not_see_are_refused_naming_shared_storage(
     elsewhere = {"__1_0.distcp": {"bytes": 7, "sha256": "0" * 64}}  # written on another machine's disk
     with pytest.raises(UserError, match=r"process 1 wrote .* not in .* as the main process sees it: .* workspace_dir must be "
                                         r"a folder every machine sees \(shared storage"):
-        _finish(backups, 4, folder, [mine, elsewhere], {"scheduler": {}}, {"format": 2}, torch, STATE_FILE)
+        _finish(backups, 4, folder, [mine, elsewhere], {"scheduler": {}}, {"format": 2})
     assert not folder.exists() and backups.complete() == []
 
 
@@ -156,7 +156,7 @@ def test_a_shard_that_shows_late_as_on_a_network_file_system_is_waited_for(
     late = threading.Timer(0.5, lambda: (folder / "__1_0.distcp").write_bytes(b"shard 1"))
     late.start()
     other = {"__1_0.distcp": {"bytes": 7, "sha256": "0" * 64}}
-    path = _finish(backups, 4, folder, [mine, other], {"scheduler": {}}, {"format": 2}, torch, STATE_FILE)
+    path = _finish(backups, 4, folder, [mine, other], {"scheduler": {}}, {"format": 2})
     late.join()
     assert path == backups.final(4) and (path / "__1_0.distcp").read_bytes() == b"shard 1"
     assert set(BackupFolder(tmp_path / "workspace").newest().info["files"]) == {".metadata", "__0_0.distcp", "__1_0.distcp", STATE_FILE}

@@ -31,7 +31,7 @@ from typing import Any
 
 from core.errors import ConfigError, FollowedError, UserError
 
-from .backup import SHARDS_METADATA_FILE
+from .backup import SHARDS_METADATA_FILE, STATE_FILE
 
 log = logging.getLogger(__name__)
 
@@ -123,10 +123,9 @@ def write_sharded_backup(accelerator: Any, backups: Any, step: int, trained: Map
     also state.pt, without the optimizer state, and backup.json). Every process hashes its own files.
     Returns the backup's folder on the main process, None elsewhere; a failure anywhere raises
     UserError on every process (the main process's names the backup and what to do)."""
-    import torch
     from accelerate.utils import broadcast_object_list, gather_object
 
-    from .backup import STATE_FILE, file_record
+    from .backup import file_record
 
     main, rank = accelerator.is_main_process, accelerator.process_index
     building, failure = None, None
@@ -150,7 +149,7 @@ def write_sharded_backup(accelerator: Any, backups: Any, step: int, trained: Map
     outcome: list[Any] = [None, None]
     if main:
         try:
-            outcome[0] = str(_finish(backups, step, folder, everyone, state, info, torch, STATE_FILE))
+            outcome[0] = str(_finish(backups, step, folder, everyone, state, info))
         except UserError as e:
             outcome[1], failure = str(e), e
     broadcast_object_list(outcome)
@@ -160,9 +159,11 @@ def write_sharded_backup(accelerator: Any, backups: Any, step: int, trained: Map
 
 
 def _finish(backups: Any, step: int, folder: Path, everyone: list[Any], state: dict[str, Any],
-            info: Mapping[str, Any], torch: Any, state_file: str) -> Path:
+            info: Mapping[str, Any]) -> Path:
     """The main process's part once every process wrote: check that every shard is in the folder as
     this process sees it, write state.pt, then backups.finish."""
+    import torch
+
     failed = [(rank, why) for rank, why in enumerate(everyone) if isinstance(why, str)]
     if failed:
         backups.abandon(folder)
@@ -177,11 +178,11 @@ def _finish(backups: Any, step: int, folder: Path, everyone: list[Any], state: d
                         "workspace_dir must be a folder every machine sees (shared storage, the same path on each)",
                         key="workspace_dir")
     try:
-        torch.save(state, folder / state_file)
+        torch.save(state, folder / STATE_FILE)
     except Exception as e:
         backups.abandon(folder)
         raise _failure(backups, step, e) from e
-    return backups.finish(step, folder, [folder / state_file, folder / SHARDS_METADATA_FILE], info, extra_records=records)
+    return backups.finish(step, folder, [folder / STATE_FILE, folder / SHARDS_METADATA_FILE], info, extra_records=records)
 
 
 # How long the main process waits for the other machines' shards to show in the folder: a network
